@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make bench   the main job: benchmark of the optimizer backends (CPU unless a GPU is present)
+#   make test    the test suite
+# Both create .venv and install everything on first use.
+
+VENV   ?= .venv
+PYTHON := $(VENV)/bin/python
+ARCH   := $(shell uname -m)
+
+# x86_64: a CUDA build of torch (CUDA 13.0), so the CUDA sources compile here even without a GPU.
+ifeq ($(ARCH),x86_64)
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+else
+TORCH_PACKAGES ?= torch==2.9.1 torchvision==0.24.1
+endif
+
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py csrc/sources.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
+	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) bench/optim_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

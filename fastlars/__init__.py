@@ -1,0 +1,7 @@
+"""fastlars: fused LARS/LAMB optimizers and Ghost Batch Normalization for large-batch training."""
+
+from .optim import LAMB, LARS, available_backends, param_groups
+
+__version__ = "0.1.0"
+
+__all__ = ["LARS", "LAMB", "available_backends", "param_groups", "__version__"]

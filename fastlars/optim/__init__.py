@@ -1,0 +1,7 @@
+"""Large-batch optimizers: LARS and LAMB with reference and multi-tensor backends."""
+
+from ._common import available_backends, param_groups
+from .lamb import LAMB
+from .lars import LARS
+
+__all__ = ["LARS", "LAMB", "available_backends", "param_groups"]

@@ -1,0 +1,385 @@
+"""What LARS and LAMB share: argument checks, backend choice, bucketing, the
+non-finite gate, master weights and a state_dict that keeps fp32 state.
+
+The maths of each optimizer lives in its own module (``lars.py``, ``lamb.py``);
+this module holds no formula of either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["available_backends", "param_groups"]
+
+# Backends in the order "auto" prefers them. Later issues register "triton" and
+# "cuda" here; a backend is available when its probe returns True.
+_BACKEND_PROBES: dict[str, Callable[[], bool]] = {
+    "foreach": lambda: True,
+    "reference": lambda: True,
+}
+_KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this installation, fastest first."""
+    return [name for name, probe in _BACKEND_PROBES.items() if probe()]
+
+
+def resolve_backend(backend: str) -> str:
+    available = available_backends()
+    if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available}"
+        )
+    if backend == "auto":
+        return available[0]
+    if backend not in available:
+        raise ValueError(
+            f"backend={backend!r} is not available in this installation; available backends: {available}"
+        )
+    return backend
+
+
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    exclude: Callable[[str, Tensor], bool] | None = None,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """The two usual parameter groups of large-batch training.
+
+    Parameters with ``ndim <= 1`` (biases, norm-layer weights) and those for which
+    ``exclude(name, param)`` returns True get ``weight_decay=0`` and
+    ``trust_ratio=False``; every other trainable parameter gets ``weight_decay``
+    and ``trust_ratio=True`` (MLPerf / Goyal et al. practice). Extra keyword
+    arguments (e.g. ``lr``) are copied into both groups. Empty groups are dropped.
+    """
+    adapted: list[Tensor] = []
+    excluded: list[Tensor] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or (exclude is not None and exclude(name, param)):
+            excluded.append(param)
+        else:
+            adapted.append(param)
+    groups = [
+        {"params": adapted, "weight_decay": weight_decay, "trust_ratio": True, **group_options},
+        {"params": excluded, "weight_decay": 0.0, "trust_ratio": False, **group_options},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+
+def _describe(group_index: int, position: int, p: Tensor) -> str:
+    return f"param_groups[{group_index}]['params'][{position}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+                 high_open: bool = False, where: str = "") -> None:
+    """Raise ValueError unless ``low <= value <= high`` (``< high`` if high_open)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}{where} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()  # argument check at construction / group validation, not per element
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
+    upper_ok = value < high if high_open else value <= high
+    if math.isnan(value) or not (value >= low and upper_ok):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"invalid {name}{where}: {value} (expected a value in [{low}, {high}{bracket})")
+
+
+def check_flag(name: str, value: Any, where: str = "") -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}{where} must be a bool, got {type(value).__name__}")
+
+
+@dataclass
+class Bucket:
+    """Parameters of one param group that share a dtype (a group has one device).
+
+    ``positions`` index ``group['params']`` so that errors can name a parameter.
+    ``compute_dtype`` is the dtype of the state and of the arithmetic: float32,
+    or float64 for float64 parameters.
+    """
+
+    group_index: int
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+    positions: list[int]
+    states: list[dict[str, Any]]
+    compute_dtype: torch.dtype
+    # fp32 tensors the update reads and writes: master weights, the parameters
+    # themselves (fp32/fp64), or fp32 copies of low-precision parameters.
+    weights: list[Tensor] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def low_precision(self) -> bool:
+        return self.params[0].dtype != self.compute_dtype
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class TrustRatioOptimizer(Optimizer):
+    """Base of LARS and LAMB: everything but the maths.
+
+    Subclasses define ``_validate_group(group, where)``, ``_norms(bucket, inv_scale)``
+    (read-only; returns the per-parameter norms the gate checks) and
+    ``_update(buckets, norms, inv_scale, ok)`` (the step itself), ``_state_keys_for(group)``
+    and ``_new_state``.
+    """
+
+    # GradScaler hands us `grad_scale` and `found_inf` tensors instead of syncing
+    # on found_inf itself (the contract torch's fused Adam uses); see `step`.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str,
+                 master_weights: bool, skip_nonfinite: bool) -> None:
+        check_flag("master_weights", master_weights)
+        check_flag("skip_nonfinite", skip_nonfinite)
+        self.backend = resolve_backend(backend)
+        self.master_weights = master_weights
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped_steps: Tensor | int = 0
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        index = len(self.param_groups)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        devices = set()
+        for position, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"param_groups[{index}]['params'][{position}] is a {type(p).__name__}, not a Tensor")
+            if not p.is_leaf:
+                raise ValueError(f"{_describe(index, position, p)} is not a leaf tensor; optimizers update leaves only")
+            if not p.is_floating_point():
+                raise TypeError(f"{_describe(index, position, p)} must be a real floating-point tensor")
+            devices.add(p.device)
+        if len(devices) > 1:
+            raise ValueError(f"param_groups[{index}] mixes devices {sorted(map(str, devices))}; "
+                             "put parameters of each device in their own group")
+        full = {**self.defaults, **param_group, "params": params}
+        full.setdefault("trust_ratio", True)
+        self._validate_group(full, f" in param_groups[{index}]")
+        super().add_param_group(full)
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        raise NotImplementedError
+
+    # -- step -----------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of non-finite gradients or norms (``skip_nonfinite=True``)."""
+        return int(self._skipped_steps)  # reading it syncs; step() itself does not
+
+    def _buckets(self) -> list[Bucket]:
+        """Check every group and gradient, then split groups by dtype. Reads no tensor data."""
+        buckets: list[Bucket] = []
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group, f" in param_groups[{gi}]")
+            by_dtype: dict[torch.dtype, Bucket] = {}
+            device = None
+            for pos, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise ValueError(f"{_describe(gi, pos, p)} has a sparse gradient; "
+                                     f"{type(self).__name__} supports dense gradients only")
+                if g.shape != p.shape or g.device != p.device:
+                    raise ValueError(f"{_describe(gi, pos, p)} has a gradient of shape {tuple(g.shape)} "
+                                     f"on {g.device}; expected shape {tuple(p.shape)} on {p.device}")
+                if device is not None and p.device != device:
+                    raise ValueError(f"{_describe(gi, pos, p)} is on {p.device} but param_groups[{gi}] "
+                                     f"already has parameters on {device}")
+                device = p.device
+                b = by_dtype.get(p.dtype)
+                if b is None:
+                    b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], state_dtype(p))
+                b.params.append(p)
+                b.grads.append(g)
+                b.positions.append(pos)
+                b.states.append(self.state[p])
+            buckets.extend(by_dtype.values())
+        return buckets
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step.
+
+        Non-finite gradients or norms: with ``skip_nonfinite=False`` (default)
+        ``FloatingPointError`` is raised before anything changes, which costs one
+        host read of a single flag per step. With ``skip_nonfinite=True``, or when
+        stepped by ``torch.amp.GradScaler``, the decision stays on the device: no
+        host synchronisation except on a step that must create state.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._buckets()
+        if not buckets:
+            return loss
+
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
+
+        norms = [self._norms(b, inv_scale) for b in buckets]
+        ok = self._gate(buckets, norms, found_inf)
+        if ok is False:
+            return loss
+        self._init_state(buckets)
+        for b in buckets:
+            b.weights = self._compute_weights(b)
+        self._update(buckets, norms, inv_scale, ok)
+        for b in buckets:
+            self._write_back(b)
+        return loss
+
+    def _gate(self, buckets: list[Bucket], norms: list[list[Tensor]],
+              found_inf: Tensor | None) -> Tensor | bool | None:
+        """Decide whether this step happens.
+
+        Returns None (go ahead unconditionally), False (skipped), or a 0-d bool
+        tensor on the first bucket's device that the update applies on the device.
+        """
+        device = buckets[0].device
+        flags = [torch.stack([n.isfinite().all() for n in bucket_norms]).all().to(device)
+                 for bucket_norms in norms]
+        ok = torch.stack(flags).all()
+        if found_inf is not None:
+            ok = ok & (found_inf.to(device) == 0)
+        elif not self.skip_nonfinite:
+            if not bool(ok):  # the one documented host read of the raising mode
+                self._raise_nonfinite(buckets)
+            return None
+        if any(self._missing_state(b, st) for b in buckets for st in b.states):
+            # Creating state (a momentum buffer, master weights) depends on whether
+            # the step happens, so the first step of a parameter reads the flag.
+            if not bool(ok):
+                self._count_skip(torch.ones((), dtype=torch.int64, device=device))
+                return False
+            return None
+        self._count_skip((~ok).to(torch.int64))
+        return ok
+
+    def _count_skip(self, skipped: Tensor) -> None:
+        self._skipped_steps = skipped + self._skipped_steps
+
+    def _raise_nonfinite(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            for pos, p, g in zip(b.positions, b.params, b.grads):
+                if not bool(g.isfinite().all()):
+                    raise FloatingPointError(
+                        f"non-finite gradient for {_describe(b.group_index, pos, p)}; "
+                        "pass skip_nonfinite=True to skip such steps, or use torch.amp.GradScaler")
+        raise FloatingPointError(
+            "a per-layer norm overflowed to a non-finite value although every gradient is finite; "
+            "pass skip_nonfinite=True to skip such steps")
+
+    # -- state and mixed precision --------------------------------------------
+
+    def _init_state(self, buckets: list[Bucket]) -> None:
+        for b in buckets:
+            for p, st in zip(b.params, b.states):
+                self._new_state(p, st, b.group, b.compute_dtype)
+                if self.master_weights and b.low_precision and "master_param" not in st:
+                    st["master_param"] = p.detach().to(b.compute_dtype, memory_format=torch.preserve_format)
+
+    def _missing_state(self, b: Bucket, state: dict[str, Any]) -> bool:
+        """True when this step would create state for the parameter."""
+        if self.master_weights and b.low_precision and "master_param" not in state:
+            return True
+        return any(key not in state for key in self._state_keys_for(b.group))
+
+    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
+        """Create the state this group's step needs and ``state`` lacks."""
+        raise NotImplementedError
+
+    def _compute_weights(self, b: Bucket) -> list[Tensor]:
+        """The full-precision weights the update works on (see Bucket.weights)."""
+        if not b.low_precision:
+            return b.params
+        if self.master_weights:
+            return [st["master_param"] for st in b.states]
+        return [p.to(b.compute_dtype) for p in b.params]
+
+    def _write_back(self, b: Bucket) -> None:
+        if b.low_precision:
+            torch._foreach_copy_(b.params, b.weights)
+
+    def _weights_for_norm(self, b: Bucket) -> list[Tensor]:
+        """Weights whose norm the trust ratio uses, before state exists (read-only)."""
+        if b.low_precision and self.master_weights:
+            return [st.get("master_param", p) for p, st in zip(b.params, b.states)]
+        return b.params
+
+    # -- state_dict -------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch.optim does, then keep our state fp32 (fp64 for fp64 params).
+
+        torch casts floating state to each parameter's dtype, which would turn the
+        fp32 moments of a bf16 parameter into bf16. Groups saved by another
+        optimizer (SGD into LARS, AdamW into LAMB) get our missing
+        hyper-parameters from the current groups.
+        """
+        for gi, saved in enumerate(state_dict["param_groups"]):
+            if saved.get("maximize", False):
+                raise ValueError(f"param_groups[{gi}] was saved with maximize=True, which "
+                                 f"{type(self).__name__} does not support")
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, defaults in zip(self.param_groups, current):
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            self._validate_group(group, " in a loaded param group")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved_state = state_dict["state"].get(saved_id)
+            if saved_state is None:
+                continue
+            dtype = state_dtype(p)
+            for key, value in saved_state.items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    if key == "step":
+                        dtype_k = torch.float32
+                    else:
+                        dtype_k = dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype_k, copy=True)
+
+
+def where_(ok: Tensor, new: list[Tensor], dst: list[Tensor]) -> None:
+    """dst = new if ok else dst, for each pair, without reading ok on the host.
+
+    torch has no foreach select; arithmetic masking (dst + ok * (new - dst)) would
+    turn the NaNs of a skipped step into NaN state, so this is one where per tensor.
+    """
+    for n, t in zip(new, dst):
+        torch.where(ok, n, t, out=t)

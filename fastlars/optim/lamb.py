@@ -1,0 +1,209 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization
+for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is SPEC.md, "LAMB":
+
+    g  = g / max(1, ||all grads|| / max_grad_norm)        if max_grad_norm > 0
+    m  = b1 * m + (1 - b1) * g                            ((1 - b1) -> 1 without grad_averaging)
+    v  = b2 * v + (1 - b2) * g^2
+    u  = m_hat / (sqrt(v_hat) + eps) + wd * w             (hats: bias correction with step t)
+    r  = ||w|| / ||u||   (1 if either is 0 or not adapted);  r = min(r, 1) if trust_clip
+    w  = w - lr * r * u
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._common import Bucket, TrustRatioOptimizer, check_flag, check_number, where_
+
+__all__ = ["LAMB", "lamb_trust_ratio"]
+
+
+def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, *, trust_clip: bool) -> Tensor:
+    """Trust ratio of each layer from its norms. The single definition every LAMB backend uses."""
+    r = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    return torch.clamp(r, max=1.0) if trust_clip else r
+
+
+class LAMB(TrustRatioOptimizer):
+    r"""LAMB, as ``torch.optim.AdamW`` with a per-layer trust ratio.
+
+    Args:
+        params: parameters or param groups. A group may set ``trust_ratio=False``
+            to apply plain AdamW-style updates to it (see :func:`fastlars.param_groups`).
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator :math:`\sqrt{\hat v}`.
+        weight_decay: decoupled weight decay :math:`\lambda`, added to the update
+            direction before the trust ratio.
+        bias_correction: divide the moments by :math:`1-\beta^t`.
+        grad_averaging: use :math:`1-\beta_1` as the gradient's weight in the first
+            moment (else 1).
+        max_grad_norm: when > 0, gradients are scaled by
+            :math:`1/\max(1, \|g\|_{global}/\text{max\_grad\_norm})`, the global norm
+            taken over every gradient of the step (all groups). ``p.grad`` is not modified.
+        trust_clip: ``r = min(r, 1)``.
+        backend, master_weights, skip_nonfinite: as :class:`fastlars.LARS`.
+
+    State per parameter: ``step`` (a float32 tensor on the parameter's device),
+    ``exp_avg``, ``exp_avg_sq`` (fp32; fp64 for fp64 parameters): the names of
+    ``torch.optim.AdamW``, so its checkpoints load here.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 grad_averaging: bool = True, max_grad_norm: float = 0.0, trust_clip: bool = False, *,
+                 backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, grad_averaging=grad_averaging,
+                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights,
+                         skip_nonfinite=skip_nonfinite)
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        check_number("lr", group["lr"], where=where)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas{where} must be a pair of numbers, got {betas!r}")
+        check_number("betas[0]", betas[0], high=1.0, high_open=True, where=where)
+        check_number("betas[1]", betas[1], high=1.0, high_open=True, where=where)
+        check_number("eps", group["eps"], where=where)
+        check_number("weight_decay", group["weight_decay"], where=where)
+        check_number("max_grad_norm", group["max_grad_norm"], where=where)
+        for flag in ("bias_correction", "grad_averaging", "trust_clip", "trust_ratio"):
+            check_flag(flag, group[flag], where=where)
+
+    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("step", "exp_avg", "exp_avg_sq")
+
+    def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
+        """[||g||, ||w||] per parameter of the bucket (||w|| only where adapted)."""
+        if self.backend == "reference":
+            g_norm = torch.stack([torch.linalg.vector_norm(g, dtype=b.compute_dtype) for g in b.grads])
+        else:
+            g_norm = torch.stack(torch._foreach_norm(b.grads, 2, dtype=b.compute_dtype))
+        if inv_scale is not None:
+            g_norm = g_norm * inv_scale
+        if not b.group["trust_ratio"]:
+            return [g_norm]
+        weights = self._weights_for_norm(b)
+        if self.backend == "reference":
+            w_norm = torch.stack([torch.linalg.vector_norm(w, dtype=b.compute_dtype) for w in weights])
+        else:
+            w_norm = torch.stack(torch._foreach_norm(weights, 2, dtype=b.compute_dtype))
+        return [g_norm, w_norm]
+
+    def _update(self, buckets: list[Bucket], norms: list[list[Tensor]], inv_scale: Tensor | None,
+                ok: Tensor | None) -> None:
+        global_norm = None
+        if any(b.group["max_grad_norm"] > 0 for b in buckets):
+            # one norm over every gradient of the step, whatever its group or device
+            device = buckets[0].device
+            squares = [bucket_norms[0].double().square().sum().to(device) for bucket_norms in norms]
+            global_norm = torch.stack(squares).sum().sqrt()
+        step = _lamb_reference if self.backend == "reference" else _lamb_foreach
+        for b, bucket_norms in zip(buckets, norms):
+            group = b.group
+            grad_factor = inv_scale
+            if group["max_grad_norm"] > 0:
+                clip = torch.clamp(global_norm.to(b.device) / group["max_grad_norm"], min=1.0)
+                clip = clip.reciprocal().to(b.compute_dtype)
+                grad_factor = clip if inv_scale is None else clip * inv_scale
+            w_norm = bucket_norms[1] if group["trust_ratio"] else None
+            beta1, beta2 = group["betas"]
+            step(b, w_norm, grad_factor, ok, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                 weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                 grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"])
+
+
+def _lamb_reference(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    bias_correction: bool, grad_averaging: bool, trust_clip: bool) -> None:
+    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend."""
+    if ok is not None and not bool(ok):  # the oracle may read the flag on the host
+        return
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):
+        g = g.to(b.compute_dtype)
+        if grad_factor is not None:  # unscaling and global-norm clipping
+            g = g * grad_factor
+        state["step"] += 1
+        t = state["step"].item()  # reference only
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=beta3)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
+        u = m_hat / (v_hat.sqrt() + eps) + weight_decay * w
+        if w_norm is not None:
+            r = lamb_trust_ratio(w_norm[i], torch.linalg.vector_norm(u), trust_clip=trust_clip)
+        else:
+            r = 1.0
+        w.add_(r * u, alpha=-lr)
+
+
+def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
+                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                  bias_correction: bool, grad_averaging: bool, trust_clip: bool) -> None:
+    """Multi-tensor LAMB on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
+    no host reads (the bias corrections are computed from the device ``step``s).
+    ``ok`` (a 0-d bool tensor) makes the writes conditional."""
+    weights = b.weights
+    grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
+    if grad_factor is not None:
+        grads = torch._foreach_mul(grads, grad_factor)
+    steps = [st["step"] for st in b.states]
+    exp_avgs = [st["exp_avg"] for st in b.states]
+    exp_avg_sqs = [st["exp_avg_sq"] for st in b.states]
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+
+    if ok is None:
+        torch._foreach_add_(steps, 1.0)
+        m, v = exp_avgs, exp_avg_sqs
+        torch._foreach_mul_(m, beta1)
+    else:  # a skipped step leaves step, m, v, w as they were
+        torch._foreach_add_(steps, ok.to(torch.float32))
+        m = torch._foreach_mul(exp_avgs, beta1)
+        v = torch._foreach_mul(exp_avg_sqs, 1.0)
+    torch._foreach_add_(m, grads, alpha=beta3)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+
+    # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w, in the reference's order of operations
+    if bias_correction:
+        # 1 - beta^t as -expm1(t * ln beta): pow in fp32 loses ~1e-4 of 1 - 0.999^t to cancellation
+        bc1 = torch._foreach_mul(steps, math.log(beta1) if beta1 > 0 else -math.inf)
+        bc2 = torch._foreach_mul(steps, math.log(beta2) if beta2 > 0 else -math.inf)
+        for bc in (bc1, bc2):
+            torch._foreach_expm1_(bc)
+            torch._foreach_neg_(bc)
+        u = torch._foreach_div(m, bc1)
+        denom = torch._foreach_div(v, bc2)
+        torch._foreach_sqrt_(denom)
+    else:
+        u = torch._foreach_mul(m, 1.0)
+        denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(u, denom)
+    if weight_decay != 0:
+        torch._foreach_add_(u, weights, alpha=weight_decay)
+
+    if w_norm is not None:
+        u_norm = torch.stack(torch._foreach_norm(u, 2))
+        torch._foreach_mul_(u, lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip).unbind())
+
+    if ok is None:
+        torch._foreach_add_(weights, u, alpha=-lr)
+    else:
+        where_(ok, m, exp_avgs)
+        where_(ok, v, exp_avg_sqs)
+        where_(ok, torch._foreach_add(weights, u, alpha=-lr), weights)

@@ -1,0 +1,36 @@
+"""Shared fixtures: the devices to test on and small models with well-conditioned gradients."""
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def small_cnn(seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """A small CNN with odd shapes: 1-element, prime-sized and BN parameters.
+
+    Convolutions before a BatchNorm have no bias: BN cancels it, so its gradient is
+    rounding noise and Adam-style updates of it are ill-conditioned for comparison.
+    """
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 7, 3, bias=False),
+        torch.nn.BatchNorm2d(7),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(7, 5, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(5 * 6 * 6, 13),
+        torch.nn.ReLU(),
+        torch.nn.Linear(13, 1),
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def model_inputs(seed: int, step: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    return torch.randn(6, 3, 8, 8, generator=g).to(device=device, dtype=dtype)
