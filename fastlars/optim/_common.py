@@ -86,7 +86,7 @@ def _describe(group_index: int, position: int, p: Tensor) -> str:
 
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                  high_open: bool = False, where: str = "") -> None:
-    """Raise ValueError unless ``low <= value <= high`` (``< high`` if high_open)."""
+    """Raise unless ``value`` is a finite number with ``low <= value <= high`` (``< high`` if high_open)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}{where} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
@@ -94,7 +94,7 @@ def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
     upper_ok = value < high if high_open else value <= high
-    if math.isnan(value) or not (value >= low and upper_ok):
+    if not math.isfinite(value) or not (value >= low and upper_ok):
         bracket = ")" if high_open else "]"
         raise ValueError(f"invalid {name}{where}: {value} (expected a value in [{low}, {high}{bracket})")
 
