@@ -8,8 +8,8 @@ this module holds no formula of either.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -131,6 +131,31 @@ class Bucket:
     @property
     def low_precision(self) -> bool:
         return self.params[0].dtype != self.compute_dtype
+
+
+# On the CPU a foreach op sweeps its whole tensor list before the next op starts,
+# so a sequence of ops streams the bucket through memory once per op. Running the
+# sequence on slices of about this many elements keeps the slice in cache.
+CPU_SLICE_ELEMENTS = 1 << 18  # 1 MiB of fp32 per tensor list
+
+
+def cache_sized_slices(b: Bucket, per_tensor: Tensor | None) -> Iterator[tuple[Bucket, Tensor | None]]:
+    """Split a CPU bucket (and a per-tensor vector beside it) into cache-sized slices.
+
+    Other devices get the whole bucket: there each foreach op is one launch.
+    """
+    if b.device.type != "cpu":
+        yield b, per_tensor
+        return
+    start, elements = 0, 0
+    for i, p in enumerate(b.params):
+        elements += p.numel()
+        if elements >= CPU_SLICE_ELEMENTS or i == len(b.params) - 1:
+            s = slice(start, i + 1)
+            yield (replace(b, params=b.params[s], grads=b.grads[s], positions=b.positions[s],
+                           states=b.states[s], weights=b.weights[s]),
+                   None if per_tensor is None else per_tensor[s])
+            start, elements = i + 1, 0
 
 
 def state_dtype(p: Tensor) -> torch.dtype:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, check_flag, check_number, where_
+from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
@@ -121,9 +121,11 @@ class LAMB(TrustRatioOptimizer):
                 grad_factor = clip if inv_scale is None else clip * inv_scale
             w_norm = bucket_norms[1] if group["trust_ratio"] else None
             beta1, beta2 = group["betas"]
-            step(b, w_norm, grad_factor, ok, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                 weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                 grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"])
+            slices = [(b, w_norm)] if self.backend == "reference" else cache_sized_slices(b, w_norm)
+            for part, w_norm_part in slices:
+                step(part, w_norm_part, grad_factor, ok, lr=group["lr"], beta1=beta1, beta2=beta2,
+                     eps=group["eps"], weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"])
 
 
 def _lamb_reference(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,

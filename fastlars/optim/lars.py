@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, check_flag, check_number, where_
+from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
@@ -120,8 +120,10 @@ class LARS(TrustRatioOptimizer):
                 r = lars_trust_ratio(w_norm, g_norm, lr=group["lr"], trust_coefficient=group["trust_coefficient"],
                                      weight_decay=group["weight_decay"], eps=group["eps"],
                                      trust_clip=group["trust_clip"])
-            step(b, r, inv_scale, ok, lr=group["lr"], momentum=group["momentum"],
-                 dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+            slices = [(b, r)] if self.backend == "reference" else cache_sized_slices(b, r)
+            for part, r_part in slices:
+                step(part, r_part, inv_scale, ok, lr=group["lr"], momentum=group["momentum"],
+                     dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
 
 def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
