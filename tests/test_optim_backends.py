@@ -67,10 +67,17 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(params=[None, 50], ids=["slices-default", "slices-50"])
+def cpu_slices(request, monkeypatch):
+    """Also run the CPU foreach path on many small cache slices (see cache_sized_slices)."""
+    if request.param is not None:
+        monkeypatch.setattr(fastlars.optim._common, "CPU_SLICE_ELEMENTS", request.param)
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fp32_matches_reference(backend, case, seed, device):
+def test_fp32_matches_reference(backend, case, seed, device, cpu_slices):
     name, kwargs = case
     model, oracle_model, opt, oracle = train_side_by_side(name, kwargs, backend, seed, device=device)
     for (pname, p), q in zip(model.named_parameters(), oracle_model.parameters()):
@@ -98,7 +105,7 @@ def test_fp32_matches_float64_oracle(backend, case):
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[6]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("master_weights", [True, False])
-def test_low_precision_matches_reference(backend, case, dtype, master_weights, device):
+def test_low_precision_matches_reference(backend, case, dtype, master_weights, device, cpu_slices):
     """bf16/fp16 parameters, fp32 state. Documented tolerance: fp32 state and master
     weights to 1e-5 relative; the low-precision parameters to 2 ulps of their dtype."""
     name, kwargs = case
@@ -129,7 +136,7 @@ def odd_parameters(device):
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_odd_shapes_and_empty_group(backend, case, device):
+def test_odd_shapes_and_empty_group(backend, case, device, cpu_slices):
     name, kwargs = case
     params = odd_parameters(device)
     oracle_params = [p.detach().clone().requires_grad_() for p in params]
