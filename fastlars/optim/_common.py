@@ -165,8 +165,7 @@ def state_dtype(p: Tensor) -> torch.dtype:
 class TrustRatioOptimizer(Optimizer):
     """Base of LARS and LAMB: everything but the maths.
 
-    Subclasses define ``_validate_group(group, where)``, ``_norms(bucket, inv_scale)``
-    (read-only; returns the per-parameter norms the gate checks) and
+    Subclasses define ``_validate_group(group, where)`` and
     ``_update(buckets, norms, inv_scale, ok)`` (the step itself), ``_state_keys_for(group)``
     and ``_new_state``.
     """
@@ -215,7 +214,8 @@ class TrustRatioOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because of non-finite gradients or norms (``skip_nonfinite=True``)."""
+        """Steps skipped on the device: non-finite gradients or norms with
+        ``skip_nonfinite=True``, or an Inf/NaN found by ``torch.amp.GradScaler``."""
         return int(self._skipped_steps)  # reading it syncs; step() itself does not
 
     def _buckets(self) -> list[Bucket]:
@@ -282,6 +282,22 @@ class TrustRatioOptimizer(Optimizer):
         for b in buckets:
             self._write_back(b)
         return loss
+
+    def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
+        """Read-only first phase: [||g||] per parameter of the bucket, plus [||w||] where
+        the group is adapted, in the state dtype. The gate checks these for finiteness."""
+        if self.backend == "reference":
+            def norms(tensors):
+                return torch.stack([torch.linalg.vector_norm(t, dtype=b.compute_dtype) for t in tensors])
+        else:
+            def norms(tensors):
+                return torch.stack(torch._foreach_norm(tensors, 2, dtype=b.compute_dtype))
+        g_norm = norms(b.grads)
+        if inv_scale is not None:
+            g_norm = g_norm * inv_scale
+        if not b.group["trust_ratio"]:
+            return [g_norm]
+        return [g_norm, norms(self._weights_for_norm(b))]
 
     def _gate(self, buckets: list[Bucket], norms: list[list[Tensor]],
               found_inf: Tensor | None) -> Tensor | bool | None:

@@ -86,23 +86,6 @@ class LAMB(TrustRatioOptimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
-        """[||g||, ||w||] per parameter of the bucket (||w|| only where adapted)."""
-        if self.backend == "reference":
-            g_norm = torch.stack([torch.linalg.vector_norm(g, dtype=b.compute_dtype) for g in b.grads])
-        else:
-            g_norm = torch.stack(torch._foreach_norm(b.grads, 2, dtype=b.compute_dtype))
-        if inv_scale is not None:
-            g_norm = g_norm * inv_scale
-        if not b.group["trust_ratio"]:
-            return [g_norm]
-        weights = self._weights_for_norm(b)
-        if self.backend == "reference":
-            w_norm = torch.stack([torch.linalg.vector_norm(w, dtype=b.compute_dtype) for w in weights])
-        else:
-            w_norm = torch.stack(torch._foreach_norm(weights, 2, dtype=b.compute_dtype))
-        return [g_norm, w_norm]
-
     def _update(self, buckets: list[Bucket], norms: list[list[Tensor]], inv_scale: Tensor | None,
                 ok: Tensor | None) -> None:
         global_norm = None

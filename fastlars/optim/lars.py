@@ -92,23 +92,6 @@ class LARS(TrustRatioOptimizer):
     def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
         pass  # the momentum buffer starts as the first update direction (SGD's rule)
 
-    def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
-        """[||g||] or [||g||, ||w||] per parameter of the bucket, in the state dtype."""
-        if self.backend == "reference":
-            g_norm = torch.stack([torch.linalg.vector_norm(g, dtype=b.compute_dtype) for g in b.grads])
-        else:
-            g_norm = torch.stack(torch._foreach_norm(b.grads, 2, dtype=b.compute_dtype))
-        if inv_scale is not None:
-            g_norm = g_norm * inv_scale
-        if not b.group["trust_ratio"]:
-            return [g_norm]
-        weights = self._weights_for_norm(b)
-        if self.backend == "reference":
-            w_norm = torch.stack([torch.linalg.vector_norm(w, dtype=b.compute_dtype) for w in weights])
-        else:
-            w_norm = torch.stack(torch._foreach_norm(weights, 2, dtype=b.compute_dtype))
-        return [g_norm, w_norm]
-
     def _update(self, buckets: list[Bucket], norms: list[list[Tensor]], inv_scale: Tensor | None,
                 ok: Tensor | None) -> None:
         step = _lars_reference if self.backend == "reference" else _lars_foreach
