@@ -1,7 +1,14 @@
 """Shared fixtures: the devices to test on and small models with well-conditioned gradients."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; it must be chosen
+    # before fastlars.ops is imported (fastlars imports it lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -7,7 +7,9 @@ this module holds no formula of either.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,10 +23,14 @@ __all__ = ["available_backends", "param_groups"]
 # Backends in the order "auto" prefers them. Later issues register "triton" and
 # "cuda" here; a backend is available when its probe returns True.
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
+    "triton": lambda: importlib.util.find_spec("triton") is not None,
     "foreach": lambda: True,
     "reference": lambda: True,
 }
+# what "auto" may pick for tensors of each device type, fastest first
+_AUTO_ORDER = {"cuda": ("triton", "foreach"), "cpu": ("foreach",)}
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
+FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
 
 def available_backends() -> list[str]:
@@ -32,18 +38,23 @@ def available_backends() -> list[str]:
     return [name for name, probe in _BACKEND_PROBES.items() if probe()]
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, device: torch.device | None) -> str:
+    """The backend to use for parameters on ``device`` (None: no parameters yet)."""
     available = available_backends()
     if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
         raise ValueError(
             f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available}"
         )
+    device_type = device.type if device is not None else "cpu"
     if backend == "auto":
-        return available[0]
+        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
     if backend not in available:
         raise ValueError(
             f"backend={backend!r} is not available in this installation; available backends: {available}"
         )
+    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got parameters on {device_type} "
+                         "(CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)")
     return backend
 
 
@@ -178,11 +189,13 @@ class TrustRatioOptimizer(Optimizer):
                  master_weights: bool, skip_nonfinite: bool) -> None:
         check_flag("master_weights", master_weights)
         check_flag("skip_nonfinite", skip_nonfinite)
-        self.backend = resolve_backend(backend)
+        resolve_backend(backend, None)  # reject unknown names before touching params
         self.master_weights = master_weights
         self.skip_nonfinite = skip_nonfinite
         self._skipped_steps: Tensor | int = 0
         super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self.backend = resolve_backend(backend, None if first is None else first.device)
 
     # -- groups ---------------------------------------------------------------
 
@@ -271,17 +284,25 @@ class TrustRatioOptimizer(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
 
-        norms = [self._norms(b, inv_scale) for b in buckets]
-        ok = self._gate(buckets, norms, found_inf)
+        norms, checks = self._norms_phase(buckets, inv_scale)
+        ok = self._gate(buckets, checks, found_inf)
         if ok is False:
             return loss
         self._init_state(buckets)
+        fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
         for b in buckets:
-            b.weights = self._compute_weights(b)
+            b.weights = b.params if fused else self._compute_weights(b)
         self._update(buckets, norms, inv_scale, ok)
-        for b in buckets:
-            self._write_back(b)
+        if not fused:
+            for b in buckets:
+                self._write_back(b)
         return loss
+
+    def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
+        """Read-only first phase: what the update needs, and the tensors whose
+        finiteness decides the step. Fused backends override it with a kernel."""
+        norms = [self._norms(b, inv_scale) for b in buckets]
+        return norms, [n for bucket_norms in norms for n in bucket_norms]
 
     def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
         """Read-only first phase: [||g||] per parameter of the bucket, plus [||w||] where
@@ -299,7 +320,7 @@ class TrustRatioOptimizer(Optimizer):
             return [g_norm]
         return [g_norm, norms(self._weights_for_norm(b))]
 
-    def _gate(self, buckets: list[Bucket], norms: list[list[Tensor]],
+    def _gate(self, buckets: list[Bucket], checks: list[Tensor],
               found_inf: Tensor | None) -> Tensor | bool | None:
         """Decide whether this step happens.
 
@@ -307,9 +328,7 @@ class TrustRatioOptimizer(Optimizer):
         tensor on the first bucket's device that the update applies on the device.
         """
         device = buckets[0].device
-        flags = [torch.stack([n.isfinite().all() for n in bucket_norms]).all().to(device)
-                 for bucket_norms in norms]
-        ok = torch.stack(flags).all()
+        ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all()
         if found_inf is not None:
             ok = ok & (found_inf.to(device) == 0)
         elif not self.skip_nonfinite:

@@ -92,8 +92,18 @@ class LARS(TrustRatioOptimizer):
     def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
         pass  # the momentum buffer starts as the first update direction (SGD's rule)
 
-    def _update(self, buckets: list[Bucket], norms: list[list[Tensor]], inv_scale: Tensor | None,
-                ok: Tensor | None) -> None:
+    def _norms_phase(self, buckets, inv_scale):
+        if self.backend == "triton":
+            from ..ops.lars_step import lars_norms
+
+            return lars_norms(self, buckets, inv_scale)
+        return super()._norms_phase(buckets, inv_scale)
+
+    def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
+        if self.backend == "triton":
+            from ..ops.lars_step import lars_update
+
+            return lars_update(self, norms, inv_scale, ok)
         step = _lars_reference if self.backend == "reference" else _lars_foreach
         for b, bucket_norms in zip(buckets, norms):
             group = b.group

@@ -1,0 +1,175 @@
+"""Multi-tensor plumbing for the Triton optimizer kernels, and the norms kernel.
+
+A step launches a fixed number of kernels whatever the number of parameters: every
+tensor of a launch is described by one row of a device-side table of pointers and
+sizes (as apex's multi_tensor_apply, but read by the kernel), and the work is cut
+into CHUNK-element chunks, one program each. Per-tensor norms are reduced without
+atomics: each chunk writes its partial sums of squares to its own slot, and the
+update kernel sums a tensor's slots in a fixed order, so results are bitwise
+reproducible run to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
+COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS, COL_FIRST = range(11)
+NCOL = 11
+
+# Elements per program and per vector operation. Module attributes so tests can
+# shrink them to exercise chunk and block boundaries on small tensors.
+CHUNK = 16384
+BLOCK = 1024
+PARTIAL_BLOCK = 128  # chunk partials reduced per iteration in the update kernels
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
+             torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass
+class Launch:
+    """Everything one kernel launch over a list of tensors needs."""
+
+    table: Tensor        # (n_tensors, NCOL) int64 on the device
+    chunks: Tensor       # (n_chunks, 2) int64: tensor row, first element
+    n_chunks: int
+    groups: Tensor       # (n_groups, k) float64: per-group hyper-parameters
+    weights_dtype: torch.dtype
+    param_dtype: torch.dtype
+    acc_dtype: torch.dtype
+    write_param: bool    # master weights: the kernel writes both master and param
+
+
+def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
+                 state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
+                 group_of: list[int], first: list[bool], group_rows: list[list[float]],
+                 acc_dtype: torch.dtype) -> Launch:
+    """Tables for one launch. Empty tensors are left out (nothing to update, norm 0)."""
+    device = params[0].device
+    rows, chunk_rows = [], []
+    chunk_size = CHUNK
+    for i, (w, p, g) in enumerate(zip(weights, params, grads)):
+        n = p.numel()
+        if n == 0:
+            continue
+        s0 = state0[i] if state0[i] is not None else w
+        s1 = state1[i] if state1[i] is not None else w
+        st = steps[i] if steps[i] is not None else w
+        n_chunks = triton.cdiv(n, chunk_size)
+        rows.append([w.data_ptr(), p.data_ptr(), g.data_ptr(), s0.data_ptr(), s1.data_ptr(), st.data_ptr(),
+                     n, group_of[i], len(chunk_rows), n_chunks, int(first[i])])
+        row = len(rows) - 1
+        chunk_rows.extend([row, c * chunk_size] for c in range(n_chunks))
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL).to(device, non_blocking=True)
+    chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
+    groups = torch.tensor(group_rows, dtype=torch.float64).to(device, non_blocking=True)
+    return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
+                  weights[0].data_ptr() != params[0].data_ptr() if weights else False)
+
+
+def check_layouts(named: list[tuple[str, Tensor, list[Tensor | None]]]) -> None:
+    """The kernels walk storage linearly: every tensor of a parameter (weight, grad,
+    state) must be dense and share the parameter's strides."""
+    for name, p, others in named:
+        if not _dense(p):
+            raise ValueError(f"{name} is not dense in memory (a strided view); the triton backend "
+                             "walks storage linearly: use backend='foreach' for such parameters")
+        for t in others:
+            if t is not None and t.numel() and t.stride() != p.stride():
+                raise ValueError(f"{name}: a gradient or state tensor has strides {t.stride()} but the "
+                                 f"parameter has {p.stride()}")
+
+
+def _dense(t: Tensor) -> bool:
+    if t.numel() <= 1:
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(g: Tensor, p: Tensor) -> Tensor:
+    """The gradient in the parameter's memory layout (a copy only when they differ)."""
+    if g.stride() == p.stride() or p.numel() <= 1:
+        return g
+    out = torch.empty_like(p, dtype=g.dtype)
+    out.copy_(g)
+    return out
+
+
+@triton.jit
+def _row_pointer(table, row, col, dtype: tl.constexpr):
+    return tl.load(table + row * 11 + col).to(tl.pointer_type(dtype))  # 11 = NCOL
+
+
+@triton.jit
+def cast_rne(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even, as torch's .to().
+
+    For bf16 the rounding is done on the bits first: Triton's interpreter truncates
+    fp32 -> bf16 (seen with triton 3.8), which would fail the CPU tests and differ
+    from the GPU. The pre-rounded value is exact in bf16, so every cast agrees.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                 ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
+
+    Memory traffic: reads w and g once (8 B/element in fp32). This is the first
+    pass of the two-pass design; the update kernel reads w and g again.
+    """
+    chunk = tl.program_id(0)
+    row = tl.load(chunks + 2 * chunk)
+    start = tl.load(chunks + 2 * chunk + 1)
+    numel = tl.load(table + row * 11 + 6)
+    w_ptr = _row_pointer(table, row, 0, W_DTYPE)
+    g_ptr = _row_pointer(table, row, 2, G_DTYPE)
+    acc_w = tl.zeros([BLOCK], dtype=ACC)
+    acc_g = tl.zeros([BLOCK], dtype=ACC)
+    for offset in range(0, CHUNK, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        mask = idx < numel
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
+        acc_w += w * w
+        acc_g += g * g
+    tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
+    tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
+
+
+@triton.jit
+def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.constexpr,
+                 PARTIAL_BLOCK: tl.constexpr):
+    """Sum of one column of a tensor's chunk partials, in a fixed order (deterministic)."""
+    acc = tl.zeros([PARTIAL_BLOCK], dtype=ACC)
+    for i in range(0, n_chunks, PARTIAL_BLOCK):
+        j = i + tl.arange(0, PARTIAL_BLOCK)
+        acc += tl.load(partials + 3 * (chunk0 + j) + column, mask=j < n_chunks, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+def launch_sumsq(launch: Launch) -> Tensor:
+    """Run sumsq_kernel; returns the (n_chunks, 3) partials (third column left for u)."""
+    partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
+    if launch.n_chunks:
+        sumsq_kernel[(launch.n_chunks,)](
+            launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
+            G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+    return partials
