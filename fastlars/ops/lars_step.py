@@ -12,8 +12,6 @@ written again here element-wise; tests hold the two together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -21,9 +19,13 @@ from torch import Tensor
 
 from . import multi_tensor as mt
 
-# columns of the per-group table
+# columns of the per-group table, in the order the kernel reads them
 LARS_GROUP_KEYS = ("lr", "weight_decay", "trust_coefficient", "eps", "trust_clip", "trust_ratio",
                    "momentum", "dampening", "nesterov")
+
+
+def lars_group_row(group) -> list:
+    return [group[k] for k in LARS_GROUP_KEYS]
 
 
 @triton.jit
@@ -39,10 +41,10 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
     chunk0 = tl.load(table + row * 11 + 8)
     n_chunks = tl.load(table + row * 11 + 9)
     first = tl.load(table + row * 11 + 10)
-    w_ptr = mt._row_pointer(table, row, 0, W_DTYPE)
-    p_ptr = mt._row_pointer(table, row, 1, P_DTYPE)
-    g_ptr = mt._row_pointer(table, row, 2, P_DTYPE)
-    buf_ptr = mt._row_pointer(table, row, 3, ACC)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
+    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
+    buf_ptr = mt.row_pointer(table, row, 3, ACC)
 
     hp = groups + group * 9
     lr = tl.load(hp + 0).to(ACC)
@@ -89,52 +91,20 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
             tl.store(p_ptr + idx, mt.cast_rne(w, P_DTYPE), mask=mask)
 
 
-@dataclass
-class _Merged:
-    """The buckets of one (device, dtype), across param groups: one launch pair."""
-
-    buckets: list
-    partials: Tensor
-    chunks: Tensor | None = None
-
-
-def merge_buckets(buckets) -> list[list]:
-    merged: dict[tuple, list] = {}
-    for b in buckets:
-        merged.setdefault((b.device, b.params[0].dtype), []).append(b)
-    return list(merged.values())
-
-
-def flat(buckets, attr: str) -> list:
-    return [x for b in buckets for x in getattr(b, attr)]
-
-
-def names_of(buckets) -> list[str]:
-    return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
-
-
-def group_table(buckets, keys) -> tuple[list[int], list[list[float]]]:
-    group_of, rows = [], []
-    for gi, b in enumerate(buckets):
-        rows.append([float(b.group[k]) for k in keys])
-        group_of.extend([gi] * len(b.params))
-    return group_of, rows
-
-
 def lars_norms(opt, buckets, inv_scale):
     """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
-    for merged in merge_buckets(buckets):
-        params = flat(merged, "params")
-        grads = [mt.same_layout(g, p) for g, p in zip(flat(merged, "grads"), params)]
+    for merged in mt.merge_buckets(buckets):
+        params = mt.flat(merged, "params")
+        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
         weights = [w for b in merged for w in opt._weights_for_norm(b)]
-        states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in flat(merged, "states")]
-        mt.check_layouts([(name, p, [w, *s]) for name, p, w, s in zip(names_of(merged), params, weights, states)])
+        states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in mt.flat(merged, "states")]
+        mt.check_layouts([(name, p, [w, *s]) for name, p, w, s in zip(mt.names_of(merged), params, weights, states)])
         n = len(params)
-        group_of, rows = group_table(merged, LARS_GROUP_KEYS)
+        group_of, rows = mt.group_table(merged, lars_group_row)
         launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
                                  [False] * n, rows, merged[0].compute_dtype)
-        contexts.append(_Merged(merged, mt.launch_sumsq(launch), launch.chunks))
+        contexts.append(mt.Merged(merged, mt.launch_sumsq(launch)))
     return contexts, [c.partials[:, :2] for c in contexts]
 
 
@@ -142,9 +112,9 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
         merged = ctx.buckets
-        params = flat(merged, "params")
-        states = flat(merged, "states")
-        grads = [mt.same_layout(g, p) for g, p in zip(flat(merged, "grads"), params)]
+        params = mt.flat(merged, "params")
+        states = mt.flat(merged, "states")
+        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
         weights = [st.get("master_param", p) for p, st in zip(params, states)]
         bufs, first = [], []
         for b in merged:
@@ -161,7 +131,7 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                     first.append(False)
                 bufs.append(st["momentum_buffer"])
         n = len(params)
-        group_of, rows = group_table(merged, LARS_GROUP_KEYS)
+        group_of, rows = mt.group_table(merged, lars_group_row)
         launch = mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
                                  merged[0].compute_dtype)
         if not launch.n_chunks:

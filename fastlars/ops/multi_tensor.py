@@ -46,6 +46,41 @@ class Launch:
     write_param: bool    # master weights: the kernel writes both master and param
 
 
+@dataclass
+class Merged:
+    """The optimizer buckets of one (device, dtype) across param groups, which one
+    launch handles, and the chunk partials of its norms pass."""
+
+    buckets: list
+    partials: Tensor
+
+
+def merge_buckets(buckets) -> list[list]:
+    """Optimizer buckets grouped by (device, dtype): one launch each."""
+    merged: dict[tuple, list] = {}
+    for b in buckets:
+        merged.setdefault((b.device, b.params[0].dtype), []).append(b)
+    return list(merged.values())
+
+
+def flat(buckets, attr: str) -> list:
+    return [x for b in buckets for x in getattr(b, attr)]
+
+
+def names_of(buckets) -> list[str]:
+    return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
+
+
+def group_table(buckets, row_of) -> tuple[list[int], list[list[float]]]:
+    """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per bucket."""
+    group_of, rows = [], []
+    for gi, b in enumerate(buckets):
+        rows.append([float(x) for x in row_of(b.group)])
+        group_of.extend([gi] * len(b.params))
+    return group_of, rows
+
+
+
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
                  group_of: list[int], first: list[bool], group_rows: list[list[float]],
@@ -108,7 +143,7 @@ def same_layout(g: Tensor, p: Tensor) -> Tensor:
 
 
 @triton.jit
-def _row_pointer(table, row, col, dtype: tl.constexpr):
+def row_pointer(table, row, col, dtype: tl.constexpr):
     return tl.load(table + row * 11 + col).to(tl.pointer_type(dtype))  # 11 = NCOL
 
 
@@ -139,8 +174,8 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     row = tl.load(chunks + 2 * chunk)
     start = tl.load(chunks + 2 * chunk + 1)
     numel = tl.load(table + row * 11 + 6)
-    w_ptr = _row_pointer(table, row, 0, W_DTYPE)
-    g_ptr = _row_pointer(table, row, 2, G_DTYPE)
+    w_ptr = row_pointer(table, row, 0, W_DTYPE)
+    g_ptr = row_pointer(table, row, 2, G_DTYPE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     for offset in range(0, CHUNK, BLOCK):

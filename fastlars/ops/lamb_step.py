@@ -1,0 +1,239 @@
+"""Fused multi-tensor LAMB step in Triton, per (device, dtype) whatever the number of
+tensors or param groups:
+
+    [launch 0  sumsq_kernel        only with max_grad_norm > 0: global ||g||     reads g              4 B/elem]
+    launch 1   lamb_norms_kernel   per chunk: sum w^2, g^2, u^2 (u recomputed    reads w, g, m, v    16 B/elem
+                                   in registers; nothing written but partials)
+    launch 2   lamb_update_kernel  per chunk: r = ||w||/||u||, update            reads w, g, m, v;
+                                                                                 writes w, m, v      28 B/elem
+
+44 B per fp32 element (48 with clipping) against SPEC.md's floor of 28 B; apex's
+FusedLAMB moves 44+ in four launches. Launch 1 writes no state, so a non-finite
+gradient is caught before anything changes. The maths is fastlars.optim.lamb
+(reference backend), written again element-wise; tests hold the two together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import multi_tensor as mt
+
+
+def lamb_group_row(group) -> list:
+    beta1, beta2 = group["betas"]
+    return [group["lr"], beta1, beta2,
+            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+            group["eps"], group["weight_decay"], group["bias_correction"],
+            1 - beta1 if group["grad_averaging"] else 1.0, group["max_grad_norm"], group["trust_clip"],
+            group["trust_ratio"]]
+
+
+@triton.jit
+def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl.constexpr,
+                HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
+    hp = groups + group * 12
+    beta1 = tl.load(hp + 1).to(ACC)
+    beta2 = tl.load(hp + 2).to(ACC)
+    eps = tl.load(hp + 5).to(ACC)
+    weight_decay = tl.load(hp + 6).to(ACC)
+    beta3 = tl.load(hp + 8).to(ACC)
+    grad_factor = 1.0
+    if HAS_SCALE:
+        grad_factor = tl.load(inv_scale_ptr).to(tl.float64)
+    if HAS_CLIP:
+        # global norm over every gradient of the step (scaled grads: unscale it too)
+        max_norm = tl.load(hp + 9)
+        global_norm = tl.load(global_norm_ptr).to(tl.float64) * grad_factor
+        clip = tl.where(max_norm > 0, 1.0 / tl.maximum(global_norm / max_norm, 1.0), 1.0)
+        grad_factor = grad_factor * clip
+    # 1 - beta^t in fp64 for the step t this update makes (state step + 1)
+    t = tl.load(step_ptr).to(tl.float64) + 1.0
+    bias_correction = tl.load(hp + 7) != 0
+    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 3)), 1.0).to(ACC)
+    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 4)), 1.0).to(ACC)
+    return grad_factor.to(ACC), beta1, beta2, beta3, bc1, bc2, eps, weight_decay
+
+
+@triton.jit
+def _lamb_direction(w, g, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay):
+    """New moments and the update direction u (fastlars.optim.lamb, per element)."""
+    m = beta1 * m + beta3 * g
+    v = beta2 * v + (1 - beta2) * g * g
+    u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * w
+    return m, v, u
+
+
+@triton.jit
+def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scale_ptr,
+                      W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                      HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    row = tl.load(chunks + 2 * chunk)
+    start = tl.load(chunks + 2 * chunk + 1)
+    numel = tl.load(table + row * 11 + 6)
+    group = tl.load(table + row * 11 + 7)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
+    m_ptr = mt.row_pointer(table, row, 3, ACC)
+    v_ptr = mt.row_pointer(table, row, 4, ACC)
+    step_ptr = mt.row_pointer(table, row, 5, tl.float32)
+    grad_factor, beta1, beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
+        groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
+    acc_w = tl.zeros([BLOCK], dtype=ACC)
+    acc_g = tl.zeros([BLOCK], dtype=ACC)
+    acc_u = tl.zeros([BLOCK], dtype=ACC)
+    for offset in range(0, CHUNK, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        mask = idx < numel
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        acc_w += w * w
+        acc_g += g * g
+        _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay)
+        u = tl.where(mask, u, 0.0)
+        acc_u += u * u
+    tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
+    tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
+    tl.store(partials + 3 * chunk + 2, tl.sum(acc_u, axis=0))
+
+
+@triton.jit
+def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scale_ptr, ok_ptr,
+                       W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                       WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       PARTIAL_BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    row = tl.load(chunks + 2 * chunk)
+    start = tl.load(chunks + 2 * chunk + 1)
+    numel = tl.load(table + row * 11 + 6)
+    group = tl.load(table + row * 11 + 7)
+    chunk0 = tl.load(table + row * 11 + 8)
+    n_chunks = tl.load(table + row * 11 + 9)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
+    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
+    m_ptr = mt.row_pointer(table, row, 3, ACC)
+    v_ptr = mt.row_pointer(table, row, 4, ACC)
+    step_ptr = mt.row_pointer(table, row, 5, tl.float32)
+    grad_factor, beta1, beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
+        groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
+    hp = groups + group * 12
+    lr = tl.load(hp + 0).to(ACC)
+    trust_clip = tl.load(hp + 10)
+    adapt = tl.load(hp + 11)
+
+    # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1 (fixed order)
+    w_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 0, ACC, PARTIAL_BLOCK))
+    u_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 2, ACC, PARTIAL_BLOCK))
+    ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+    ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
+    ratio = tl.where(adapt != 0, ratio, 1.0)
+
+    go = True
+    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): every store masked off
+        go = tl.load(ok_ptr) != 0
+    for offset in range(0, CHUNK, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        mask = (idx < numel) & go
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC) * grad_factor
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
+        m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay)
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
+        w = w - lr * (ratio * u)
+        tl.store(w_ptr + idx, mt.cast_rne(w, W_DTYPE), mask=mask)
+        if WRITE_P:
+            tl.store(p_ptr + idx, mt.cast_rne(w, P_DTYPE), mask=mask)
+
+
+class _Prepared:
+    """One (device, dtype): its tables for launches 1 and 2."""
+
+    def __init__(self, opt, merged, for_update: bool):
+        self.buckets = merged
+        params = mt.flat(merged, "params")
+        states = mt.flat(merged, "states")
+        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
+        n = len(params)
+        if for_update:
+            weights = [st.get("master_param", p) for p, st in zip(params, states)]
+            moments = [[st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                       [st["step"] for st in states]]
+        else:
+            # before the gate: state may not exist yet; fresh moments are zeros at step 0
+            weights = [w for b in merged for w in opt._weights_for_norm(b)]
+            fresh = [st if "exp_avg" in st else _zeros_state(p, b.compute_dtype)
+                     for b in merged for p, st in zip(b.params, b.states)]
+            moments = [[st["exp_avg"] for st in fresh], [st["exp_avg_sq"] for st in fresh],
+                       [st["step"] for st in fresh]]
+            mt.check_layouts([(name, p, [w, m, v, st.get("master_param")]) for name, p, w, m, v, st in
+                              zip(mt.names_of(merged), params, weights, moments[0], moments[1], states)])
+        group_of, rows = mt.group_table(merged, lamb_group_row)
+        self.launch = mt.build_launch(weights, params, grads, moments[0], moments[1], moments[2], group_of,
+                                      [False] * n, rows, merged[0].compute_dtype)
+        self.keep_alive = (grads, moments)  # the table holds raw pointers to these
+
+
+def _zeros_state(p, dtype):
+    return {"exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+            "step": torch.zeros((), dtype=torch.float32, device=p.device)}
+
+
+def _scalar_args(launch, global_norm, inv_scale):
+    dummy = launch.groups
+    return (global_norm.to(launch.groups.device) if global_norm is not None else dummy,
+            inv_scale.to(launch.groups.device) if inv_scale is not None else dummy)
+
+
+def lamb_norms(opt, buckets, inv_scale):
+    """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to check."""
+    prepared = [_Prepared(opt, merged, for_update=False) for merged in mt.merge_buckets(buckets)]
+    global_norm = None
+    if any(b.group["max_grad_norm"] > 0 for b in buckets):
+        device = buckets[0].device
+        sums = [mt.launch_sumsq(p.launch)[:, 1].double().sum().to(device) for p in prepared]
+        global_norm = torch.stack(sums).sum().sqrt()
+    contexts = []
+    for prep in prepared:
+        launch = prep.launch
+        partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
+        if launch.n_chunks:
+            lamb_norms_kernel[(launch.n_chunks,)](
+                launch.table, launch.chunks, partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
+                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
+                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+        contexts.append(mt.Merged(prep.buckets, partials))
+    return (contexts, global_norm), [c.partials for c in contexts]
+
+
+def lamb_update(opt, norms, inv_scale, ok) -> None:
+    """Launch 2 for every (device, dtype), then the step counters."""
+    contexts, global_norm = norms
+    for ctx in contexts:
+        prep = _Prepared(opt, ctx.buckets, for_update=True)
+        launch = prep.launch
+        if launch.n_chunks:
+            lamb_update_kernel[(launch.n_chunks,)](
+                launch.table, launch.chunks, ctx.partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
+                ok.to(torch.int32) if ok is not None else launch.groups,
+                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_CLIP=global_norm is not None,
+                HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK,
+                PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+        # after the kernel, which read step + 1 as this update's t
+        steps = [st["step"] for st in mt.flat(ctx.buckets, "states")]
+        torch._foreach_add_(steps, 1.0 if ok is None else ok.to(torch.float32))
