@@ -39,7 +39,9 @@ def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl
     """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
     hp = groups + group * 12
     beta1 = tl.load(hp + 1).to(ACC)
-    beta2 = tl.load(hp + 2).to(ACC)
+    beta2 = tl.load(hp + 2)
+    one_minus_beta2 = (1.0 - beta2).to(ACC)  # in fp64: 1 - fp32(0.999) is off by 1e-5
+    beta2 = beta2.to(ACC)
     eps = tl.load(hp + 5).to(ACC)
     weight_decay = tl.load(hp + 6).to(ACC)
     beta3 = tl.load(hp + 8).to(ACC)
@@ -57,14 +59,14 @@ def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl
     bias_correction = tl.load(hp + 7) != 0
     bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 3)), 1.0).to(ACC)
     bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 4)), 1.0).to(ACC)
-    return grad_factor.to(ACC), beta1, beta2, beta3, bc1, bc2, eps, weight_decay
+    return grad_factor.to(ACC), beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay
 
 
 @triton.jit
-def _lamb_direction(w, g, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay):
+def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay):
     """New moments and the update direction u (fastlars.optim.lamb, per element)."""
     m = beta1 * m + beta3 * g
-    v = beta2 * v + (1 - beta2) * g * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
     u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * w
     return m, v, u
 
@@ -84,7 +86,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
     m_ptr = mt.row_pointer(table, row, 3, ACC)
     v_ptr = mt.row_pointer(table, row, 4, ACC)
     step_ptr = mt.row_pointer(table, row, 5, tl.float32)
-    grad_factor, beta1, beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
+    grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
@@ -98,7 +100,8 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
         v = tl.load(v_ptr + idx, mask=mask, other=0.0)
         acc_w += w * w
         acc_g += g * g
-        _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay)
+        _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2,
+                                  eps, weight_decay)
         u = tl.where(mask, u, 0.0)
         acc_u += u * u
     tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
@@ -125,7 +128,7 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
     m_ptr = mt.row_pointer(table, row, 3, ACC)
     v_ptr = mt.row_pointer(table, row, 4, ACC)
     step_ptr = mt.row_pointer(table, row, 5, tl.float32)
-    grad_factor, beta1, beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
+    grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     hp = groups + group * 12
     lr = tl.load(hp + 0).to(ACC)
@@ -135,7 +138,7 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1 (fixed order)
     w_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 0, ACC, PARTIAL_BLOCK))
     u_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 2, ACC, PARTIAL_BLOCK))
-    ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
+    ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
 
@@ -149,7 +152,8 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
         g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC) * grad_factor
         m = tl.load(m_ptr + idx, mask=mask, other=0.0)
         v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-        m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, beta3, bc1, bc2, eps, weight_decay)
+        m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps,
+                                  weight_decay)
         tl.store(m_ptr + idx, m, mask=mask)
         tl.store(v_ptr + idx, v, mask=mask)
         w = w - lr * (ratio * u)

@@ -54,7 +54,7 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
     trust_clip = tl.load(hp + 4)
     adapt = tl.load(hp + 5)
     momentum = tl.load(hp + 6).to(ACC)
-    dampening = tl.load(hp + 7).to(ACC)
+    one_minus_dampening = (1.0 - tl.load(hp + 7)).to(ACC)  # in fp64, as the reference's Python float
     nesterov = tl.load(hp + 8)
 
     inv_scale = 1.0
@@ -82,7 +82,7 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
         d = ratio * (g + weight_decay * w)
         if momentum != 0:
             buf = tl.load(buf_ptr + idx, mask=mask, other=0.0)
-            buf = tl.where(first != 0, d, momentum * buf + (1 - dampening) * d)
+            buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
             tl.store(buf_ptr + idx, buf, mask=mask)
             d = tl.where(nesterov != 0, d + momentum * buf, buf)
         w = w - lr * d
