@@ -1,13 +1,17 @@
 """Optimizer step time of every available backend, side by side in one run.
 
-    python bench/optim_step.py [--device cpu|cuda] [--workloads resnet50 tiny2000] [--min-run-time 1.0]
+    python bench/optim_step.py [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
+                               [--min-run-time 1.0] [--results DIR]
 
 Workloads: ResNet-50's parameter shapes (torchvision, no weights: 25.6M parameters
-in 161 tensors) and 2,000 tiny tensors (the launch-bound case). Each step is timed
-with torch.utils.benchmark (median of repeated blocks). Reported per row:
-ms/step, speed-up over the `reference` backend measured in the same run, and the
-fraction of SPEC.md's floor: minimum bytes per step / measured copy bandwidth.
-Writes bench/results/optim_step-<device>-<date>.json.
+in 161 tensors), BERT-Large's (335M in ~390 tensors; on the GPU by default), and
+2,000 tiny tensors (the launch-bound case). Rows: every fastlars backend usable on
+the device, plus timm's Lars/Lamb when timm is installed. Each step is timed with
+torch.utils.benchmark (median of repeated blocks; it synchronizes CUDA). Reported
+per row: ms/step, speed-up over the `reference` backend measured in the same run,
+effective GB/s (SPEC.md's minimum bytes / time) and the fraction of SPEC.md's floor
+(minimum bytes / measured device-to-device copy bandwidth, measured in the same run).
+Writes <results>/optim_step-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import fastlars
 # SPEC.md, "The performance model": fewest bytes per fp32 element a step must move
 MIN_BYTES_PER_ELEMENT = {"LARS": 20, "LAMB": 28}
 OPTIMIZER_ARGS = {"LARS": dict(lr=0.1, momentum=0.9, weight_decay=5e-5),
-                  "LAMB": dict(lr=1e-3, weight_decay=0.01)}
+                  "LAMB": dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)}  # timm's default clipping
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -43,7 +47,21 @@ def tiny_shapes(count: int = 2000) -> list[torch.Size]:
     return [torch.Size([int(n)]) for n in torch.randint(1, 256, (count,), generator=g)]
 
 
-WORKLOADS = {"resnet50": resnet50_shapes, "tiny2000": tiny_shapes}
+def bert_large_shapes(layers: int = 24, hidden: int = 1024, ffn: int = 4096, vocab: int = 30522) -> list[torch.Size]:
+    """BERT-Large (uncased) parameter shapes, written out: ~335M parameters."""
+    S = torch.Size
+    shapes = [S([vocab, hidden]), S([512, hidden]), S([2, hidden]), S([hidden]), S([hidden])]  # embeddings + LN
+    for _ in range(layers):
+        shapes += [S([hidden, hidden]), S([hidden])] * 4  # Q, K, V, attention output
+        shapes += [S([hidden]), S([hidden])]  # LayerNorm
+        shapes += [S([ffn, hidden]), S([ffn]), S([hidden, ffn]), S([hidden])]  # feed-forward
+        shapes += [S([hidden]), S([hidden])]  # LayerNorm
+    shapes += [S([hidden, hidden]), S([hidden])]  # pooler
+    return shapes
+
+
+WORKLOADS = {"resnet50": resnet50_shapes, "bert_large": bert_large_shapes, "tiny2000": tiny_shapes}
+DEFAULT_WORKLOADS = {"cpu": ["resnet50", "tiny2000"], "cuda": ["resnet50", "bert_large", "tiny2000"]}
 
 
 def make_params(shapes, device) -> list[torch.nn.Parameter]:
@@ -76,6 +94,28 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def backends_for(device: torch.device) -> list[str]:
+    """fastlars backends usable on the device, reference first; then timm's, if installed."""
+    usable = [b for b in fastlars.available_backends() if b != "triton" or device.type == "cuda"]
+    rows = sorted(usable, key=lambda b: b != "reference")
+    try:
+        import timm.optim  # noqa: F401
+
+        rows.append("timm")
+    except ImportError:
+        pass
+    return rows
+
+
+def make_optimizer(name: str, backend: str, params, kwargs):
+    if backend == "timm":
+        import timm.optim
+
+        timm_cls = {"LARS": timm.optim.Lars, "LAMB": timm.optim.Lamb}[name]
+        return timm_cls(groups_of(params), **kwargs)
+    return getattr(fastlars, name)(groups_of(params), backend=backend, **kwargs)
+
+
 def run(device: torch.device, workloads: list[str], min_run_time: float) -> dict:
     rows = []
     bandwidth = {}
@@ -84,17 +124,19 @@ def run(device: torch.device, workloads: list[str], min_run_time: float) -> dict
         numel = sum(s.numel() for s in shapes)
         bandwidth[workload] = copy_bandwidth(device, numel, min_run_time)
         for name, kwargs in OPTIMIZER_ARGS.items():
-            floor_s = MIN_BYTES_PER_ELEMENT[name] * numel / bandwidth[workload]
+            min_bytes = MIN_BYTES_PER_ELEMENT[name] * numel
+            floor_s = min_bytes / bandwidth[workload]
             reference_ms = None
-            for backend in sorted(fastlars.available_backends(), key=lambda b: b != "reference"):
+            for backend in backends_for(device):
                 params = make_params(shapes, device)
-                opt = getattr(fastlars, name)(groups_of(params), backend=backend, **kwargs)
-                opt.step()  # create state outside the timed region
+                opt = make_optimizer(name, backend, params, kwargs)
+                opt.step()  # create state and compile kernels outside the timed region
                 t = Timer("opt.step()", globals=dict(opt=opt)).blocked_autorange(min_run_time=min_run_time)
                 ms = t.median * 1e3
                 reference_ms = reference_ms or ms
                 rows.append(dict(workload=workload, tensors=len(shapes), numel=numel, optimizer=name,
                                  backend=backend, ms_per_step=ms, speedup_vs_reference=reference_ms / ms,
+                                 effective_GBps=min_bytes / t.median / 1e9,
                                  fraction_of_floor=floor_s * 1e3 / ms, floor_ms=floor_s * 1e3))
                 del opt, params
     return dict(
@@ -121,27 +163,32 @@ def _version(package: str) -> str | None:
 def print_table(result: dict) -> None:
     print(f"device: {result['device']}   torch {result['torch']}   {result['date']}")
     print("copy bandwidth (GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["copy_bandwidth_GBps"].items()))
-    header = f"{'workload':<10} {'tensors':>7} {'optimizer':<9} {'backend':<10} {'ms/step':>9} {'vs reference':>12} {'of floor':>9}"
+    header = (f"{'workload':<10} {'tensors':>7} {'optimizer':<9} {'backend':<10} {'ms/step':>9} "
+              f"{'vs reference':>12} {'GB/s':>7} {'of floor':>9}")
     print(header)
     print("-" * len(header))
     for r in result["rows"]:
         print(f"{r['workload']:<10} {r['tensors']:>7} {r['optimizer']:<9} {r['backend']:<10} "
-              f"{r['ms_per_step']:>9.2f} {r['speedup_vs_reference']:>11.2f}x {r['fraction_of_floor']:>8.1%}")
+              f"{r['ms_per_step']:>9.2f} {r['speedup_vs_reference']:>11.2f}x {r['effective_GBps']:>7.1f} "
+              f"{r['fraction_of_floor']:>8.1%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                        help="default: resnet50 tiny2000 on the CPU, all on the GPU")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timed row")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON")
     parser.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = parser.parse_args()
-    result = run(torch.device(args.device), args.workloads, args.min_run_time)
+    device = torch.device(args.device)
+    result = run(device, args.workloads or DEFAULT_WORKLOADS.get(device.type, ["resnet50"]), args.min_run_time)
     print_table(result)
     if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
+        args.results.mkdir(parents=True, exist_ok=True)
         stamp = result["date"][:19].replace(":", "")
-        path = RESULTS / f"optim_step-{torch.device(args.device).type}-{stamp}.json"
+        path = args.results / f"optim_step-{device.type}-{stamp}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
 

@@ -9,18 +9,17 @@ comparison as a table with the SPEC.md floor.
 import pytest
 import torch
 
-import fastlars
-from optim_step import OPTIMIZER_ARGS, WORKLOADS, groups_of, make_params
+from optim_step import DEFAULT_WORKLOADS, OPTIMIZER_ARGS, WORKLOADS, backends_for, make_optimizer, make_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("workload", DEFAULT_WORKLOADS[DEVICE.type])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZER_ARGS))
-@pytest.mark.parametrize("backend", fastlars.available_backends())
+@pytest.mark.parametrize("backend", backends_for(DEVICE))
 def test_step(benchmark, workload, optimizer, backend):
     params = make_params(WORKLOADS[workload](), DEVICE)
-    opt = getattr(fastlars, optimizer)(groups_of(params), backend=backend, **OPTIMIZER_ARGS[optimizer])
+    opt = make_optimizer(optimizer, backend, params, OPTIMIZER_ARGS[optimizer])
     opt.step()  # state exists before timing
 
     def step():

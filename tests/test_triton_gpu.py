@@ -1,0 +1,64 @@
+"""Triton backend on a GPU: large shapes against the reference, determinism.
+Skipped without CUDA (the interpreter tests in test_optim_backends.py cover the CPU)."""
+
+import pytest
+import torch
+
+import fastlars
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fastlars.available_backends(),
+                                reason="needs CUDA and Triton")
+
+
+def resnet50_params(dtype=torch.float32):
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        shapes = [p.shape for p in torchvision.models.resnet50().parameters()]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g).to(dtype)) for s in shapes]
+    return params, g
+
+
+def step_pair(name, kwargs, dtype=torch.float32, steps=3, master_weights=False):
+    params, g = resnet50_params(dtype)
+    oracle_params = [p.detach().clone().requires_grad_() for p in params]
+    groups = lambda ps: [{"params": [p for p in ps if p.ndim > 1], "weight_decay": 1e-4},
+                         {"params": [p for p in ps if p.ndim <= 1], "trust_ratio": False}]
+    opt = getattr(fastlars, name)(groups(params), backend="triton", master_weights=master_weights, **kwargs)
+    oracle = getattr(fastlars, name)(groups(oracle_params), backend="reference", master_weights=master_weights,
+                                     **kwargs)
+    for _ in range(steps):
+        for p, q in zip(params, oracle_params):
+            grad = (torch.randn(p.shape, device="cuda", generator=g) * 1e-2).to(dtype)
+            p.grad, q.grad = grad, grad.clone()
+        opt.step()
+        oracle.step()
+    return params, oracle_params, opt
+
+
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0, nesterov=True, trust_clip=True)),
+                                          ("LAMB", dict(lr=1e-2, max_grad_norm=1.0))])
+def test_resnet50_shapes_match_reference(name, kwargs):
+    params, oracle_params, _ = step_pair(name, kwargs)
+    scale = max(q.abs().max().item() for q in oracle_params)
+    for p, q in zip(params, oracle_params):
+        assert (p - q).abs().max().item() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0)), ("LAMB", dict(lr=1e-2))])
+def test_bf16_master_weights(name, kwargs):
+    params, oracle_params, opt = step_pair(name, kwargs, dtype=torch.bfloat16, master_weights=True)
+    for p, q in zip(params, oracle_params):
+        torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=2 ** -7 * q.abs().max().item())
+        assert torch.equal(opt.state[p]["master_param"].to(torch.bfloat16), p)
+
+
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0)), ("LAMB", dict(lr=1e-2, max_grad_norm=1.0))])
+def test_deterministic(name, kwargs):
+    """The same inputs give bitwise the same parameters and state, run to run."""
+    runs = [step_pair(name, kwargs, steps=2) for _ in range(2)]
+    (a, _, opt_a), (b, _, opt_b) = runs
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, value in opt_a.state[p].items():
+            assert torch.equal(value, opt_b.state[q][key]), key
