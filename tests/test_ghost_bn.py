@@ -1,0 +1,225 @@
+"""Ghost Batch Normalization: every backend against the F.batch_norm-per-ghost reference,
+nn.BatchNorm equivalences, running statistics, the converter and bad input."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlars
+from fastlars.nn.ghost_bn import ghost_batch_norm, ghost_sizes
+
+TRITON = "triton" in fastlars.available_backends() and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+FAST_BACKENDS = ["vectorized"] + (["triton"] if TRITON else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_ghost_sizes():
+    assert ghost_sizes(8, 4) == [4, 4]
+    assert ghost_sizes(10, 4) == [4, 4, 2]
+    assert ghost_sizes(9, 4) == [4, 5]  # a one-sample remainder joins the previous ghost
+    assert ghost_sizes(5, 4) == [5]
+    assert ghost_sizes(3, 4) == [3]
+    assert ghost_sizes(4, 4) == [4]
+    assert ghost_sizes(7, 1) == [1] * 7
+
+
+@pytest.fixture(params=["one-pass", "two-pass"])
+def triton_passes(request, monkeypatch):
+    """Run the Triton kernels both ways: groups on chip, and tiled with a fallback."""
+    if TRITON and request.param == "two-pass":
+        from fastlars.ops import ghost_bn as kernels
+
+        monkeypatch.setattr(kernels, "ONE_PASS_MAX", 16)
+        monkeypatch.setattr(kernels, "TILE", 8)
+    return request.param
+
+
+SHAPES = [  # (shape, channels_last, virtual_batch_size)
+    ((8, 3), False, 4),
+    ((10, 4, 7), False, 4),
+    ((9, 3, 5, 3), False, 4),
+    ((11, 3, 4, 5), True, 4),
+    ((6, 5, 3, 3), True, 8),  # batch below one ghost: plain batch norm
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def run(backend, x, weight, bias, vbs, dy):
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    y, mean, var, sizes = ghost_batch_norm(x, weight, bias, vbs, 1e-5, backend)
+    dx, dw, db = torch.autograd.grad(y, (x, weight, bias), dy)
+    return y, mean, var, dx, dw, db
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape, channels_last, vbs", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference(backend, shape, channels_last, vbs, dtype, device, triton_passes):
+    if backend != "triton" and triton_passes == "two-pass":
+        pytest.skip("the pass plan is Triton's")
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    g = torch.Generator().manual_seed(hash((shape, vbs)) % 2**31)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(shape[1], generator=g).to(device)
+    bias = torch.randn(shape[1], generator=g).to(device)
+    dy = torch.randn(shape, generator=g).to(device, dtype)
+    expected = run("reference", x, weight, bias, vbs, dy)
+    got = run(backend, x, weight, bias, vbs, dy)
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last or x.ndim != 4
+    assert got[1].dtype == torch.float32  # fp32 statistics whatever the input dtype
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("shape, vbs", [((7, 2, 3), 3), ((6, 2, 2, 2), 2)])
+def test_gradcheck_float64(backend, shape, vbs, triton_passes):
+    if backend != "triton" and triton_passes == "two-pass":
+        pytest.skip("the pass plan is Triton's")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ghost_batch_norm(*a, vbs, 1e-5, backend)[0], (x, weight, bias))
+
+
+def modules(vbs, **kwargs):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3, **kwargs)
+    with torch.no_grad():
+        if bn.affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    gbn = fastlars.GhostBatchNorm2d(3, vbs, **kwargs)
+    gbn.load_state_dict(bn.state_dict())
+    return bn, gbn
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_equals_batchnorm_when_one_ghost(backend, momentum):
+    bn, gbn = modules(vbs=16, momentum=momentum)
+    gbn.backend = backend
+    for step in range(3):
+        x = torch.randn(12, 3, 5, 5) * (step + 1)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = bn(xa), gbn(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gbn.weight.grad, bn.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gbn.bias.grad, bn.bias.grad, rtol=1e-4, atol=1e-5)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(gbn, name), getattr(bn, name), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_follow_spec(momentum):
+    """running <- (1 - m) running + m * mean over ghosts of (ghost mean, unbiased ghost var)."""
+    _, gbn = modules(vbs=4, momentum=momentum)
+    mean, var = gbn.running_mean.clone(), gbn.running_var.clone()
+    for step in range(1, 4):
+        x = torch.randn(10, 3, 2, 3) + step  # ghosts of 4, 4, 2 samples
+        gbn(x)
+        ghosts = x.split([4, 4, 2])
+        m = torch.stack([c.mean(dim=(0, 2, 3)) for c in ghosts]).mean(0)
+        v = torch.stack([c.var(dim=(0, 2, 3), unbiased=True) for c in ghosts]).mean(0)
+        factor = momentum if momentum is not None else 1.0 / step
+        mean = (1 - factor) * mean + factor * m
+        var = (1 - factor) * var + factor * v
+        torch.testing.assert_close(gbn.running_mean, mean)
+        torch.testing.assert_close(gbn.running_var, var)
+        assert gbn.num_batches_tracked.item() == step
+
+
+def test_ghosts_differ_from_batchnorm_in_training():
+    bn, gbn = modules(vbs=4)
+    x = torch.randn(12, 3, 4, 4) + torch.arange(12.0).view(12, 1, 1, 1)  # ghosts with different means
+    assert not torch.allclose(bn(x), gbn(x), atol=1e-3)
+
+
+def test_eval_and_state_dict_both_ways():
+    bn, gbn = modules(vbs=4)
+    for _ in range(2):
+        gbn(torch.randn(16, 3, 4, 4))
+    bn.load_state_dict(gbn.state_dict())  # ghost -> plain
+    bn.eval()
+    gbn.eval()
+    x = torch.randn(5, 3, 4, 4)  # any batch size in eval
+    torch.testing.assert_close(gbn(x), bn(x), rtol=0, atol=0)
+    plain = torch.nn.BatchNorm2d(3)
+    plain.load_state_dict(gbn.state_dict())
+    assert set(plain.state_dict()) == set(gbn.state_dict())
+
+
+def test_no_running_stats():
+    bn, gbn = modules(vbs=4, track_running_stats=False)
+    x = torch.randn(8, 3, 4, 4)
+    assert gbn.running_mean is None
+    expected = torch.cat([F.batch_norm(c, None, None, gbn.weight, gbn.bias, True, 0.0, 1e-5) for c in x.split(4)])
+    torch.testing.assert_close(gbn(x), expected)
+    gbn.eval()
+    bn.eval()
+    torch.testing.assert_close(gbn(x), bn(x))  # whole-batch statistics, as nn.BatchNorm
+
+
+def test_gbn1d_inputs():
+    gbn = fastlars.GhostBatchNorm1d(4, virtual_batch_size=3)
+    for shape in [(7, 4), (7, 4, 5)]:
+        x = torch.randn(shape)
+        expected = torch.cat([F.batch_norm(c, None, None, gbn.weight, gbn.bias, True, 0.0, 1e-5)
+                              for c in x.split([3, 4])])
+        torch.testing.assert_close(gbn(x), expected)
+
+
+def test_convert_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.train()
+    for _ in range(2):  # non-trivial running statistics
+        model(torch.randn(4, 3, 32, 32))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    before = model(x)
+    params = {name: p for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    converted = fastlars.convert_ghost_batchnorm(model, virtual_batch_size=2)
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in converted.modules())
+    assert sum(isinstance(m, fastlars.GhostBatchNorm2d) for m in converted.modules()) == 20
+    for name, p in converted.named_parameters():
+        assert p is params[name], name  # the same Parameter objects: optimizers keep working
+    for name, b in converted.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    assert not converted.training
+    torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
+    assert fastlars.convert_ghost_batchnorm(torch.nn.BatchNorm1d(3), 2).virtual_batch_size == 2
+
+
+@pytest.mark.parametrize("make, x, match", [
+    (lambda: fastlars.GhostBatchNorm2d(3, 0), None, "virtual_batch_size must be an integer >= 1"),
+    (lambda: fastlars.GhostBatchNorm2d(3, 2.5), None, "virtual_batch_size must be an integer >= 1"),
+    (lambda: fastlars.GhostBatchNorm2d(3, 4, backend="cudnn"), None, "backend='cudnn' is unknown"),
+    (lambda: fastlars.GhostBatchNorm2d(3, 4), torch.randn(8, 3, 4), "expected 4D input"),
+    (lambda: fastlars.GhostBatchNorm1d(3, 4), torch.randn(8, 3, 4, 4), "expected 2D or 3D input"),
+    (lambda: fastlars.GhostBatchNorm2d(3, 4), torch.randn(8, 5, 4, 4), r"got an input with 5 channels"),
+    (lambda: fastlars.GhostBatchNorm2d(3, 4), torch.randn(1, 3, 4, 4), "at least 2 samples"),
+])
+def test_bad_input(make, x, match):
+    with pytest.raises(ValueError, match=match):
+        module = make()
+        module(x)
