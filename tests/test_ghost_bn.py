@@ -13,7 +13,7 @@ from fastlars.nn.ghost_bn import ghost_batch_norm, ghost_sizes
 
 TRITON = "triton" in fastlars.available_backends() and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-FAST_BACKENDS = ["vectorized"] + (["triton"] if TRITON else [])
+FAST_BACKENDS = ["native", "vectorized"] + (["triton"] if TRITON else [])
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -13,9 +13,11 @@ biased variance; ``weight``/``bias`` are shared (SPEC.md, "Ghost Batch Normaliza
 - eval (and ``track_running_stats=False`` outside training) is ``nn.BatchNorm``'s.
 
 Backends: ``"reference"`` (a loop of ``F.batch_norm`` over the ghosts; the oracle),
+``"native"`` (torch's own batch-norm kernels run on each ghost, writing into one
+output buffer: no concatenation copies, statistics for free; the CPU default),
 ``"vectorized"`` (one set of tensor ops over all ghosts with a closed-form
-backward; the CPU default) and ``"triton"`` (fused one-pass kernels,
-``fastlars/ops/ghost_bn.py``; the CUDA default).
+backward) and ``"triton"`` (fused one-pass kernels, ``fastlars/ops/ghost_bn.py``;
+the CUDA default).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_ghost_batchnorm", "ghost_sizes"]
 
-BACKENDS = ("auto", "triton", "vectorized", "reference")
+BACKENDS = ("auto", "triton", "native", "vectorized", "reference")
 
 
 def ghost_sizes(batch: int, virtual_batch_size: int) -> list[int]:
@@ -130,6 +132,43 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+class _GhostBNNative(torch.autograd.Function):
+    """torch's native batch-norm forward/backward on each ghost, through their out=
+    variants into slices of one output: the chunk loop without its cat/split copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sizes, eps):
+        acc = _acc_dtype(x)
+        C = x.shape[1]
+        # fp32 (fp64) affine parameters select the kernels' mixed-precision path: fp32 statistics
+        w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=x.device)
+        b = bias.to(acc) if bias is not None else torch.zeros(C, dtype=acc, device=x.device)
+        y = torch.empty_like(x)
+        mean = torch.empty(len(sizes), C, dtype=acc, device=x.device)
+        invstd = torch.empty_like(mean)
+        for g, (xs, ys) in enumerate(zip(x.split(sizes), y.split(sizes))):
+            torch.ops.aten.native_batch_norm.out(xs, w, b, None, None, True, 0.0, eps,
+                                                 out=ys, save_mean=mean[g], save_invstd=invstd[g])
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.sizes, ctx.eps, ctx.weight_dtype = sizes, eps, None if weight is None else weight.dtype
+        var = invstd.pow(-2) - eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, w, mean, invstd = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        dw, db = torch.empty_like(mean), torch.empty_like(mean)
+        for g, (xs, dys, dxs) in enumerate(zip(x.split(ctx.sizes), dy.split(ctx.sizes), dx.split(ctx.sizes))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                dys, xs, w, None, None, mean[g], invstd[g], True, ctx.eps, [True, True, True],
+                out0=dxs, out1=dw[g], out2=db[g])
+        if ctx.weight_dtype is None:
+            return dx, None, None, None, None
+        return dx, dw.sum(0).to(ctx.weight_dtype), db.sum(0).to(ctx.weight_dtype), None, None
+
+
 def _channel_view(v: Tensor, xg: Tensor) -> Tensor:
     return v.view((1, 1, -1) + (1,) * (xg.ndim - 3))
 
@@ -148,6 +187,8 @@ def ghost_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, virt
     backend = _resolve(backend, x)
     if backend == "reference":
         y, mean, var = ghost_bn_reference(x, weight, bias, sizes, eps)
+    elif backend == "native":
+        y, mean, var = _GhostBNNative.apply(x, weight, bias, sizes, eps)
     elif backend == "vectorized":
         y, mean, var = _GhostBNVectorized.apply(x, weight, bias, sizes, eps)
     else:
@@ -162,7 +203,7 @@ def _resolve(backend: str, x: Tensor) -> str:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if x.is_cuda and has_triton else "vectorized"
+        return "triton" if x.is_cuda and has_triton else "native"
     if backend == "triton":
         if not has_triton:
             raise ValueError("backend='triton' needs Triton installed")
