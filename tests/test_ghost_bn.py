@@ -223,3 +223,23 @@ def test_bad_input(make, x, match):
     with pytest.raises(ValueError, match=match):
         module = make()
         module(x)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("channels, hw", [(64, 56), (256, 14), (2048, 7)])
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format),
+                                                  (torch.bfloat16, torch.channels_last)])
+@pytest.mark.parametrize("vbs", [32, 128])
+def test_triton_resnet50_shapes_gpu(channels, hw, dtype, memory_format, vbs):
+    """ResNet-50 activation shapes at 256 images: both one-pass (small groups) and
+    two-pass (64 x 56 x 56 groups) kernels on the GPU against the reference."""
+    g = torch.Generator(device="cuda").manual_seed(channels)
+    x = torch.randn(256, channels, hw, hw, device="cuda", generator=g).to(dtype).contiguous(memory_format=memory_format)
+    weight = torch.rand(channels, device="cuda", generator=g) + 0.5
+    bias = torch.randn(channels, device="cuda", generator=g)
+    dy = torch.randn(x.shape, device="cuda", generator=g).to(dtype)
+    expected = run("reference", x, weight, bias, vbs, dy)
+    got = run("triton", x, weight, bias, vbs, dy)
+    tol = TOLERANCE[dtype]
+    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
