@@ -16,6 +16,7 @@ PY
 $PY -m pytest -q tests 2>&1 | tee "$out/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 $PY bench/optim_step.py --device cuda --results "$out" 2>&1 | tee "$out/optim_step.txt"
-$PY -m pytest bench/test_bench_optim.py --benchmark-only -q --benchmark-json "$out/pytest-benchmark.json" \
-    2>&1 | tail -n 40 > "$out/pytest-benchmark.txt"
+$PY bench/ghost_bn.py --device cuda --results "$out" 2>&1 | tee "$out/ghost_bn.txt"
+$PY -m pytest bench/test_bench_optim.py bench/test_bench_ghost_bn.py --benchmark-only -q \
+    --benchmark-json "$out/pytest-benchmark.json" 2>&1 | tail -n 60 > "$out/pytest-benchmark.txt"
 exit "$tests_rc"
