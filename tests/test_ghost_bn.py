@@ -243,3 +243,18 @@ def test_triton_resnet50_shapes_gpu(channels, hw, dtype, memory_format, vbs):
     tol = TOLERANCE[dtype]
     for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], got, expected):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
+
+
+def test_torch_compile():
+    """The autograd.Function paths run under torch.compile (graph breaks allowed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), fastlars.GhostBatchNorm2d(4, 4), torch.nn.ReLU())
+    eager = copy.deepcopy(model)
+    x = torch.randn(10, 3, 6, 6)
+    y = torch.compile(model)(x)
+    y.sum().backward()
+    y_eager = eager(x)
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, eager[1].running_var)
