@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._tables import Merged, check_layouts, flat, group_table, merge_buckets, names_of, same_layout  # noqa: F401
+
 # Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
 COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS, COL_FIRST = range(11)
 NCOL = 11
@@ -46,41 +48,6 @@ class Launch:
     write_param: bool    # master weights: the kernel writes both master and param
 
 
-@dataclass
-class Merged:
-    """The optimizer buckets of one (device, dtype) across param groups, which one
-    launch handles, and the chunk partials of its norms pass."""
-
-    buckets: list
-    partials: Tensor
-
-
-def merge_buckets(buckets) -> list[list]:
-    """Optimizer buckets grouped by (device, dtype): one launch each."""
-    merged: dict[tuple, list] = {}
-    for b in buckets:
-        merged.setdefault((b.device, b.params[0].dtype), []).append(b)
-    return list(merged.values())
-
-
-def flat(buckets, attr: str) -> list:
-    return [x for b in buckets for x in getattr(b, attr)]
-
-
-def names_of(buckets) -> list[str]:
-    return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
-
-
-def group_table(buckets, row_of) -> tuple[list[int], list[list[float]]]:
-    """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per bucket."""
-    group_of, rows = [], []
-    for gi, b in enumerate(buckets):
-        rows.append([float(x) for x in row_of(b.group)])
-        group_of.extend([gi] * len(b.params))
-    return group_of, rows
-
-
-
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
                  group_of: list[int], first: list[bool], group_rows: list[list[float]],
@@ -106,40 +73,6 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
     groups = torch.tensor(group_rows, dtype=torch.float64).to(device, non_blocking=True)
     return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
                   weights[0].data_ptr() != params[0].data_ptr() if weights else False)
-
-
-def check_layouts(named: list[tuple[str, Tensor, list[Tensor | None]]]) -> None:
-    """The kernels walk storage linearly: every tensor of a parameter (weight, grad,
-    state) must be dense and share the parameter's strides."""
-    for name, p, others in named:
-        if not _dense(p):
-            raise ValueError(f"{name} is not dense in memory (a strided view); the triton backend "
-                             "walks storage linearly: use backend='foreach' for such parameters")
-        for t in others:
-            if t is not None and t.numel() and t.stride() != p.stride():
-                raise ValueError(f"{name}: a gradient or state tensor has strides {t.stride()} but the "
-                                 f"parameter has {p.stride()}")
-
-
-def _dense(t: Tensor) -> bool:
-    if t.numel() <= 1:
-        return True
-    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def same_layout(g: Tensor, p: Tensor) -> Tensor:
-    """The gradient in the parameter's memory layout (a copy only when they differ)."""
-    if g.stride() == p.stride() or p.numel() <= 1:
-        return g
-    out = torch.empty_like(p, dtype=g.dtype)
-    out.copy_(g)
-    return out
 
 
 @triton.jit

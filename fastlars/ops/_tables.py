@@ -1,0 +1,79 @@
+"""Bookkeeping shared by the fused optimizer backends (Triton, C++): grouping the
+optimizer's buckets per launch, per-group hyper-parameter rows, layout checks.
+Imports neither Triton nor the C++ extension."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Merged:
+    """The optimizer buckets of one (device, dtype) across param groups, which one
+    launch handles, and the chunk partials of its norms pass."""
+
+    buckets: list
+    partials: Tensor
+
+
+def merge_buckets(buckets) -> list[list]:
+    """Optimizer buckets grouped by (device, dtype): one launch each."""
+    merged: dict[tuple, list] = {}
+    for b in buckets:
+        merged.setdefault((b.device, b.params[0].dtype), []).append(b)
+    return list(merged.values())
+
+
+def flat(buckets, attr: str) -> list:
+    return [x for b in buckets for x in getattr(b, attr)]
+
+
+def names_of(buckets) -> list[str]:
+    return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
+
+
+def group_table(buckets, row_of) -> tuple[list[int], list[list[float]]]:
+    """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per bucket."""
+    group_of, rows = [], []
+    for gi, b in enumerate(buckets):
+        rows.append([float(x) for x in row_of(b.group)])
+        group_of.extend([gi] * len(b.params))
+    return group_of, rows
+
+
+
+def check_layouts(named: list[tuple[str, Tensor, list[Tensor | None]]]) -> None:
+    """The kernels walk storage linearly: every tensor of a parameter (weight, grad,
+    state) must be dense and share the parameter's strides."""
+    for name, p, others in named:
+        if not _dense(p):
+            raise ValueError(f"{name} is not dense in memory (a strided view); the triton backend "
+                             "walks storage linearly: use backend='foreach' for such parameters")
+        for t in others:
+            if t is not None and t.numel() and t.stride() != p.stride():
+                raise ValueError(f"{name}: a gradient or state tensor has strides {t.stride()} but the "
+                                 f"parameter has {p.stride()}")
+
+
+def _dense(t: Tensor) -> bool:
+    if t.numel() <= 1:
+        return True
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(g: Tensor, p: Tensor) -> Tensor:
+    """The gradient in the parameter's memory layout (a copy only when they differ)."""
+    if g.stride() == p.stride() or p.numel() <= 1:
+        return g
+    out = torch.empty_like(p, dtype=g.dtype)
+    out.copy_(g)
+    return out
