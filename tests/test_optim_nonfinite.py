@@ -87,9 +87,11 @@ def test_skip_nonfinite_skips_and_counts(backend, case, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 def test_skip_nonfinite_does_not_read_the_device(backend, case, monkeypatch):
-    """After state exists, a skip_nonfinite step reads no tensor on the host (foreach)."""
+    """After state exists, a skip_nonfinite step reads no tensor on the host (foreach, triton)."""
     if backend == "reference":
         pytest.skip("the oracle reads flags on the host by design")
+    if backend == "cpu":
+        pytest.skip("the CPU kernels read the flag from host memory: no synchronisation to avoid")
     name, kwargs = case
     model = small_cnn(2)
     opt = getattr(fastlars, name)(model.parameters(), backend=backend, skip_nonfinite=True, **kwargs)

@@ -4,6 +4,7 @@ Imports neither Triton nor the C++ extension."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +78,19 @@ def same_layout(g: Tensor, p: Tensor) -> Tensor:
     out = torch.empty_like(p, dtype=g.dtype)
     out.copy_(g)
     return out
+
+
+# Group-table rows, one per param group, in the column order of csrc/fastlars_math.h
+# (LarsColumn, LambColumn), which the Triton kernels read too. Differences such as
+# 1 - dampening are formed here in double: 1 - float32(0.999) is 1.3e-5 off.
+def lars_group_row(group) -> list:
+    return [group["lr"], group["weight_decay"], group["trust_coefficient"], group["eps"], group["trust_clip"],
+            group["trust_ratio"], group["momentum"], 1.0 - group["dampening"], group["nesterov"]]
+
+
+def lamb_group_row(group) -> list:
+    beta1, beta2 = group["betas"]
+    return [group["lr"], beta1, beta2, 1.0 - beta2, 1.0 - beta1 if group["grad_averaging"] else 1.0,
+            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+            group["bias_correction"], group["eps"], group["weight_decay"], group["max_grad_norm"],
+            group["trust_clip"], group["trust_ratio"]]

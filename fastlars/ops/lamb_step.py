@@ -15,8 +15,6 @@ gradient is caught before anything changes. The maths is fastlars.optim.lamb
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -24,41 +22,31 @@ import triton.language as tl
 from . import multi_tensor as mt
 
 
-def lamb_group_row(group) -> list:
-    beta1, beta2 = group["betas"]
-    return [group["lr"], beta1, beta2,
-            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-            group["eps"], group["weight_decay"], group["bias_correction"],
-            1 - beta1 if group["grad_averaging"] else 1.0, group["max_grad_norm"], group["trust_clip"],
-            group["trust_ratio"]]
-
-
 @triton.jit
 def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl.constexpr,
                 HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
     """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
-    hp = groups + group * 12
+    hp = groups + group * 13  # columns: csrc/fastlars_math.h, LambColumn
     beta1 = tl.load(hp + 1).to(ACC)
-    beta2 = tl.load(hp + 2)
-    one_minus_beta2 = (1.0 - beta2).to(ACC)  # in fp64: 1 - fp32(0.999) is off by 1e-5
-    beta2 = beta2.to(ACC)
-    eps = tl.load(hp + 5).to(ACC)
-    weight_decay = tl.load(hp + 6).to(ACC)
-    beta3 = tl.load(hp + 8).to(ACC)
+    beta2 = tl.load(hp + 2).to(ACC)
+    one_minus_beta2 = tl.load(hp + 3).to(ACC)
+    beta3 = tl.load(hp + 4).to(ACC)
+    eps = tl.load(hp + 8).to(ACC)
+    weight_decay = tl.load(hp + 9).to(ACC)
     grad_factor = 1.0
     if HAS_SCALE:
         grad_factor = tl.load(inv_scale_ptr).to(tl.float64)
     if HAS_CLIP:
         # global norm over every gradient of the step (scaled grads: unscale it too)
-        max_norm = tl.load(hp + 9)
+        max_norm = tl.load(hp + 10)
         global_norm = tl.load(global_norm_ptr).to(tl.float64) * grad_factor
         clip = tl.where(max_norm > 0, 1.0 / tl.maximum(global_norm / max_norm, 1.0), 1.0)
         grad_factor = grad_factor * clip
     # 1 - beta^t in fp64 for the step t this update makes (state step + 1)
     t = tl.load(step_ptr).to(tl.float64) + 1.0
     bias_correction = tl.load(hp + 7) != 0
-    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 3)), 1.0).to(ACC)
-    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 4)), 1.0).to(ACC)
+    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 5)), 1.0).to(ACC)
+    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 6)), 1.0).to(ACC)
     return grad_factor.to(ACC), beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay
 
 
@@ -130,10 +118,10 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
     step_ptr = mt.row_pointer(table, row, 5, tl.float32)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
-    hp = groups + group * 12
+    hp = groups + group * 13
     lr = tl.load(hp + 0).to(ACC)
-    trust_clip = tl.load(hp + 10)
-    adapt = tl.load(hp + 11)
+    trust_clip = tl.load(hp + 11)
+    adapt = tl.load(hp + 12)
 
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1 (fixed order)
     w_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 0, ACC, PARTIAL_BLOCK))
@@ -184,7 +172,7 @@ class _Prepared:
                        [st["step"] for st in fresh]]
             mt.check_layouts([(name, p, [w, m, v, st.get("master_param")]) for name, p, w, m, v, st in
                               zip(mt.names_of(merged), params, weights, moments[0], moments[1], states)])
-        group_of, rows = mt.group_table(merged, lamb_group_row)
+        group_of, rows = mt.group_table(merged, mt.lamb_group_row)
         self.launch = mt.build_launch(weights, params, grads, moments[0], moments[1], moments[2], group_of,
                                       [False] * n, rows, merged[0].compute_dtype)
         self.keep_alive = (grads, moments)  # the table holds raw pointers to these

@@ -19,13 +19,6 @@ from torch import Tensor
 
 from . import multi_tensor as mt
 
-# columns of the per-group table, in the order the kernel reads them
-LARS_GROUP_KEYS = ("lr", "weight_decay", "trust_coefficient", "eps", "trust_clip", "trust_ratio",
-                   "momentum", "dampening", "nesterov")
-
-
-def lars_group_row(group) -> list:
-    return [group[k] for k in LARS_GROUP_KEYS]
 
 
 @triton.jit
@@ -54,7 +47,7 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
     trust_clip = tl.load(hp + 4)
     adapt = tl.load(hp + 5)
     momentum = tl.load(hp + 6).to(ACC)
-    one_minus_dampening = (1.0 - tl.load(hp + 7)).to(ACC)  # in fp64, as the reference's Python float
+    one_minus_dampening = tl.load(hp + 7).to(ACC)  # columns: csrc/fastlars_math.h, LarsColumn
     nesterov = tl.load(hp + 8)
 
     inv_scale = 1.0
@@ -101,7 +94,7 @@ def lars_norms(opt, buckets, inv_scale):
         states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in mt.flat(merged, "states")]
         mt.check_layouts([(name, p, [w, *s]) for name, p, w, s in zip(mt.names_of(merged), params, weights, states)])
         n = len(params)
-        group_of, rows = mt.group_table(merged, lars_group_row)
+        group_of, rows = mt.group_table(merged, mt.lars_group_row)
         launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
                                  [False] * n, rows, merged[0].compute_dtype)
         contexts.append(mt.Merged(merged, mt.launch_sumsq(launch)))
@@ -131,7 +124,7 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                     first.append(False)
                 bufs.append(st["momentum_buffer"])
         n = len(params)
-        group_of, rows = mt.group_table(merged, lars_group_row)
+        group_of, rows = mt.group_table(merged, mt.lars_group_row)
         launch = mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
                                  merged[0].compute_dtype)
         if not launch.n_chunks:

@@ -22,13 +22,25 @@ __all__ = ["available_backends", "param_groups"]
 
 # Backends in the order "auto" prefers them. Later issues register "triton" and
 # "cuda" here; a backend is available when its probe returns True.
+def _extension_has(attribute: str) -> bool:
+    try:
+        from .. import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, attribute, False))
+
+
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
+    "cuda": lambda: _extension_has("with_cuda") and torch.cuda.is_available(),
+    "cpu": lambda: _extension_has("lars_update_cpu"),
     "foreach": lambda: True,
     "reference": lambda: True,
 }
 # what "auto" may pick for tensors of each device type, fastest first
-_AUTO_ORDER = {"cuda": ("triton", "foreach"), "cpu": ("foreach",)}
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
+_BUILD_HINT = ("the C++ extension was not built: install with `pip install --no-build-isolation -e .` "
+               "(setup.py builds csrc/ when a compiler is found)")
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
@@ -49,9 +61,14 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
     if backend == "auto":
         return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
     if backend not in available:
+        hint = f"; {_BUILD_HINT}" if backend in ("cpu", "cuda") and not _extension_has("lars_update_cpu") else ""
         raise ValueError(
-            f"backend={backend!r} is not available in this installation; available backends: {available}"
+            f"backend={backend!r} is not available in this installation; available backends: {available}{hint}"
         )
+    if backend == "cpu" and device_type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
+    if backend == "cuda" and device_type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got parameters on {device_type}")
     if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors, got parameters on {device_type} "
                          "(CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)")

@@ -91,6 +91,10 @@ class LAMB(TrustRatioOptimizer):
             from ..ops.lamb_step import lamb_norms
 
             return lamb_norms(self, buckets, inv_scale)
+        if self.backend == "cpu":
+            from ..ops import cpp_step
+
+            return cpp_step.lamb_norms(self, buckets, inv_scale)
         return super()._norms_phase(buckets, inv_scale)
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
@@ -98,6 +102,10 @@ class LAMB(TrustRatioOptimizer):
             from ..ops.lamb_step import lamb_update
 
             return lamb_update(self, norms, inv_scale, ok)
+        if self.backend == "cpu":
+            from ..ops import cpp_step
+
+            return cpp_step.lamb_update(self, norms, inv_scale, ok)
         global_norm = None
         if any(b.group["max_grad_norm"] > 0 for b in buckets):
             # one norm over every gradient of the step, whatever its group or device

@@ -97,6 +97,10 @@ class LARS(TrustRatioOptimizer):
             from ..ops.lars_step import lars_norms
 
             return lars_norms(self, buckets, inv_scale)
+        if self.backend == "cpu":
+            from ..ops import cpp_step
+
+            return cpp_step.lars_norms(self, buckets, inv_scale)
         return super()._norms_phase(buckets, inv_scale)
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
@@ -104,6 +108,10 @@ class LARS(TrustRatioOptimizer):
             from ..ops.lars_step import lars_update
 
             return lars_update(self, norms, inv_scale, ok)
+        if self.backend == "cpu":
+            from ..ops import cpp_step
+
+            return cpp_step.lars_update(self, norms, inv_scale, ok)
         step = _lars_reference if self.backend == "reference" else _lars_foreach
         for b, bucket_norms in zip(buckets, norms):
             group = b.group

@@ -1,0 +1,19 @@
+// Python bindings of fastlars._C (pybind11 through torch's extension headers).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastlars fused optimizer kernels (CPU, and CUDA when built with it)";
+  m.def("sumsq_cpu", &fastlars::sumsq_cpu, "per-tensor sums of squares of weights and gradients");
+  m.def("lars_update_cpu", &fastlars::lars_update_cpu, "fused LARS update");
+  m.def("lamb_norms_cpu", &fastlars::lamb_norms_cpu, "per-tensor sums of squares of w, g and the LAMB direction u");
+  m.def("lamb_update_cpu", &fastlars::lamb_update_cpu, "fused LAMB update");
+#ifdef FASTLARS_WITH_CUDA
+  m.def("sumsq_cuda", &fastlars::sumsq_cuda, "per-tensor sums of squares (CUDA, one launch)");
+  m.def("lars_update_cuda", &fastlars::lars_update_cuda, "fused LARS update (CUDA, one launch)");
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

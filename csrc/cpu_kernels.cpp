@@ -1,0 +1,211 @@
+// Fused CPU kernels for LARS and LAMB: OpenMP over fixed-size chunks of all tensors,
+// the per-element maths from fastlars_math.h.
+//
+// Passes over memory (fp32): LARS = sumsq (read w, g) + update (read w, g, buf; write
+// w, buf) = 28 B/element; LAMB = norms (read w, g, m, v) + update (read w, g, m, v;
+// write w, m, v) = 44 B/element. Chunks are fixed (not per thread), and partial sums
+// are combined in chunk order, so results do not depend on the thread count.
+#include "fastlars_math.h"
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace fastlars {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sums
+
+struct WorkItem {
+  int64_t tensor, begin, end;
+};
+
+std::vector<WorkItem> chunk_items(const TensorList& tensors) {
+  std::vector<WorkItem> items;
+  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
+    const int64_t n = tensors[i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) items.push_back({i, b, std::min(n, b + kChunk)});
+  }
+  return items;
+}
+
+// Calls fn(item index) for every work item, in parallel.
+template <typename Fn>
+void for_items(const std::vector<WorkItem>& items, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) fn(k);
+  });
+}
+
+// Per-tensor totals of per-item partials, summed in item order.
+at::Tensor totals(const std::vector<WorkItem>& items, const std::vector<double>& partials, int64_t n_tensors,
+                  int columns) {
+  at::Tensor out = at::zeros({n_tensors, columns}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (size_t k = 0; k < items.size(); ++k)
+    for (int c = 0; c < columns; ++c) o[items[k].tensor * columns + c] += partials[k * columns + c];
+  return out;
+}
+
+template <typename T>
+double sum_squares(const T* p, int64_t n) {
+  float lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float x = static_cast<float>(p[i + l]);
+      lanes[l] += x * x;
+    }
+  double total = 0;
+  for (; i < n; ++i) total += static_cast<double>(static_cast<float>(p[i])) * static_cast<float>(p[i]);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+template <>
+double sum_squares<double>(const double* p, int64_t n) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += p[i] * p[i];
+  return total;
+}
+
+template <typename acc_t, typename weight_t, typename param_t>
+void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
+  w[i] = static_cast<weight_t>(value);
+  if (static_cast<void*>(w) != static_cast<void*>(p)) p[i] = static_cast<param_t>(value);  // master weights
+}
+
+// Dispatch on the parameter dtype; the weights are either the parameters or fp32 masters.
+#define FASTLARS_DISPATCH(params, weights, NAME, ...)                                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (params)[0].scalar_type(), NAME, [&] {       \
+    using param_t = scalar_t;                                                                              \
+    using acc_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;                     \
+    if ((weights)[0].scalar_type() == (params)[0].scalar_type()) {                                         \
+      using weight_t = param_t;                                                                            \
+      __VA_ARGS__();                                                                                       \
+    } else {                                                                                               \
+      using weight_t = acc_t;                                                                              \
+      __VA_ARGS__();                                                                                       \
+    }                                                                                                      \
+  })
+
+}  // namespace
+
+at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads) {
+  const auto items = chunk_items(grads);
+  std::vector<double> partials(items.size() * 2);
+  if (!items.empty()) {
+    FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cpu", [&] {
+      for_items(items, [&](int64_t k) {
+        const auto& it = items[k];
+        const int64_t n = it.end - it.begin;
+        partials[2 * k] = sum_squares(weights[it.tensor].data_ptr<weight_t>() + it.begin, n);
+        partials[2 * k + 1] = sum_squares(grads[it.tensor].data_ptr<param_t>() + it.begin, n);
+      });
+    });
+  }
+  return totals(items, partials, static_cast<int64_t>(grads.size()), 2);
+}
+
+void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                     const OptionalTensorList& bufs, const std::vector<bool>& first,
+                     const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+                     double inv_scale) {
+  const auto items = chunk_items(grads);
+  if (items.empty()) return;
+  const double* table = groups.data_ptr<double>();
+  const double* norms = sumsq.data_ptr<double>();
+  FASTLARS_DISPATCH(params, weights, "fastlars_lars_update_cpu", [&] {
+    for_items(items, [&](int64_t k) {
+      const auto& it = items[k];
+      const int64_t i = it.tensor;
+      const auto h = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
+      const acc_t ratio = lars_trust_ratio<acc_t>(acc_t(std::sqrt(norms[2 * i])),
+                                                  acc_t(std::sqrt(norms[2 * i + 1]) * inv_scale), h);
+      weight_t* w = weights[i].data_ptr<weight_t>();
+      param_t* p = params[i].data_ptr<param_t>();
+      const param_t* g = grads[i].data_ptr<param_t>();
+      acc_t* buf = bufs[i].has_value() ? bufs[i]->data_ptr<acc_t>() : nullptr;
+      const acc_t scale = acc_t(inv_scale);
+      for (int64_t e = it.begin; e < it.end; ++e) {
+        acc_t b = buf ? buf[e] : acc_t(0);
+        const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, b, first[i], ratio, h);
+        if (buf) buf[e] = b;
+        write_weight<acc_t>(w, p, e, updated);
+      }
+    });
+  });
+}
+
+at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
+                          const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                          const std::vector<int64_t>& group_of, const at::Tensor& groups, double inv_scale,
+                          double global_norm) {
+  const auto items = chunk_items(grads);
+  std::vector<double> partials(items.size() * 3);
+  const double* table = groups.data_ptr<double>();
+  if (!items.empty()) {
+    FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cpu", [&] {
+      for_items(items, [&](int64_t k) {
+        const auto& it = items[k];
+        const int64_t i = it.tensor;
+        const double* row = table + group_of[i] * B_NCOL;
+        const auto h = lamb_hyper<acc_t>(row, steps[i]);
+        const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
+        const weight_t* w = weights[i].data_ptr<weight_t>();
+        const param_t* g = grads[i].data_ptr<param_t>();
+        const acc_t* m = exp_avgs[i].data_ptr<acc_t>();
+        const acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
+        double w2 = 0, g2 = 0, u2 = 0;
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          const acc_t we = acc_t(w[e]), ge = acc_t(g[e]);
+          acc_t me = m[e], ve = v[e];
+          const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
+          w2 += double(we) * we;
+          g2 += double(ge) * ge;
+          u2 += double(u) * u;
+        }
+        partials[3 * k] = w2;
+        partials[3 * k + 1] = g2;
+        partials[3 * k + 2] = u2;
+      });
+    });
+  }
+  return totals(items, partials, static_cast<int64_t>(grads.size()), 3);
+}
+
+void lamb_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                     const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                     const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+                     double inv_scale, double global_norm) {
+  const auto items = chunk_items(grads);
+  if (items.empty()) return;
+  const double* table = groups.data_ptr<double>();
+  const double* sums = norms.data_ptr<double>();
+  FASTLARS_DISPATCH(params, weights, "fastlars_lamb_update_cpu", [&] {
+    for_items(items, [&](int64_t k) {
+      const auto& it = items[k];
+      const int64_t i = it.tensor;
+      const double* row = table + group_of[i] * B_NCOL;
+      const auto h = lamb_hyper<acc_t>(row, steps[i]);
+      const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
+      const acc_t ratio = lamb_trust_ratio<acc_t>(acc_t(std::sqrt(sums[3 * i])), acc_t(std::sqrt(sums[3 * i + 2])), h);
+      weight_t* w = weights[i].data_ptr<weight_t>();
+      param_t* p = params[i].data_ptr<param_t>();
+      const param_t* g = grads[i].data_ptr<param_t>();
+      acc_t* m = exp_avgs[i].data_ptr<acc_t>();
+      acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
+      for (int64_t e = it.begin; e < it.end; ++e) {
+        const acc_t we = acc_t(w[e]);
+        const acc_t u = lamb_direction<acc_t>(we, acc_t(g[e]) * factor, m[e], v[e], h);
+        write_weight<acc_t>(w, p, e, we - h.lr * (ratio * u));
+      }
+    });
+  });
+}
+
+}  // namespace fastlars

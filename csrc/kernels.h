@@ -1,0 +1,47 @@
+// Entry points of the fused optimizer kernels, bound to Python in bindings.cpp.
+//
+// Every call takes the tensors of one (device, dtype) bucket as lists plus a double
+// "group table" (one row per param group; columns in fastlars_math.h) and the group
+// index of each tensor. Weights are fp32 master copies or the parameters themselves;
+// state is fp32 (fp64 for fp64 parameters). Norms come back as per-tensor sums of
+// squares in double, summed in a fixed order (bitwise reproducible).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace fastlars {
+
+using TensorList = std::vector<at::Tensor>;
+using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
+
+// (n, 2): sum w^2, sum g^2 per tensor.
+at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads);
+void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                     const OptionalTensorList& bufs, const std::vector<bool>& first,
+                     const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+                     double inv_scale);
+// (n, 3): sum w^2, sum g^2, sum u^2 per tensor; nothing else is written.
+at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
+                          const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                          const std::vector<int64_t>& group_of, const at::Tensor& groups, double inv_scale,
+                          double global_norm);
+void lamb_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                     const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                     const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+                     double inv_scale, double global_norm);
+
+#ifdef FASTLARS_WITH_CUDA
+// Same contracts on CUDA tensors, two launches per call pair, no host synchronisation:
+// scalars that live on the device (inverse grad scale, global norm, skip flag) come as
+// optional 0-d tensors.
+at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads);
+void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                      const OptionalTensorList& bufs, const std::vector<bool>& first,
+                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+                      const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok);
+#endif
+
+}  // namespace fastlars
