@@ -38,7 +38,8 @@ def extensions():
     make = CUDAExtension if use_cuda else CppExtension
     defines = ["-DFASTLARS_WITH_CUDA"] if use_cuda else []
     module = make("fastlars._C", sources, include_dirs=[str(ROOT / "csrc")],
-                  extra_compile_args={"cxx": ["-O3", "-fopenmp", *defines], "nvcc": ["-O3", *defines]},
+                  extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines],
+                                      "nvcc": ["-O3", *defines]},
                   extra_link_args=["-fopenmp"])
     return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}
 

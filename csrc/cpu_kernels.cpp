@@ -129,13 +129,24 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
       weight_t* w = weights[i].data_ptr<weight_t>();
       param_t* p = params[i].data_ptr<param_t>();
       const param_t* g = grads[i].data_ptr<param_t>();
-      acc_t* buf = bufs[i].has_value() ? bufs[i]->data_ptr<acc_t>() : nullptr;
       const acc_t scale = acc_t(inv_scale);
-      for (int64_t e = it.begin; e < it.end; ++e) {
-        acc_t b = buf ? buf[e] : acc_t(0);
-        const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, b, first[i], ratio, h);
-        if (buf) buf[e] = b;
-        write_weight<acc_t>(w, p, e, updated);
+      const bool is_first = first[i];
+      const bool master = static_cast<void*>(w) != static_cast<void*>(p);
+      // loop-invariant choices outside the element loops, so that they vectorise
+      if (bufs[i].has_value()) {
+        acc_t* buf = bufs[i]->data_ptr<acc_t>();
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, buf[e], is_first, ratio, h);
+          w[e] = static_cast<weight_t>(updated);
+          if (master) p[e] = static_cast<param_t>(updated);
+        }
+      } else {
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          acc_t unused = 0;
+          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, unused, false, ratio, h);
+          w[e] = static_cast<weight_t>(updated);
+          if (master) p[e] = static_cast<param_t>(updated);
+        }
       }
     });
   });
@@ -160,18 +171,27 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
         const param_t* g = grads[i].data_ptr<param_t>();
         const acc_t* m = exp_avgs[i].data_ptr<acc_t>();
         const acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
-        double w2 = 0, g2 = 0, u2 = 0;
-        for (int64_t e = it.begin; e < it.end; ++e) {
-          const acc_t we = acc_t(w[e]), ge = acc_t(g[e]);
-          acc_t me = m[e], ve = v[e];
-          const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
-          w2 += double(we) * we;
-          g2 += double(ge) * ge;
-          u2 += double(u) * u;
+        // u is recomputed here and in the update: this pass writes nothing but partials
+        acc_t w2[kLanes] = {0}, g2[kLanes] = {0}, u2[kLanes] = {0};
+        for (int64_t e0 = it.begin; e0 < it.end; e0 += kLanes) {
+          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, it.end - e0));
+          for (int l = 0; l < lanes; ++l) {
+            const int64_t e = e0 + l;
+            const acc_t we = acc_t(w[e]), ge = acc_t(g[e]);
+            acc_t me = m[e], ve = v[e];
+            const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
+            w2[l] += we * we;
+            g2[l] += ge * ge;
+            u2[l] += u * u;
+          }
         }
-        partials[3 * k] = w2;
-        partials[3 * k + 1] = g2;
-        partials[3 * k + 2] = u2;
+        double sums[3] = {0, 0, 0};
+        for (int l = 0; l < kLanes; ++l) {
+          sums[0] += w2[l];
+          sums[1] += g2[l];
+          sums[2] += u2[l];
+        }
+        for (int c = 0; c < 3; ++c) partials[3 * k + c] = sums[c];
       });
     });
   }
