@@ -21,7 +21,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py csrc/sources.txt
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
 	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)

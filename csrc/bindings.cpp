@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTLARS_WITH_CUDA
   m.def("sumsq_cuda", &fastlars::sumsq_cuda, "per-tensor sums of squares (CUDA, one launch)");
   m.def("lars_update_cuda", &fastlars::lars_update_cuda, "fused LARS update (CUDA, one launch)");
+  m.def("lamb_norms_cuda", &fastlars::lamb_norms_cuda, "LAMB partial norms of w, g, u (CUDA, one launch)");
+  m.def("lamb_update_cuda", &fastlars::lamb_update_cuda, "fused LAMB update (CUDA, one launch)");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

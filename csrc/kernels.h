@@ -37,11 +37,22 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
 // Same contracts on CUDA tensors, two launches per call pair, no host synchronisation:
 // scalars that live on the device (inverse grad scale, global norm, skip flag) come as
 // optional 0-d tensors.
+// (n_chunks, 2) partial sums per chunk; lars_update_cuda re-sums a tensor's chunks.
 at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads);
 void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
                       const OptionalTensorList& bufs, const std::vector<bool>& first,
                       const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok);
+// steps: the 0-d float32 `step` state tensors (read on the device: this update makes step + 1).
+at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
+                           const TensorList& exp_avg_sqs, const TensorList& steps,
+                           const std::vector<int64_t>& group_of, const at::Tensor& groups,
+                           const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm);
+void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const TensorList& steps,
+                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+                      const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm,
+                      const std::optional<at::Tensor>& ok);
 #endif
 
 }  // namespace fastlars

@@ -1,13 +1,13 @@
-"""Drivers of the C++ kernels (csrc/, built as fastlars._C): the ``"cpu"`` backend.
+"""Drivers of the C++ kernels (csrc/, built as fastlars._C): the ``"cpu"`` and
+``"cuda"`` backends.
 
 Same two phases as every backend: a read-only norms call whose output the gate
 checks, then the fused update. On the CPU the gate's flag is host memory, so reading
-it costs nothing; the maths is csrc/fastlars_math.h, shared with the CUDA kernels.
+it costs nothing; on CUDA the scalars (inverse grad scale, global norm, skip flag) stay
+on the device. The maths is csrc/fastlars_math.h, shared by both.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -37,18 +37,31 @@ def _scalar(t) -> float:
     return 1.0 if t is None else float(t)
 
 
+def _scalar_or(t, default: float) -> float:
+    return default if t is None else float(t)
+
+
+def _on_cuda(merged) -> bool:
+    return merged[0].device.type == "cuda"
+
+
+def _sumsq(weights, grads):
+    """CPU: (n, 2) per-tensor sums; CUDA: (n_chunks, 2) partials, re-summed by the update."""
+    return (_C.sumsq_cuda if grads[0].is_cuda else _C.sumsq_cpu)(weights, grads)
+
+
 def lars_norms(opt, buckets, inv_scale):
     contexts = []
     for merged in tb.merge_buckets(buckets):
         params, grads, weights = _prepare(opt, merged, for_update=False)
         states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in tb.flat(merged, "states")]
         tb.check_layouts([(n, p, [w, *s]) for n, p, w, s in zip(tb.names_of(merged), params, weights, states)])
-        contexts.append(tb.Merged(merged, _C.sumsq_cpu(weights, grads)))
+        contexts.append(tb.Merged(merged, _sumsq(weights, grads)))
     return contexts, [c.partials for c in contexts]
 
 
 def lars_update(opt, contexts, inv_scale, ok) -> None:
-    if ok is not None and not bool(ok):
+    if ok is not None and not ok.is_cuda and not bool(ok):
         return
     for ctx in contexts:
         params, grads, weights = _prepare(opt, ctx.buckets, for_update=True)
@@ -65,25 +78,31 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                                                              memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
         group_of, rows = tb.group_table(ctx.buckets, tb.lars_group_row)
-        _C.lars_update_cpu(weights, params, grads, bufs, first, group_of, torch.tensor(rows, dtype=torch.float64),
-                           ctx.partials, _scalar(inv_scale))
+        groups = torch.tensor(rows, dtype=torch.float64)
+        if _on_cuda(ctx.buckets):
+            _C.lars_update_cuda(weights, params, grads, bufs, first, group_of, groups, ctx.partials, inv_scale, ok)
+        else:
+            _C.lars_update_cpu(weights, params, grads, bufs, first, group_of, groups, ctx.partials,
+                               _scalar(inv_scale))
 
 
 def _moments(merged, fresh_ok: bool):
-    """exp_avg, exp_avg_sq and step of each parameter; before the gate, zeros for new state."""
+    """exp_avg, exp_avg_sq and step of each parameter (steps as floats on the CPU, as
+    the 0-d state tensors on CUDA); before the gate, zeros for state not created yet."""
     exp_avgs, exp_avg_sqs, steps = [], [], []
     for b in merged:
         for p, st in zip(b.params, b.states):
             if "exp_avg" in st:
                 exp_avgs.append(st["exp_avg"])
                 exp_avg_sqs.append(st["exp_avg_sq"])
-                steps.append(float(st["step"]))
+                step = st["step"]
             else:
                 assert fresh_ok
                 zeros = torch.zeros_like(p, dtype=b.compute_dtype, memory_format=torch.preserve_format)
                 exp_avgs.append(zeros)
                 exp_avg_sqs.append(zeros)
-                steps.append(0.0)
+                step = torch.zeros((), dtype=torch.float32, device=p.device)
+            steps.append(step if p.is_cuda else float(step))
     return exp_avgs, exp_avg_sqs, steps
 
 
@@ -96,26 +115,40 @@ def lamb_norms(opt, buckets, inv_scale):
         tb.check_layouts([(n, p, [w, m, v, s]) for n, p, w, m, v, s in
                           zip(tb.names_of(merged), params, weights, exp_avgs, exp_avg_sqs, masters)])
         prepared.append((merged, weights, grads, exp_avgs, exp_avg_sqs, steps))
-    global_norm = -1.0  # no clipping
+    global_norm = None  # no clipping
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
-        global_norm = math.sqrt(sum(_C.sumsq_cpu(w, g)[:, 1].sum().item() for _, w, g, *_ in prepared))
+        device = buckets[0].device
+        squares = [_sumsq(w, g)[:, 1].double().sum().to(device) for _, w, g, *_ in prepared]
+        global_norm = torch.stack(squares).sum().sqrt()
     contexts = []
     for merged, weights, grads, exp_avgs, exp_avg_sqs, steps in prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row)
-        sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of,
-                                 torch.tensor(rows, dtype=torch.float64), _scalar(inv_scale), global_norm)
+        groups = torch.tensor(rows, dtype=torch.float64)
+        if _on_cuda(merged):
+            sums = _C.lamb_norms_cuda(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups, inv_scale,
+                                      global_norm)
+        else:
+            sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
+                                     _scalar(inv_scale), _scalar_or(global_norm, -1.0))
         contexts.append(tb.Merged(merged, sums))
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
 def lamb_update(opt, norms, inv_scale, ok) -> None:
-    if ok is not None and not bool(ok):
+    if ok is not None and not ok.is_cuda and not bool(ok):
         return
     contexts, global_norm = norms
     for ctx in contexts:
         params, grads, weights = _prepare(opt, ctx.buckets, for_update=True)
         exp_avgs, exp_avg_sqs, steps = _moments(ctx.buckets, fresh_ok=False)
         group_of, rows = tb.group_table(ctx.buckets, tb.lamb_group_row)
-        _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of,
-                           torch.tensor(rows, dtype=torch.float64), ctx.partials, _scalar(inv_scale), global_norm)
-        torch._foreach_add_([st["step"] for st in tb.flat(ctx.buckets, "states")], 1.0)
+        groups = torch.tensor(rows, dtype=torch.float64)
+        if _on_cuda(ctx.buckets):
+            _C.lamb_update_cuda(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
+                                ctx.partials, inv_scale, global_norm, ok)
+        else:
+            _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
+                               ctx.partials, _scalar(inv_scale), _scalar_or(global_norm, -1.0))
+        # after the kernel, which used step + 1 as this update's t
+        step_tensors = [st["step"] for st in tb.flat(ctx.buckets, "states")]
+        torch._foreach_add_(step_tensors, 1.0 if ok is None or not ok.is_cuda else ok.to(torch.float32))

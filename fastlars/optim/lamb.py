@@ -91,7 +91,7 @@ class LAMB(TrustRatioOptimizer):
             from ..ops.lamb_step import lamb_norms
 
             return lamb_norms(self, buckets, inv_scale)
-        if self.backend == "cpu":
+        if self.backend in ("cpu", "cuda"):
             from ..ops import cpp_step
 
             return cpp_step.lamb_norms(self, buckets, inv_scale)
@@ -102,7 +102,7 @@ class LAMB(TrustRatioOptimizer):
             from ..ops.lamb_step import lamb_update
 
             return lamb_update(self, norms, inv_scale, ok)
-        if self.backend == "cpu":
+        if self.backend in ("cpu", "cuda"):
             from ..ops import cpp_step
 
             return cpp_step.lamb_update(self, norms, inv_scale, ok)

@@ -97,7 +97,7 @@ class LARS(TrustRatioOptimizer):
             from ..ops.lars_step import lars_norms
 
             return lars_norms(self, buckets, inv_scale)
-        if self.backend == "cpu":
+        if self.backend in ("cpu", "cuda"):
             from ..ops import cpp_step
 
             return cpp_step.lars_norms(self, buckets, inv_scale)
@@ -108,7 +108,7 @@ class LARS(TrustRatioOptimizer):
             from ..ops.lars_step import lars_update
 
             return lars_update(self, norms, inv_scale, ok)
-        if self.backend == "cpu":
+        if self.backend in ("cpu", "cuda"):
             from ..ops import cpp_step
 
             return cpp_step.lars_update(self, norms, inv_scale, ok)

@@ -1,13 +1,14 @@
-"""Triton backend on a GPU: large shapes against the reference, determinism.
-Skipped without CUDA (the interpreter tests in test_optim_backends.py cover the CPU)."""
+"""Fused GPU backends (triton, cuda) on a GPU: large shapes against the reference and
+against each other, determinism. Skipped without CUDA (on the CPU, the interpreter
+tests and the CPU C++ backend's tests in test_optim_backends.py cover the maths)."""
 
 import pytest
 import torch
 
 import fastlars
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fastlars.available_backends(),
-                                reason="needs CUDA and Triton")
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in fastlars.available_backends()]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not GPU_BACKENDS, reason="needs CUDA and a GPU backend")
 
 
 def resnet50_params(dtype=torch.float32):
@@ -19,13 +20,14 @@ def resnet50_params(dtype=torch.float32):
     return params, g
 
 
-def step_pair(name, kwargs, dtype=torch.float32, steps=3, master_weights=False):
+def step_pair(name, kwargs, dtype=torch.float32, steps=3, master_weights=False, backend="triton",
+              oracle_backend="reference"):
     params, g = resnet50_params(dtype)
     oracle_params = [p.detach().clone().requires_grad_() for p in params]
     groups = lambda ps: [{"params": [p for p in ps if p.ndim > 1], "weight_decay": 1e-4},
                          {"params": [p for p in ps if p.ndim <= 1], "trust_ratio": False}]
-    opt = getattr(fastlars, name)(groups(params), backend="triton", master_weights=master_weights, **kwargs)
-    oracle = getattr(fastlars, name)(groups(oracle_params), backend="reference", master_weights=master_weights,
+    opt = getattr(fastlars, name)(groups(params), backend=backend, master_weights=master_weights, **kwargs)
+    oracle = getattr(fastlars, name)(groups(oracle_params), backend=oracle_backend, master_weights=master_weights,
                                      **kwargs)
     for _ in range(steps):
         for p, q in zip(params, oracle_params):
@@ -36,29 +38,41 @@ def step_pair(name, kwargs, dtype=torch.float32, steps=3, master_weights=False):
     return params, oracle_params, opt
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0, nesterov=True, trust_clip=True)),
                                           ("LAMB", dict(lr=1e-2, max_grad_norm=1.0))])
-def test_resnet50_shapes_match_reference(name, kwargs):
-    params, oracle_params, _ = step_pair(name, kwargs)
+def test_resnet50_shapes_match_reference(backend, name, kwargs):
+    params, oracle_params, _ = step_pair(name, kwargs, backend=backend)
     scale = max(q.abs().max().item() for q in oracle_params)
     for p, q in zip(params, oracle_params):
         assert (p - q).abs().max().item() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0)), ("LAMB", dict(lr=1e-2))])
-def test_bf16_master_weights(name, kwargs):
-    params, oracle_params, opt = step_pair(name, kwargs, dtype=torch.bfloat16, master_weights=True)
+def test_bf16_master_weights(backend, name, kwargs):
+    params, oracle_params, opt = step_pair(name, kwargs, dtype=torch.bfloat16, master_weights=True, backend=backend)
     for p, q in zip(params, oracle_params):
         torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -7, atol=2 ** -7 * q.abs().max().item())
         assert torch.equal(opt.state[p]["master_param"].to(torch.bfloat16), p)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0)), ("LAMB", dict(lr=1e-2, max_grad_norm=1.0))])
-def test_deterministic(name, kwargs):
+def test_deterministic(backend, name, kwargs):
     """The same inputs give bitwise the same parameters and state, run to run."""
-    runs = [step_pair(name, kwargs, steps=2) for _ in range(2)]
+    runs = [step_pair(name, kwargs, steps=2, backend=backend) for _ in range(2)]
     (a, _, opt_a), (b, _, opt_b) = runs
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         for key, value in opt_a.state[p].items():
             assert torch.equal(value, opt_b.state[q][key]), key
+
+
+@pytest.mark.skipif(len(GPU_BACKENDS) < 2, reason="needs both triton and cuda")
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=1.0, momentum=0.9)), ("LAMB", dict(lr=1e-2))])
+def test_cuda_matches_triton(name, kwargs):
+    params, other, _ = step_pair(name, kwargs, backend="cuda", oracle_backend="triton")
+    scale = max(q.abs().max().item() for q in other)
+    for p, q in zip(params, other):
+        assert (p - q).abs().max().item() <= 1e-6 * scale

@@ -1,0 +1,318 @@
+// Fused multi-tensor LARS and LAMB on CUDA: one launch for the norms, one for the
+// update, whatever the number of tensors (the layout of the Triton kernels,
+// fastlars/ops/multi_tensor.py): an int64 table row per tensor (pointers, numel, group,
+// chunk range, first-step flag) and one block per kChunk-element chunk. Per-tensor norms
+// are reduced without atomics: every chunk writes its own partial slots and the update
+// re-sums its tensor's slots in a fixed order, so results are bitwise reproducible.
+// The per-element maths is fastlars_math.h, which the CPU kernels (tested) share.
+//
+// Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (SPEC.md floors: 20, 28).
+// Only <ATen/ATen.h> and c10/cuda headers: a minimal toolkit has no cuBLAS headers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "fastlars_math.h"
+#include "kernels.h"
+
+namespace fastlars {
+namespace {
+
+constexpr int64_t kChunk = 16384;
+constexpr int kThreads = 512;
+enum Column { C_W, C_P, C_G, C_S0, C_S1, C_STEP, C_NUMEL, C_GROUP, C_CHUNK0, C_NCHUNKS, C_FIRST, C_NCOL };
+
+// Deterministic block-wide sum (fixed tree over kThreads threads).
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value) {
+  __shared__ double scratch[kThreads];
+  scratch[threadIdx.x] = static_cast<double>(value);
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const acc_t total = static_cast<acc_t>(scratch[0]);
+  __syncthreads();
+  return total;
+}
+
+// Sum of one column of a tensor's chunk partials, in a fixed order.
+template <typename acc_t>
+__device__ acc_t tensor_sum(const acc_t* partials, int64_t chunk0, int64_t n_chunks, int columns, int column) {
+  acc_t local = 0;
+  for (int64_t c = threadIdx.x; c < n_chunks; c += kThreads) local += partials[(chunk0 + c) * columns + column];
+  return block_sum(local);
+}
+
+struct Chunk {
+  const int64_t* row;
+  int64_t begin, end;
+};
+
+__device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks) {
+  const int64_t* row = table + chunks[2 * blockIdx.x] * C_NCOL;
+  const int64_t begin = chunks[2 * blockIdx.x + 1];
+  const int64_t end = begin + kChunk < row[C_NUMEL] ? begin + kChunk : row[C_NUMEL];
+  return {row, begin, end};
+}
+
+template <typename T>
+__device__ T* column_ptr(const int64_t* row, int column) {
+  return reinterpret_cast<T*>(row[column]);
+}
+
+template <typename param_t, typename weight_t, typename acc_t>
+__global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials) {
+  const Chunk ch = chunk_of(table, chunks);
+  const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
+  const param_t* g = column_ptr<const param_t>(ch.row, C_G);
+  acc_t sw = 0, sg = 0;
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
+    sw += we * we;
+    sg += ge * ge;
+  }
+  sw = block_sum(sw);
+  sg = block_sum(sg);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = sw;
+    partials[2 * blockIdx.x + 1] = sg;
+  }
+}
+
+template <typename param_t, typename weight_t, typename acc_t>
+__global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* partials,
+                                   const double* groups, const float* inv_scale_ptr, const bool* ok) {
+  if (ok != nullptr && !*ok) return;  // skipped on the device (skip_nonfinite / GradScaler)
+  const Chunk ch = chunk_of(table, chunks);
+  const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
+  const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
+  const acc_t w_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 2, 0));
+  const acc_t g_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 2, 1)) * inv_scale;
+  const acc_t ratio = lars_trust_ratio<acc_t>(w_norm, g_norm, h);
+  weight_t* w = column_ptr<weight_t>(ch.row, C_W);
+  param_t* p = column_ptr<param_t>(ch.row, C_P);
+  const param_t* g = column_ptr<const param_t>(ch.row, C_G);
+  acc_t* buf = column_ptr<acc_t>(ch.row, C_S0);
+  const bool first = ch.row[C_FIRST] != 0;
+  const bool master = static_cast<void*>(w) != static_cast<void*>(p);
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    acc_t b = h.momentum != 0 ? buf[e] : acc_t(0);
+    const acc_t updated = lars_element<acc_t>(static_cast<acc_t>(w[e]), static_cast<acc_t>(g[e]) * inv_scale, b,
+                                              first, ratio, h);
+    if (h.momentum != 0) buf[e] = b;
+    w[e] = static_cast<weight_t>(updated);
+    if (master) p[e] = static_cast<param_t>(updated);
+  }
+}
+
+// LAMB pass 1: partial sums of w^2, g^2 and u^2 per chunk; writes nothing else, so a
+// non-finite gradient is caught before any state changes.
+template <typename param_t, typename weight_t, typename acc_t>
+__global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials, const double* groups,
+                                  const float* inv_scale_ptr, const double* global_norm_ptr) {
+  const Chunk ch = chunk_of(table, chunks);
+  const double* row = groups + ch.row[C_GROUP] * B_NCOL;
+  const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
+  const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
+                                                      global_norm_ptr ? *global_norm_ptr : -1.0));
+  const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
+  const param_t* g = column_ptr<const param_t>(ch.row, C_G);
+  const acc_t* m = column_ptr<const acc_t>(ch.row, C_S0);
+  const acc_t* v = column_ptr<const acc_t>(ch.row, C_S1);
+  acc_t sw = 0, sg = 0, su = 0;
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
+    acc_t me = m[e], ve = v[e];
+    const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
+    sw += we * we;
+    sg += ge * ge;
+    su += u * u;
+  }
+  sw = block_sum(sw);
+  sg = block_sum(sg);
+  su = block_sum(su);
+  if (threadIdx.x == 0) {
+    partials[3 * blockIdx.x] = sw;
+    partials[3 * blockIdx.x + 1] = sg;
+    partials[3 * blockIdx.x + 2] = su;
+  }
+}
+
+// LAMB pass 2: r = ||w|| / ||u|| from the partials, then m, v, w (and p) written.
+template <typename param_t, typename weight_t, typename acc_t>
+__global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* partials,
+                                   const double* groups, const float* inv_scale_ptr, const double* global_norm_ptr,
+                                   const bool* ok) {
+  if (ok != nullptr && !*ok) return;
+  const Chunk ch = chunk_of(table, chunks);
+  const double* row = groups + ch.row[C_GROUP] * B_NCOL;
+  const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
+  const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
+                                                      global_norm_ptr ? *global_norm_ptr : -1.0));
+  const acc_t w_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 3, 0));
+  const acc_t u_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 3, 2));
+  const acc_t ratio = lamb_trust_ratio<acc_t>(w_norm, u_norm, h);
+  weight_t* w = column_ptr<weight_t>(ch.row, C_W);
+  param_t* p = column_ptr<param_t>(ch.row, C_P);
+  const param_t* g = column_ptr<const param_t>(ch.row, C_G);
+  acc_t* m = column_ptr<acc_t>(ch.row, C_S0);
+  acc_t* v = column_ptr<acc_t>(ch.row, C_S1);
+  const bool master = static_cast<void*>(w) != static_cast<void*>(p);
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    const acc_t we = static_cast<acc_t>(w[e]);
+    const acc_t u = lamb_direction<acc_t>(we, static_cast<acc_t>(g[e]) * factor, m[e], v[e], h);
+    const acc_t updated = we - h.lr * (ratio * u);
+    w[e] = static_cast<weight_t>(updated);
+    if (master) p[e] = static_cast<param_t>(updated);
+  }
+}
+
+// The table and chunk list of one launch, copied to the device without a host sync.
+struct Launch {
+  at::Tensor table, chunks;
+  int64_t n_chunks = 0;
+};
+
+Launch make_launch(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                   const OptionalTensorList& state0, const std::vector<bool>& first,
+                   const std::vector<int64_t>& group_of, const OptionalTensorList& state1 = {},
+                   const TensorList& steps = {}) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor table = at::empty({n, C_NCOL}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::vector<int64_t> chunk_rows;
+  int64_t* t = table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel();
+    const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
+    void* s0 = state0.empty() || !state0[i].has_value() ? weights[i].data_ptr() : state0[i]->data_ptr();
+    void* s1 = state1.empty() || !state1[i].has_value() ? weights[i].data_ptr() : state1[i]->data_ptr();
+    void* step = steps.empty() ? weights[i].data_ptr() : steps[i].data_ptr();
+    const int64_t values[C_NCOL] = {reinterpret_cast<int64_t>(weights[i].data_ptr()),
+                                    reinterpret_cast<int64_t>(params[i].data_ptr()),
+                                    reinterpret_cast<int64_t>(grads[i].data_ptr()),
+                                    reinterpret_cast<int64_t>(s0), reinterpret_cast<int64_t>(s1),
+                                    reinterpret_cast<int64_t>(step), numel, group_of[i],
+                                    static_cast<int64_t>(chunk_rows.size() / 2), n_chunks,
+                                    first.empty() ? 0 : static_cast<int64_t>(first[i])};
+    std::copy(values, values + C_NCOL, t + i * C_NCOL);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      chunk_rows.push_back(i);
+      chunk_rows.push_back(c * kChunk);
+    }
+  }
+  at::Tensor chunks = at::empty({static_cast<int64_t>(chunk_rows.size())},
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(chunk_rows.begin(), chunk_rows.end(), chunks.data_ptr<int64_t>());
+  const auto device = params[0].device();
+  return {table.to(device, /*non_blocking=*/true), chunks.to(device, /*non_blocking=*/true),
+          static_cast<int64_t>(chunk_rows.size() / 2)};
+}
+
+#define FASTLARS_DISPATCH_CUDA(params, weights, NAME, ...)                                                 \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (params)[0].scalar_type(), NAME, [&] {       \
+    using param_t = scalar_t;                                                                              \
+    using acc_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;                     \
+    if ((weights)[0].scalar_type() == (params)[0].scalar_type()) {                                         \
+      using weight_t = param_t;                                                                            \
+      __VA_ARGS__();                                                                                       \
+    } else {                                                                                               \
+      using weight_t = acc_t;                                                                              \
+      __VA_ARGS__();                                                                                       \
+    }                                                                                                      \
+  })
+
+}  // namespace
+
+at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
+  const at::cuda::CUDAGuard guard(grads[0].device());
+  const Launch launch = make_launch(weights, grads, grads, {}, {}, std::vector<int64_t>(grads.size(), 0));
+  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({launch.n_chunks, 2}, grads[0].options().dtype(acc));
+  if (launch.n_chunks == 0) return partials;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLARS_DISPATCH_CUDA(grads, weights, "fastlars_sumsq_cuda", [&] {
+    sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return partials;
+}
+
+void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                      const OptionalTensorList& bufs, const std::vector<bool>& first,
+                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+                      const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok) {
+  const at::cuda::CUDAGuard guard(params[0].device());
+  const Launch launch = make_launch(weights, params, grads, bufs, first, group_of);
+  if (launch.n_chunks == 0) return;
+  const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
+  const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLARS_DISPATCH_CUDA(params, weights, "fastlars_lars_update_cuda", [&] {
+    lars_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), sumsq.data_ptr<acc_t>(),
+        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
+        flag.defined() ? flag.data_ptr<bool>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+namespace {
+OptionalTensorList optional_list(const TensorList& tensors) {
+  return OptionalTensorList(tensors.begin(), tensors.end());
+}
+}  // namespace
+
+at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
+                           const TensorList& exp_avg_sqs, const TensorList& steps,
+                           const std::vector<int64_t>& group_of, const at::Tensor& groups,
+                           const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm) {
+  const at::cuda::CUDAGuard guard(grads[0].device());
+  const Launch launch = make_launch(weights, grads, grads, optional_list(exp_avgs), {}, group_of,
+                                    optional_list(exp_avg_sqs), steps);
+  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({launch.n_chunks, 3}, grads[0].options().dtype(acc));
+  if (launch.n_chunks == 0) return partials;
+  const at::Tensor groups_dev = groups.to(grads[0].device(), at::kDouble, /*non_blocking=*/true);
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
+  const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLARS_DISPATCH_CUDA(grads, weights, "fastlars_lamb_norms_cuda", [&] {
+    lamb_norms_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(),
+        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
+        norm.defined() ? norm.data_ptr<double>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return partials;
+}
+
+void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
+                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const TensorList& steps,
+                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+                      const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm,
+                      const std::optional<at::Tensor>& ok) {
+  const at::cuda::CUDAGuard guard(params[0].device());
+  const Launch launch = make_launch(weights, params, grads, optional_list(exp_avgs), {}, group_of,
+                                    optional_list(exp_avg_sqs), steps);
+  if (launch.n_chunks == 0) return;
+  const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
+  const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
+  const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTLARS_DISPATCH_CUDA(params, weights, "fastlars_lamb_update_cuda", [&] {
+    lamb_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), norms.data_ptr<acc_t>(),
+        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
+        norm.defined() ? norm.data_ptr<double>() : nullptr, flag.defined() ? flag.data_ptr<bool>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace fastlars
