@@ -5,6 +5,7 @@
 // w, buf) = 28 B/element; LAMB = norms (read w, g, m, v) + update (read w, g, m, v;
 // write w, m, v) = 44 B/element. Chunks are fixed (not per thread), and partial sums
 // are combined in chunk order, so results do not depend on the thread count.
+#include "dispatch.h"
 #include "fastlars_math.h"
 #include "kernels.h"
 
@@ -78,20 +79,6 @@ void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
   w[i] = static_cast<weight_t>(value);
   if (static_cast<void*>(w) != static_cast<void*>(p)) p[i] = static_cast<param_t>(value);  // master weights
 }
-
-// Dispatch on the parameter dtype; the weights are either the parameters or fp32 masters.
-#define FASTLARS_DISPATCH(params, weights, NAME, ...)                                                      \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (params)[0].scalar_type(), NAME, [&] {       \
-    using param_t = scalar_t;                                                                              \
-    using acc_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;                     \
-    if ((weights)[0].scalar_type() == (params)[0].scalar_type()) {                                         \
-      using weight_t = param_t;                                                                            \
-      __VA_ARGS__();                                                                                       \
-    } else {                                                                                               \
-      using weight_t = acc_t;                                                                              \
-      __VA_ARGS__();                                                                                       \
-    }                                                                                                      \
-  })
 
 }  // namespace
 

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "dispatch.h"
 #include "fastlars_math.h"
 #include "kernels.h"
 
@@ -212,19 +213,6 @@ Launch make_launch(const TensorList& weights, const TensorList& params, const Te
           static_cast<int64_t>(chunk_rows.size() / 2)};
 }
 
-#define FASTLARS_DISPATCH_CUDA(params, weights, NAME, ...)                                                 \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (params)[0].scalar_type(), NAME, [&] {       \
-    using param_t = scalar_t;                                                                              \
-    using acc_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;                     \
-    if ((weights)[0].scalar_type() == (params)[0].scalar_type()) {                                         \
-      using weight_t = param_t;                                                                            \
-      __VA_ARGS__();                                                                                       \
-    } else {                                                                                               \
-      using weight_t = acc_t;                                                                              \
-      __VA_ARGS__();                                                                                       \
-    }                                                                                                      \
-  })
-
 }  // namespace
 
 at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
@@ -234,7 +222,7 @@ at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
   at::Tensor partials = at::empty({launch.n_chunks, 2}, grads[0].options().dtype(acc));
   if (launch.n_chunks == 0) return partials;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH_CUDA(grads, weights, "fastlars_sumsq_cuda", [&] {
+  FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -253,7 +241,7 @@ void lars_update_cuda(const TensorList& weights, const TensorList& params, const
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
   const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH_CUDA(params, weights, "fastlars_lars_update_cuda", [&] {
+  FASTLARS_DISPATCH(params, weights, "fastlars_lars_update_cuda", [&] {
     lars_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), sumsq.data_ptr<acc_t>(),
         groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
@@ -282,7 +270,7 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH_CUDA(grads, weights, "fastlars_lamb_norms_cuda", [&] {
+  FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cuda", [&] {
     lamb_norms_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(),
         groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
@@ -306,7 +294,7 @@ void lamb_update_cuda(const TensorList& weights, const TensorList& params, const
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
   const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH_CUDA(params, weights, "fastlars_lamb_update_cuda", [&] {
+  FASTLARS_DISPATCH(params, weights, "fastlars_lamb_update_cuda", [&] {
     lamb_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), norms.data_ptr<acc_t>(),
         groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,

@@ -198,6 +198,7 @@ class TrustRatioOptimizer(Optimizer):
     and ``_new_state``.
     """
 
+    _kernel_prefix = ""  # "lars" / "lamb": names the fused drivers' functions
     # GradScaler hands us `grad_scale` and `found_inf` tensors instead of syncing
     # on found_inf itself (the contract torch's fused Adam uses); see `step`.
     _step_supports_amp_scaling = True
@@ -301,23 +302,38 @@ class TrustRatioOptimizer(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
 
-        norms, checks = self._norms_phase(buckets, inv_scale)
+        fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
+        kernels = self._kernels() if fused else None
+        if fused:
+            norms, checks = getattr(kernels, f"{self._kernel_prefix}_norms")(self, buckets, inv_scale)
+        else:
+            norms, checks = self._norms_phase(buckets, inv_scale)
         ok = self._gate(buckets, checks, found_inf)
         if ok is False:
             return loss
         self._init_state(buckets)
-        fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
         for b in buckets:
             b.weights = b.params if fused else self._compute_weights(b)
-        self._update(buckets, norms, inv_scale, ok)
-        if not fused:
+        if fused:
+            getattr(kernels, f"{self._kernel_prefix}_update")(self, norms, inv_scale, ok)
+        else:
+            self._update(buckets, norms, inv_scale, ok)
             for b in buckets:
                 self._write_back(b)
         return loss
 
+    def _kernels(self):
+        """The module whose ``<prefix>_norms``/``<prefix>_update`` drive this fused
+        backend's kernels (imported on first use: Triton's interpreter, if any, must be
+        chosen before fastlars.ops is imported)."""
+        if self.backend == "triton":
+            return importlib.import_module(f"fastlars.ops.{self._kernel_prefix}_step")
+        return importlib.import_module("fastlars.ops.cpp_step")
+
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
-        """Read-only first phase: what the update needs, and the tensors whose
-        finiteness decides the step. Fused backends override it with a kernel."""
+        """Read-only first phase of the reference and foreach backends: what the update
+        needs, and the tensors whose finiteness decides the step (fused backends do
+        this in a kernel, see ``_kernels``)."""
         norms = [self._norms(b, inv_scale) for b in buckets]
         return norms, [n for bucket_norms in norms for n in bucket_norms]
 

@@ -63,6 +63,8 @@ class LAMB(TrustRatioOptimizer):
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite)
 
+    _kernel_prefix = "lamb"
+
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_number("lr", group["lr"], where=where)
         betas = group["betas"]
@@ -86,26 +88,7 @@ class LAMB(TrustRatioOptimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _norms_phase(self, buckets, inv_scale):
-        if self.backend == "triton":
-            from ..ops.lamb_step import lamb_norms
-
-            return lamb_norms(self, buckets, inv_scale)
-        if self.backend in ("cpu", "cuda"):
-            from ..ops import cpp_step
-
-            return cpp_step.lamb_norms(self, buckets, inv_scale)
-        return super()._norms_phase(buckets, inv_scale)
-
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
-        if self.backend == "triton":
-            from ..ops.lamb_step import lamb_update
-
-            return lamb_update(self, norms, inv_scale, ok)
-        if self.backend in ("cpu", "cuda"):
-            from ..ops import cpp_step
-
-            return cpp_step.lamb_update(self, norms, inv_scale, ok)
         global_norm = None
         if any(b.group["max_grad_norm"] > 0 for b in buckets):
             # one norm over every gradient of the step, whatever its group or device

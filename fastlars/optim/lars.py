@@ -74,6 +74,8 @@ class LARS(TrustRatioOptimizer):
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite)
 
+    _kernel_prefix = "lars"
+
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         check_number("lr", group["lr"], where=where)
         check_number("momentum", group["momentum"], high=1.0, high_open=True, where=where)
@@ -92,26 +94,7 @@ class LARS(TrustRatioOptimizer):
     def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
         pass  # the momentum buffer starts as the first update direction (SGD's rule)
 
-    def _norms_phase(self, buckets, inv_scale):
-        if self.backend == "triton":
-            from ..ops.lars_step import lars_norms
-
-            return lars_norms(self, buckets, inv_scale)
-        if self.backend in ("cpu", "cuda"):
-            from ..ops import cpp_step
-
-            return cpp_step.lars_norms(self, buckets, inv_scale)
-        return super()._norms_phase(buckets, inv_scale)
-
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
-        if self.backend == "triton":
-            from ..ops.lars_step import lars_update
-
-            return lars_update(self, norms, inv_scale, ok)
-        if self.backend in ("cpu", "cuda"):
-            from ..ops import cpp_step
-
-            return cpp_step.lars_update(self, norms, inv_scale, ok)
         step = _lars_reference if self.backend == "reference" else _lars_foreach
         for b, bucket_norms in zip(buckets, norms):
             group = b.group
