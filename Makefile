@@ -1,7 +1,8 @@
 # The two commands of the README:
-#   make bench   the main job: benchmark of the optimizer backends (CPU unless a GPU is present)
+#   make bench   the main job: the end-to-end ResNet-50 harness (reduced on the CPU, full on a GPU)
 #   make test    the test suite
-# Both create .venv and install everything on first use.
+# Both create .venv and install everything on first use. Also: make bench-optim,
+# make bench-ghost-bn (microbenchmarks), make demo (digits convergence demo).
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -17,7 +18,7 @@ endif
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench bench-optim bench-ghost-bn demo clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +33,16 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 bench: setup
+	$(PYTHON) -m fastlars.bench e2e
+
+bench-optim: setup
 	$(PYTHON) bench/optim_step.py
+
+bench-ghost-bn: setup
+	$(PYTHON) bench/ghost_bn.py
+
+demo: setup
+	$(PYTHON) -m fastlars.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
