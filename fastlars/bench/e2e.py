@@ -7,7 +7,7 @@ of synthetic ImageNet-shaped data generated on the device; bf16 autocast and
 channels_last on a GPU. Reported per configuration: images/s, the optimizer's and the
 norm layers' share of step time (the latter from one profiled step), peak memory.
 Writes JSON and a PNG plot. On the CPU a reduced configuration runs by default (32x32
-images, global batch 64, 2 timed steps): a smoke run of the same code, minutes not hours.
+images, global batch 64, 5 timed steps): a smoke run of the same code, minutes not hours.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-batch", type=int, nargs="+", default=[8192, 16384, 32768] if gpu else [64])
     parser.add_argument("--micro-batch", type=int, default=256 if gpu else 16)
     parser.add_argument("--image-size", type=int, default=224 if gpu else 32)
-    parser.add_argument("--steps", type=int, default=3 if gpu else 2, help="timed optimizer steps per configuration")
+    parser.add_argument("--steps", type=int, default=3 if gpu else 5, help="timed optimizer steps per configuration")
     parser.add_argument("--virtual-batch-size", type=int, default=32 if gpu else 8)
     parser.add_argument("--backends", nargs="+", help="fastlars backends (default: every usable one but reference)")
     parser.add_argument("--configs", nargs="+", default=[f"{o}+{n}" for o, n in CONFIGS],
