@@ -33,7 +33,7 @@ def test_e2e_rejects_batch_not_multiple_of_micro_batch(tmp_path):
 def test_demo_smoke(tmp_path):
     pytest.importorskip("sklearn")
     curves = demo.run(epochs=2, seeds=(0,), large_batch=512, plot_path=tmp_path / "demo.png")
-    assert len(curves) == 3
+    assert len(curves) == 4
     for runs in curves.values():
         assert len(runs) == 1 and len(runs[0]) == 2 and all(0 <= a <= 1 for a in runs[0])
     assert (tmp_path / "demo.png").exists()
