@@ -65,10 +65,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
                       HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
-    row = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
-    numel = tl.load(table + row * 11 + 6)
-    group = tl.load(table + row * 11 + 7)
+    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
     m_ptr = mt.row_pointer(table, row, 3, ACC)
@@ -103,13 +100,7 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
                        WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
                        HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                        PARTIAL_BLOCK: tl.constexpr):
-    chunk = tl.program_id(0)
-    row = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
-    numel = tl.load(table + row * 11 + 6)
-    group = tl.load(table + row * 11 + 7)
-    chunk0 = tl.load(table + row * 11 + 8)
-    n_chunks = tl.load(table + row * 11 + 9)
+    row, start, numel, group, chunk0, n_chunks, _ = mt.this_chunk(table, chunks)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)

@@ -26,14 +26,7 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
-    chunk = tl.program_id(0)
-    row = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
-    numel = tl.load(table + row * 11 + 6)
-    group = tl.load(table + row * 11 + 7)
-    chunk0 = tl.load(table + row * 11 + 8)
-    n_chunks = tl.load(table + row * 11 + 9)
-    first = tl.load(table + row * 11 + 10)
+    row, start, numel, group, chunk0, n_chunks, first = mt.this_chunk(table, chunks)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)

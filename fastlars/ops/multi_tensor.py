@@ -22,7 +22,8 @@ from ._tables import (Merged, check_layouts, flat, group_table, lamb_group_row, 
                       merge_buckets, names_of, same_layout)
 
 # Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
-COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS, COL_FIRST = range(11)
+(COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS,
+ COL_FIRST) = (tl.constexpr(i) for i in range(11))
 NCOL = 11
 
 # Elements per program and per vector operation. Module attributes so tests can
@@ -82,6 +83,17 @@ def row_pointer(table, row, col, dtype: tl.constexpr):
 
 
 @triton.jit
+def this_chunk(table, chunks):
+    """This program's chunk: (table row, first element, the tensor's numel, its group,
+    its first chunk, its chunk count, its first-step flag)."""
+    chunk = tl.program_id(0)
+    row = tl.load(chunks + 2 * chunk)
+    fields = table + row * 11  # 11 = NCOL
+    return (row, tl.load(chunks + 2 * chunk + 1), tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
+            tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+
+
+@triton.jit
 def cast_rne(x, DTYPE: tl.constexpr):
     """fp32 -> DTYPE with round-to-nearest-even, as torch's .to().
 
@@ -105,9 +117,7 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     pass of the two-pass design; the update kernel reads w and g again.
     """
     chunk = tl.program_id(0)
-    row = tl.load(chunks + 2 * chunk)
-    start = tl.load(chunks + 2 * chunk + 1)
-    numel = tl.load(table + row * 11 + 6)
+    row, start, numel, _, _, _, _ = this_chunk(table, chunks)
     w_ptr = row_pointer(table, row, 0, W_DTYPE)
     g_ptr = row_pointer(table, row, 2, G_DTYPE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
