@@ -85,7 +85,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
         v = tl.load(v_ptr + idx, mask=mask, other=0.0)
         acc_w += w * w
         acc_g += g * g
-        _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2,
+        m_new, v_new, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2,
                                   eps, weight_decay)
         u = tl.where(mask, u, 0.0)
         acc_u += u * u
