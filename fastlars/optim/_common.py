@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _sharded
+
 __all__ = ["available_backends", "param_groups"]
 
 # Backends in the order "auto" prefers them. Later issues register "triton" and
@@ -151,6 +153,8 @@ class Bucket:
     # fp32 tensors the update reads and writes: master weights, the parameters
     # themselves (fp32/fp64), or fp32 copies of low-precision parameters.
     weights: list[Tensor] = field(default_factory=list)
+    # per parameter: its global norm is a sum over ranks (a Shard-placed DTensor)
+    sharded: list[bool] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -252,6 +256,7 @@ class TrustRatioOptimizer(Optimizer):
     def _buckets(self) -> list[Bucket]:
         """Check every group and gradient, then split groups by dtype. Reads no tensor data."""
         buckets: list[Bucket] = []
+        self._mesh = None  # the device mesh of sharded parameters, if any (see _sharded.py)
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" in param_groups[{gi}]")
             by_dtype: dict[torch.dtype, Bucket] = {}
@@ -273,10 +278,22 @@ class TrustRatioOptimizer(Optimizer):
                 b = by_dtype.get(p.dtype)
                 if b is None:
                     b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], state_dtype(p))
+                state = self.state[p]
+                if _sharded.is_sharded(p):  # FSDP2: work on the local shard, reduce norms across ranks
+                    self._mesh = _sharded.check_placements(_describe(gi, pos, p), p, self._mesh)
+                    if not _sharded.is_sharded(g):
+                        raise ValueError(f"{_describe(gi, pos, p)} is a DTensor but its gradient is not")
+                    if self.backend not in ("reference", "foreach") or self._kernel_prefix == "lamb":
+                        raise ValueError(f"{_describe(gi, pos, p)} is sharded (DTensor): sharded parameters are "
+                                         "supported by LARS with the reference and foreach backends so far")
+                    b.sharded.append(_sharded.is_shard_placed(p))
+                    p, g, state = p.to_local(), g.to_local(), _sharded.LocalState(state, p)
+                else:
+                    b.sharded.append(False)
                 b.params.append(p)
                 b.grads.append(g)
                 b.positions.append(pos)
-                b.states.append(self.state[p])
+                b.states.append(state)
             buckets.extend(by_dtype.values())
         return buckets
 
@@ -308,6 +325,12 @@ class TrustRatioOptimizer(Optimizer):
             norms, checks = getattr(kernels, f"{self._kernel_prefix}_norms")(self, buckets, inv_scale)
         else:
             norms, checks = self._norms_phase(buckets, inv_scale)
+            if self._mesh is not None:  # one all-reduce of every layer's squared norms
+                flat = _sharded.reduce_norms(checks, [torch.tensor(b.sharded) for b, ns in zip(buckets, norms)
+                                                      for _ in ns], self._mesh)
+                it = iter(flat)
+                norms = [[next(it) for _ in ns] for ns in norms]
+                checks = flat
         ok = self._gate(buckets, checks, found_inf)
         if ok is False:
             return loss

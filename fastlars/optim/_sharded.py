@@ -1,0 +1,97 @@
+"""Sharded parameters (FSDP2 ``fully_shard``: ``DTensor`` with ``Shard`` placements).
+
+A trust ratio needs the norm of the *whole* layer; each rank holds a slice. The step
+works on the local shards (``to_local()`` views, so in-place updates land in the
+DTensor), and the per-layer squared norms of every layer are summed across the mesh
+in **one** all-reduce of a flat vector, between the norms phase and the update.
+Replicated tensors (and plain tensors, identical on every rank) are counted once:
+their sums are divided by the world size before the all-reduce adds them up again.
+
+State stays DTensor (created from local tensors with the parameter's placements), so
+``state_dict`` and ``torch.distributed.checkpoint`` see sharded state as with
+torch.optim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a torch without distributed support
+    DTensor = None
+
+
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+class LocalState(MutableMapping):
+    """A parameter's state seen through local shards: DTensor values read as their local
+    tensor; local tensors written become DTensors placed like the parameter (the
+    0-d ``step`` counter stays a plain tensor)."""
+
+    def __init__(self, state: dict, param: Tensor) -> None:
+        self.state, self.param = state, param
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.state[key]
+        return value.to_local() if is_sharded(value) else value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, Tensor) and key != "step" and not is_sharded(value):
+            p = self.param
+            value = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())
+        self.state[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.state[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def check_placements(name: str, p: Tensor, mesh) -> Any:
+    """The one 1-D mesh every sharded parameter must share; Shard or Replicate only."""
+    if p.device_mesh.ndim != 1:
+        raise ValueError(f"{name} lives on a {p.device_mesh.ndim}-D device mesh; only 1-D meshes (FSDP2's "
+                         "fully_shard) are supported")
+    for placement in p.placements:
+        if not isinstance(placement, (Shard, Replicate)):
+            raise ValueError(f"{name} has placement {placement}; the optimizer can reduce norms over Shard "
+                             "and Replicate placements only")
+    if mesh is not None and p.device_mesh != mesh:
+        raise ValueError(f"{name} is on device mesh {p.device_mesh}, but another parameter is on {mesh}; "
+                         "one optimizer reduces its norms over one process group")
+    if not dist.is_initialized():
+        raise ValueError(f"{name} is a DTensor but torch.distributed is not initialised")
+    return p.device_mesh
+
+
+def reduce_norms(norms: list[Tensor], sharded: list[Tensor], mesh) -> list[Tensor]:
+    """Global per-tensor norms from local ones, in one all-reduce.
+
+    ``norms`` are 1-D tensors of local per-tensor norms; ``sharded`` (same shapes) is 1
+    where the tensor is sharded (partial sums add up) and 0 where every rank holds it
+    whole (counted once).
+    """
+    world = mesh.size()
+    sizes = [n.numel() for n in norms]
+    squares = torch.cat([n.double().square() for n in norms])
+    weights = torch.cat([torch.where(s.bool(), 1.0, 1.0 / world).to(squares) for s in sharded])
+    squares = squares * weights
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return [part.sqrt().to(n.dtype) for part, n in zip(squares.split(sizes), norms)]
+
+
+def is_shard_placed(p: Tensor) -> bool:
+    return is_sharded(p) and any(isinstance(pl, Shard) for pl in p.placements)

@@ -1,0 +1,99 @@
+"""FSDP2 (fully_shard) parameters: LARS computes each layer's trust ratio from the
+*global* norm, with one all-reduce per step, and equals single-process training."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fastlars
+
+pytest.importorskip("torch.distributed.fsdp")
+GLOBAL_BATCH, STEPS = 12, 6
+KWARGS = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, trust_clip=True, nesterov=True)
+
+
+def model():
+    torch.manual_seed(0)  # 7 and 2 output rows: uneven shards, and an empty one on 3 ranks
+    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(GLOBAL_BATCH, 6, generator=g), torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
+
+
+def groups(m):
+    return fastlars.param_groups(m, weight_decay=1e-3)
+
+
+def worker(rank, world, backend, init_file, out_file):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    m = model()
+    for layer in (m[0], m[2]):
+        fully_shard(layer)
+    fully_shard(m)
+    opt = fastlars.LARS(groups(m), backend=backend, **KWARGS)
+    calls = []
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, y = batch(step)
+        F.cross_entropy(m(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share]).backward()
+        dist.all_reduce = counting
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = original
+        opt.zero_grad()
+    assert len(calls) == STEPS, f"{len(calls)} all-reduces in {STEPS} steps"
+    full = [p.full_tensor() for p in m.parameters()]
+    state = {k: v.full_tensor() for k, v in opt.state[next(iter(m.parameters()))].items()}
+    if rank == 0:
+        torch.save((full, state), out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("backend", ["reference", "foreach"])
+def test_fsdp2_lars_equals_single_process(world, backend, tmp_path):
+    out = tmp_path / "params.pt"
+    mp.spawn(worker, args=(world, backend, str(tmp_path / "store"), str(out)), nprocs=world, join=True)
+    m = model()
+    opt = fastlars.LARS(groups(m), backend=backend, **KWARGS)
+    for step in range(STEPS):
+        x, y = batch(step)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    full, state = torch.load(out)
+    for p, q in zip(full, m.parameters()):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state["momentum_buffer"], opt.state[next(iter(m.parameters()))]["momentum_buffer"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_lamb_is_refused_clearly(tmp_path):
+    mp.spawn(_lamb_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+def _lamb_worker(rank, init_file):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    m = model()
+    fully_shard(m)
+    m(torch.randn(2, 6)).sum().backward()
+    opt = fastlars.LAMB(m.parameters())
+    with pytest.raises(ValueError, match="sharded"):
+        opt.step()
+    dist.destroy_process_group()
