@@ -43,6 +43,7 @@ def worker(rank, name, backend, init_file, out_file):
         opt.zero_grad()
     if rank == 0:
         torch.save([p.detach() for p in model.module.parameters()], out_file)
+    dist.barrier()
     dist.destroy_process_group()
 
 

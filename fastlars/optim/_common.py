@@ -217,6 +217,8 @@ class TrustRatioOptimizer(Optimizer):
         self._skipped_steps: Tensor | int = 0
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
+        if backend == "auto" and any(_sharded.is_sharded(p) for g in self.param_groups for p in g["params"]):
+            backend = "foreach"  # the backend that supports sharded (FSDP2) parameters everywhere
         self.backend = resolve_backend(backend, None if first is None else first.device)
 
     # -- groups ---------------------------------------------------------------
