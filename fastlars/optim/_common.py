@@ -285,9 +285,9 @@ class TrustRatioOptimizer(Optimizer):
                     self._mesh = _sharded.check_placements(_describe(gi, pos, p), p, self._mesh)
                     if not _sharded.is_sharded(g):
                         raise ValueError(f"{_describe(gi, pos, p)} is a DTensor but its gradient is not")
-                    if self.backend not in ("reference", "foreach") or self._kernel_prefix == "lamb":
+                    if self.backend not in ("reference", "foreach"):
                         raise ValueError(f"{_describe(gi, pos, p)} is sharded (DTensor): sharded parameters are "
-                                         "supported by LARS with the reference and foreach backends so far")
+                                         "supported by the reference and foreach backends so far")
                     b.sharded.append(_sharded.is_shard_placed(p))
                     p, g, state = p.to_local(), g.to_local(), _sharded.LocalState(state, p)
                 else:

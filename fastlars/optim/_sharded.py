@@ -93,5 +93,10 @@ def reduce_norms(norms: list[Tensor], sharded: list[Tensor], mesh) -> list[Tenso
     return [part.sqrt().to(n.dtype) for part, n in zip(squares.split(sizes), norms)]
 
 
+def reduce_norms_of(norms: Tensor, *, sharded: list[bool], mesh) -> Tensor:
+    """reduce_norms for one vector of per-tensor norms (e.g. LAMB's ||u|| of a bucket)."""
+    return reduce_norms([norms], [torch.tensor(sharded)], mesh)[0]
+
+
 def is_shard_placed(p: Tensor) -> bool:
     return is_sharded(p) and any(isinstance(pl, Shard) for pl in p.placements)

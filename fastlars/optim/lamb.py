@@ -12,11 +12,13 @@ for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is SPEC.md, "LAM
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import _sharded
 from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
@@ -105,41 +107,56 @@ class LAMB(TrustRatioOptimizer):
                 grad_factor = clip if inv_scale is None else clip * inv_scale
             w_norm = bucket_norms[1] if group["trust_ratio"] else None
             beta1, beta2 = group["betas"]
-            slices = [(b, w_norm)] if self.backend == "reference" else cache_sized_slices(b, w_norm)
+            global_norms = None
+            if self._mesh is not None:  # sharded: ||u|| summed across ranks, so no cache slices
+                global_norms = partial(_sharded.reduce_norms_of, sharded=b.sharded, mesh=self._mesh)
+            whole = self.backend == "reference" or global_norms is not None
+            slices = [(b, w_norm)] if whole else cache_sized_slices(b, w_norm)
             for part, w_norm_part in slices:
                 step(part, w_norm_part, grad_factor, ok, lr=group["lr"], beta1=beta1, beta2=beta2,
                      eps=group["eps"], weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"])
+                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
+                     global_norms=global_norms)
 
 
 def _lamb_reference(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    bias_correction: bool, grad_averaging: bool, trust_clip: bool) -> None:
-    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend."""
+                    bias_correction: bool, grad_averaging: bool, trust_clip: bool, global_norms=None) -> None:
+    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend.
+
+    ``global_norms`` turns local ||u|| into global ones for sharded parameters (one
+    collective for the bucket), which is why u is computed for the whole bucket first.
+    """
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return
     beta3 = 1 - beta1 if grad_averaging else 1.0
-    for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):
+    moments, directions = [], []
+    for w, g, state in zip(b.weights, b.grads, b.states):
         g = g.to(b.compute_dtype)
         if grad_factor is not None:  # unscaling and global-norm clipping
             g = g * grad_factor
-        state["step"] += 1
-        t = state["step"].item()  # reference only
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.mul_(beta1).add_(g, alpha=beta3)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        t = state["step"].item() + 1  # reference only
+        m = state["exp_avg"].mul(beta1).add_(g, alpha=beta3)
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
         m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
-        u = m_hat / (v_hat.sqrt() + eps) + weight_decay * w
-        if w_norm is not None:
-            r = lamb_trust_ratio(w_norm[i], torch.linalg.vector_norm(u), trust_clip=trust_clip)
-        else:
-            r = 1.0
+        moments.append((m, v))
+        directions.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
+    ratios = [1.0] * len(directions)
+    if w_norm is not None:
+        u_norm = torch.stack([torch.linalg.vector_norm(u) for u in directions])
+        if global_norms is not None:
+            u_norm = global_norms(u_norm)
+        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip).unbind()
+    for w, state, (m, v), u, r in zip(b.weights, b.states, moments, directions, ratios):
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+        state["step"] += 1
         w.add_(r * u, alpha=-lr)
 
 
 def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction: bool, grad_averaging: bool, trust_clip: bool) -> None:
+                  bias_correction: bool, grad_averaging: bool, trust_clip: bool, global_norms=None) -> None:
     """Multi-tensor LAMB on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
     no host reads (the bias corrections are computed from the device ``step``s).
     ``ok`` (a 0-d bool tensor) makes the writes conditional."""
@@ -185,6 +202,8 @@ def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, 
 
     if w_norm is not None:
         u_norm = torch.stack(torch._foreach_norm(u, 2))
+        if global_norms is not None:  # sharded parameters: one collective for the bucket
+            u_norm = global_norms(u_norm)
         torch._foreach_mul_(u, lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip).unbind())
 
     if ok is None:
