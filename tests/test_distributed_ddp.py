@@ -1,7 +1,6 @@
 """DDP needs nothing from the optimizer: gradients arrive averaged over ranks, so LARS/LAMB
 on 2 gloo ranks equal single-process training on the same global batch."""
 
-import copy
 import os
 
 import pytest

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from fastlars.bench import __main__ as bench_main
 from fastlars import demo

@@ -94,3 +94,55 @@ def lamb_group_row(group) -> list:
             math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
             group["bias_correction"], group["eps"], group["weight_decay"], group["max_grad_norm"],
             group["trust_clip"], group["trust_ratio"]]
+
+
+def operands(opt, merged, for_update: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(params, grads in the params' layout, weights) of one launch. The weights are the
+    fp32 masters where they exist, else the params; before the gate (``for_update``
+    False) a master not created yet reads as the param."""
+    params = flat(merged, "params")
+    grads = [same_layout(g, p) for g, p in zip(flat(merged, "grads"), params)]
+    if for_update:
+        weights = [st.get("master_param", p) for p, st in zip(params, flat(merged, "states"))]
+    else:
+        weights = [w for b in merged for w in opt._weights_for_norm(b)]
+    return params, grads, weights
+
+
+def lars_buffers(merged) -> tuple[list[Tensor | None], list[bool]]:
+    """Each parameter's momentum buffer (None without momentum) and whether this is its
+    first step; first-step buffers are created as zeros (the kernels write d into them)."""
+    bufs, first = [], []
+    for b in merged:
+        for p, st in zip(b.params, b.states):
+            if b.group["momentum"] == 0:
+                bufs.append(None)
+                first.append(False)
+                continue
+            first.append("momentum_buffer" not in st)
+            if first[-1]:
+                st["momentum_buffer"] = torch.zeros_like(p, dtype=b.compute_dtype, memory_format=torch.preserve_format)
+            bufs.append(st["momentum_buffer"])
+    return bufs, first
+
+
+def lamb_moments(opt, merged) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """exp_avg, exp_avg_sq and step of each parameter; before the gate, state not
+    created yet is the optimizer's fresh state (zeros at step 0), not stored."""
+    exp_avgs, exp_avg_sqs, steps = [], [], []
+    for b in merged:
+        for p, st in zip(b.params, b.states):
+            if "exp_avg" not in st:
+                st = {}
+                opt._new_state(p, st, b.group, b.compute_dtype)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+    return exp_avgs, exp_avg_sqs, steps
+
+
+def check_state_layouts(merged, params, weights, keys: tuple[str, ...], extra=()) -> None:
+    """check_layouts over each parameter's weights, the named state and ``extra`` lists."""
+    states = flat(merged, "states")
+    check_layouts([(name, p, [w, *(st.get(k) for k in keys), *(e[i] for e in extra)])
+                   for i, (name, p, w, st) in enumerate(zip(names_of(merged), params, weights, states))])

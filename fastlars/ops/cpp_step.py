@@ -23,16 +23,6 @@ def available() -> bool:
     return _C is not None
 
 
-def _prepare(opt, merged, for_update: bool):
-    params = tb.flat(merged, "params")
-    grads = [tb.same_layout(g, p) for g, p in zip(tb.flat(merged, "grads"), params)]
-    if for_update:
-        weights = [st.get("master_param", p) for p, st in zip(params, tb.flat(merged, "states"))]
-    else:
-        weights = [w for b in merged for w in opt._weights_for_norm(b)]
-    return params, grads, weights
-
-
 def _scalar(t) -> float:
     return 1.0 if t is None else float(t)
 
@@ -53,9 +43,8 @@ def _sumsq(weights, grads):
 def lars_norms(opt, buckets, inv_scale):
     contexts = []
     for merged in tb.merge_buckets(buckets):
-        params, grads, weights = _prepare(opt, merged, for_update=False)
-        states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in tb.flat(merged, "states")]
-        tb.check_layouts([(n, p, [w, *s]) for n, p, w, s in zip(tb.names_of(merged), params, weights, states)])
+        params, grads, weights = tb.operands(opt, merged, for_update=False)
+        tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
         contexts.append(tb.Merged(merged, _sumsq(weights, grads)))
     return contexts, [c.partials for c in contexts]
 
@@ -64,19 +53,8 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
     if ok is not None and not ok.is_cuda and not bool(ok):
         return
     for ctx in contexts:
-        params, grads, weights = _prepare(opt, ctx.buckets, for_update=True)
-        bufs, first = [], []
-        for b in ctx.buckets:
-            for p, st in zip(b.params, b.states):
-                if b.group["momentum"] == 0:
-                    bufs.append(None)
-                    first.append(False)
-                    continue
-                first.append("momentum_buffer" not in st)
-                if first[-1]:
-                    st["momentum_buffer"] = torch.zeros_like(p, dtype=b.compute_dtype,
-                                                             memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
+        params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
+        bufs, first = tb.lars_buffers(ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lars_group_row)
         groups = torch.tensor(rows, dtype=torch.float64)
         if _on_cuda(ctx.buckets):
@@ -86,34 +64,19 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                                _scalar(inv_scale))
 
 
-def _moments(merged, fresh_ok: bool):
-    """exp_avg, exp_avg_sq and step of each parameter (steps as floats on the CPU, as
-    the 0-d state tensors on CUDA); before the gate, zeros for state not created yet."""
-    exp_avgs, exp_avg_sqs, steps = [], [], []
-    for b in merged:
-        for p, st in zip(b.params, b.states):
-            if "exp_avg" in st:
-                exp_avgs.append(st["exp_avg"])
-                exp_avg_sqs.append(st["exp_avg_sq"])
-                step = st["step"]
-            else:
-                assert fresh_ok
-                zeros = torch.zeros_like(p, dtype=b.compute_dtype, memory_format=torch.preserve_format)
-                exp_avgs.append(zeros)
-                exp_avg_sqs.append(zeros)
-                step = torch.zeros((), dtype=torch.float32, device=p.device)
-            steps.append(step if p.is_cuda else float(step))
-    return exp_avgs, exp_avg_sqs, steps
+def _moments(opt, merged):
+    """LAMB state (tb.lamb_moments) with the steps as floats on the CPU: host memory,
+    read for free; on CUDA the kernels read the 0-d step tensors."""
+    exp_avgs, exp_avg_sqs, steps = tb.lamb_moments(opt, merged)
+    return exp_avgs, exp_avg_sqs, [s if s.is_cuda else float(s) for s in steps]
 
 
 def lamb_norms(opt, buckets, inv_scale):
     prepared = []
     for merged in tb.merge_buckets(buckets):
-        params, grads, weights = _prepare(opt, merged, for_update=False)
-        exp_avgs, exp_avg_sqs, steps = _moments(merged, fresh_ok=True)
-        masters = [st.get("master_param") for st in tb.flat(merged, "states")]
-        tb.check_layouts([(n, p, [w, m, v, s]) for n, p, w, m, v, s in
-                          zip(tb.names_of(merged), params, weights, exp_avgs, exp_avg_sqs, masters)])
+        params, grads, weights = tb.operands(opt, merged, for_update=False)
+        exp_avgs, exp_avg_sqs, steps = _moments(opt, merged)
+        tb.check_state_layouts(merged, params, weights, ("master_param",), (exp_avgs, exp_avg_sqs))
         prepared.append((merged, weights, grads, exp_avgs, exp_avg_sqs, steps))
     global_norm = None  # no clipping
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
@@ -139,8 +102,8 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         return
     contexts, global_norm = norms
     for ctx in contexts:
-        params, grads, weights = _prepare(opt, ctx.buckets, for_update=True)
-        exp_avgs, exp_avg_sqs, steps = _moments(ctx.buckets, fresh_ok=False)
+        params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
+        exp_avgs, exp_avg_sqs, steps = _moments(opt, ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lamb_group_row)
         groups = torch.tensor(rows, dtype=torch.float64)
         if _on_cuda(ctx.buckets):

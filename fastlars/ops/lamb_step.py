@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tables as tb
 from . import multi_tensor as mt
 
 
@@ -142,37 +143,18 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
 
 
 class _Prepared:
-    """One (device, dtype): its tables for launches 1 and 2."""
+    """One (device, dtype): its table for launch 1 (before the gate) or 2."""
 
     def __init__(self, opt, merged, for_update: bool):
         self.buckets = merged
-        params = mt.flat(merged, "params")
-        states = mt.flat(merged, "states")
-        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
-        n = len(params)
-        if for_update:
-            weights = [st.get("master_param", p) for p, st in zip(params, states)]
-            moments = [[st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                       [st["step"] for st in states]]
-        else:
-            # before the gate: state may not exist yet; fresh moments are zeros at step 0
-            weights = [w for b in merged for w in opt._weights_for_norm(b)]
-            fresh = [st if "exp_avg" in st else _zeros_state(p, b.compute_dtype)
-                     for b in merged for p, st in zip(b.params, b.states)]
-            moments = [[st["exp_avg"] for st in fresh], [st["exp_avg_sq"] for st in fresh],
-                       [st["step"] for st in fresh]]
-            mt.check_layouts([(name, p, [w, m, v, st.get("master_param")]) for name, p, w, m, v, st in
-                              zip(mt.names_of(merged), params, weights, moments[0], moments[1], states)])
-        group_of, rows = mt.group_table(merged, mt.lamb_group_row)
-        self.launch = mt.build_launch(weights, params, grads, moments[0], moments[1], moments[2], group_of,
-                                      [False] * n, rows, merged[0].compute_dtype)
+        params, grads, weights = tb.operands(opt, merged, for_update)
+        moments = tb.lamb_moments(opt, merged)
+        if not for_update:
+            tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
+        group_of, rows = tb.group_table(merged, tb.lamb_group_row)
+        self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
+                                      merged[0].compute_dtype)
         self.keep_alive = (grads, moments)  # the table holds raw pointers to these
-
-
-def _zeros_state(p, dtype):
-    return {"exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
-            "step": torch.zeros((), dtype=torch.float32, device=p.device)}
 
 
 def _scalar_args(launch, global_norm, inv_scale):
@@ -183,7 +165,7 @@ def _scalar_args(launch, global_norm, inv_scale):
 
 def lamb_norms(opt, buckets, inv_scale):
     """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to check."""
-    prepared = [_Prepared(opt, merged, for_update=False) for merged in mt.merge_buckets(buckets)]
+    prepared = [_Prepared(opt, merged, for_update=False) for merged in tb.merge_buckets(buckets)]
     global_norm = None
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
         device = buckets[0].device
@@ -199,7 +181,7 @@ def lamb_norms(opt, buckets, inv_scale):
                 W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                 ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                 HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(mt.Merged(prep.buckets, partials))
+        contexts.append(tb.Merged(prep.buckets, partials))
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
@@ -218,5 +200,5 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
                 HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK,
                 PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
         # after the kernel, which read step + 1 as this update's t
-        steps = [st["step"] for st in mt.flat(ctx.buckets, "states")]
+        steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(steps, 1.0 if ok is None else ok.to(torch.float32))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
+from . import _tables as tb
 from . import multi_tensor as mt
 
 
@@ -80,17 +80,14 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
 def lars_norms(opt, buckets, inv_scale):
     """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
-    for merged in mt.merge_buckets(buckets):
-        params = mt.flat(merged, "params")
-        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
-        weights = [w for b in merged for w in opt._weights_for_norm(b)]
-        states = [[st.get(k) for k in ("master_param", "momentum_buffer")] for st in mt.flat(merged, "states")]
-        mt.check_layouts([(name, p, [w, *s]) for name, p, w, s in zip(mt.names_of(merged), params, weights, states)])
+    for merged in tb.merge_buckets(buckets):
+        params, grads, weights = tb.operands(opt, merged, for_update=False)
+        tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
         n = len(params)
-        group_of, rows = mt.group_table(merged, mt.lars_group_row)
+        group_of, rows = tb.group_table(merged, tb.lars_group_row)
         launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
                                  [False] * n, rows, merged[0].compute_dtype)
-        contexts.append(mt.Merged(merged, mt.launch_sumsq(launch)))
+        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch)))
     return contexts, [c.partials[:, :2] for c in contexts]
 
 
@@ -98,26 +95,10 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
         merged = ctx.buckets
-        params = mt.flat(merged, "params")
-        states = mt.flat(merged, "states")
-        grads = [mt.same_layout(g, p) for g, p in zip(mt.flat(merged, "grads"), params)]
-        weights = [st.get("master_param", p) for p, st in zip(params, states)]
-        bufs, first = [], []
-        for b in merged:
-            for p, st in zip(b.params, b.states):
-                if b.group["momentum"] == 0:
-                    bufs.append(None)
-                    first.append(False)
-                    continue
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p, dtype=b.compute_dtype,
-                                                             memory_format=torch.preserve_format)
-                    first.append(True)
-                else:
-                    first.append(False)
-                bufs.append(st["momentum_buffer"])
+        params, grads, weights = tb.operands(opt, merged, for_update=True)
+        bufs, first = tb.lars_buffers(merged)
         n = len(params)
-        group_of, rows = mt.group_table(merged, mt.lars_group_row)
+        group_of, rows = tb.group_table(merged, tb.lars_group_row)
         launch = mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
                                  merged[0].compute_dtype)
         if not launch.n_chunks:

@@ -18,8 +18,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tables import (Merged, check_layouts, flat, group_table, lamb_group_row, lars_group_row,  # noqa: F401
-                      merge_buckets, names_of, same_layout)
 
 # Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
 (COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS,
