@@ -5,6 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlars fused optimizer kernels (CPU, and CUDA when built with it)";
+  m.attr("chunk_elements") = fastlars::kChunk;
   m.def("sumsq_cpu", &fastlars::sumsq_cpu, "per-tensor sums of squares of weights and gradients");
   m.def("lars_update_cpu", &fastlars::lars_update_cpu, "fused LARS update");
   m.def("lamb_norms_cpu", &fastlars::lamb_norms_cpu, "per-tensor sums of squares of w, g and the LAMB direction u");

@@ -18,7 +18,6 @@
 namespace fastlars {
 namespace {
 
-constexpr int64_t kChunk = 16384;
 constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sums
 
 struct WorkItem {

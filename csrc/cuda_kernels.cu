@@ -21,7 +21,6 @@
 namespace fastlars {
 namespace {
 
-constexpr int64_t kChunk = 16384;
 constexpr int kThreads = 512;
 enum Column { C_W, C_P, C_G, C_S0, C_S1, C_STEP, C_NUMEL, C_GROUP, C_CHUNK0, C_NCHUNKS, C_FIRST, C_NCOL };
 

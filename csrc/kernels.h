@@ -17,6 +17,10 @@ namespace fastlars {
 using TensorList = std::vector<at::Tensor>;
 using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 
+// Elements per work item (CPU) and per block (CUDA). The CUDA norms come back as one
+// row of partial sums per chunk of this size (Python: fastlars._C.chunk_elements).
+constexpr int64_t kChunk = 16384;
+
 // (n, 2): sum w^2, sum g^2 per tensor.
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads);
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,

@@ -146,3 +146,56 @@ def check_state_layouts(merged, params, weights, keys: tuple[str, ...], extra=()
     states = flat(merged, "states")
     check_layouts([(name, p, [w, *(st.get(k) for k in keys), *(e[i] for e in extra)])
                    for i, (name, p, w, st) in enumerate(zip(names_of(merged), params, weights, states))])
+
+
+# ----------------------------------------------------------------------------
+# norms partials: one row per chunk (Triton, CUDA) or per tensor (C++ CPU)
+
+def _rows_per_tensor(merged, chunk: int | None) -> Tensor:
+    """How many partials rows each tensor of a launch has: ceil(numel / chunk), none for
+    an empty tensor (the launch skips it); one each when ``chunk`` is None."""
+    numels = torch.tensor([p.numel() for p in flat(merged, "params")], dtype=torch.int64)
+    return torch.ones_like(numels) if chunk is None else (numels + chunk - 1) // chunk
+
+
+def tensor_sums(partials: Tensor, merged, chunk: int | None) -> Tensor:
+    """Per-tensor sums of a launch's partials rows, added in a fixed order (deterministic)."""
+    counts = _rows_per_tensor(merged, chunk)
+    if chunk is None:
+        return partials
+    starts = counts.cumsum(0) - counts
+    width = int(counts.max()) if counts.numel() else 0
+    offsets = torch.arange(width)
+    # a (tensor, row) gather; slots past a tensor's rows point at an appended zero row
+    index = torch.where(offsets < counts[:, None], starts[:, None] + offsets, partials.shape[0])
+    padded = torch.cat([partials, partials.new_zeros(1, partials.shape[1])])
+    return padded[index.to(partials.device)].sum(dim=1)
+
+
+def reduce_partials(opt, contexts: list[Merged], chunk: int | None) -> None:
+    """Sharded parameters (FSDP2): make every launch's norms partials global, in one
+    all-reduce for all launches. Each tensor's global sums go to its first row and its
+    other rows become 0, so the update kernels, which add a tensor's rows, read them."""
+    from ..optim import _sharded
+
+    sums = [tensor_sums(c.partials, c.buckets, chunk) for c in contexts]
+    flags = torch.tensor([s for c in contexts for s in flat(c.buckets, "sharded")], dtype=torch.bool)
+    total = _sharded.reduce_sums(torch.cat(sums), flags, opt._mesh)
+    for c, part in zip(contexts, total.split([s.shape[0] for s in sums])):
+        counts = _rows_per_tensor(c.buckets, chunk)
+        first = (counts.cumsum(0) - counts)[counts > 0].to(c.partials.device)
+        c.partials.zero_()
+        c.partials[first] = part[counts > 0].to(c.partials)
+
+
+def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None, device) -> Tensor:
+    """||g|| over every gradient of the step from (merged, partials) pairs whose column 1
+    holds sums of g^2; across ranks for sharded parameters (one all-reduce)."""
+    if opt._mesh is None:
+        squares = [partials[:, 1].double().sum().to(device) for _, partials in launches]
+        return torch.stack(squares).sum().sqrt()
+    from ..optim import _sharded
+
+    sums = torch.cat([tensor_sums(partials, merged, chunk)[:, 1] for merged, partials in launches])
+    flags = torch.tensor([s for merged, _ in launches for s in flat(merged, "sharded")], dtype=torch.bool)
+    return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt().to(device)

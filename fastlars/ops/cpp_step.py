@@ -35,6 +35,11 @@ def _on_cuda(merged) -> bool:
     return merged[0].device.type == "cuda"
 
 
+def _chunk(merged):
+    """Elements per partials row: CUDA returns one row per chunk, the CPU one per tensor."""
+    return _C.chunk_elements if _on_cuda(merged) else None
+
+
 def _sumsq(weights, grads):
     """CPU: (n, 2) per-tensor sums; CUDA: (n_chunks, 2) partials, re-summed by the update."""
     return (_C.sumsq_cuda if grads[0].is_cuda else _C.sumsq_cpu)(weights, grads)
@@ -46,6 +51,8 @@ def lars_norms(opt, buckets, inv_scale):
         params, grads, weights = tb.operands(opt, merged, for_update=False)
         tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
         contexts.append(tb.Merged(merged, _sumsq(weights, grads)))
+    if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
+        tb.reduce_partials(opt, contexts, _chunk(contexts[0].buckets))
     return contexts, [c.partials for c in contexts]
 
 
@@ -80,9 +87,8 @@ def lamb_norms(opt, buckets, inv_scale):
         prepared.append((merged, weights, grads, exp_avgs, exp_avg_sqs, steps))
     global_norm = None  # no clipping
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
-        device = buckets[0].device
-        squares = [_sumsq(w, g)[:, 1].double().sum().to(device) for _, w, g, *_ in prepared]
-        global_norm = torch.stack(squares).sum().sqrt()
+        global_norm = tb.global_grad_norm(opt, [(merged, _sumsq(w, g)) for merged, w, g, *_ in prepared],
+                                          _chunk(prepared[0][0]), buckets[0].device)
     contexts = []
     for merged, weights, grads, exp_avgs, exp_avg_sqs, steps in prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row)
@@ -94,6 +100,8 @@ def lamb_norms(opt, buckets, inv_scale):
             sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
                                      _scalar(inv_scale), _scalar_or(global_norm, -1.0))
         contexts.append(tb.Merged(merged, sums))
+    if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
+        tb.reduce_partials(opt, contexts, _chunk(contexts[0].buckets))
     return (contexts, global_norm), [c.partials for c in contexts]
 
 

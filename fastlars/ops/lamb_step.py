@@ -168,9 +168,8 @@ def lamb_norms(opt, buckets, inv_scale):
     prepared = [_Prepared(opt, merged, for_update=False) for merged in tb.merge_buckets(buckets)]
     global_norm = None
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
-        device = buckets[0].device
-        sums = [mt.launch_sumsq(p.launch)[:, 1].double().sum().to(device) for p in prepared]
-        global_norm = torch.stack(sums).sum().sqrt()
+        global_norm = tb.global_grad_norm(opt, [(p.buckets, mt.launch_sumsq(p.launch)) for p in prepared],
+                                          mt.CHUNK, buckets[0].device)
     contexts = []
     for prep in prepared:
         launch = prep.launch
@@ -182,6 +181,8 @@ def lamb_norms(opt, buckets, inv_scale):
                 ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                 HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         contexts.append(tb.Merged(prep.buckets, partials))
+    if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
+        tb.reduce_partials(opt, contexts, mt.CHUNK)
     return (contexts, global_norm), [c.partials for c in contexts]
 
 

@@ -88,6 +88,8 @@ def lars_norms(opt, buckets, inv_scale):
         launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
                                  [False] * n, rows, merged[0].compute_dtype)
         contexts.append(tb.Merged(merged, mt.launch_sumsq(launch)))
+    if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
+        tb.reduce_partials(opt, contexts, mt.CHUNK)
     return contexts, [c.partials[:, :2] for c in contexts]
 
 

@@ -217,8 +217,6 @@ class TrustRatioOptimizer(Optimizer):
         self._skipped_steps: Tensor | int = 0
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        if backend == "auto" and any(_sharded.is_sharded(p) for g in self.param_groups for p in g["params"]):
-            backend = "foreach"  # the backend that supports sharded (FSDP2) parameters everywhere
         self.backend = resolve_backend(backend, None if first is None else first.device)
 
     # -- groups ---------------------------------------------------------------
@@ -285,9 +283,6 @@ class TrustRatioOptimizer(Optimizer):
                     self._mesh = _sharded.check_placements(_describe(gi, pos, p), p, self._mesh)
                     if not _sharded.is_sharded(g):
                         raise ValueError(f"{_describe(gi, pos, p)} is a DTensor but its gradient is not")
-                    if self.backend not in ("reference", "foreach"):
-                        raise ValueError(f"{_describe(gi, pos, p)} is sharded (DTensor): sharded parameters are "
-                                         "supported by the reference and foreach backends so far")
                     b.sharded.append(_sharded.is_shard_placed(p))
                     p, g, state = p.to_local(), g.to_local(), _sharded.LocalState(state, p)
                 else:
@@ -327,12 +322,6 @@ class TrustRatioOptimizer(Optimizer):
             norms, checks = getattr(kernels, f"{self._kernel_prefix}_norms")(self, buckets, inv_scale)
         else:
             norms, checks = self._norms_phase(buckets, inv_scale)
-            if self._mesh is not None:  # one all-reduce of every layer's squared norms
-                flat = _sharded.reduce_norms(checks, [torch.tensor(b.sharded) for b, ns in zip(buckets, norms)
-                                                      for _ in ns], self._mesh)
-                it = iter(flat)
-                norms = [[next(it) for _ in ns] for ns in norms]
-                checks = flat
         ok = self._gate(buckets, checks, found_inf)
         if ok is False:
             return loss
@@ -360,7 +349,19 @@ class TrustRatioOptimizer(Optimizer):
         needs, and the tensors whose finiteness decides the step (fused backends do
         this in a kernel, see ``_kernels``)."""
         norms = [self._norms(b, inv_scale) for b in buckets]
+        if self._mesh is not None:  # sharded parameters: one all-reduce of every layer's squared norms
+            norms = self._global_norms(buckets, norms)
         return norms, [n for bucket_norms in norms for n in bucket_norms]
+
+    def _global_norms(self, buckets: list[Bucket], norms: list[list[Tensor]], start: int = 0) -> list[list[Tensor]]:
+        """Each bucket's per-tensor norm vectors from index ``start`` on, made global across
+        ranks in one all-reduce (sharded parameters); the others are returned as they are."""
+        parts = [(b, n) for b, bucket_norms in zip(buckets, norms) for n in bucket_norms[start:]]
+        if not parts:
+            return norms
+        reduced = iter(_sharded.reduce_norms([n for _, n in parts], [torch.tensor(b.sharded) for b, _ in parts],
+                                             self._mesh))
+        return [bucket_norms[:start] + [next(reduced) for _ in bucket_norms[start:]] for bucket_norms in norms]
 
     def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
         """Read-only first phase: [||g||] per parameter of the bucket, plus [||w||] where

@@ -3,7 +3,9 @@
 A trust ratio needs the norm of the *whole* layer; each rank holds a slice. The step
 works on the local shards (``to_local()`` views, so in-place updates land in the
 DTensor), and the per-layer squared norms of every layer are summed across the mesh
-in **one** all-reduce of a flat vector, between the norms phase and the update.
+in **one** all-reduce of a flat vector, between the norms phase and the update (LAMB
+with ``max_grad_norm > 0``: two, see ``LAMB._norms_phase``). Every backend does this:
+the fused kernels' partial sums are reduced by ``fastlars.ops._tables.reduce_partials``.
 Replicated tensors (and plain tensors, identical on every rank) are counted once:
 their sums are divided by the world size before the all-reduce adds them up again.
 
@@ -77,25 +79,25 @@ def check_placements(name: str, p: Tensor, mesh) -> Any:
     return p.device_mesh
 
 
-def reduce_norms(norms: list[Tensor], sharded: list[Tensor], mesh) -> list[Tensor]:
-    """Global per-tensor norms from local ones, in one all-reduce.
+def reduce_sums(sums: Tensor, sharded: Tensor, mesh) -> Tensor:
+    """Global per-tensor sums of squares from local ones, in one all-reduce.
 
-    ``norms`` are 1-D tensors of local per-tensor norms; ``sharded`` (same shapes) is 1
-    where the tensor is sharded (partial sums add up) and 0 where every rank holds it
-    whole (counted once).
+    ``sums`` has one row per tensor (any number of columns: ||w||^2, ||g||^2, ...);
+    ``sharded`` (bool, one per row) is True where the tensor is sharded (partial sums
+    add up) and False where every rank holds it whole (counted once). Returns float64.
     """
-    world = mesh.size()
+    weights = torch.where(sharded.to(sums.device), 1.0, 1.0 / mesh.size()).to(torch.float64)
+    total = sums.double() * (weights if sums.dim() == 1 else weights[:, None])
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return total
+
+
+def reduce_norms(norms: list[Tensor], sharded: list[Tensor], mesh) -> list[Tensor]:
+    """Global per-tensor norms from lists of local ones (1-D tensors; ``sharded`` of the
+    same shapes, see reduce_sums), in one all-reduce."""
     sizes = [n.numel() for n in norms]
-    squares = torch.cat([n.double().square() for n in norms])
-    weights = torch.cat([torch.where(s.bool(), 1.0, 1.0 / world).to(squares) for s in sharded])
-    squares = squares * weights
-    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    squares = reduce_sums(torch.cat([n.double().square() for n in norms]), torch.cat(sharded).bool(), mesh)
     return [part.sqrt().to(n.dtype) for part, n in zip(squares.split(sizes), norms)]
-
-
-def reduce_norms_of(norms: Tensor, *, sharded: list[bool], mesh) -> Tensor:
-    """reduce_norms for one vector of per-tensor norms (e.g. LAMB's ||u|| of a bucket)."""
-    return reduce_norms([norms], [torch.tensor(sharded)], mesh)[0]
 
 
 def is_shard_placed(p: Tensor) -> bool:

@@ -12,13 +12,12 @@ for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is SPEC.md, "LAM
 from __future__ import annotations
 
 import math
-from functools import partial
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _sharded
 from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
@@ -90,45 +89,86 @@ class LAMB(TrustRatioOptimizer):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
-        global_norm = None
-        if any(b.group["max_grad_norm"] > 0 for b in buckets):
-            # one norm over every gradient of the step, whatever its group or device
-            device = buckets[0].device
-            squares = [bucket_norms[0].double().square().sum().to(device) for bucket_norms in norms]
-            global_norm = torch.stack(squares).sum().sqrt()
+    def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None):
+        """Sharded parameters (FSDP2) need the global ||u|| as well as ||w|| and ||g||.
+
+        u depends on the clipping factor, so with ``max_grad_norm > 0`` the step makes two
+        all-reduces: ||g||, ||w|| of every tensor, then ||u|| of every adapted tensor.
+        Without clipping u needs nothing global, and one all-reduce carries all three.
+        u is computed here (read-only) and again in the update, as the fused kernels do.
+        """
+        if self._mesh is None:
+            return super()._norms_phase(buckets, inv_scale)
+        norms = [self._norms(b, inv_scale) for b in buckets]  # [||g||, ||w||], local
+        clipping = _clipping(buckets)
+        if clipping:
+            norms = self._global_norms(buckets, norms)
+        global_norm = _global_grad_norm(buckets, norms) if clipping else None
         step = _lamb_reference if self.backend == "reference" else _lamb_foreach
         for b, bucket_norms in zip(buckets, norms):
-            group = b.group
-            grad_factor = inv_scale
-            if group["max_grad_norm"] > 0:
-                clip = torch.clamp(global_norm.to(b.device) / group["max_grad_norm"], min=1.0)
-                clip = clip.reciprocal().to(b.compute_dtype)
-                grad_factor = clip if inv_scale is None else clip * inv_scale
-            w_norm = bucket_norms[1] if group["trust_ratio"] else None
-            beta1, beta2 = group["betas"]
-            global_norms = None
-            if self._mesh is not None:  # sharded: ||u|| summed across ranks, so no cache slices
-                global_norms = partial(_sharded.reduce_norms_of, sharded=b.sharded, mesh=self._mesh)
-            whole = self.backend == "reference" or global_norms is not None
-            slices = [(b, w_norm)] if whole else cache_sized_slices(b, w_norm)
-            for part, w_norm_part in slices:
-                step(part, w_norm_part, grad_factor, ok, lr=group["lr"], beta1=beta1, beta2=beta2,
-                     eps=group["eps"], weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                     grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
-                     global_norms=global_norms)
+            if b.group["trust_ratio"]:
+                fresh = replace(b, weights=[w.to(b.compute_dtype) for w in self._weights_for_norm(b)],
+                                states=[self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)])
+                bucket_norms.append(step(fresh, None, _grad_factor(b, global_norm, inv_scale), None,
+                                         u_norm_only=True, **_hyper(b.group)))
+        norms = self._global_norms(buckets, norms, start=2 if clipping else 0)
+        return norms, [n for bucket_norms in norms for n in bucket_norms]
+
+    def _state_or_fresh(self, p: Tensor, state, b: Bucket):
+        """The parameter's state, or before its first step the fresh state (not stored)."""
+        if "exp_avg" in state:
+            return state
+        fresh: dict[str, Any] = {}
+        self._new_state(p, fresh, b.group, b.compute_dtype)
+        return fresh
+
+    def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
+        global_norm = _global_grad_norm(buckets, norms) if _clipping(buckets) else None
+        step = _lamb_reference if self.backend == "reference" else _lamb_foreach
+        for b, bucket_norms in zip(buckets, norms):
+            # per adapted tensor: ||w||, and the global ||u|| when sharded (else computed in the step)
+            per_tensor = torch.stack(bucket_norms[1:], dim=1) if b.group["trust_ratio"] else None
+            slices = [(b, per_tensor)] if self.backend == "reference" else cache_sized_slices(b, per_tensor)
+            for part, part_norms in slices:
+                step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))
 
 
-def _lamb_reference(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
+def _clipping(buckets: list[Bucket]) -> bool:
+    return any(b.group["max_grad_norm"] > 0 for b in buckets)
+
+
+def _global_grad_norm(buckets: list[Bucket], norms) -> Tensor:
+    """One norm over every gradient of the step, whatever its group or device."""
+    device = buckets[0].device
+    return torch.stack([bucket_norms[0].double().square().sum().to(device) for bucket_norms in norms]).sum().sqrt()
+
+
+def _grad_factor(b: Bucket, global_norm: Tensor | None, inv_scale: Tensor | None) -> Tensor | None:
+    """What the bucket's gradients are multiplied by: unscaling and global-norm clipping."""
+    if b.group["max_grad_norm"] <= 0:
+        return inv_scale
+    clip = torch.clamp(global_norm.to(b.device) / b.group["max_grad_norm"], min=1.0).reciprocal().to(b.compute_dtype)
+    return clip if inv_scale is None else clip * inv_scale
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
+                trust_clip=group["trust_clip"])
+
+
+def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    bias_correction: bool, grad_averaging: bool, trust_clip: bool, global_norms=None) -> None:
+                    bias_correction: bool, grad_averaging: bool, trust_clip: bool,
+                    u_norm_only: bool = False) -> Tensor | None:
     """One parameter at a time, line by line as SPEC.md. The oracle of every other backend.
 
-    ``global_norms`` turns local ||u|| into global ones for sharded parameters (one
-    collective for the bucket), which is why u is computed for the whole bucket first.
+    ``norms`` (adapted groups): column 0 ||w||, and column 1 the global ||u|| of sharded
+    parameters. ``u_norm_only``: return the local ||u|| per tensor and change nothing.
     """
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
-        return
+        return None
     beta3 = 1 - beta1 if grad_averaging else 1.0
     moments, directions = [], []
     for w, g, state in zip(b.weights, b.grads, b.states):
@@ -141,25 +181,34 @@ def _lamb_reference(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None
         m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
         moments.append((m, v))
         directions.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
+    if u_norm_only:
+        return _stacked_norms(directions, b.compute_dtype)
     ratios = [1.0] * len(directions)
-    if w_norm is not None:
-        u_norm = torch.stack([torch.linalg.vector_norm(u) for u in directions])
-        if global_norms is not None:
-            u_norm = global_norms(u_norm)
-        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip).unbind()
+    if norms is not None:
+        u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions, b.compute_dtype)
+        ratios = lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind()
     for w, state, (m, v), u, r in zip(b.weights, b.states, moments, directions, ratios):
         state["exp_avg"].copy_(m)
         state["exp_avg_sq"].copy_(v)
         state["step"] += 1
         w.add_(r * u, alpha=-lr)
+    return None
 
 
-def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
+def _stacked_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    if not tensors:
+        return torch.zeros(0, dtype=dtype)
+    return torch.stack([torch.linalg.vector_norm(t) for t in tensors])
+
+
+def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction: bool, grad_averaging: bool, trust_clip: bool, global_norms=None) -> None:
+                  bias_correction: bool, grad_averaging: bool, trust_clip: bool,
+                  u_norm_only: bool = False) -> Tensor | None:
     """Multi-tensor LAMB on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
     no host reads (the bias corrections are computed from the device ``step``s).
-    ``ok`` (a 0-d bool tensor) makes the writes conditional."""
+    ``ok`` (a 0-d bool tensor) makes the writes conditional; ``norms`` and
+    ``u_norm_only`` as in ``_lamb_reference``."""
     weights = b.weights
     grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
     if grad_factor is not None:
@@ -169,12 +218,13 @@ def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, 
     exp_avg_sqs = [st["exp_avg_sq"] for st in b.states]
     beta3 = 1 - beta1 if grad_averaging else 1.0
 
-    if ok is None:
+    in_place = ok is None and not u_norm_only
+    if in_place:
         torch._foreach_add_(steps, 1.0)
-        m, v = exp_avgs, exp_avg_sqs
+        t, m, v = steps, exp_avgs, exp_avg_sqs
         torch._foreach_mul_(m, beta1)
-    else:  # a skipped step leaves step, m, v, w as they were
-        torch._foreach_add_(steps, ok.to(torch.float32))
+    else:  # new values beside the state: a skipped step leaves step, m, v, w as they were
+        t = torch._foreach_add(steps, 1.0)
         m = torch._foreach_mul(exp_avgs, beta1)
         v = torch._foreach_mul(exp_avg_sqs, 1.0)
     torch._foreach_add_(m, grads, alpha=beta3)
@@ -184,8 +234,8 @@ def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, 
     # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w, in the reference's order of operations
     if bias_correction:
         # 1 - beta^t as -expm1(t * ln beta): pow in fp32 loses ~1e-4 of 1 - 0.999^t to cancellation
-        bc1 = torch._foreach_mul(steps, math.log(beta1) if beta1 > 0 else -math.inf)
-        bc2 = torch._foreach_mul(steps, math.log(beta2) if beta2 > 0 else -math.inf)
+        bc1 = torch._foreach_mul(t, math.log(beta1) if beta1 > 0 else -math.inf)
+        bc2 = torch._foreach_mul(t, math.log(beta2) if beta2 > 0 else -math.inf)
         for bc in (bc1, bc2):
             torch._foreach_expm1_(bc)
             torch._foreach_neg_(bc)
@@ -200,15 +250,17 @@ def _lamb_foreach(b: Bucket, w_norm: Tensor | None, grad_factor: Tensor | None, 
     if weight_decay != 0:
         torch._foreach_add_(u, weights, alpha=weight_decay)
 
-    if w_norm is not None:
-        u_norm = torch.stack(torch._foreach_norm(u, 2))
-        if global_norms is not None:  # sharded parameters: one collective for the bucket
-            u_norm = global_norms(u_norm)
-        torch._foreach_mul_(u, lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip).unbind())
+    if u_norm_only:
+        return torch.stack(torch._foreach_norm(u, 2)) if u else torch.zeros(0, dtype=b.compute_dtype)
+    if norms is not None:
+        u_norm = norms[:, 1] if norms.shape[1] > 1 else torch.stack(torch._foreach_norm(u, 2))
+        torch._foreach_mul_(u, lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind())
 
     if ok is None:
         torch._foreach_add_(weights, u, alpha=-lr)
     else:
+        torch._foreach_add_(steps, ok.to(torch.float32))
         where_(ok, m, exp_avgs)
         where_(ok, v, exp_avg_sqs)
         where_(ok, torch._foreach_add(weights, u, alpha=-lr), weights)
+    return None
