@@ -76,3 +76,60 @@ def test_cuda_matches_triton(name, kwargs):
     scale = max(q.abs().max().item() for q in other)
     for p, q in zip(params, other):
         assert (p - q).abs().max().item() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("name, kwargs, lr0", [("LARS", dict(nesterov=True, trust_clip=True), 0.5),
+                                               ("LAMB", dict(max_grad_norm=1.0), 1 / 64)])
+def test_cuda_graph_capture_and_replay(name, kwargs, lr0):
+    """capturable=True: the step is captured once and replayed with new gradients and a
+    new lr (a tensor updated in place), equal to eager steps; an eager step makes no host
+    synchronisation (torch's sync debug mode raises on one)."""
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("needs triton")
+    params, g = resnet50_params()
+    eager_params = [p.detach().clone().requires_grad_() for p in params]
+    groups = lambda ps: [{"params": [p for p in ps if p.ndim > 1], "weight_decay": 1e-4},
+                         {"params": [p for p in ps if p.ndim <= 1], "trust_ratio": False}]
+    cls = getattr(fastlars, name)
+    lr = torch.tensor(lr0, device="cuda")
+    opt = cls(groups(params), lr=lr, backend="triton", capturable=True, skip_nonfinite=True, **kwargs)
+    eager = cls(groups(eager_params), lr=lr0, backend="triton", skip_nonfinite=True, **kwargs)
+    for p, q in zip(params, eager_params):  # static gradients: the graph reads these tensors
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+
+    def new_grads():
+        for p, q in zip(params, eager_params):
+            value = torch.randn(p.shape, device="cuda", generator=g) * 1e-2
+            p.grad.copy_(value)
+            q.grad.copy_(value)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up steps create the state
+        for _ in range(2):
+            new_grads()
+            opt.step()
+            eager.step()
+        new_grads()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for k in range(1, 4):
+        new_grads()
+        lr.fill_(lr0 / 2**k)
+        for group in eager.param_groups:
+            group["lr"] = lr0 / 2**k
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, eager_params):
+        assert torch.equal(p, q)
+    assert opt.skipped_steps == 0

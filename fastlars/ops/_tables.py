@@ -36,11 +36,12 @@ def names_of(buckets) -> list[str]:
     return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
 
 
-def group_table(buckets, row_of) -> tuple[list[int], list[list[float]]]:
-    """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per bucket."""
+def group_table(buckets, row_of, keep_tensors: bool = False) -> tuple[list[int], list[list]]:
+    """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per
+    bucket: floats, or with ``keep_tensors`` tensors (a tensor lr) left as they are."""
     group_of, rows = [], []
     for gi, b in enumerate(buckets):
-        rows.append([float(x) for x in row_of(b.group)])
+        rows.append([x if keep_tensors and isinstance(x, Tensor) else float(x) for x in row_of(b.group)])
         group_of.extend([gi] * len(b.params))
     return group_of, rows
 

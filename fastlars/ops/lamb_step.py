@@ -151,9 +151,9 @@ class _Prepared:
         moments = tb.lamb_moments(opt, merged)
         if not for_update:
             tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
-        group_of, rows = tb.group_table(merged, tb.lamb_group_row)
+        group_of, rows = tb.group_table(merged, tb.lamb_group_row, keep_tensors=True)
         self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
-                                      merged[0].compute_dtype)
+                                      merged[0].compute_dtype, mt.launch_cache(opt))
         self.keep_alive = (grads, moments)  # the table holds raw pointers to these
 
 

@@ -84,9 +84,9 @@ def lars_norms(opt, buckets, inv_scale):
         params, grads, weights = tb.operands(opt, merged, for_update=False)
         tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
         n = len(params)
-        group_of, rows = tb.group_table(merged, tb.lars_group_row)
+        group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
         launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
-                                 [False] * n, rows, merged[0].compute_dtype)
+                                 [False] * n, rows, merged[0].compute_dtype, mt.launch_cache(opt))
         contexts.append(tb.Merged(merged, mt.launch_sumsq(launch)))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(opt, contexts, mt.CHUNK)
@@ -100,9 +100,9 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
         params, grads, weights = tb.operands(opt, merged, for_update=True)
         bufs, first = tb.lars_buffers(merged)
         n = len(params)
-        group_of, rows = tb.group_table(merged, tb.lars_group_row)
+        group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
         launch = mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
-                                 merged[0].compute_dtype)
+                                 merged[0].compute_dtype, mt.launch_cache(opt))
         if not launch.n_chunks:
             continue
         device = params[0].device

@@ -11,6 +11,7 @@ reproducible run to run.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,55 @@ class Launch:
     write_param: bool    # master weights: the kernel writes both master and param
 
 
+class LaunchCache:
+    """The device tables of recent launches, keyed by their whole content (pointers,
+    sizes, group hyper-parameters).
+
+    A step whose tensors and hyper-parameters are those of a recent step reuses its
+    tables: no host-to-device copy, no allocation. A table built while a CUDA graph is
+    being captured is kept for the optimizer's lifetime, because the graph copies it
+    from host memory at every replay (the copy is a node of the graph).
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self.builds = 0  # tables built, each one copy to the device
+        self._recent: OrderedDict = OrderedDict()
+        self._captured: list[tuple[Launch, tuple]] = []
+
+    def get(self, key: tuple, build, device: torch.device) -> Launch:
+        launch = self._recent.get(key)
+        if launch is not None:
+            self._recent.move_to_end(key)
+            return launch
+        launch, host = build()
+        self.builds += 1
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._captured.append((launch, host))
+        self._recent[key] = launch
+        if len(self._recent) > self.size:
+            self._recent.popitem(last=False)
+        return launch
+
+
+def launch_cache(opt) -> LaunchCache:
+    """The optimizer's cache of launch tables (created on first use)."""
+    cache = getattr(opt, "_launch_cache", None)
+    if cache is None:
+        cache = opt._launch_cache = LaunchCache()
+    return cache
+
+
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
-                 group_of: list[int], first: list[bool], group_rows: list[list[float]],
-                 acc_dtype: torch.dtype) -> Launch:
-    """Tables for one launch. Empty tensors are left out (nothing to update, norm 0)."""
+                 group_of: list[int], first: list[bool], group_rows: list[list[float | Tensor]],
+                 acc_dtype: torch.dtype, cache: LaunchCache | None = None) -> Launch:
+    """Tables for one launch. Empty tensors are left out (nothing to update, norm 0).
+
+    A group-row entry may be a one-element tensor (a tensor ``lr``): it is copied into
+    the device table on the device at every call, so that a captured graph reads the
+    tensor's value at replay (a scheduler updating it in place reaches the graph).
+    """
     device = params[0].device
     rows, chunk_rows = [], []
     chunk_size = CHUNK
@@ -64,15 +109,31 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         s1 = state1[i] if state1[i] is not None else w
         st = steps[i] if steps[i] is not None else w
         n_chunks = triton.cdiv(n, chunk_size)
-        rows.append([w.data_ptr(), p.data_ptr(), g.data_ptr(), s0.data_ptr(), s1.data_ptr(), st.data_ptr(),
-                     n, group_of[i], len(chunk_rows), n_chunks, int(first[i])])
+        rows.append((w.data_ptr(), p.data_ptr(), g.data_ptr(), s0.data_ptr(), s1.data_ptr(), st.data_ptr(),
+                     n, group_of[i], len(chunk_rows), n_chunks, int(first[i])))
         row = len(rows) - 1
         chunk_rows.extend([row, c * chunk_size] for c in range(n_chunks))
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL).to(device, non_blocking=True)
-    chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
-    groups = torch.tensor(group_rows, dtype=torch.float64).to(device, non_blocking=True)
-    return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
-                  weights[0].data_ptr() != params[0].data_ptr() if weights else False)
+    tensor_entries = [(i, j, x) for i, r in enumerate(group_rows) for j, x in enumerate(r) if isinstance(x, Tensor)]
+    host_rows = [[0.0 if isinstance(x, Tensor) else float(x) for x in r] for r in group_rows]
+    write_param = weights[0].data_ptr() != params[0].data_ptr() if weights else False
+
+    def build() -> tuple[Launch, tuple]:
+        host = (torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL),
+                torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2),
+                torch.tensor(host_rows, dtype=torch.float64))
+        table, chunks, groups = (t.to(device, non_blocking=True) for t in host)
+        return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
+                      write_param), host
+
+    if cache is None:
+        launch = build()[0]
+    else:
+        key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(rows),
+               tuple(map(tuple, host_rows)), tuple((i, j) for i, j, _ in tensor_entries))
+        launch = cache.get(key, build, device)
+    for i, j, value in tensor_entries:
+        launch.groups[i, j].copy_(value.reshape(()))
+    return launch
 
 
 @triton.jit

@@ -207,17 +207,27 @@ class TrustRatioOptimizer(Optimizer):
     # on found_inf itself (the contract torch's fused Adam uses); see `step`.
     _step_supports_amp_scaling = True
 
+    _in_step = False  # set while step() validates the groups: device values are not read then
+
     def __init__(self, params, defaults: dict[str, Any], *, backend: str,
-                 master_weights: bool, skip_nonfinite: bool) -> None:
+                 master_weights: bool, skip_nonfinite: bool, capturable: bool = False) -> None:
         check_flag("master_weights", master_weights)
         check_flag("skip_nonfinite", skip_nonfinite)
+        check_flag("capturable", capturable)
         resolve_backend(backend, None)  # reject unknown names before touching params
         self.master_weights = master_weights
         self.skip_nonfinite = skip_nonfinite
+        self.capturable = capturable
         self._skipped_steps: Tensor | int = 0
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         self.backend = resolve_backend(backend, None if first is None else first.device)
+        if capturable and self.backend != "triton":
+            raise ValueError(f"capturable=True needs backend='triton' (got {self.backend!r}): its step reads "
+                             "nothing on the host once its tables are built")
+        if capturable and not skip_nonfinite:
+            raise ValueError("capturable=True needs skip_nonfinite=True: raising on a non-finite gradient "
+                             "reads a flag on the host, which a captured graph cannot do")
 
     # -- groups ---------------------------------------------------------------
 
@@ -245,6 +255,17 @@ class TrustRatioOptimizer(Optimizer):
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         raise NotImplementedError
 
+    def _check_lr(self, group: dict[str, Any], where: str) -> None:
+        """lr: a number, or a one-element tensor (which a scheduler may update in place)."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device.type != "cpu" and self._in_step:
+            # range-checked when the group was added; reading it at every step would synchronise
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"lr{where} must be a one-element floating-point tensor, got {lr.dtype} "
+                                 f"of shape {tuple(lr.shape)}")
+            return
+        check_number("lr", lr, where=where)
+
     # -- step -----------------------------------------------------------------
 
     @property
@@ -258,7 +279,11 @@ class TrustRatioOptimizer(Optimizer):
         buckets: list[Bucket] = []
         self._mesh = None  # the device mesh of sharded parameters, if any (see _sharded.py)
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f" in param_groups[{gi}]")
+            self._in_step = True
+            try:
+                self._validate_group(group, f" in param_groups[{gi}]")
+            finally:
+                self._in_step = False
             by_dtype: dict[torch.dtype, Bucket] = {}
             device = None
             for pos, p in enumerate(group["params"]):
@@ -397,6 +422,10 @@ class TrustRatioOptimizer(Optimizer):
         if any(self._missing_state(b, st) for b in buckets for st in b.states):
             # Creating state (a momentum buffer, master weights) depends on whether
             # the step happens, so the first step of a parameter reads the flag.
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA graph but some "
+                                   "parameters have no state yet: take one eager step before capturing "
+                                   "(the first step creates the state)")
             if not bool(ok):
                 self._count_skip(torch.ones((), dtype=torch.int64, device=device))
                 return False
@@ -405,7 +434,11 @@ class TrustRatioOptimizer(Optimizer):
         return ok
 
     def _count_skip(self, skipped: Tensor) -> None:
-        self._skipped_steps = skipped + self._skipped_steps
+        counter = self._skipped_steps
+        if isinstance(counter, Tensor) and counter.device == skipped.device:
+            counter.add_(skipped)  # in place: a captured CUDA graph keeps counting at every replay
+        else:
+            self._skipped_steps = skipped + counter
 
     def _raise_nonfinite(self, buckets: list[Bucket]) -> None:
         for b in buckets:

@@ -47,7 +47,7 @@ class LAMB(TrustRatioOptimizer):
             :math:`1/\max(1, \|g\|_{global}/\text{max\_grad\_norm})`, the global norm
             taken over every gradient of the step (all groups). ``p.grad`` is not modified.
         trust_clip: ``r = min(r, 1)``.
-        backend, master_weights, skip_nonfinite: as :class:`fastlars.LARS`.
+        backend, master_weights, skip_nonfinite, capturable: as :class:`fastlars.LARS`.
 
     State per parameter: ``step`` (a float32 tensor on the parameter's device),
     ``exp_avg``, ``exp_avg_sq`` (fp32; fp64 for fp64 parameters): the names of
@@ -57,17 +57,18 @@ class LAMB(TrustRatioOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  grad_averaging: bool = True, max_grad_norm: float = 0.0, trust_clip: bool = False, *,
-                 backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False) -> None:
+                 backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
+                 capturable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging,
                         max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable)
 
     _kernel_prefix = "lamb"
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_number("lr", group["lr"], where=where)
+        self._check_lr(group, where)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas{where} must be a pair of numbers, got {betas!r}")

@@ -51,13 +51,20 @@ class LARS(TrustRatioOptimizer):
         dampening: dampening of the momentum, in [0, 1]; not applied on the first step.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
         trust_clip: LARC "clip" mode, ``r = min(r / lr, 1)``.
-        backend: ``"auto"``, ``"foreach"`` (multi-tensor ``torch._foreach_*``) or
+        backend: ``"auto"`` (the fastest available for the parameters' device),
+            ``"triton"`` / ``"cuda"`` (fused multi-tensor kernels, CUDA), ``"cpu"``
+            (fused C++ kernels), ``"foreach"`` (multi-tensor ``torch._foreach_*``) or
             ``"reference"`` (one tensor at a time; the oracle).
         master_weights: keep an fp32 copy of every bf16/fp16 parameter in
             ``state["master_param"]`` and update that copy.
         skip_nonfinite: skip (and count in :attr:`skipped_steps`) a step whose
             gradients or norms are not finite, instead of raising
             ``FloatingPointError``. The decision is taken on the device.
+        capturable: the step can be captured in a CUDA graph (``backend="triton"``,
+            ``skip_nonfinite=True``; take one eager step first, which creates the
+            state). Give ``lr`` as a one-element tensor on the device so that a
+            scheduler's in-place updates reach the graph. Without this flag the
+            triton step is host-sync free as well; the flag adds the checks.
 
     State per parameter: ``momentum_buffer`` (fp32, fp64 for fp64 parameters), the
     same name and meaning as ``torch.optim.SGD`` so checkpoints move between them.
@@ -67,17 +74,17 @@ class LARS(TrustRatioOptimizer):
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, dampening: float = 0.0,
                  nesterov: bool = False, trust_clip: bool = False, *, backend: str = "auto",
-                 master_weights: bool = False, skip_nonfinite: bool = False) -> None:
+                 master_weights: bool = False, skip_nonfinite: bool = False, capturable: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
                         nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable)
 
     _kernel_prefix = "lars"
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_number("lr", group["lr"], where=where)
+        self._check_lr(group, where)
         check_number("momentum", group["momentum"], high=1.0, high_open=True, where=where)
         check_number("dampening", group["dampening"], high=1.0, where=where)
         check_number("weight_decay", group["weight_decay"], where=where)

@@ -1,0 +1,126 @@
+"""The triton backend's step without host reads: a tensor lr that a scheduler updates in
+place, launch tables reused from step to step (what lets a CUDA graph capture the step),
+and the checks of ``capturable=True``. Runs under the Triton interpreter on the CPU; the
+capture and replay itself is in test_fused_gpu.py."""
+
+import pytest
+import torch
+
+import fastlars
+from fastlars.ops import multi_tensor
+
+pytestmark = pytest.mark.skipif("triton" not in fastlars.available_backends(), reason="needs triton")
+
+OPTIMIZERS = {"LARS": dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True),
+              "LAMB": dict(weight_decay=0.01, max_grad_norm=0.5)}
+LR = {"LARS": 0.5, "LAMB": 0.02}
+
+
+def make_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (13,), (1,), (3, 2, 3)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def groups(params):
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "trust_ratio": False, "weight_decay": 0.0}]
+
+
+def fill_grads(params, step):
+    """New gradient values written into the same .grad tensors (as with zero_grad(set_to_none=False))."""
+    g = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        value = torch.randn(p.shape, generator=g)
+        if p.grad is None:
+            p.grad = value
+        else:
+            p.grad.copy_(value)
+
+
+def twin(name, lr, **kwargs):
+    params = make_params()
+    opt = getattr(fastlars, name)(groups(params), lr=lr, **{**OPTIMIZERS[name], **kwargs})
+    return params, opt
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_tensor_lr_updated_in_place_by_a_scheduler(name):
+    """The lr column of the cached device table is refreshed from the tensor at every step."""
+    params, opt = twin(name, torch.tensor(LR[name]), backend="triton", capturable=True, skip_nonfinite=True)
+    ref_params, ref = twin(name, LR[name], backend="reference")
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (opt, ref)]
+    lr_tensor = opt.param_groups[0]["lr"]
+    for step in range(4):
+        fill_grads(params, step)
+        fill_grads(ref_params, step)
+        opt.step()
+        ref.step()
+        for s in schedules:
+            s.step()
+    assert opt.param_groups[0]["lr"] is lr_tensor  # updated in place, not replaced
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_launch_tables_are_reused_until_something_changes(name):
+    params, opt = twin(name, LR[name], backend="triton")
+    ref_params, ref = twin(name, LR[name], backend="reference")
+
+    def step(i):
+        fill_grads(params, i)
+        fill_grads(ref_params, i)
+        opt.step()
+        ref.step()
+
+    for i in range(2):  # the first step creates state (new tables for the update)
+        step(i)
+    builds = opt._launch_cache.builds
+    for i in range(2, 4):
+        step(i)
+    assert opt._launch_cache.builds == builds, "same tensors and hyper-parameters: no new table"
+    for o in (opt, ref):  # a changed hyper-parameter must reach the kernels
+        o.param_groups[0]["weight_decay"] = 0.1
+        o.param_groups[0]["lr"] = LR[name] / 2
+    step(4)
+    assert opt._launch_cache.builds > builds
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_launch_cache_is_bounded_and_keyed_by_content():
+    cache = multi_tensor.LaunchCache(size=2)
+    built = []
+
+    def build(tag):
+        def make():
+            built.append(tag)
+            return tag, None
+        return make
+
+    device = torch.device("cpu")
+    assert cache.get(("a",), build("A"), device) == "A"
+    assert cache.get(("a",), build("A2"), device) == "A"  # hit
+    cache.get(("b",), build("B"), device)
+    cache.get(("c",), build("C"), device)  # evicts a
+    assert cache.get(("a",), build("A3"), device) == "A3"
+    assert built == ["A", "B", "C", "A3"] and cache.builds == 4
+
+
+def test_capturable_needs_triton_and_device_side_skipping():
+    params = make_params()
+    with pytest.raises(ValueError, match="capturable=True needs backend='triton'"):
+        fastlars.LARS(params, lr=0.1, backend="foreach", capturable=True, skip_nonfinite=True)
+    with pytest.raises(ValueError, match="capturable=True needs skip_nonfinite=True"):
+        fastlars.LAMB(params, backend="triton", capturable=True)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        fastlars.LAMB(params, backend="triton", capturable="yes", skip_nonfinite=True)
+
+
+def test_bad_tensor_lr_is_named():
+    params = make_params()
+    with pytest.raises(ValueError, match="lr"):
+        fastlars.LARS(params, lr=torch.tensor([0.1, 0.2]), backend="triton")
+    with pytest.raises(ValueError, match="invalid lr"):
+        fastlars.LARS(params, lr=torch.tensor(-1.0), backend="triton")
