@@ -52,9 +52,12 @@ struct Chunk {
   int64_t begin, end;
 };
 
-__device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks) {
-  const int64_t* row = table + chunks[2 * blockIdx.x] * C_NCOL;
-  const int64_t begin = chunks[2 * blockIdx.x + 1];
+// reverse (the update kernels): block i takes chunk n-1-i, so the update starts with the
+// chunks the norms pass read last, still in L2 (see bench/NOTES.md).
+__device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks, bool reverse) {
+  const int64_t c = reverse ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int64_t* row = table + chunks[2 * c] * C_NCOL;
+  const int64_t begin = chunks[2 * c + 1];
   const int64_t end = begin + kChunk < row[C_NUMEL] ? begin + kChunk : row[C_NUMEL];
   return {row, begin, end};
 }
@@ -66,7 +69,7 @@ __device__ T* column_ptr(const int64_t* row, int column) {
 
 template <typename param_t, typename weight_t, typename acc_t>
 __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials) {
-  const Chunk ch = chunk_of(table, chunks);
+  const Chunk ch = chunk_of(table, chunks, false);
   const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
   const param_t* g = column_ptr<const param_t>(ch.row, C_G);
   acc_t sw = 0, sg = 0;
@@ -87,7 +90,7 @@ template <typename param_t, typename weight_t, typename acc_t>
 __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* partials,
                                    const double* groups, const float* inv_scale_ptr, const bool* ok) {
   if (ok != nullptr && !*ok) return;  // skipped on the device (skip_nonfinite / GradScaler)
-  const Chunk ch = chunk_of(table, chunks);
+  const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
   const acc_t w_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 2, 0));
@@ -114,7 +117,7 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
 template <typename param_t, typename weight_t, typename acc_t>
 __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials, const double* groups,
                                   const float* inv_scale_ptr, const double* global_norm_ptr) {
-  const Chunk ch = chunk_of(table, chunks);
+  const Chunk ch = chunk_of(table, chunks, false);
   const double* row = groups + ch.row[C_GROUP] * B_NCOL;
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
@@ -148,7 +151,7 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
                                    const double* groups, const float* inv_scale_ptr, const double* global_norm_ptr,
                                    const bool* ok) {
   if (ok != nullptr && !*ok) return;
-  const Chunk ch = chunk_of(table, chunks);
+  const Chunk ch = chunk_of(table, chunks, true);
   const double* row = groups + ch.row[C_GROUP] * B_NCOL;
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,

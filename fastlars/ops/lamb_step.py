@@ -66,7 +66,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
                       HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
-    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks)
+    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, False)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
     m_ptr = mt.row_pointer(table, row, 3, ACC)
@@ -101,7 +101,7 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
                        WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
                        HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                        PARTIAL_BLOCK: tl.constexpr):
-    row, start, numel, group, chunk0, n_chunks, _ = mt.this_chunk(table, chunks)
+    row, start, numel, group, chunk0, n_chunks, _ = mt.this_chunk(table, chunks, True)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)

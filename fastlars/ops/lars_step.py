@@ -26,7 +26,7 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
                        CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
-    row, start, numel, group, chunk0, n_chunks, first = mt.this_chunk(table, chunks)
+    row, start, numel, group, chunk0, n_chunks, first = mt.this_chunk(table, chunks, True)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)

@@ -142,10 +142,17 @@ def row_pointer(table, row, col, dtype: tl.constexpr):
 
 
 @triton.jit
-def this_chunk(table, chunks):
+def this_chunk(table, chunks, REVERSE: tl.constexpr):
     """This program's chunk: (table row, first element, the tensor's numel, its group,
-    its first chunk, its chunk count, its first-step flag)."""
+    its first chunk, its chunk count, its first-step flag).
+
+    REVERSE (the update kernels): program i takes chunk n-1-i. Programs start roughly in
+    id order, so the update begins with the chunks the norms pass read last, which are
+    still in L2: that share of the second read of w and g costs no DRAM traffic.
+    """
     chunk = tl.program_id(0)
+    if REVERSE:
+        chunk = tl.num_programs(0) - 1 - chunk
     row = tl.load(chunks + 2 * chunk)
     fields = table + row * 11  # 11 = NCOL
     return (row, tl.load(chunks + 2 * chunk + 1), tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
@@ -176,7 +183,7 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     pass of the two-pass design; the update kernel reads w and g again.
     """
     chunk = tl.program_id(0)
-    row, start, numel, _, _, _, _ = this_chunk(table, chunks)
+    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False)
     w_ptr = row_pointer(table, row, 0, W_DTYPE)
     g_ptr = row_pointer(table, row, 2, G_DTYPE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
