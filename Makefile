@@ -2,7 +2,8 @@
 #   make bench   the main job: the end-to-end ResNet-50 harness (reduced on the CPU, full on a GPU)
 #   make test    the test suite
 # Both create .venv and install everything on first use. Also: make bench-optim,
-# make bench-ghost-bn (microbenchmarks), make demo (digits convergence demo).
+# make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
+# 2 gloo ranks), make demo (digits convergence demo).
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -18,7 +19,7 @@ endif
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test bench bench-optim bench-ghost-bn demo clean
+.PHONY: setup test bench bench-optim bench-ghost-bn bench-distributed demo clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,9 @@ bench-optim: setup
 
 bench-ghost-bn: setup
 	$(PYTHON) bench/ghost_bn.py
+
+bench-distributed: setup
+	$(PYTHON) bench/distributed_step.py
 
 demo: setup
 	$(PYTHON) -m fastlars.demo

@@ -110,8 +110,9 @@ class LAMB(TrustRatioOptimizer):
             if b.group["trust_ratio"]:
                 fresh = replace(b, weights=[w.to(b.compute_dtype) for w in self._weights_for_norm(b)],
                                 states=[self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)])
-                bucket_norms.append(step(fresh, None, _grad_factor(b, global_norm, inv_scale), None,
-                                         u_norm_only=True, **_hyper(b.group)))
+                slices = [(fresh, None)] if self.backend == "reference" else cache_sized_slices(fresh, None)
+                bucket_norms.append(torch.cat([step(part, None, _grad_factor(b, global_norm, inv_scale), None,
+                                                    u_norm_only=True, **_hyper(b.group)) for part, _ in slices]))
         norms = self._global_norms(buckets, norms, start=2 if clipping else 0)
         return norms, [n for bucket_norms in norms for n in bucket_norms]
 
