@@ -9,7 +9,8 @@ import torch
 import fastlars
 from fastlars.ops import multi_tensor
 
-pytestmark = pytest.mark.skipif("triton" not in fastlars.available_backends(), reason="needs triton")
+pytestmark = [pytest.mark.skipif("triton" not in fastlars.available_backends(), reason="needs triton"),
+              pytest.mark.usefixtures("triton_interpreter")]
 
 OPTIMIZERS = {"LARS": dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True),
               "LAMB": dict(weight_decay=0.01, max_grad_norm=0.5)}
