@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -32,8 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastlars
+from optim_step import RESULTS, write_results  # bench/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = {  # row name: (class, keyword arguments, weight decay of the adapted group)
     "LARS": ("LARS", dict(lr=0.1, momentum=0.9), 5e-5),
     "LAMB clip=1.0": ("LAMB", dict(lr=1e-3, max_grad_norm=1.0), 0.01),
@@ -237,10 +236,7 @@ def main() -> None:
     result = run(args.world, args.warmup, args.steps, args.backends)
     print_table(result)
     if not args.no_save:
-        args.results.mkdir(parents=True, exist_ok=True)
-        path = args.results / f"distributed_step-cpu-{result['date'][:19].replace(':', '')}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_results(result, "distributed_step-cpu", args.results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch.utils.benchmark import Timer
 
 import fastlars
 from fastlars.nn.ghost_bn import ghost_batch_norm
-from optim_step import RESULTS, _version, copy_bandwidth, device_name
+from optim_step import RESULTS, _version, copy_bandwidth, device_name, write_results
 
 # (channels, height/width) of ResNet-50's BatchNorm inputs
 RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
@@ -110,10 +109,7 @@ def main() -> None:
     result = run(device, args.batch, args.vbs, shapes, args.min_run_time)
     print_table(result)
     if not args.no_save:
-        args.results.mkdir(parents=True, exist_ok=True)
-        path = args.results / f"ghost_bn-{device.type}-{result['date'][:19].replace(':', '')}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_results(result, f"ghost_bn-{device.type}", args.results)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ OPTIMIZER_ARGS = {"LARS": dict(lr=0.1, momentum=0.9, weight_decay=5e-5),
 RESULTS = Path(__file__).parent / "results"
 
 
+def write_results(result: dict, stem: str, folder: Path) -> None:
+    """<folder>/<stem>-<date>.json, the date taken from the result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{result['date'][:19].replace(':', '')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def resnet50_shapes() -> list[torch.Size]:
     import torchvision
 
@@ -186,11 +194,7 @@ def main() -> None:
     result = run(device, args.workloads or DEFAULT_WORKLOADS.get(device.type, ["resnet50"]), args.min_run_time)
     print_table(result)
     if not args.no_save:
-        args.results.mkdir(parents=True, exist_ok=True)
-        stamp = result["date"][:19].replace(":", "")
-        path = args.results / f"optim_step-{device.type}-{stamp}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_results(result, f"optim_step-{device.type}", args.results)
 
 
 if __name__ == "__main__":
