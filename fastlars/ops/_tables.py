@@ -14,10 +14,14 @@ from torch import Tensor
 @dataclass
 class Merged:
     """The optimizer buckets of one (device, dtype) across param groups, which one
-    launch handles, and the chunk partials of its norms pass."""
+    launch handles, and the chunk partials of its norms pass. Triton: also the norms
+    pass's launch tables, which the update reuses when the step creates no state, and
+    the tensors they point to (a gradient copied to the parameter's layout)."""
 
     buckets: list
     partials: Tensor
+    launch: object = None
+    keep_alive: object = None
 
 
 def merge_buckets(buckets) -> list[list]:
@@ -108,6 +112,11 @@ def operands(opt, merged, for_update: bool) -> tuple[list[Tensor], list[Tensor],
     else:
         weights = [w for b in merged for w in opt._weights_for_norm(b)]
     return params, grads, weights
+
+
+def existing_buffers(merged) -> list[Tensor | None]:
+    """Each parameter's momentum buffer, None where there is none (yet)."""
+    return [st.get("momentum_buffer") if b.group["momentum"] != 0 else None for b in merged for st in b.states]
 
 
 def lars_buffers(merged) -> tuple[list[Tensor | None], list[bool]]:

@@ -143,17 +143,18 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
 
 
 class _Prepared:
-    """One (device, dtype): its table for launch 1 (before the gate) or 2."""
+    """One (device, dtype): its tables for launch 1 (before the gate) or 2."""
 
     def __init__(self, opt, merged, for_update: bool):
         self.buckets = merged
         params, grads, weights = tb.operands(opt, merged, for_update)
         moments = tb.lamb_moments(opt, merged)
+        validate = None
         if not for_update:
-            tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
+            validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
         group_of, rows = tb.group_table(merged, tb.lamb_group_row, keep_tensors=True)
         self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
-                                      merged[0].compute_dtype, mt.launch_cache(opt))
+                                      merged[0].compute_dtype, mt.launch_cache(opt), validate)
         self.keep_alive = (grads, moments)  # the table holds raw pointers to these
 
 
@@ -180,7 +181,7 @@ def lamb_norms(opt, buckets, inv_scale):
                 W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                 ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                 HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(prep.buckets, partials))
+        contexts.append(tb.Merged(prep.buckets, partials, launch, prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(opt, contexts, mt.CHUNK)
     return (contexts, global_norm), [c.partials for c in contexts]
@@ -190,8 +191,10 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype), then the step counters."""
     contexts, global_norm = norms
     for ctx in contexts:
-        prep = _Prepared(opt, ctx.buckets, for_update=True)
-        launch = prep.launch
+        # the norms pass's tables, unless this step created the moments or master weights;
+        # `prepared` keeps alive what the new tables point to until the kernel has run
+        prepared = _Prepared(opt, ctx.buckets, for_update=True) if opt._creating_state else ctx
+        launch = prepared.launch
         if launch.n_chunks:
             lamb_update_kernel[(launch.n_chunks,)](
                 launch.table, launch.chunks, ctx.partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),

@@ -77,17 +77,23 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
             tl.store(p_ptr + idx, mt.cast_rne(w, P_DTYPE), mask=mask)
 
 
+def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
+    n = len(params)
+    group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
+    return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
+                           merged[0].compute_dtype, mt.launch_cache(opt), validate)
+
+
 def lars_norms(opt, buckets, inv_scale):
-    """Launch 1 for every (device, dtype): returns the context and the partials to check."""
+    """Launch 1 for every (device, dtype): returns the context and the partials to check.
+    Its tables already hold the momentum buffers, so that the update can reuse them."""
     contexts = []
     for merged in tb.merge_buckets(buckets):
         params, grads, weights = tb.operands(opt, merged, for_update=False)
-        tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
-        n = len(params)
-        group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
-        launch = mt.build_launch(weights, params, grads, [None] * n, [None] * n, [None] * n, group_of,
-                                 [False] * n, rows, merged[0].compute_dtype, mt.launch_cache(opt))
-        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch)))
+        validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
+        launch = _launch(opt, merged, params, grads, weights, tb.existing_buffers(merged), [False] * len(params),
+                         validate)
+        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, grads))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(opt, contexts, mt.CHUNK)
     return contexts, [c.partials[:, :2] for c in contexts]
@@ -96,16 +102,14 @@ def lars_norms(opt, buckets, inv_scale):
 def lars_update(opt, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
-        merged = ctx.buckets
-        params, grads, weights = tb.operands(opt, merged, for_update=True)
-        bufs, first = tb.lars_buffers(merged)
-        n = len(params)
-        group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
-        launch = mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
-                                 merged[0].compute_dtype, mt.launch_cache(opt))
+        launch = ctx.launch
+        if opt._creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
+            params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
+            bufs, first = tb.lars_buffers(ctx.buckets)
+            launch = _launch(opt, ctx.buckets, params, grads, weights, bufs, first)
         if not launch.n_chunks:
             continue
-        device = params[0].device
+        device = launch.table.device
         lars_update_kernel[(launch.n_chunks,)](
             launch.table, launch.chunks, ctx.partials, launch.groups,
             ok.to(torch.int32) if ok is not None else launch.groups,

@@ -91,45 +91,47 @@ def launch_cache(opt) -> LaunchCache:
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
                  group_of: list[int], first: list[bool], group_rows: list[list[float | Tensor]],
-                 acc_dtype: torch.dtype, cache: LaunchCache | None = None) -> Launch:
+                 acc_dtype: torch.dtype, cache: LaunchCache | None = None, validate=None) -> Launch:
     """Tables for one launch. Empty tensors are left out (nothing to update, norm 0).
 
     A group-row entry may be a one-element tensor (a tensor ``lr``): it is copied into
     the device table on the device at every call, so that a captured graph reads the
     tensor's value at replay (a scheduler updating it in place reaches the graph).
+    ``validate()`` (layout checks) runs when the tables are built, not on a cache hit:
+    the key holds every pointer and size, so a hit describes tensors already checked.
+    The per-step cost is this key: one tuple of pointers per tensor, nothing else.
     """
     device = params[0].device
-    rows, chunk_rows = [], []
     chunk_size = CHUNK
-    for i, (w, p, g) in enumerate(zip(weights, params, grads)):
-        n = p.numel()
-        if n == 0:
-            continue
-        s0 = state0[i] if state0[i] is not None else w
-        s1 = state1[i] if state1[i] is not None else w
-        st = steps[i] if steps[i] is not None else w
-        n_chunks = triton.cdiv(n, chunk_size)
-        rows.append((w.data_ptr(), p.data_ptr(), g.data_ptr(), s0.data_ptr(), s1.data_ptr(), st.data_ptr(),
-                     n, group_of[i], len(chunk_rows), n_chunks, int(first[i])))
-        row = len(rows) - 1
-        chunk_rows.extend([row, c * chunk_size] for c in range(n_chunks))
+    entries = [(w.data_ptr(), p.data_ptr(), g.data_ptr(), (w if s0 is None else s0).data_ptr(),
+                (w if s1 is None else s1).data_ptr(), (w if st is None else st).data_ptr(), p.numel(), gi, int(f))
+               for w, p, g, s0, s1, st, gi, f in zip(weights, params, grads, state0, state1, steps, group_of, first)]
     tensor_entries = [(i, j, x) for i, r in enumerate(group_rows) for j, x in enumerate(r) if isinstance(x, Tensor)]
-    host_rows = [[0.0 if isinstance(x, Tensor) else float(x) for x in r] for r in group_rows]
-    write_param = weights[0].data_ptr() != params[0].data_ptr() if weights else False
+    host_rows = tuple(tuple(0.0 if isinstance(x, Tensor) else float(x) for x in r) for r in group_rows)
 
     def build() -> tuple[Launch, tuple]:
+        if validate is not None:
+            validate()
+        rows, chunk_rows = [], []
+        for *pointers, n, group, flag in entries:
+            if n == 0:
+                continue
+            n_chunks = (n + chunk_size - 1) // chunk_size
+            rows.append((*pointers, n, group, len(chunk_rows), n_chunks, flag))
+            chunk_rows.extend([len(rows) - 1, c * chunk_size] for c in range(n_chunks))
         host = (torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL),
                 torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2),
                 torch.tensor(host_rows, dtype=torch.float64))
         table, chunks, groups = (t.to(device, non_blocking=True) for t in host)
+        write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
         return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
                       write_param), host
 
     if cache is None:
         launch = build()[0]
     else:
-        key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(rows),
-               tuple(map(tuple, host_rows)), tuple((i, j) for i, j, _ in tensor_entries))
+        key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), host_rows,
+               tuple((i, j) for i, j, _ in tensor_entries))
         launch = cache.get(key, build, device)
     for i, j, value in tensor_entries:
         launch.groups[i, j].copy_(value.reshape(()))

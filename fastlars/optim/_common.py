@@ -208,6 +208,7 @@ class TrustRatioOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     _in_step = False  # set while step() validates the groups: device values are not read then
+    _creating_state = True  # set by the gate: whether this step creates state (fused drivers rebuild tables)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str,
                  master_weights: bool, skip_nonfinite: bool, capturable: bool = False) -> None:
@@ -412,6 +413,7 @@ class TrustRatioOptimizer(Optimizer):
         tensor on the first bucket's device that the update applies on the device.
         """
         device = buckets[0].device
+        self._creating_state = any(self._missing_state(b, st) for b in buckets for st in b.states)
         ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all()
         if found_inf is not None:
             ok = ok & (found_inf.to(device) == 0)
@@ -419,7 +421,7 @@ class TrustRatioOptimizer(Optimizer):
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)
             return None
-        if any(self._missing_state(b, st) for b in buckets for st in b.states):
+        if self._creating_state:
             # Creating state (a momentum buffer, master weights) depends on whether
             # the step happens, so the first step of a parameter reads the flag.
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
