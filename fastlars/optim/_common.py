@@ -287,20 +287,23 @@ class TrustRatioOptimizer(Optimizer):
                 self._in_step = False
             by_dtype: dict[torch.dtype, Bucket] = {}
             device = None
+            # per-parameter checks run at every step: kept to plain attribute reads (host time)
             for pos, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse or g.layout != torch.strided:
+                if g.layout != torch.strided:
                     raise ValueError(f"{_describe(gi, pos, p)} has a sparse gradient; "
                                      f"{type(self).__name__} supports dense gradients only")
-                if g.shape != p.shape or g.device != p.device:
+                p_device = p.device
+                if g.shape != p.shape or g.device != p_device:
                     raise ValueError(f"{_describe(gi, pos, p)} has a gradient of shape {tuple(g.shape)} "
-                                     f"on {g.device}; expected shape {tuple(p.shape)} on {p.device}")
-                if device is not None and p.device != device:
-                    raise ValueError(f"{_describe(gi, pos, p)} is on {p.device} but param_groups[{gi}] "
-                                     f"already has parameters on {device}")
-                device = p.device
+                                     f"on {g.device}; expected shape {tuple(p.shape)} on {p_device}")
+                if p_device != device:
+                    if device is not None:
+                        raise ValueError(f"{_describe(gi, pos, p)} is on {p_device} but param_groups[{gi}] "
+                                         f"already has parameters on {device}")
+                    device = p_device
                 b = by_dtype.get(p.dtype)
                 if b is None:
                     b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], state_dtype(p))
@@ -413,7 +416,7 @@ class TrustRatioOptimizer(Optimizer):
         tensor on the first bucket's device that the update applies on the device.
         """
         device = buckets[0].device
-        self._creating_state = any(self._missing_state(b, st) for b in buckets for st in b.states)
+        self._creating_state = self._creates_state(buckets)
         ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all()
         if found_inf is not None:
             ok = ok & (found_inf.to(device) == 0)
@@ -462,11 +465,15 @@ class TrustRatioOptimizer(Optimizer):
                 if self.master_weights and b.low_precision and "master_param" not in st:
                     st["master_param"] = p.detach().to(b.compute_dtype, memory_format=torch.preserve_format)
 
-    def _missing_state(self, b: Bucket, state: dict[str, Any]) -> bool:
-        """True when this step would create state for the parameter."""
-        if self.master_weights and b.low_precision and "master_param" not in state:
-            return True
-        return any(key not in state for key in self._state_keys_for(b.group))
+    def _creates_state(self, buckets: list[Bucket]) -> bool:
+        """True when this step would create state for some parameter."""
+        for b in buckets:
+            keys = self._state_keys_for(b.group)
+            if self.master_weights and b.low_precision:
+                keys = (*keys, "master_param")
+            if any(key not in state for state in b.states for key in keys):
+                return True
+        return False
 
     def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
