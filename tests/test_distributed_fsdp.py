@@ -152,3 +152,54 @@ def test_dcp_checkpoint_resumes_identically(tmp_path):
                  nprocs=2, join=True)
     for a, b in zip(torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")):
         assert torch.equal(a, b)
+
+
+def _placements_worker(rank, world, store, backend, out_file):
+    """A Shard(0) DTensor, a Replicate DTensor and a plain tensor in one optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    full, grads = _placement_tensors()
+    for name, (cls, kwargs, per_step) in OPTIMIZERS.items():
+        # clones: a Replicate DTensor may share the storage it was made from
+        ps = [torch.nn.Parameter(distribute_tensor(full[0].clone(), mesh, [Shard(0)])),
+              torch.nn.Parameter(distribute_tensor(full[1].clone(), mesh, [Replicate()])),
+              torch.nn.Parameter(full[2].clone())]
+        opt = cls(ps, backend=backend, **kwargs)
+        for step in range(3):
+            for p, g in zip(ps, grads[step]):
+                p.grad = distribute_tensor(g, mesh, p.placements) if hasattr(p, "placements") else g.clone()
+            opt.step()
+        result = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in ps]
+        if rank == 0:
+            torch.save(result, f"{out_file}.{name}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it
+
+
+def _placement_tensors():
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(5, 3, generator=g), torch.randn(4, 2, generator=g), torch.randn(6, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in full] for _ in range(3)]
+    return full, grads
+
+
+@pytest.mark.parametrize("backend", [b for b in ("foreach", "cpu") if b in BACKENDS])
+def test_replicated_and_plain_tensors_are_counted_once(backend, tmp_path):
+    """Norms of Replicate-placed and plain tensors must not be multiplied by the world size."""
+    out = tmp_path / "params"
+    mp.spawn(_placements_worker, args=(2, str(tmp_path / "store"), backend, str(out)), nprocs=2, join=True)
+    full, grads = _placement_tensors()
+    for name, (cls, kwargs, _) in OPTIMIZERS.items():
+        ps = [torch.nn.Parameter(t.clone()) for t in full]
+        opt = cls(ps, backend=backend, **kwargs)
+        for step in range(3):
+            for p, g in zip(ps, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+        for got, want in zip(torch.load(f"{out}.{name}"), ps):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
