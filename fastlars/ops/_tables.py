@@ -161,19 +161,24 @@ def check_state_layouts(merged, params, weights, keys: tuple[str, ...], extra=()
 # ----------------------------------------------------------------------------
 # norms partials: one row per chunk (Triton, CUDA) or per tensor (C++ CPU)
 
-def _rows_per_tensor(merged, chunk: int | None) -> Tensor:
-    """How many partials rows each tensor of a launch has: ceil(numel / chunk), none for
-    an empty tensor (the launch skips it); one each when ``chunk`` is None."""
+def _row_layout(merged, chunk: int | None) -> tuple[Tensor, Tensor]:
+    """How many partials rows each tensor of a launch has (ceil(numel / chunk), none for an
+    empty tensor, which the launch skips; one each when ``chunk`` is None), and its first row."""
     numels = torch.tensor([p.numel() for p in flat(merged, "params")], dtype=torch.int64)
-    return torch.ones_like(numels) if chunk is None else (numels + chunk - 1) // chunk
+    counts = torch.ones_like(numels) if chunk is None else (numels + chunk - 1) // chunk
+    return counts, counts.cumsum(0) - counts
+
+
+def _sharded_flags(launches) -> Tensor:
+    """Per tensor of every launch: whether its sums add up across ranks (see _sharded.reduce_sums)."""
+    return torch.tensor([s for merged in launches for s in flat(merged, "sharded")], dtype=torch.bool)
 
 
 def tensor_sums(partials: Tensor, merged, chunk: int | None) -> Tensor:
     """Per-tensor sums of a launch's partials rows, added in a fixed order (deterministic)."""
-    counts = _rows_per_tensor(merged, chunk)
     if chunk is None:
         return partials
-    starts = counts.cumsum(0) - counts
+    counts, starts = _row_layout(merged, chunk)
     width = int(counts.max()) if counts.numel() else 0
     offsets = torch.arange(width)
     # a (tensor, row) gather; slots past a tensor's rows point at an appended zero row
@@ -189,13 +194,11 @@ def reduce_partials(opt, contexts: list[Merged], chunk: int | None) -> None:
     from ..optim import _sharded
 
     sums = [tensor_sums(c.partials, c.buckets, chunk) for c in contexts]
-    flags = torch.tensor([s for c in contexts for s in flat(c.buckets, "sharded")], dtype=torch.bool)
-    total = _sharded.reduce_sums(torch.cat(sums), flags, opt._mesh)
+    total = _sharded.reduce_sums(torch.cat(sums), _sharded_flags(c.buckets for c in contexts), opt._mesh)
     for c, part in zip(contexts, total.split([s.shape[0] for s in sums])):
-        counts = _rows_per_tensor(c.buckets, chunk)
-        first = (counts.cumsum(0) - counts)[counts > 0].to(c.partials.device)
+        counts, starts = _row_layout(c.buckets, chunk)
         c.partials.zero_()
-        c.partials[first] = part[counts > 0].to(c.partials)
+        c.partials[starts[counts > 0].to(c.partials.device)] = part[counts > 0].to(c.partials)
 
 
 def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None, device) -> Tensor:
@@ -207,5 +210,5 @@ def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None
     from ..optim import _sharded
 
     sums = torch.cat([tensor_sums(partials, merged, chunk)[:, 1] for merged, partials in launches])
-    flags = torch.tensor([s for merged, _ in launches for s in flat(merged, "sharded")], dtype=torch.bool)
+    flags = _sharded_flags(merged for merged, _ in launches)
     return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt().to(device)

@@ -91,7 +91,7 @@ def launch_cache(opt) -> LaunchCache:
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
                  group_of: list[int], first: list[bool], group_rows: list[list[float | Tensor]],
-                 acc_dtype: torch.dtype, cache: LaunchCache | None = None, validate=None) -> Launch:
+                 acc_dtype: torch.dtype, cache: LaunchCache, validate=None) -> Launch:
     """Tables for one launch. Empty tensors are left out (nothing to update, norm 0).
 
     A group-row entry may be a one-element tensor (a tensor ``lr``): it is copied into
@@ -127,12 +127,9 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
                       write_param), host
 
-    if cache is None:
-        launch = build()[0]
-    else:
-        key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), host_rows,
-               tuple((i, j) for i, j, _ in tensor_entries))
-        launch = cache.get(key, build, device)
+    key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), host_rows,
+           tuple((i, j) for i, j, _ in tensor_entries))
+    launch = cache.get(key, build, device)
     for i, j, value in tensor_entries:
         launch.groups[i, j].copy_(value.reshape(()))
     return launch

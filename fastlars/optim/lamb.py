@@ -184,10 +184,10 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
         moments.append((m, v))
         directions.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
     if u_norm_only:
-        return _stacked_norms(directions, b.compute_dtype)
+        return _stacked_norms(directions)
     ratios = [1.0] * len(directions)
     if norms is not None:
-        u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions, b.compute_dtype)
+        u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions)
         ratios = lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind()
     for w, state, (m, v), u, r in zip(b.weights, b.states, moments, directions, ratios):
         state["exp_avg"].copy_(m)
@@ -197,9 +197,7 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
     return None
 
 
-def _stacked_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
-    if not tensors:
-        return torch.zeros(0, dtype=dtype)
+def _stacked_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in tensors])
 
 
@@ -253,7 +251,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         torch._foreach_add_(u, weights, alpha=weight_decay)
 
     if u_norm_only:
-        return torch.stack(torch._foreach_norm(u, 2)) if u else torch.zeros(0, dtype=b.compute_dtype)
+        return torch.stack(torch._foreach_norm(u, 2))
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else torch.stack(torch._foreach_norm(u, 2))
         torch._foreach_mul_(u, lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind())
