@@ -7,7 +7,8 @@ On a GPU an eager step costs at least this much CPU time whatever the kernels ta
 speed of small and many-tensor workloads; a step captured in a CUDA graph
 (``capturable=True``) does not pay it. Runs on any machine: the Triton kernels are
 replaced by no-ops, the bookkeeping (validation, operands, launch-table keys, gate,
-step counters) runs as in a real step. Workloads as bench/optim_step.py.
+step counters) runs as in a real step. Workloads as bench/optim_step.py; each also with
+a float lr changed before every step (what an lr scheduler does: ``schedule`` rows).
 Writes <results>/host_overhead-<date>.json.
 """
 
@@ -50,16 +51,20 @@ def run(steps: int) -> dict:
     for workload in ("resnet50", "tiny2000"):
         shapes = WORKLOADS[workload]()
         for name, kwargs in OPTIMIZERS.items():
-            params = make_params(shapes, "cpu")
-            opt = getattr(fastlars, name)(groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
-            for _ in range(3):  # state, cached tables
-                opt.step()
-            start = time.perf_counter()
-            for _ in range(steps):
-                opt.step()
-            ms = (time.perf_counter() - start) / steps * 1e3
-            rows.append(dict(workload=workload, tensors=len(shapes), optimizer=name, host_ms_per_step=ms,
-                             us_per_tensor=ms * 1e3 / len(shapes)))
+            for schedule in (False, True):
+                params = make_params(shapes, "cpu")
+                opt = getattr(fastlars, name)(groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
+                for _ in range(3):  # state, cached tables
+                    opt.step()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    if schedule:  # a float lr that changes at every step, as a scheduler sets it
+                        for group in opt.param_groups:
+                            group["lr"] *= 0.999
+                    opt.step()
+                ms = (time.perf_counter() - start) / steps * 1e3
+                rows.append(dict(workload=workload, tensors=len(shapes), optimizer=name, schedule=schedule,
+                                 host_ms_per_step=ms, us_per_tensor=ms * 1e3 / len(shapes)))
     return dict(benchmark="host_overhead", date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 device="host CPU (kernels stubbed)", torch=torch.__version__, triton=_version("triton"),
                 fastlars=fastlars.__version__, rows=rows)
@@ -72,9 +77,10 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     result = run(args.steps)
-    print(f"{'workload':<10} {'tensors':>7} {'optimizer':<9} {'host ms/step':>12} {'us/tensor':>9}")
+    print(f"{'workload':<10} {'tensors':>7} {'optimizer':<9} {'schedule':<8} {'host ms/step':>12} {'us/tensor':>9}")
     for r in result["rows"]:
-        print(f"{r['workload']:<10} {r['tensors']:>7} {r['optimizer']:<9} {r['host_ms_per_step']:>12.2f} "
+        print(f"{r['workload']:<10} {r['tensors']:>7} {r['optimizer']:<9} {str(r['schedule']):<8} "
+              f"{r['host_ms_per_step']:>12.2f} "
               f"{r['us_per_tensor']:>9.2f}")
     if not args.no_save:
         write_results(result, "host_overhead", args.results)
