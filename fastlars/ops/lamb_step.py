@@ -155,7 +155,7 @@ class _Prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row, keep_tensors=True)
         self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
                                       merged[0].compute_dtype, mt.launch_cache(opt), validate)
-        self.keep_alive = (grads, moments)  # the table holds raw pointers to these
+        self.keep_alive = (grads, weights, moments)  # the table holds raw pointers to these
 
 
 def _scalar_args(launch, global_norm, inv_scale):

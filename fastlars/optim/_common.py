@@ -495,9 +495,15 @@ class TrustRatioOptimizer(Optimizer):
             torch._foreach_copy_(b.params, b.weights)
 
     def _weights_for_norm(self, b: Bucket) -> list[Tensor]:
-        """Weights whose norm the trust ratio uses, before state exists (read-only)."""
+        """Weights whose norm the trust ratio uses, before state exists (read-only).
+
+        With master weights, a parameter without its master yet (its first step) reads as
+        an fp32 copy, not as itself: a fused launch reads one weight dtype, and a
+        late-joining bf16 parameter shares it with parameters that have fp32 masters.
+        """
         if b.low_precision and self.master_weights:
-            return [st.get("master_param", p) for p, st in zip(b.params, b.states)]
+            masters = (st.get("master_param") for st in b.states)
+            return [p.to(b.compute_dtype) if m is None else m for p, m in zip(b.params, masters)]
         return b.params
 
     # -- state_dict -------------------------------------------------------------
