@@ -1,7 +1,9 @@
 """The triton backend's step without host reads: a tensor lr that a scheduler updates in
 place, launch tables reused from step to step (what lets a CUDA graph capture the step),
-and the checks of ``capturable=True``. Runs under the Triton interpreter on the CPU; the
-capture and replay itself is in test_fused_gpu.py."""
+and the checks of ``capturable=True``. Runs under the Triton interpreter on the CPU and
+compiled on a GPU; the capture and replay itself is in test_fused_gpu.py."""
+
+import os
 
 import pytest
 import torch
@@ -9,18 +11,28 @@ import torch
 import fastlars
 from fastlars.ops import multi_tensor
 
-pytestmark = [pytest.mark.skipif("triton" not in fastlars.available_backends(), reason="needs triton"),
-              pytest.mark.usefixtures("triton_interpreter")]
+pytestmark = pytest.mark.skipif("triton" not in fastlars.available_backends(), reason="needs triton")
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """CPU tensors under the Triton interpreter, or CUDA tensors with compiled kernels
+    (a process has one or the other: the interpreter is chosen when fastlars.ops is imported)."""
+    if request.param == "cpu":
+        request.getfixturevalue("triton_interpreter")
+    elif not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiled Triton needs CUDA")
+    return torch.device(request.param)
 
 OPTIMIZERS = {"LARS": dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, nesterov=True),
               "LAMB": dict(weight_decay=0.01, max_grad_norm=0.5)}
 LR = {"LARS": 0.5, "LAMB": 0.02}
 
 
-def make_params(seed=0):
+def make_params(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(7, 5), (13,), (1,), (3, 2, 3)]
-    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
 
 
 def groups(params):
@@ -32,24 +44,25 @@ def fill_grads(params, step):
     """New gradient values written into the same .grad tensors (as with zero_grad(set_to_none=False))."""
     g = torch.Generator().manual_seed(100 + step)
     for p in params:
-        value = torch.randn(p.shape, generator=g)
+        value = torch.randn(p.shape, generator=g).to(p.device)
         if p.grad is None:
             p.grad = value
         else:
             p.grad.copy_(value)
 
 
-def twin(name, lr, **kwargs):
-    params = make_params()
+def twin(name, lr, device, **kwargs):
+    params = make_params(device)
     opt = getattr(fastlars, name)(groups(params), lr=lr, **{**OPTIMIZERS[name], **kwargs})
     return params, opt
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_tensor_lr_updated_in_place_by_a_scheduler(name):
+def test_tensor_lr_updated_in_place_by_a_scheduler(name, device):
     """The lr column of the cached device table is refreshed from the tensor at every step."""
-    params, opt = twin(name, torch.tensor(LR[name]), backend="triton", capturable=True, skip_nonfinite=True)
-    ref_params, ref = twin(name, LR[name], backend="reference")
+    params, opt = twin(name, torch.tensor(LR[name], device=device), device, backend="triton", capturable=True,
+                       skip_nonfinite=True)
+    ref_params, ref = twin(name, LR[name], device, backend="reference")
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (opt, ref)]
     lr_tensor = opt.param_groups[0]["lr"]
     for step in range(4):
@@ -65,9 +78,9 @@ def test_tensor_lr_updated_in_place_by_a_scheduler(name):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_launch_tables_are_reused_until_something_changes(name):
-    params, opt = twin(name, LR[name], backend="triton")
-    ref_params, ref = twin(name, LR[name], backend="reference")
+def test_launch_tables_are_reused_until_something_changes(name, device):
+    params, opt = twin(name, LR[name], device, backend="triton")
+    ref_params, ref = twin(name, LR[name], device, backend="reference")
 
     def step(i):
         fill_grads(params, i)
@@ -97,7 +110,7 @@ def test_launch_cache_is_bounded_and_keyed_by_content():
     def build(tag):
         def make():
             built.append(tag)
-            return tag, None
+            return tag
         return make
 
     device = torch.device("cpu")
@@ -109,8 +122,8 @@ def test_launch_cache_is_bounded_and_keyed_by_content():
     assert built == ["A", "B", "C", "A3"] and cache.builds == 4
 
 
-def test_capturable_needs_triton_and_device_side_skipping():
-    params = make_params()
+def test_capturable_needs_triton_and_device_side_skipping(device):
+    params = make_params(device)
     with pytest.raises(ValueError, match="capturable=True needs backend='triton'"):
         fastlars.LARS(params, lr=0.1, backend="foreach", capturable=True, skip_nonfinite=True)
     with pytest.raises(ValueError, match="capturable=True needs skip_nonfinite=True"):
@@ -119,9 +132,9 @@ def test_capturable_needs_triton_and_device_side_skipping():
         fastlars.LAMB(params, backend="triton", capturable="yes", skip_nonfinite=True)
 
 
-def test_bad_tensor_lr_is_named():
-    params = make_params()
+def test_bad_tensor_lr_is_named(device):
+    params = make_params(device)
     with pytest.raises(ValueError, match="lr"):
-        fastlars.LARS(params, lr=torch.tensor([0.1, 0.2]), backend="triton")
+        fastlars.LARS(params, lr=torch.tensor([0.1, 0.2], device=device), backend="triton")
     with pytest.raises(ValueError, match="invalid lr"):
-        fastlars.LARS(params, lr=torch.tensor(-1.0), backend="triton")
+        fastlars.LARS(params, lr=torch.tensor(-1.0, device=device), backend="triton")

@@ -133,3 +133,61 @@ def test_cuda_graph_capture_and_replay(name, kwargs, lr0):
     for p, q in zip(params, eager_params):
         assert torch.equal(p, q)
     assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(momentum=0.9, nesterov=True, trust_coefficient=0.02)),
+                                          ("LAMB", dict(max_grad_norm=1.0))])
+def test_capture_after_one_eager_step(name, kwargs):
+    """The documented recipe exactly: one eager step (bf16 with master weights, which
+    creates the state), then capture. Then more eager steps than the launch cache holds,
+    each with new gradient tensors (new tables, evicting the captured ones), and replays
+    with and without a NaN: the graph must still read its own (pinned) tables, and the
+    skip counter must count every skipped replay."""
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("needs triton")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(64, 33), (129,), (1,), (5, 3, 3, 3)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g).bfloat16()) for s in shapes]
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    cls = getattr(fastlars, name)
+    opt = cls(params, lr=torch.tensor(0.05, device="cuda"), backend="triton", capturable=True, skip_nonfinite=True,
+              master_weights=True, **kwargs)
+    eager = cls(twin, lr=0.05, backend="triton", skip_nonfinite=True, master_weights=True, **kwargs)
+    static = [torch.zeros_like(p) for p in params]  # the gradients the graph reads
+
+    def set_grads(grads, nan=False):
+        for p, q, s, gr in zip(params, twin, static, grads):
+            s.copy_(gr)
+            p.grad, q.grad = s, gr.clone()
+        if nan:
+            static[0][0, 0] = float("nan")
+            twin[0].grad[0, 0] = float("nan")
+
+    def random_grads():
+        return [torch.randn(p.shape, device="cuda", generator=g).bfloat16() for p in params]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        set_grads(random_grads())
+        opt.step()  # the one eager step
+        eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(opt._launch_cache.size + 2):  # new gradient tensors: new tables, the captured ones evicted
+        grads = random_grads()
+        for p, q, gr in zip(params, twin, grads):
+            p.grad, q.grad = gr, gr.clone()
+        opt.step()
+        eager.step()
+    for nan in (False, True, False, True, False):
+        set_grads(random_grads(), nan)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    assert opt.skipped_steps == eager.skipped_steps == 2
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])

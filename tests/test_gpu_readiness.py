@@ -53,3 +53,134 @@ def test_master_weights_with_a_late_parameter(backend, device, name, late, skip_
         torch.testing.assert_close(opt.state[p]["master_param"], oracle.state[q]["master_param"],
                                    rtol=1e-5, atol=1e-6)
         assert torch.equal(p, q.to(p.dtype)) or torch.equal(p, opt.state[p]["master_param"].to(p.dtype))
+
+
+# ---------------------------------------------------------------------------
+# fault 2: the CUDA-graph recipe, "one eager step, then capture"
+
+CAPTURABLE = {"LARS": dict(momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02),
+              "LAMB": dict(weight_decay=0.01, max_grad_norm=0.5)}
+
+
+def _capturable_run(name, dtype=torch.bfloat16):
+    """A capturable triton optimizer (bf16 parameters with masters, a tensor lr) and a
+    function writing new gradient values in place (the graph's static gradients)."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in ((7, 5), (13,), (3, 2, 3))]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = getattr(fastlars, name)(params, lr=torch.tensor(0.05), backend="triton", capturable=True,
+                                  skip_nonfinite=True, master_weights=dtype != torch.float32,
+                                  **CAPTURABLE[name])
+
+    def new_grads(nan=False):
+        for p in params:
+            p.grad.copy_(torch.randn(p.shape, generator=g))
+        if nan:
+            params[1].grad[3] = float("nan")
+
+    return params, opt, new_grads
+
+
+class _Recorder:
+    """Stands in for a Triton kernel and records the variant of each launch (argument
+    dtypes and constexprs: what Triton compiles one binary for) before running it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            dtypes = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+            self.log.append((self.name, dtypes, tuple(sorted((k, str(v)) for k, v in kwargs.items()))))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _record_launches(monkeypatch) -> list:
+    from fastlars.ops import lamb_step, lars_step, multi_tensor
+
+    log = []
+    for module in (lars_step, lamb_step, multi_tensor):
+        for attr in dir(module):
+            if attr.endswith("_kernel"):
+                monkeypatch.setattr(module, attr, _Recorder(getattr(module, attr), attr, log))
+    return log
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_state_creating_step_launches_every_later_variant(name, monkeypatch):
+    """capturable=True: the first (state-creating) eager step launches the kernel variants
+    of every later step, so none is first compiled (a module load) during a capture."""
+    log = _record_launches(monkeypatch)
+    params, opt, new_grads = _capturable_run(name)
+    new_grads()
+    opt.step()
+    first = set(log)
+    log.clear()
+    for nan in (False, True):
+        new_grads(nan)
+        opt.step()
+    assert log and set(log) <= first, sorted(set(log) - first)
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_one_eager_step_then_a_capture(name, monkeypatch):
+    """The documented recipe on the CPU, with the capture stood in by is_capturing: after
+    exactly one eager step nothing is built during the capture, the launches it uses are
+    pinned, and the skip counter is a device tensor that the captured step adds to."""
+    from fastlars.optim import _common
+
+    params, opt, new_grads = _capturable_run(name)
+    new_grads()
+    opt.step()
+    counter = opt._skipped_steps
+    assert isinstance(counter, torch.Tensor) and int(counter) == 0
+    cache = opt._launch_cache
+    builds = cache.builds
+    monkeypatch.setattr(_common, "is_capturing", lambda device: True)
+    new_grads(nan=True)
+    opt.step()  # "captured": a table build here would raise
+    assert cache.builds == builds
+    recent = [id(launch) for launch in cache._recent.values()]
+    assert cache.pinned and all(key in recent for key in cache.pinned)
+    assert opt._skipped_steps is counter and int(counter) == 1
+    for p in params:  # skipped on the device: masters untouched since the eager step
+        assert torch.equal(p, opt.state[p]["master_param"].to(p.dtype))
+
+
+def test_cache_hit_during_a_capture_is_pinned(monkeypatch):
+    """A graph reads the tables of every launch it captured, hits included: they must
+    outlive their eviction from the cache of recent launches."""
+    from fastlars.ops import multi_tensor
+    from fastlars.optim import _common
+
+    cache = multi_tensor.LaunchCache(size=2)
+    device = torch.device("cpu")
+    hit = cache.get(("a",), lambda: ["tables a"], device)
+    monkeypatch.setattr(_common, "is_capturing", lambda device: True)
+    assert cache.get(("a",), lambda: ["rebuilt"], device) is hit
+    with pytest.raises(RuntimeError, match="no eager step built"):
+        cache.get(("b",), lambda: ["tables b"], device)  # nothing is built during a capture
+    monkeypatch.setattr(_common, "is_capturing", lambda device: False)
+    for key in "bcd":  # more distinct keys than the cache holds: "a" is evicted
+        cache.get((key,), lambda: [key], device)
+    assert ("a",) not in cache._recent
+    assert any(launch is hit for launch in cache.pinned.values())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "foreach", "triton"])
+def test_skip_counter_is_a_device_tensor_after_the_first_step(backend):
+    if backend not in AVAILABLE:
+        pytest.skip(f"needs {backend}")
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = fastlars.LARS([p], lr=0.1, backend=backend, skip_nonfinite=True)
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    counter = opt._skipped_steps
+    assert isinstance(counter, torch.Tensor) and counter.device == p.device and opt.skipped_steps == 0
+    p.grad[0, 0] = float("inf")
+    opt.step()
+    assert opt._skipped_steps is counter and opt.skipped_steps == 1

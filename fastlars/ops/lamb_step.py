@@ -206,3 +206,5 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(steps, 1.0 if ok is None else ok.to(torch.float32))
+        if opt.capturable and opt._creating_state:
+            _Prepared(opt, ctx.buckets, for_update=False)  # the next step's tables: "one eager step, then capture"

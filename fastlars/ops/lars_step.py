@@ -84,16 +84,22 @@ def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
                            merged[0].compute_dtype, mt.launch_cache(opt), validate)
 
 
+def _norms_launch(opt, merged):
+    """Launch 1's tables, and the tensors they point to. They hold the momentum buffers
+    already, so that the update can reuse them."""
+    params, grads, weights = tb.operands(opt, merged, for_update=False)
+    validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
+    launch = _launch(opt, merged, params, grads, weights, tb.existing_buffers(merged), [False] * len(params),
+                     validate)
+    return launch, (grads, weights)
+
+
 def lars_norms(opt, buckets, inv_scale):
-    """Launch 1 for every (device, dtype): returns the context and the partials to check.
-    Its tables already hold the momentum buffers, so that the update can reuse them."""
+    """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
     for merged in tb.merge_buckets(buckets):
-        params, grads, weights = tb.operands(opt, merged, for_update=False)
-        validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
-        launch = _launch(opt, merged, params, grads, weights, tb.existing_buffers(merged), [False] * len(params),
-                         validate)
-        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, grads))
+        launch, keep_alive = _norms_launch(opt, merged)
+        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(opt, contexts, mt.CHUNK)
     return contexts, [c.partials[:, :2] for c in contexts]
@@ -107,6 +113,8 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
             params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
             bufs, first = tb.lars_buffers(ctx.buckets)
             launch = _launch(opt, ctx.buckets, params, grads, weights, bufs, first)
+            if opt.capturable:
+                _norms_launch(opt, ctx.buckets)  # the next step's tables: "one eager step, then capture"
         if not launch.n_chunks:
             continue
         device = launch.table.device

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..optim import _common
+
 
 # Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
 (COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS,
@@ -54,29 +56,38 @@ class LaunchCache:
     sizes, group hyper-parameters).
 
     A step whose tensors and hyper-parameters are those of a recent step reuses its
-    tables: no host-to-device copy, no allocation. A table built while a CUDA graph is
-    being captured is kept for the optimizer's lifetime, because the graph copies it
-    from host memory at every replay (the copy is a node of the graph).
+    tables: no host-to-device copy, no allocation. A table used while a CUDA graph is
+    being captured is pinned (kept for the optimizer's lifetime): the graph reads its
+    device memory at every replay, and an eviction would free it. No table is built
+    during a capture (a build copies from host memory): a miss there raises, and the
+    drivers build the next step's tables in the state-creating eager step when
+    ``capturable=True``, so that one eager step before the capture is enough.
     """
 
     def __init__(self, size: int = 16) -> None:
         self.size = size
         self.builds = 0  # tables built, each one copy to the device
         self._recent: OrderedDict = OrderedDict()
-        self._captured: list[tuple[Launch, tuple]] = []
+        self.pinned: dict[int, Launch] = {}  # id -> a launch a captured graph reads
 
     def get(self, key: tuple, build, device: torch.device) -> Launch:
+        capturing = _common.is_capturing(device)
         launch = self._recent.get(key)
         if launch is not None:
             self._recent.move_to_end(key)
-            return launch
-        launch, host = build()
-        self.builds += 1
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._captured.append((launch, host))
-        self._recent[key] = launch
-        if len(self._recent) > self.size:
-            self._recent.popitem(last=False)
+        elif capturing:
+            raise RuntimeError("a CUDA graph is being captured but this step needs launch tables that no eager "
+                               "step built (a tensor, its layout or a hyper-parameter changed since the last eager "
+                               "step): take an eager step with the tensors and values the graph will use, then "
+                               "capture; give lr as a tensor to change it between replays")
+        else:
+            launch = build()
+            self.builds += 1
+            self._recent[key] = launch
+            if len(self._recent) > self.size:
+                self._recent.popitem(last=False)
+        if capturing:
+            self.pinned[id(launch)] = launch
         return launch
 
 
@@ -109,7 +120,7 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
     tensor_entries = [(i, j, x) for i, r in enumerate(group_rows) for j, x in enumerate(r) if isinstance(x, Tensor)]
     host_rows = tuple(tuple(0.0 if isinstance(x, Tensor) else float(x) for x in r) for r in group_rows)
 
-    def build() -> tuple[Launch, tuple]:
+    def build() -> Launch:
         if validate is not None:
             validate()
         rows, chunk_rows = [], []
@@ -125,7 +136,7 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         table, chunks, groups = (t.to(device, non_blocking=True) for t in host)
         write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
         return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
-                      write_param), host
+                      write_param)
 
     key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), host_rows,
            tuple((i, j) for i, j, _ in tensor_entries))

@@ -190,6 +190,12 @@ def cache_sized_slices(b: Bucket, per_tensor: Tensor | None) -> Iterator[tuple[B
             start, elements = i + 1, 0
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph now (one home for
+    the check, so that CPU tests can stand in a capture by replacing it)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
@@ -424,18 +430,21 @@ class TrustRatioOptimizer(Optimizer):
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)
             return None
+        if self._creating_state and is_capturing(device):
+            raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA graph but some "
+                               "parameters have no state yet: take one eager step before capturing "
+                               "(the first step creates the state)")
+        # counted on the device from the first step on: the counter is then a device
+        # tensor that a captured graph adds to in place at every replay
+        self._count_skip((~ok).to(torch.int64))
         if self._creating_state:
             # Creating state (a momentum buffer, master weights) depends on whether
             # the step happens, so the first step of a parameter reads the flag.
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA graph but some "
-                                   "parameters have no state yet: take one eager step before capturing "
-                                   "(the first step creates the state)")
             if not bool(ok):
-                self._count_skip(torch.ones((), dtype=torch.int64, device=device))
                 return False
-            return None
-        self._count_skip((~ok).to(torch.int64))
+            # capturable: the update gets the device flag as on every later step, so the
+            # same kernel variants run (none is first compiled during a capture)
+            return ok if self.capturable else None
         return ok
 
     def _count_skip(self, skipped: Tensor) -> None:
