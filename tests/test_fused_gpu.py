@@ -191,3 +191,33 @@ def test_capture_after_one_eager_step(name, kwargs):
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["master_param"], eager.state[q]["master_param"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name, kwargs", [("LARS", dict(lr=0.5, momentum=0.9, trust_coefficient=0.02)),
+                                          ("LAMB", dict(lr=1e-2, max_grad_norm=1.0))])
+def test_parameters_on_a_second_gpu(backend, name, kwargs):
+    """Launches run on the parameters' device, not the current one (cuda:0 here), and the
+    step's device scalars (ok, inv_scale, global norm) follow them: one group on cuda:1
+    alone, then groups on cuda:0 and cuda:1 in one optimizer; skipping mode (device ok)."""
+    assert torch.cuda.current_device() == 0
+    g = torch.Generator().manual_seed(0)
+    shapes = [(33, 17), (129,), (1,)]
+    for devices in (["cuda:1"], ["cuda:0", "cuda:1"]):
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(d)) for d in devices for s in shapes]
+        oracle_params = [p.detach().clone().requires_grad_() for p in params]
+        groups = lambda ps: [{"params": ps[i * len(shapes):(i + 1) * len(shapes)]} for i in range(len(devices))]
+        opt = getattr(fastlars, name)(groups(params), backend=backend, skip_nonfinite=True, **kwargs)
+        oracle = getattr(fastlars, name)(groups(oracle_params), backend="reference", skip_nonfinite=True, **kwargs)
+        for step in range(3):
+            for p, q in zip(params, oracle_params):
+                p.grad = torch.randn(p.shape, generator=g).to(p.device)
+                q.grad = p.grad.clone()
+            if step == 1:
+                params[-1].grad[0] = oracle_params[-1].grad[0] = float("nan")  # skipped everywhere
+            opt.step()
+            oracle.step()
+        assert opt.skipped_steps == oracle.skipped_steps == 1
+        for p, q in zip(params, oracle_params):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -184,3 +184,37 @@ def test_skip_counter_is_a_device_tensor_after_the_first_step(backend):
     p.grad[0, 0] = float("inf")
     opt.step()
     assert opt._skipped_steps is counter and opt.skipped_steps == 1
+
+
+# ---------------------------------------------------------------------------
+# fault 3: every launch runs on its tensors' device
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': each launch must run
+    inside tb.on_device(<its parameters' device>), and get its device scalars there."""
+    import contextlib
+
+    from fastlars.ops import _tables
+
+    current = []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(_tables, "on_device", recording_guard)
+    log = _record_launches(monkeypatch)
+    launches = []
+    monkeypatch.setattr(_Recorder, "__getitem__", lambda self, grid: lambda *args, **kwargs: launches.append(
+        (list(current), {a.device for a in args if isinstance(a, torch.Tensor)})))
+    params, opt, new_grads = _capturable_run(name)
+    for _ in range(2):
+        new_grads()
+        opt.step()
+    assert launches and not log
+    for guards, devices in launches:
+        assert guards == [params[0].device] and devices == {params[0].device}

@@ -4,6 +4,7 @@ Imports neither Triton nor the C++ extension."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,20 @@ class Merged:
     partials: Tensor
     launch: object = None
     keep_alive: object = None
+
+
+def on_device(device: torch.device):
+    """The context of a launch for tensors on ``device``: their CUDA device made current.
+    Triton launches on the current device, not the tensors' (a model on cuda:1 while
+    cuda:0 is current); C++ launches guard themselves (c10::cuda::CUDAGuard)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def scalar_on(t: Tensor | None, device: torch.device, dtype: torch.dtype | None = None) -> Tensor | None:
+    """A device scalar of the step (ok, inv_scale, the global norm; None stays None) on the
+    launch's device: the gate makes ``ok`` on the first group's device, which a group on
+    another device does not share."""
+    return None if t is None else t.to(device=device, dtype=dtype)
 
 
 def merge_buckets(buckets) -> list[list]:

@@ -159,9 +159,9 @@ class _Prepared:
 
 
 def _scalar_args(launch, global_norm, inv_scale):
-    dummy = launch.groups
-    return (global_norm.to(launch.groups.device) if global_norm is not None else dummy,
-            inv_scale.to(launch.groups.device) if inv_scale is not None else dummy)
+    device, dummy = launch.groups.device, launch.groups
+    return (tb.scalar_on(global_norm, device) if global_norm is not None else dummy,
+            tb.scalar_on(inv_scale, device) if inv_scale is not None else dummy)
 
 
 def lamb_norms(opt, buckets, inv_scale):
@@ -176,11 +176,12 @@ def lamb_norms(opt, buckets, inv_scale):
         launch = prep.launch
         partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
         if launch.n_chunks:
-            lamb_norms_kernel[(launch.n_chunks,)](
-                launch.table, launch.chunks, partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
-                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-                ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
-                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+            with tb.on_device(launch.table.device):
+                lamb_norms_kernel[(launch.n_chunks,)](
+                    launch.table, launch.chunks, partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
+                    W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                    ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
+                    HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         contexts.append(tb.Merged(prep.buckets, partials, launch, prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(opt, contexts, mt.CHUNK)
@@ -195,16 +196,19 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         # `prepared` keeps alive what the new tables point to until the kernel has run
         prepared = _Prepared(opt, ctx.buckets, for_update=True) if opt._creating_state else ctx
         launch = prepared.launch
+        device = launch.table.device
         if launch.n_chunks:
-            lamb_update_kernel[(launch.n_chunks,)](
-                launch.table, launch.chunks, ctx.partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
-                ok.to(torch.int32) if ok is not None else launch.groups,
-                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-                ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_CLIP=global_norm is not None,
-                HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK,
-                PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+            with tb.on_device(device):
+                lamb_update_kernel[(launch.n_chunks,)](
+                    launch.table, launch.chunks, ctx.partials, launch.groups,
+                    *_scalar_args(launch, global_norm, inv_scale),
+                    tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
+                    W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                    ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param,
+                    HAS_CLIP=global_norm is not None, HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None,
+                    CHUNK=mt.CHUNK, BLOCK=mt.BLOCK, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
-        torch._foreach_add_(steps, 1.0 if ok is None else ok.to(torch.float32))
+        torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))
         if opt.capturable and opt._creating_state:
             _Prepared(opt, ctx.buckets, for_update=False)  # the next step's tables: "one eager step, then capture"

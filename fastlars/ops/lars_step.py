@@ -118,10 +118,11 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
         if not launch.n_chunks:
             continue
         device = launch.table.device
-        lars_update_kernel[(launch.n_chunks,)](
-            launch.table, launch.chunks, ctx.partials, launch.groups,
-            ok.to(torch.int32) if ok is not None else launch.groups,
-            inv_scale.to(device) if inv_scale is not None else launch.groups,
-            W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-            ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-            HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+        with tb.on_device(device):
+            lars_update_kernel[(launch.n_chunks,)](
+                launch.table, launch.chunks, ctx.partials, launch.groups,
+                tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
+                tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
+                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
+                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..optim import _common
+from . import _tables as tb
 
 
 # Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
@@ -224,7 +225,8 @@ def launch_sumsq(launch: Launch) -> Tensor:
     """Run sumsq_kernel; returns the (n_chunks, 3) partials (third column left for u)."""
     partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
     if launch.n_chunks:
-        sumsq_kernel[(launch.n_chunks,)](
-            launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
-            G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+        with tb.on_device(launch.table.device):
+            sumsq_kernel[(launch.n_chunks,)](
+                launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
+                G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], CHUNK=CHUNK, BLOCK=BLOCK)
     return partials
