@@ -5,6 +5,7 @@ Imports neither Triton nor the C++ extension."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -174,46 +175,65 @@ def check_state_layouts(merged, params, weights, keys: tuple[str, ...], extra=()
 
 
 # ----------------------------------------------------------------------------
-# norms partials: one row per chunk (Triton, CUDA) or per tensor (C++ CPU)
+# norms partials: one row per chunk (C++ CUDA) or per tensor (Triton's totals, C++ CPU)
+#
+# The layouts below are built once on the device and cached (a run repeats its layout at
+# every step): a step makes no blocking host-to-device copy of an index or a flag.
 
-def _row_layout(merged, chunk: int | None) -> tuple[Tensor, Tensor]:
-    """How many partials rows each tensor of a launch has (ceil(numel / chunk), none for an
-    empty tensor, which the launch skips; one each when ``chunk`` is None), and its first row."""
-    numels = torch.tensor([p.numel() for p in flat(merged, "params")], dtype=torch.int64)
-    counts = torch.ones_like(numels) if chunk is None else (numels + chunk - 1) // chunk
-    return counts, counts.cumsum(0) - counts
+@functools.lru_cache(maxsize=32)
+def _row_index(numels: tuple[int, ...], chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For a launch whose tensors have ``numels`` and one partials row per ``chunk``
+    elements (none for an empty tensor): the (tensor, row) gather index of each tensor's
+    rows, slots past a tensor's rows pointing at one appended zero row; the first row of
+    each non-empty tensor; and the positions of those tensors. On the device."""
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    counts = (sizes + chunk - 1) // chunk
+    starts = counts.cumsum(0) - counts
+    offsets = torch.arange(int(counts.max()) if counts.numel() else 0)
+    index = torch.where(offsets < counts[:, None], starts[:, None] + offsets, int(counts.sum()))
+    nonempty = (counts > 0).nonzero().squeeze(1)
+    return index.to(device), starts[nonempty].to(device), nonempty.to(device)
 
 
-def _sharded_flags(launches) -> Tensor:
+@functools.lru_cache(maxsize=32)
+def _flags_on(flags: tuple[bool, ...], device: torch.device) -> Tensor:
+    return torch.tensor(flags, dtype=torch.bool).to(device)
+
+
+def _sharded_flags(launches, device: torch.device) -> Tensor:
     """Per tensor of every launch: whether its sums add up across ranks (see _sharded.reduce_sums)."""
-    return torch.tensor([s for merged in launches for s in flat(merged, "sharded")], dtype=torch.bool)
+    return _flags_on(tuple(s for merged in launches for s in flat(merged, "sharded")), device)
+
+
+def _numels(merged) -> tuple[int, ...]:
+    return tuple(p.numel() for p in flat(merged, "params"))
 
 
 def tensor_sums(partials: Tensor, merged, chunk: int | None) -> Tensor:
     """Per-tensor sums of a launch's partials rows, added in a fixed order (deterministic)."""
     if chunk is None:
         return partials
-    counts, starts = _row_layout(merged, chunk)
-    width = int(counts.max()) if counts.numel() else 0
-    offsets = torch.arange(width)
-    # a (tensor, row) gather; slots past a tensor's rows point at an appended zero row
-    index = torch.where(offsets < counts[:, None], starts[:, None] + offsets, partials.shape[0])
+    index, _, _ = _row_index(_numels(merged), chunk, partials.device)
     padded = torch.cat([partials, partials.new_zeros(1, partials.shape[1])])
-    return padded[index.to(partials.device)].sum(dim=1)
+    return padded[index].sum(dim=1)
 
 
 def reduce_partials(opt, contexts: list[Merged], chunk: int | None) -> None:
     """Sharded parameters (FSDP2): make every launch's norms partials global, in one
-    all-reduce for all launches. Each tensor's global sums go to its first row and its
-    other rows become 0, so the update kernels, which add a tensor's rows, read them."""
+    all-reduce for all launches. Per-chunk rows: each tensor's global sums go to its first
+    row and its other rows become 0, so the update kernels, which add a tensor's rows, read them."""
     from ..optim import _sharded
 
     sums = [tensor_sums(c.partials, c.buckets, chunk) for c in contexts]
-    total = _sharded.reduce_sums(torch.cat(sums), _sharded_flags(c.buckets for c in contexts), opt._mesh)
+    device = contexts[0].partials.device
+    total = _sharded.reduce_sums(torch.cat(sums), _sharded_flags((c.buckets for c in contexts), device), opt._mesh)
     for c, part in zip(contexts, total.split([s.shape[0] for s in sums])):
-        counts, starts = _row_layout(c.buckets, chunk)
+        if chunk is None:
+            c.partials.copy_(part)
+            continue
+        _, first_rows, nonempty = _row_index(_numels(c.buckets), chunk, c.partials.device)
         c.partials.zero_()
-        c.partials[starts[counts > 0].to(c.partials.device)] = part[counts > 0].to(c.partials)
+        c.partials[first_rows] = part[nonempty].to(c.partials)
 
 
 def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None, device) -> Tensor:
@@ -224,6 +244,6 @@ def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None
         return torch.stack(squares).sum().sqrt()
     from ..optim import _sharded
 
-    sums = torch.cat([tensor_sums(partials, merged, chunk)[:, 1] for merged, partials in launches])
-    flags = _sharded_flags(merged for merged, _ in launches)
-    return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt().to(device)
+    sums = torch.cat([tensor_sums(partials, merged, chunk)[:, 1].to(device) for merged, partials in launches])
+    flags = _sharded_flags((merged for merged, _ in launches), device)
+    return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt()

@@ -4,6 +4,7 @@ tensors or param groups:
     [launch 0  sumsq_kernel        only with max_grad_norm > 0: global ||g||     reads g              4 B/elem]
     launch 1   lamb_norms_kernel   per chunk: sum w^2, g^2, u^2 (u recomputed    reads w, g, m, v    16 B/elem
                                    in registers; nothing written but partials)
+               (+ tensor_totals_kernel after launches 0 and 1, per tensor: its chunks' sums, fixed order)
     launch 2   lamb_update_kernel  per chunk: r = ||w||/||u||, update            reads w, g, m, v;
                                                                                  writes w, m, v      28 B/elem
 
@@ -96,12 +97,11 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
 
 
 @triton.jit
-def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scale_ptr, ok_ptr,
+def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale_ptr, ok_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                       PARTIAL_BLOCK: tl.constexpr):
-    row, start, numel, group, chunk0, n_chunks, _ = mt.this_chunk(table, chunks, True)
+                       HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, True)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
@@ -115,9 +115,9 @@ def lamb_update_kernel(table, chunks, partials, groups, global_norm_ptr, inv_sca
     trust_clip = tl.load(hp + 11)
     adapt = tl.load(hp + 12)
 
-    # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1 (fixed order)
-    w_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 0, ACC, PARTIAL_BLOCK))
-    u_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 2, ACC, PARTIAL_BLOCK))
+    # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1's per-tensor totals
+    w_norm = tl.sqrt(tl.load(totals + 3 * row))
+    u_norm = tl.sqrt(tl.load(totals + 3 * row + 2))
     ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
@@ -170,7 +170,7 @@ def lamb_norms(opt, buckets, inv_scale):
     global_norm = None
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
         global_norm = tb.global_grad_norm(opt, [(p.buckets, mt.launch_sumsq(p.launch)) for p in prepared],
-                                          mt.CHUNK, buckets[0].device)
+                                          None, buckets[0].device)
     contexts = []
     for prep in prepared:
         launch = prep.launch
@@ -182,9 +182,9 @@ def lamb_norms(opt, buckets, inv_scale):
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(prep.buckets, partials, launch, prep.keep_alive))
+        contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, 3), launch, prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(opt, contexts, mt.CHUNK)
+        tb.reduce_partials(opt, contexts, None)
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
@@ -206,7 +206,7 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param,
                     HAS_CLIP=global_norm is not None, HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None,
-                    CHUNK=mt.CHUNK, BLOCK=mt.BLOCK, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+                    CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))

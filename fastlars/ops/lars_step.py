@@ -2,6 +2,7 @@
 the number of tensors or param groups.
 
     launch 1  sumsq_kernel        per chunk: sum w^2, sum g^2            reads w, g        8 B/elem
+              (+ tensor_totals_kernel, per tensor: its chunks' sums, in a fixed order)
     launch 2  lars_update_kernel  per chunk: tensor norms -> r, update   reads w, g, buf;
                                                                       writes w, buf      20 B/elem
 
@@ -22,11 +23,11 @@ from . import multi_tensor as mt
 
 
 @triton.jit
-def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
+def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
-    row, start, numel, group, chunk0, n_chunks, first = mt.this_chunk(table, chunks, True)
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True)
     w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
     p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
     g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
@@ -46,9 +47,9 @@ def lars_update_kernel(table, chunks, partials, groups, ok_ptr, inv_scale_ptr,
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
-    # whole-tensor norms from the chunk partials of launch 1 (fixed order: deterministic)
-    w_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 0, ACC, PARTIAL_BLOCK))
-    g_norm = tl.sqrt(mt.tensor_sumsq(partials, chunk0, n_chunks, 1, ACC, PARTIAL_BLOCK)) * inv_scale
+    # whole-tensor norms: launch 1's per-tensor totals
+    w_norm = tl.sqrt(tl.load(totals + 3 * row))
+    g_norm = tl.sqrt(tl.load(totals + 3 * row + 1)) * inv_scale
 
     # trust ratio: fastlars.optim.lars.lars_trust_ratio
     ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
@@ -101,7 +102,7 @@ def lars_norms(opt, buckets, inv_scale):
         launch, keep_alive = _norms_launch(opt, merged)
         contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(opt, contexts, mt.CHUNK)
+        tb.reduce_partials(opt, contexts, None)
     return contexts, [c.partials[:, :2] for c in contexts]
 
 
@@ -125,4 +126,4 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                 tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
                 W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                 ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)

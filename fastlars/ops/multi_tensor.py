@@ -4,9 +4,10 @@ A step launches a fixed number of kernels whatever the number of parameters: eve
 tensor of a launch is described by one row of a device-side table of pointers and
 sizes (as apex's multi_tensor_apply, but read by the kernel), and the work is cut
 into CHUNK-element chunks, one program each. Per-tensor norms are reduced without
-atomics: each chunk writes its partial sums of squares to its own slot, and the
-update kernel sums a tensor's slots in a fixed order, so results are bitwise
-reproducible run to run.
+atomics: each chunk writes its partial sums of squares to its own slot, and a small
+finalize launch (one program per tensor) sums a tensor's slots in a fixed order, so
+results are bitwise reproducible run to run; the update kernels read one total per
+tensor.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ NCOL = 11
 # shrink them to exercise chunk and block boundaries on small tensors.
 CHUNK = 16384
 BLOCK = 1024
-PARTIAL_BLOCK = 128  # chunk partials reduced per iteration in the update kernels
+PARTIAL_BLOCK = 128  # chunk partials reduced per iteration in the finalize kernel
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -42,22 +43,26 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 class Launch:
     """Everything one kernel launch over a list of tensors needs."""
 
-    table: Tensor        # (n_tensors, NCOL) int64 on the device
+    table: Tensor        # (n_tensors, NCOL) int64 on the device, one row per tensor (empty ones too)
     chunks: Tensor       # (n_chunks, 2) int64: tensor row, first element
     n_chunks: int
-    groups: Tensor       # (n_groups, k) float64: per-group hyper-parameters
+    groups: Tensor       # (n_groups, k) float64 on the device: per-group hyper-parameters (set_group_rows)
     weights_dtype: torch.dtype
     param_dtype: torch.dtype
     acc_dtype: torch.dtype
     write_param: bool    # master weights: the kernel writes both master and param
+    n_tensors: int = 0
+    group_values: tuple | None = None  # the float rows `groups` holds (host copy of the last upload)
 
 
 class LaunchCache:
-    """The device tables of recent launches, keyed by their whole content (pointers,
-    sizes, group hyper-parameters).
+    """The device tables of recent launches, keyed by their layout (pointers, sizes,
+    dtypes, group index and first-step flag of every tensor), not by hyper-parameter
+    values: those are uploaded into a launch's group table when they change (see
+    set_group_rows), so a float lr that a scheduler changes at every step reuses the tables.
 
-    A step whose tensors and hyper-parameters are those of a recent step reuses its
-    tables: no host-to-device copy, no allocation. A table used while a CUDA graph is
+    A step whose tensors are those of a recent step reuses its tables: no table built, no
+    allocation. A table used while a CUDA graph is
     being captured is pinned (kept for the optimizer's lifetime): the graph reads its
     device memory at every replay, and an eviction would free it. No table is built
     during a capture (a build copies from host memory): a miss there raises, and the
@@ -78,8 +83,8 @@ class LaunchCache:
             self._recent.move_to_end(key)
         elif capturing:
             raise RuntimeError("a CUDA graph is being captured but this step needs launch tables that no eager "
-                               "step built (a tensor, its layout or a hyper-parameter changed since the last eager "
-                               "step): take an eager step with the tensors and values the graph will use, then "
+                               "step built (a tensor or its layout changed since the last eager step): take an "
+                               "eager step with the tensors and values the graph will use, then "
                                "capture; give lr as a tensor to change it between replays")
         else:
             launch = build()
@@ -100,15 +105,44 @@ def launch_cache(opt) -> LaunchCache:
     return cache
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host table copied to the device without a host sync: staged in pinned memory (a
+    copy from pageable memory blocks), which torch's host allocator keeps until the copy ran."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
+def set_group_rows(launch: Launch, group_rows: list[list[float | Tensor]]) -> None:
+    """Make the launch's device group table hold ``group_rows``.
+
+    Float values are uploaded only when they differ from the last upload (a few
+    hundred bytes, asynchronous). A one-element tensor (a tensor ``lr``) is copied on the
+    device at every call, so that a captured graph reads the tensor's value at replay (a
+    scheduler updating it in place reaches the graph). During a capture nothing is copied
+    from the host: a float value changed since the last eager step raises, since the
+    graph would replay it unchanged.
+    """
+    device = launch.groups.device
+    values = tuple(tuple(0.0 if isinstance(x, Tensor) else float(x) for x in row) for row in group_rows)
+    if values != launch.group_values:
+        if _common.is_capturing(device):
+            raise RuntimeError("a CUDA graph is being captured but a float hyper-parameter changed since the last "
+                               "eager step, and a graph replays the values it captured: give lr as a one-element "
+                               "tensor on the device to change it between replays, or take an eager step first")
+        launch.groups.copy_(_on_device(values, torch.float64, device), non_blocking=True)
+        launch.group_values = values
+    for i, row in enumerate(group_rows):
+        for j, x in enumerate(row):
+            if isinstance(x, Tensor):
+                launch.groups[i, j].copy_(x.reshape(()))
+
+
 def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor],
                  state0: list[Tensor | None], state1: list[Tensor | None], steps: list[Tensor | None],
                  group_of: list[int], first: list[bool], group_rows: list[list[float | Tensor]],
                  acc_dtype: torch.dtype, cache: LaunchCache, validate=None) -> Launch:
-    """Tables for one launch. Empty tensors are left out (nothing to update, norm 0).
+    """Tables for one launch, and its group rows (set_group_rows). An empty tensor has a
+    table row (its norms are 0) but no chunk.
 
-    A group-row entry may be a one-element tensor (a tensor ``lr``): it is copied into
-    the device table on the device at every call, so that a captured graph reads the
-    tensor's value at replay (a scheduler updating it in place reaches the graph).
     ``validate()`` (layout checks) runs when the tables are built, not on a cache hit:
     the key holds every pointer and size, so a hit describes tensors already checked.
     The per-step cost is this key: one tuple of pointers per tensor, nothing else.
@@ -118,32 +152,27 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
     entries = [(w.data_ptr(), p.data_ptr(), g.data_ptr(), (w if s0 is None else s0).data_ptr(),
                 (w if s1 is None else s1).data_ptr(), (w if st is None else st).data_ptr(), p.numel(), gi, int(f))
                for w, p, g, s0, s1, st, gi, f in zip(weights, params, grads, state0, state1, steps, group_of, first)]
-    tensor_entries = [(i, j, x) for i, r in enumerate(group_rows) for j, x in enumerate(r) if isinstance(x, Tensor)]
-    host_rows = tuple(tuple(0.0 if isinstance(x, Tensor) else float(x) for x in r) for r in group_rows)
+    shape = (len(group_rows), len(group_rows[0]))
 
     def build() -> Launch:
         if validate is not None:
             validate()
         rows, chunk_rows = [], []
         for *pointers, n, group, flag in entries:
-            if n == 0:
-                continue
             n_chunks = (n + chunk_size - 1) // chunk_size
-            rows.append((*pointers, n, group, len(chunk_rows), n_chunks, flag))
-            chunk_rows.extend([len(rows) - 1, c * chunk_size] for c in range(n_chunks))
-        host = (torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL),
-                torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1, 2),
-                torch.tensor(host_rows, dtype=torch.float64))
-        table, chunks, groups = (t.to(device, non_blocking=True) for t in host)
+            rows.append((*pointers, n, group, len(chunk_rows) // 2, n_chunks, flag))
+            for c in range(n_chunks):
+                chunk_rows += (len(rows) - 1, c * chunk_size)
+        table = _on_device(rows, torch.int64, device).reshape(-1, NCOL)
+        chunks = _on_device(chunk_rows, torch.int64, device).reshape(-1, 2)
+        groups = torch.empty(shape, dtype=torch.float64, device=device)
         write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
-        return Launch(table, chunks, len(chunk_rows), groups, weights[0].dtype, params[0].dtype, acc_dtype,
-                      write_param)
+        return Launch(table, chunks, len(chunk_rows) // 2, groups, weights[0].dtype, params[0].dtype, acc_dtype,
+                      write_param, n_tensors=len(rows))
 
-    key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), host_rows,
-           tuple((i, j) for i, j, _ in tensor_entries))
+    key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), shape)
     launch = cache.get(key, build, device)
-    for i, j, value in tensor_entries:
-        launch.groups[i, j].copy_(value.reshape(()))
+    set_group_rows(launch, group_rows)
     return launch
 
 
@@ -221,12 +250,47 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
     return tl.sum(acc, axis=0)
 
 
+@triton.jit
+def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
+                         PARTIAL_BLOCK: tl.constexpr):
+    """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
+    its chunks' partials (first COLUMNS columns of 3; the others 0), in a fixed order.
+
+    Programs of one launch run concurrently with no ordering between them, so a tensor's
+    total cannot be formed by the norms pass itself without atomics; a launch of its own
+    keeps it deterministic. The update kernels then read one row per tensor instead of
+    each of a tensor's programs re-summing all its partials (quadratic in its chunks).
+    """
+    row = tl.program_id(0)
+    fields = table + row * 11  # 11 = NCOL
+    chunk0 = tl.load(fields + COL_CHUNK0)
+    n_chunks = tl.load(fields + COL_NCHUNKS)
+    for column in tl.static_range(3):
+        if column < COLUMNS:
+            tl.store(totals + 3 * row + column, tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
+        else:
+            tl.store(totals + 3 * row + column, 0.0)
+
+
+def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
+    """(n_tensors, 3) per-tensor sums of a norms pass's (n_chunks, 3) partials (see tensor_totals_kernel)."""
+    device = launch.table.device
+    if not launch.n_chunks:  # only empty tensors: every norm is 0
+        return torch.zeros(launch.n_tensors, 3, dtype=launch.acc_dtype, device=device)
+    totals = torch.empty(launch.n_tensors, 3, dtype=launch.acc_dtype, device=device)
+    with tb.on_device(device):
+        tensor_totals_kernel[(launch.n_tensors,)](launch.table, partials, totals, COLUMNS=columns,
+                                                  ACC=TL_DTYPES[launch.acc_dtype], PARTIAL_BLOCK=PARTIAL_BLOCK)
+    return totals
+
+
 def launch_sumsq(launch: Launch) -> Tensor:
-    """Run sumsq_kernel; returns the (n_chunks, 3) partials (third column left for u)."""
+    """Run sumsq_kernel and its finalize; returns (n_tensors, 3) per-tensor sums of w^2 and
+    g^2 (third column 0, where LAMB keeps u^2)."""
     partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
     if launch.n_chunks:
         with tb.on_device(launch.table.device):
             sumsq_kernel[(launch.n_chunks,)](
                 launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
                 G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], CHUNK=CHUNK, BLOCK=BLOCK)
-    return partials
+    return tensor_totals(launch, partials, 2)
