@@ -30,7 +30,8 @@ def variants():
     for w, p, acc, write_p in DTYPES:
         common = {"table": "*i64", "chunks": "*i64", "partials": pointer(acc), "totals": pointer(acc),
                   "groups": "*fp64"}
-        yield multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, **chunk)
+        for aligned in (False, True):
+            yield multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk)
         if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column count
             for columns in (2, 3):
                 yield (multi_tensor.tensor_totals_kernel, {"table": "*i64", "partials": pointer(acc),
@@ -39,12 +40,13 @@ def variants():
         for has_ok, has_scale, has_clip in itertools.product([False, True], repeat=3):
             flags = dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, WRITE_P=write_p, HAS_SCALE=has_scale, **chunk)
             yield (lars_step.lars_update_kernel, {**common, "ok_ptr": "*i32", "inv_scale_ptr": "*fp32"},
-                   dict(flags, HAS_OK=has_ok))
+                   dict(flags, HAS_OK=has_ok, ALIGNED=has_clip))  # LARS has no HAS_CLIP: both ALIGNED values
             yield (lamb_step.lamb_norms_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32"},
-                   dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, **chunk))
+                   dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, ALIGNED=has_ok,
+                        **chunk))
             yield (lamb_step.lamb_update_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32",
                                                   "ok_ptr": "*i32"},
-                   dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok))
+                   dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, ALIGNED=has_ok != has_scale))
     ints = {name: "i32" for name in ("N", "C", "S", "vbs", "n_ghosts")}
     strides = lambda *names: {f"s{n}_{d}": "i64" for n in names for d in "ncs"}
     for x, acc, one_pass, affine in itertools.product([F32, BF16], [F32], [True, False], [True, False]):

@@ -62,52 +62,80 @@ def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, 
 
 
 @triton.jit
+def _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, idx, numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
+                      one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC: tl.constexpr, MASKED: tl.constexpr):
+    w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
+    g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC)
+    m = mt.load_block(m_ptr, idx, numel, MASKED)
+    v = mt.load_block(v_ptr, idx, numel, MASKED)
+    _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps,
+                              weight_decay)
+    if MASKED:
+        u = tl.where(idx < numel, u, 0.0)
+    return acc_w + w * w, acc_g + g * g, acc_u + u * u
+
+
+@triton.jit
 def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scale_ptr,
                       W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                      HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
-    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, False)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
-    m_ptr = mt.row_pointer(table, row, 3, ACC)
-    v_ptr = mt.row_pointer(table, row, 4, ACC)
-    step_ptr = mt.row_pointer(table, row, 5, tl.float32)
+    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, False, CHUNK)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
+    m_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
+    v_ptr = mt.row_pointer(table, row, 4, ACC, ALIGNED)
+    step_ptr = mt.row_pointer(table, row, 5, tl.float32, False)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     acc_u = tl.zeros([BLOCK], dtype=ACC)
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < numel
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-        acc_w += w * w
-        acc_g += g * g
-        m_new, v_new, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2,
-                                  eps, weight_decay)
-        u = tl.where(mask, u, 0.0)
-        acc_u += u * u
+    full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
+    for offset in range(0, full, BLOCK):
+        acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + offset + tl.arange(0, BLOCK),
+                                                numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
+                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, False)
+    if full < n:
+        acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK),
+                                                numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
+                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, True)
     tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
     tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
     tl.store(partials + 3 * chunk + 2, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
+def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, grad_factor, beta1, beta2,
+                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr,
+                ACC: tl.constexpr, WRITE_P: tl.constexpr, MASKED: tl.constexpr):
+    """The update of one block of elements (SPEC.md, LAMB)."""
+    w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
+    g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * grad_factor
+    m = mt.load_block(m_ptr, idx, numel, MASKED)
+    v = mt.load_block(v_ptr, idx, numel, MASKED)
+    m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay)
+    mt.store_block(m_ptr, idx, m, numel, MASKED)
+    mt.store_block(v_ptr, idx, v, numel, MASKED)
+    w = w - lr * (ratio * u)
+    mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
+    if WRITE_P:
+        mt.store_block(p_ptr, idx, mt.cast_rne(w, P_DTYPE), numel, MASKED)
+
+
+@triton.jit
 def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale_ptr, ok_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       HAS_OK: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, True)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
-    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
-    m_ptr = mt.row_pointer(table, row, 3, ACC)
-    v_ptr = mt.row_pointer(table, row, 4, ACC)
-    step_ptr = mt.row_pointer(table, row, 5, tl.float32)
+                       HAS_OK: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, True, CHUNK)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
+    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
+    m_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
+    v_ptr = mt.row_pointer(table, row, 4, ACC, ALIGNED)
+    step_ptr = mt.row_pointer(table, row, 5, tl.float32, False)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     hp = groups + group * 13
@@ -123,23 +151,18 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
     ratio = tl.where(adapt != 0, ratio, 1.0)
 
     go = True
-    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): every store masked off
+    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): nothing loaded or stored
         go = tl.load(ok_ptr) != 0
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = (idx < numel) & go
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC) * grad_factor
-        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
-        v = tl.load(v_ptr + idx, mask=mask, other=0.0)
-        m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps,
-                                  weight_decay)
-        tl.store(m_ptr + idx, m, mask=mask)
-        tl.store(v_ptr + idx, v, mask=mask)
-        w = w - lr * (ratio * u)
-        tl.store(w_ptr + idx, mt.cast_rne(w, W_DTYPE), mask=mask)
-        if WRITE_P:
-            tl.store(p_ptr + idx, mt.cast_rne(w, P_DTYPE), mask=mask)
+    if go:
+        full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
+        for offset in range(0, full, BLOCK):
+            _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, start + offset + tl.arange(0, BLOCK), numel, ratio, lr,
+                        grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE,
+                        P_DTYPE, ACC, WRITE_P, False)
+        if full < n:
+            _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK), numel, ratio, lr,
+                        grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE,
+                        P_DTYPE, ACC, WRITE_P, True)
 
 
 class _Prepared:
@@ -181,7 +204,7 @@ def lamb_norms(opt, buckets, inv_scale):
                     launch.table, launch.chunks, partials, launch.groups, *_scalar_args(launch, global_norm, inv_scale),
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
-                    HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+                    HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, 3), launch, prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(opt, contexts, None)
@@ -206,7 +229,7 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param,
                     HAS_CLIP=global_norm is not None, HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None,
-                    CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+                    ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))

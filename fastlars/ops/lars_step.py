@@ -23,15 +23,34 @@ from . import multi_tensor as mt
 
 
 @triton.jit
+def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, ratio, inv_scale, lr, weight_decay, momentum,
+                one_minus_dampening, nesterov, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                WRITE_P: tl.constexpr, MASKED: tl.constexpr):
+    """The update of one block of elements (SPEC.md, LARS)."""
+    w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
+    g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * inv_scale
+    d = ratio * (g + weight_decay * w)
+    if momentum != 0:
+        buf = mt.load_block(buf_ptr, idx, numel, MASKED)
+        buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
+        mt.store_block(buf_ptr, idx, buf, numel, MASKED)
+        d = tl.where(nesterov != 0, d + momentum * buf, buf)
+    w = w - lr * d
+    mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
+    if WRITE_P:
+        mt.store_block(p_ptr, idx, mt.cast_rne(w, P_DTYPE), numel, MASKED)
+
+
+@triton.jit
 def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE)
-    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE)
-    buf_ptr = mt.row_pointer(table, row, 3, ACC)
+                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
+    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
+    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
+    buf_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
 
     hp = groups + group * 9
     lr = tl.load(hp + 0).to(ACC)
@@ -59,23 +78,18 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     ratio = tl.where(adapt != 0, ratio, 1.0)
 
     go = True
-    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): every store masked off
+    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): nothing loaded or stored
         go = tl.load(ok_ptr) != 0
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = (idx < numel) & go
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC) * inv_scale
-        d = ratio * (g + weight_decay * w)
-        if momentum != 0:
-            buf = tl.load(buf_ptr + idx, mask=mask, other=0.0)
-            buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
-            tl.store(buf_ptr + idx, buf, mask=mask)
-            d = tl.where(nesterov != 0, d + momentum * buf, buf)
-        w = w - lr * d
-        tl.store(w_ptr + idx, mt.cast_rne(w, W_DTYPE), mask=mask)
-        if WRITE_P:
-            tl.store(p_ptr + idx, mt.cast_rne(w, P_DTYPE), mask=mask)
+    if go:
+        full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
+        for offset in range(0, full, BLOCK):
+            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, first, ratio,
+                        inv_scale, lr, weight_decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
+                        WRITE_P, False)
+        if full < n:
+            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, first, ratio,
+                        inv_scale, lr, weight_decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
+                        WRITE_P, True)
 
 
 def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
@@ -126,4 +140,4 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
                 tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
                 W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                 ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-                HAS_SCALE=inv_scale is not None, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+                HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)

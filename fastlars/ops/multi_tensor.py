@@ -52,6 +52,7 @@ class Launch:
     acc_dtype: torch.dtype
     write_param: bool    # master weights: the kernel writes both master and param
     n_tensors: int = 0
+    aligned: bool = False  # every pointer of the table is 16-B aligned (kernels hint it: vector loads)
     group_values: tuple | None = None  # the float rows `groups` holds (host copy of the last upload)
 
 
@@ -167,8 +168,11 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         chunks = _on_device(chunk_rows, torch.int64, device).reshape(-1, 2)
         groups = torch.empty(shape, dtype=torch.float64, device=device)
         write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
+        # torch allocations start 16-B aligned, but a view's data_ptr need not be (a gradient
+        # in a flat bucket): the hint is given only when every pointer is
+        aligned = all(ptr % 16 == 0 for entry in entries for ptr in entry[:6])
         return Launch(table, chunks, len(chunk_rows) // 2, groups, weights[0].dtype, params[0].dtype, acc_dtype,
-                      write_param, n_tensors=len(rows))
+                      write_param, n_tensors=len(rows), aligned=aligned)
 
     key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), shape)
     launch = cache.get(key, build, device)
@@ -177,14 +181,49 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
 
 
 @triton.jit
-def row_pointer(table, row, col, dtype: tl.constexpr):
-    return tl.load(table + row * 11 + col).to(tl.pointer_type(dtype))  # 11 = NCOL
+def row_pointer(table, row, col, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """A tensor's pointer from its table row; ALIGNED: known 16-B aligned (Launch.aligned),
+    which with the unmasked full blocks (load_block) lets the compiler emit 16-B vector loads."""
+    ptr = tl.load(table + row * 11 + col).to(tl.pointer_type(dtype))  # 11 = NCOL
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def this_chunk(table, chunks, REVERSE: tl.constexpr):
+def full_blocks(start, numel, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(end of this chunk's whole BLOCKs, end of the chunk), as offsets from its start: the
+    kernels run the whole blocks unmasked and the tail, if any, masked."""
+    n = tl.minimum(numel - start, CHUNK)
+    return n - n % BLOCK, n
+
+
+@triton.jit
+def load_block(ptr, idx, numel, MASKED: tl.constexpr):
+    """ptr[idx] for one block of contiguous idx: unmasked for a block wholly inside the
+    tensor (a mask bounded by a loaded numel would keep every load scalar), masked with 0
+    past numel for the tail block."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=idx < numel, other=0.0)
+    else:
+        x = tl.load(ptr + idx)
+    return x
+
+
+@triton.jit
+def store_block(ptr, idx, value, numel, MASKED: tl.constexpr):
+    """ptr[idx] = value; as load_block."""
+    if MASKED:
+        tl.store(ptr + idx, value, mask=idx < numel)
+    else:
+        tl.store(ptr + idx, value)
+
+
+@triton.jit
+def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     """This program's chunk: (table row, first element, the tensor's numel, its group,
-    its first chunk, its chunk count, its first-step flag).
+    its first chunk, its chunk count, its first-step flag). The first element is a
+    multiple of CHUNK (hinted: block offsets are then known aligned).
 
     REVERSE (the update kernels): program i takes chunk n-1-i. Programs start roughly in
     id order, so the update begins with the chunks the norms pass read last, which are
@@ -195,7 +234,8 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr):
         chunk = tl.num_programs(0) - 1 - chunk
     row = tl.load(chunks + 2 * chunk)
     fields = table + row * 11  # 11 = NCOL
-    return (row, tl.load(chunks + 2 * chunk + 1), tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
+    start = tl.multiple_of(tl.load(chunks + 2 * chunk + 1), CHUNK)
+    return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
             tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
 
 
@@ -215,26 +255,33 @@ def cast_rne(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _sumsq_block(w_ptr, g_ptr, idx, numel, acc_w, acc_g, ACC: tl.constexpr, MASKED: tl.constexpr):
+    w = load_block(w_ptr, idx, numel, MASKED).to(ACC)
+    g = load_block(g_ptr, idx, numel, MASKED).to(ACC)
+    return acc_w + w * w, acc_g + g * g
+
+
+@triton.jit
 def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                 ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
 
     Memory traffic: reads w and g once (8 B/element in fp32). This is the first
     pass of the two-pass design; the update kernel reads w and g again.
     """
     chunk = tl.program_id(0)
-    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False)
-    w_ptr = row_pointer(table, row, 0, W_DTYPE)
-    g_ptr = row_pointer(table, row, 2, G_DTYPE)
+    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
+    w_ptr = row_pointer(table, row, 0, W_DTYPE, ALIGNED)
+    g_ptr = row_pointer(table, row, 2, G_DTYPE, ALIGNED)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < numel
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(ACC)
-        acc_w += w * w
-        acc_g += g * g
+    full, n = full_blocks(start, numel, CHUNK, BLOCK)
+    for offset in range(0, full, BLOCK):
+        acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + offset + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
+                                    False)
+    if full < n:
+        acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
+                                    True)
     tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
     tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
 
@@ -292,5 +339,6 @@ def launch_sumsq(launch: Launch) -> Tensor:
         with tb.on_device(launch.table.device):
             sumsq_kernel[(launch.n_chunks,)](
                 launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
-                G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+                G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], ALIGNED=launch.aligned,
+                CHUNK=CHUNK, BLOCK=BLOCK)
     return tensor_totals(launch, partials, 2)
