@@ -41,7 +41,8 @@ class _NoLaunch:
 
 def stub_kernels() -> None:
     for module, name in ((lars_step, "lars_update_kernel"), (lamb_step, "lamb_norms_kernel"),
-                         (lamb_step, "lamb_update_kernel"), (multi_tensor, "sumsq_kernel")):
+                         (lamb_step, "lamb_update_kernel"), (multi_tensor, "sumsq_kernel"),
+                         (multi_tensor, "tensor_totals_kernel")):
         setattr(module, name, _NoLaunch())
 
 

@@ -218,3 +218,38 @@ def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
     assert launches and not log
     for guards, devices in launches:
         assert guards == [params[0].device] and devices == {params[0].device}
+
+
+# ---------------------------------------------------------------------------
+# fault 6: host work per step
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_a_float_lr_schedule_reuses_the_launch_tables(name, monkeypatch):
+    """Tables are keyed on layout: a float lr changed at every step (a scheduler) builds no
+    table and uploads only the group rows, whose new values reach the kernels. Small
+    chunks: tensors span several, so the per-tensor finalize adds partials too."""
+    from fastlars.ops import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "CHUNK", 16)
+    monkeypatch.setattr(multi_tensor, "BLOCK", 8)
+    monkeypatch.setattr(multi_tensor, "PARTIAL_BLOCK", 2)
+    runs = []
+    for backend in ("triton", "reference"):
+        g = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((9, 7), (37,), (1,), (0,))]
+        opt = getattr(fastlars, name)(params, backend=backend, **HYPER[name])
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        for step in range(4):
+            for p in params:  # new values in the same gradient tensors: same pointers
+                value = torch.randn(p.shape, generator=g)
+                p.grad = value if p.grad is None else p.grad.copy_(value)
+            opt.step()
+            schedule.step()
+            if backend == "triton" and step == 1:
+                builds = opt._launch_cache.builds
+        runs.append((params, opt))
+    (params, opt), (oracle_params, _) = runs
+    assert opt._launch_cache.builds == builds
+    for p, q in zip(params, oracle_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
