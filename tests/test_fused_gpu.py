@@ -150,9 +150,10 @@ def test_capture_after_one_eager_step(name, kwargs):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g).bfloat16()) for s in shapes]
     twin = [p.detach().clone().requires_grad_() for p in params]
     cls = getattr(fastlars, name)
-    opt = cls(params, lr=torch.tensor(0.05, device="cuda"), backend="triton", capturable=True, skip_nonfinite=True,
+    lr = 1 / 16  # exact in float32: the tensor lr and the float lr are the same number
+    opt = cls(params, lr=torch.tensor(lr, device="cuda"), backend="triton", capturable=True, skip_nonfinite=True,
               master_weights=True, **kwargs)
-    eager = cls(twin, lr=0.05, backend="triton", skip_nonfinite=True, master_weights=True, **kwargs)
+    eager = cls(twin, lr=lr, backend="triton", skip_nonfinite=True, master_weights=True, **kwargs)
     static = [torch.zeros_like(p) for p in params]  # the gradients the graph reads
 
     def set_grads(grads, nan=False):
