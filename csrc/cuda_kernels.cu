@@ -189,6 +189,15 @@ Launch make_launch(const TensorList& weights, const TensorList& params, const Te
   std::vector<int64_t> chunk_rows;
   int64_t* t = table.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
+    // the kernels read raw pointers with the dtypes of tensor 0: a mixed list would be
+    // read as garbage (e.g. a bf16 parameter beside fp32 masters), so refuse it
+    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type() &&
+                    params[i].scalar_type() == params[0].scalar_type() &&
+                    grads[i].scalar_type() == params[0].scalar_type() && params[i].device() == params[0].device(),
+                "fastlars: one launch takes one weight dtype, one parameter dtype and one device; tensor ", i,
+                " has weight ", weights[i].scalar_type(), ", parameter ", params[i].scalar_type(), " on ",
+                params[i].device(), ", tensor 0 has ", weights[0].scalar_type(), ", ", params[0].scalar_type(),
+                " on ", params[0].device());
     const int64_t numel = params[i].numel();
     const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
     void* s0 = state0.empty() || !state0[i].has_value() ? weights[i].data_ptr() : state0[i]->data_ptr();
@@ -236,12 +245,13 @@ void lars_update_cuda(const TensorList& weights, const TensorList& params, const
                       const OptionalTensorList& bufs, const std::vector<bool>& first,
                       const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok) {
-  const at::cuda::CUDAGuard guard(params[0].device());
+  const auto device = params[0].device();  // scalars (ok, inv_scale, global norm) are moved here
+  const at::cuda::CUDAGuard guard(device);
   const Launch launch = make_launch(weights, params, grads, bufs, first, group_of);
   if (launch.n_chunks == 0) return;
   const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
-  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
-  const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
+  const at::Tensor flag = ok.has_value() ? ok->to(device, at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH(params, weights, "fastlars_lars_update_cuda", [&] {
     lars_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
@@ -262,15 +272,16 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
                            const TensorList& exp_avg_sqs, const TensorList& steps,
                            const std::vector<int64_t>& group_of, const at::Tensor& groups,
                            const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm) {
-  const at::cuda::CUDAGuard guard(grads[0].device());
+  const auto device = grads[0].device();  // scalars (inv_scale, global norm) are moved here
+  const at::cuda::CUDAGuard guard(device);
   const Launch launch = make_launch(weights, grads, grads, optional_list(exp_avgs), {}, group_of,
                                     optional_list(exp_avg_sqs), steps);
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials = at::empty({launch.n_chunks, 3}, grads[0].options().dtype(acc));
   if (launch.n_chunks == 0) return partials;
   const at::Tensor groups_dev = groups.to(grads[0].device(), at::kDouble, /*non_blocking=*/true);
-  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
-  const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
+  const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cuda", [&] {
     lamb_norms_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
@@ -287,14 +298,15 @@ void lamb_update_cuda(const TensorList& weights, const TensorList& params, const
                       const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm,
                       const std::optional<at::Tensor>& ok) {
-  const at::cuda::CUDAGuard guard(params[0].device());
+  const auto device = params[0].device();  // scalars (ok, inv_scale, global norm) are moved here
+  const at::cuda::CUDAGuard guard(device);
   const Launch launch = make_launch(weights, params, grads, optional_list(exp_avgs), {}, group_of,
                                     optional_list(exp_avg_sqs), steps);
   if (launch.n_chunks == 0) return;
   const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
-  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(at::kFloat) : at::Tensor();
-  const at::Tensor norm = global_norm.has_value() ? global_norm->to(at::kDouble) : at::Tensor();
-  const at::Tensor flag = ok.has_value() ? ok->to(at::kBool) : at::Tensor();
+  const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
+  const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
+  const at::Tensor flag = ok.has_value() ? ok->to(device, at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH(params, weights, "fastlars_lamb_update_cuda", [&] {
     lamb_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(

@@ -40,6 +40,12 @@ def _chunk(merged):
     return _C.chunk_elements if _on_cuda(merged) else None
 
 
+def _group_table(rows, merged):
+    """The group rows as a host table; pinned for CUDA, whose entry points copy it to the
+    device asynchronously (a copy from pageable memory would block the host)."""
+    return torch.tensor(rows, dtype=torch.float64, pin_memory=_on_cuda(merged))
+
+
 def _sumsq(weights, grads):
     """CPU: (n, 2) per-tensor sums; CUDA: (n_chunks, 2) partials, re-summed by the update."""
     return (_C.sumsq_cuda if grads[0].is_cuda else _C.sumsq_cpu)(weights, grads)
@@ -63,7 +69,7 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
         params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
         bufs, first = tb.lars_buffers(ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lars_group_row)
-        groups = torch.tensor(rows, dtype=torch.float64)
+        groups = _group_table(rows, ctx.buckets)
         if _on_cuda(ctx.buckets):
             device = params[0].device
             _C.lars_update_cuda(weights, params, grads, bufs, first, group_of, groups, ctx.partials,
@@ -94,7 +100,7 @@ def lamb_norms(opt, buckets, inv_scale):
     contexts = []
     for merged, weights, grads, exp_avgs, exp_avg_sqs, steps in prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row)
-        groups = torch.tensor(rows, dtype=torch.float64)
+        groups = _group_table(rows, merged)
         if _on_cuda(merged):
             device = grads[0].device
             sums = _C.lamb_norms_cuda(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
@@ -116,7 +122,7 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
         exp_avgs, exp_avg_sqs, steps = _moments(opt, ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lamb_group_row)
-        groups = torch.tensor(rows, dtype=torch.float64)
+        groups = _group_table(rows, ctx.buckets)
         device = params[0].device
         if _on_cuda(ctx.buckets):
             _C.lamb_update_cuda(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
