@@ -2,8 +2,10 @@
 // update, whatever the number of tensors (the layout of the Triton kernels,
 // fastlars/ops/multi_tensor.py): an int64 table row per tensor (pointers, numel, group,
 // chunk range, first-step flag) and one block per kChunk-element chunk. Per-tensor norms
-// are reduced without atomics: every chunk writes its own partial slots and the update
-// re-sums its tensor's slots in a fixed order, so results are bitwise reproducible.
+// are reduced without atomics: every chunk writes its own partial slots and a finalize
+// launch (one block per tensor) sums its tensor's slots in a fixed order, so results are
+// bitwise reproducible; the update reads one total per tensor (blocks run concurrently:
+// the norms pass itself cannot know when a tensor's last chunk is done without atomics).
 // The per-element maths is fastlars_math.h, which the CPU kernels (tested) share.
 //
 // Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (SPEC.md floors: 20, 28).
@@ -49,17 +51,18 @@ __device__ acc_t tensor_sum(const acc_t* partials, int64_t chunk0, int64_t n_chu
 
 struct Chunk {
   const int64_t* row;
-  int64_t begin, end;
+  int64_t index, begin, end;  // index: the tensor's table row
 };
 
 // reverse (the update kernels): block i takes chunk n-1-i, so the update starts with the
 // chunks the norms pass read last, still in L2 (see bench/NOTES.md).
 __device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks, bool reverse) {
   const int64_t c = reverse ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int64_t* row = table + chunks[2 * c] * C_NCOL;
+  const int64_t index = chunks[2 * c];
+  const int64_t* row = table + index * C_NCOL;
   const int64_t begin = chunks[2 * c + 1];
   const int64_t end = begin + kChunk < row[C_NUMEL] ? begin + kChunk : row[C_NUMEL];
-  return {row, begin, end};
+  return {row, index, begin, end};
 }
 
 template <typename T>
@@ -86,15 +89,25 @@ __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t*
   }
 }
 
+// The finalize of a norms pass: block t writes tensor t's sums of its chunks' partials.
+template <typename acc_t>
+__global__ void tensor_totals_kernel(const int64_t* table, const acc_t* partials, acc_t* totals, int columns) {
+  const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * C_NCOL;
+  for (int c = 0; c < columns; ++c) {
+    const acc_t total = tensor_sum(partials, row[C_CHUNK0], row[C_NCHUNKS], columns, c);
+    if (threadIdx.x == 0) totals[static_cast<int64_t>(blockIdx.x) * columns + c] = total;
+  }
+}
+
 template <typename param_t, typename weight_t, typename acc_t>
-__global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* partials,
+__global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* totals,
                                    const double* groups, const float* inv_scale_ptr, const bool* ok) {
   if (ok != nullptr && !*ok) return;  // skipped on the device (skip_nonfinite / GradScaler)
   const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
-  const acc_t w_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 2, 0));
-  const acc_t g_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 2, 1)) * inv_scale;
+  const acc_t w_norm = sqrt(totals[2 * ch.index]);
+  const acc_t g_norm = sqrt(totals[2 * ch.index + 1]) * inv_scale;
   const acc_t ratio = lars_trust_ratio<acc_t>(w_norm, g_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -147,7 +160,7 @@ __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, a
 
 // LAMB pass 2: r = ||w|| / ||u|| from the partials, then m, v, w (and p) written.
 template <typename param_t, typename weight_t, typename acc_t>
-__global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* partials,
+__global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, const acc_t* totals,
                                    const double* groups, const float* inv_scale_ptr, const double* global_norm_ptr,
                                    const bool* ok) {
   if (ok != nullptr && !*ok) return;
@@ -156,8 +169,8 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
                                                       global_norm_ptr ? *global_norm_ptr : -1.0));
-  const acc_t w_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 3, 0));
-  const acc_t u_norm = sqrt(tensor_sum(partials, ch.row[C_CHUNK0], ch.row[C_NCHUNKS], 3, 2));
+  const acc_t w_norm = sqrt(totals[3 * ch.index]);
+  const acc_t u_norm = sqrt(totals[3 * ch.index + 2]);
   const acc_t ratio = lamb_trust_ratio<acc_t>(w_norm, u_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -177,7 +190,7 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
 // The table and chunk list of one launch, copied to the device without a host sync.
 struct Launch {
   at::Tensor table, chunks;
-  int64_t n_chunks = 0;
+  int64_t n_chunks = 0, n_tensors = 0;
 };
 
 Launch make_launch(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -221,7 +234,20 @@ Launch make_launch(const TensorList& weights, const TensorList& params, const Te
   std::copy(chunk_rows.begin(), chunk_rows.end(), chunks.data_ptr<int64_t>());
   const auto device = params[0].device();
   return {table.to(device, /*non_blocking=*/true), chunks.to(device, /*non_blocking=*/true),
-          static_cast<int64_t>(chunk_rows.size() / 2)};
+          static_cast<int64_t>(chunk_rows.size() / 2), n};
+}
+
+// (n_tensors, columns) per-tensor totals of a norms pass's (n_chunks, columns) partials.
+at::Tensor tensor_totals(const Launch& launch, const at::Tensor& partials, int columns) {
+  if (launch.n_chunks == 0) return at::zeros({launch.n_tensors, columns}, partials.options());  // empty tensors only
+  at::Tensor totals = at::empty({launch.n_tensors, columns}, partials.options());  // every row is written
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "fastlars_tensor_totals_cuda", [&] {
+    tensor_totals_kernel<scalar_t><<<launch.n_tensors, kThreads, 0, stream>>>(
+        launch.table.data_ptr<int64_t>(), partials.data_ptr<scalar_t>(), totals.data_ptr<scalar_t>(), columns);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return totals;
 }
 
 }  // namespace
@@ -231,14 +257,14 @@ at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
   const Launch launch = make_launch(weights, grads, grads, {}, {}, std::vector<int64_t>(grads.size(), 0));
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials = at::empty({launch.n_chunks, 2}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return partials;
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 2);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return partials;
+  return tensor_totals(launch, partials, 2);
 }
 
 void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -278,7 +304,7 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
                                     optional_list(exp_avg_sqs), steps);
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials = at::empty({launch.n_chunks, 3}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return partials;
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 3);
   const at::Tensor groups_dev = groups.to(grads[0].device(), at::kDouble, /*non_blocking=*/true);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
@@ -290,7 +316,7 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
         norm.defined() ? norm.data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return partials;
+  return tensor_totals(launch, partials, 3);
 }
 
 void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,

@@ -17,8 +17,8 @@ namespace fastlars {
 using TensorList = std::vector<at::Tensor>;
 using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 
-// Elements per work item (CPU) and per block (CUDA). The CUDA norms come back as one
-// row of partial sums per chunk of this size (Python: fastlars._C.chunk_elements).
+// Elements per work item (CPU) and per block (CUDA) (Python: fastlars._C.chunk_elements).
+// Norms come back as one row of sums per tensor on both.
 constexpr int64_t kChunk = 16384;
 
 // (n, 2): sum w^2, sum g^2 per tensor.
@@ -38,10 +38,11 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
                      double inv_scale, double global_norm);
 
 #ifdef FASTLARS_WITH_CUDA
-// Same contracts on CUDA tensors, two launches per call pair, no host synchronisation:
+// Same contracts on CUDA tensors, a fixed number of launches, no host synchronisation:
 // scalars that live on the device (inverse grad scale, global norm, skip flag) come as
 // optional 0-d tensors.
-// (n_chunks, 2) partial sums per chunk; lars_update_cuda re-sums a tensor's chunks.
+// (n, 2) per-tensor sums: per-chunk partials, then a finalize launch summing each tensor's
+// in a fixed order (the update reads one row per tensor).
 at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads);
 void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
                       const OptionalTensorList& bufs, const std::vector<bool>& first,

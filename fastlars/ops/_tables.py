@@ -16,7 +16,7 @@ from torch import Tensor
 @dataclass
 class Merged:
     """The optimizer buckets of one (device, dtype) across param groups, which one
-    launch handles, and the chunk partials of its norms pass. Triton: also the norms
+    launch handles, and its norms pass's sums, one row per tensor. Triton: also the norms
     pass's launch tables, which the update reuses when the step creates no state, and
     the tensors they point to (a gradient copied to the parameter's layout)."""
 
@@ -175,28 +175,12 @@ def check_state_layouts(merged, params, weights, keys: tuple[str, ...], extra=()
 
 
 # ----------------------------------------------------------------------------
-# norms partials: one row per chunk (C++ CUDA) or per tensor (Triton's totals, C++ CPU)
-#
-# The layouts below are built once on the device and cached (a run repeats its layout at
-# every step): a step makes no blocking host-to-device copy of an index or a flag.
-
-@functools.lru_cache(maxsize=32)
-def _row_index(numels: tuple[int, ...], chunk: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """For a launch whose tensors have ``numels`` and one partials row per ``chunk``
-    elements (none for an empty tensor): the (tensor, row) gather index of each tensor's
-    rows, slots past a tensor's rows pointing at one appended zero row; the first row of
-    each non-empty tensor; and the positions of those tensors. On the device."""
-    sizes = torch.tensor(numels, dtype=torch.int64)
-    counts = (sizes + chunk - 1) // chunk
-    starts = counts.cumsum(0) - counts
-    offsets = torch.arange(int(counts.max()) if counts.numel() else 0)
-    index = torch.where(offsets < counts[:, None], starts[:, None] + offsets, int(counts.sum()))
-    nonempty = (counts > 0).nonzero().squeeze(1)
-    return index.to(device), starts[nonempty].to(device), nonempty.to(device)
-
+# norms: one row of sums per tensor (each fused backend finalizes its chunk partials)
 
 @functools.lru_cache(maxsize=32)
 def _flags_on(flags: tuple[bool, ...], device: torch.device) -> Tensor:
+    """A constant flag vector on the device, copied there once per value (a run repeats its
+    layout at every step): no blocking host-to-device copy per step. Never written."""
     return torch.tensor(flags, dtype=torch.bool).to(device)
 
 
@@ -205,45 +189,26 @@ def _sharded_flags(launches, device: torch.device) -> Tensor:
     return _flags_on(tuple(s for merged in launches for s in flat(merged, "sharded")), device)
 
 
-def _numels(merged) -> tuple[int, ...]:
-    return tuple(p.numel() for p in flat(merged, "params"))
-
-
-def tensor_sums(partials: Tensor, merged, chunk: int | None) -> Tensor:
-    """Per-tensor sums of a launch's partials rows, added in a fixed order (deterministic)."""
-    if chunk is None:
-        return partials
-    index, _, _ = _row_index(_numels(merged), chunk, partials.device)
-    padded = torch.cat([partials, partials.new_zeros(1, partials.shape[1])])
-    return padded[index].sum(dim=1)
-
-
-def reduce_partials(opt, contexts: list[Merged], chunk: int | None) -> None:
-    """Sharded parameters (FSDP2): make every launch's norms partials global, in one
-    all-reduce for all launches. Per-chunk rows: each tensor's global sums go to its first
-    row and its other rows become 0, so the update kernels, which add a tensor's rows, read them."""
+def reduce_partials(opt, contexts: list[Merged]) -> None:
+    """Sharded parameters (FSDP2): make every launch's per-tensor sums global, in place,
+    in one all-reduce for all launches."""
     from ..optim import _sharded
 
-    sums = [tensor_sums(c.partials, c.buckets, chunk) for c in contexts]
     device = contexts[0].partials.device
-    total = _sharded.reduce_sums(torch.cat(sums), _sharded_flags((c.buckets for c in contexts), device), opt._mesh)
-    for c, part in zip(contexts, total.split([s.shape[0] for s in sums])):
-        if chunk is None:
-            c.partials.copy_(part)
-            continue
-        _, first_rows, nonempty = _row_index(_numels(c.buckets), chunk, c.partials.device)
-        c.partials.zero_()
-        c.partials[first_rows] = part[nonempty].to(c.partials)
+    total = _sharded.reduce_sums(torch.cat([c.partials for c in contexts]),
+                                 _sharded_flags((c.buckets for c in contexts), device), opt._mesh)
+    for c, part in zip(contexts, total.split([c.partials.shape[0] for c in contexts])):
+        c.partials.copy_(part)
 
 
-def global_grad_norm(opt, launches: list[tuple[list, Tensor]], chunk: int | None, device) -> Tensor:
-    """||g|| over every gradient of the step from (merged, partials) pairs whose column 1
-    holds sums of g^2; across ranks for sharded parameters (one all-reduce)."""
+def global_grad_norm(opt, launches: list[tuple[list, Tensor]], device) -> Tensor:
+    """||g|| over every gradient of the step from (merged, per-tensor sums) pairs whose
+    column 1 holds sums of g^2; across ranks for sharded parameters (one all-reduce)."""
     if opt._mesh is None:
-        squares = [partials[:, 1].double().sum().to(device) for _, partials in launches]
+        squares = [sums[:, 1].double().sum().to(device) for _, sums in launches]
         return torch.stack(squares).sum().sqrt()
     from ..optim import _sharded
 
-    sums = torch.cat([tensor_sums(partials, merged, chunk)[:, 1].to(device) for merged, partials in launches])
+    sums = torch.cat([sums[:, 1].to(device) for _, sums in launches])
     flags = _sharded_flags((merged for merged, _ in launches), device)
     return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt()

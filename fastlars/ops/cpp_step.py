@@ -35,11 +35,6 @@ def _on_cuda(merged) -> bool:
     return merged[0].device.type == "cuda"
 
 
-def _chunk(merged):
-    """Elements per partials row: CUDA returns one row per chunk, the CPU one per tensor."""
-    return _C.chunk_elements if _on_cuda(merged) else None
-
-
 def _group_table(rows, merged):
     """The group rows as a host table; pinned for CUDA, whose entry points copy it to the
     device asynchronously (a copy from pageable memory would block the host)."""
@@ -47,7 +42,7 @@ def _group_table(rows, merged):
 
 
 def _sumsq(weights, grads):
-    """CPU: (n, 2) per-tensor sums; CUDA: (n_chunks, 2) partials, re-summed by the update."""
+    """(n, 2) per-tensor sums of w^2 and g^2."""
     return (_C.sumsq_cuda if grads[0].is_cuda else _C.sumsq_cpu)(weights, grads)
 
 
@@ -58,7 +53,7 @@ def lars_norms(opt, buckets, inv_scale):
         tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
         contexts.append(tb.Merged(merged, _sumsq(weights, grads)))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(opt, contexts, _chunk(contexts[0].buckets))
+        tb.reduce_partials(opt, contexts)
     return contexts, [c.partials for c in contexts]
 
 
@@ -96,7 +91,7 @@ def lamb_norms(opt, buckets, inv_scale):
     global_norm = None  # no clipping
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
         global_norm = tb.global_grad_norm(opt, [(merged, _sumsq(w, g)) for merged, w, g, *_ in prepared],
-                                          _chunk(prepared[0][0]), buckets[0].device)
+                                          buckets[0].device)
     contexts = []
     for merged, weights, grads, exp_avgs, exp_avg_sqs, steps in prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row)
@@ -110,7 +105,7 @@ def lamb_norms(opt, buckets, inv_scale):
                                      _scalar(inv_scale), _scalar_or(global_norm, -1.0))
         contexts.append(tb.Merged(merged, sums))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(opt, contexts, _chunk(contexts[0].buckets))
+        tb.reduce_partials(opt, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]
 
 

@@ -193,7 +193,7 @@ def lamb_norms(opt, buckets, inv_scale):
     global_norm = None
     if any(b.group["max_grad_norm"] > 0 for b in buckets):
         global_norm = tb.global_grad_norm(opt, [(p.buckets, mt.launch_sumsq(p.launch)) for p in prepared],
-                                          None, buckets[0].device)
+                                          buckets[0].device)
     contexts = []
     for prep in prepared:
         launch = prep.launch
@@ -207,7 +207,7 @@ def lamb_norms(opt, buckets, inv_scale):
                     HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, 3), launch, prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(opt, contexts, None)
+        tb.reduce_partials(opt, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]
 
 

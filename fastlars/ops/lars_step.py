@@ -116,7 +116,7 @@ def lars_norms(opt, buckets, inv_scale):
         launch, keep_alive = _norms_launch(opt, merged)
         contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(opt, contexts, None)
+        tb.reduce_partials(opt, contexts)
     return contexts, [c.partials[:, :2] for c in contexts]
 
 
