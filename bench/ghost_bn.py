@@ -1,7 +1,7 @@
 """Ghost BN forward+backward time at ResNet-50 activation shapes, every path side by side.
 
     python bench/ghost_bn.py [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
-                             [--results DIR]
+                             [--shapes CxHW ...] [--results DIR]
 
 Paths: `nn.BatchNorm2d` (plain BN over the whole batch: cuDNN on a GPU; the speed
 to match), the chunk loop (F.batch_norm per `x.split(vbs)` chunk, then cat: the
@@ -101,11 +101,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vbs", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--shapes", nargs="+", metavar="CxHW", help="channels x height (default: ResNet-50's)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = RESNET50_BN if device.type == "cuda" else CPU_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     result = run(device, args.batch, args.vbs, shapes, args.min_run_time)
     print_table(result)
     if not args.no_save:
