@@ -396,7 +396,8 @@ def test_triton_activation_over_2_31_elements_gpu(shape, vbs):
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_training_forward_has_no_host_device_traffic(backend, momentum):
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_forward_has_no_host_device_traffic(backend, momentum, device):
     """A training forward (ghosts of unequal size, running statistics) builds no tensor from
     Python data (on a GPU: a pageable host-to-device copy that synchronises) and reads no
     tensor back to the host (.item(), float(): a device synchronisation), per layer."""
@@ -409,8 +410,8 @@ def test_training_forward_has_no_host_device_traffic(backend, momentum):
             self.ops.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
-    gbn = fastlars.GhostBatchNorm2d(3, 4, momentum=momentum, backend=backend)
-    x = torch.randn(10, 3, 2, 2)  # ghosts of 4, 4, 2
+    gbn = fastlars.GhostBatchNorm2d(3, 4, momentum=momentum, backend=backend, device=device)
+    x = torch.randn(10, 3, 2, 2, device=device)  # ghosts of 4, 4, 2
     gbn(x)  # first call: anything cached per shape (none today) is built here
     with Record():
         gbn(x)
