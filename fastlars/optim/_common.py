@@ -343,8 +343,8 @@ class TrustRatioOptimizer(Optimizer):
                 raise TypeError(f"{_describe(index, position, p)} must be a real floating-point tensor "
                                 "(complex parameters are not supported)")
             devices.add(p.device)
-            if _sharded.is_sharded(p):
-                self._mesh = _sharded.check_placements(_describe(index, position, p), p, self._mesh)
+            if self._mesh is None and _sharded.is_sharded(p):
+                self._mesh = p.device_mesh  # known before the first step, which checks the placements
         if len(devices) > 1:
             raise ValueError(f"param_groups[{index}] mixes devices {sorted(map(str, devices))}; "
                              "put parameters of each device in their own group")
