@@ -264,8 +264,9 @@ class TrustRatioOptimizer(Optimizer):
     # on found_inf itself (the contract torch's fused Adam uses); see `step`.
     _step_supports_amp_scaling = True
 
-    # Class-level defaults: an attribute that exists before step() assigns it is one
-    # torch.compile (dynamo) carries across a graph break; a new one it loses.
+    # Class-level defaults. Under torch.compile, a fused driver that ran after a graph break
+    # found no `_mesh` when step() had created it (issue 14, fault 7); step() now assigns
+    # no attribute on a plain step, and these exist before any step does.
     _mesh = None  # the device mesh of sharded parameters (see _sharded.py); None: none
     _creating_state = True  # set by the gate: whether this step creates state (fused drivers rebuild tables)
 
