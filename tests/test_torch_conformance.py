@@ -52,7 +52,7 @@ from torch.testing._internal.common_optimizers import (
     get_error_inputs_for_all_optims,
 )
 
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import fastlars
 
@@ -358,12 +358,14 @@ def test_every_hook(name):
     calls = []
     opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
     opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
-    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global", o is opt)))
+    handles = (register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global pre", o is opt))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append(("global post", o is opt))))
     try:
         train(opt, params, range(1))
     finally:
-        handle.remove()
-    assert calls == [("global", True), ("pre", True), ("post", True)]
+        for handle in handles:
+            handle.remove()
+    assert calls == [("global pre", True), ("pre", True), ("post", True), ("global post", True)]
 
     opt.register_state_dict_pre_hook(lambda o: calls.append("sd pre"))
 
@@ -581,6 +583,17 @@ def test_non_contiguous_parameters(name, backend):
     (ref, ref_state), (got, got_state) = results
     assert got[0].stride() == (14, 2)  # still the same view
     assert_same(ref, got, ref_state, got_state, exact=False)
+
+
+def test_strided_parameter_with_capturable_is_refused(triton_interpreter):
+    """A strided view is stepped through a new copy each step, which a captured graph cannot follow."""
+    params = strided_params()
+    set_grads(params, 0, 0)
+    opt = fastlars.LARS(params, lr=0.1, backend="triton", capturable=True, skip_nonfinite=True)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\].*strided view.*capturable=True"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
 @pytest.mark.parametrize("name, backend", [("LARS", b) for b in BACKENDS] + [("LAMB", fastlars.LAMB(make_params()).backend)])

@@ -455,6 +455,11 @@ class TrustRatioOptimizer(Optimizer):
         for b in buckets:
             for i, p in enumerate(b.params):
                 if not p.is_contiguous() and not _layout_is_dense(p):
+                    if self.capturable:
+                        raise ValueError(f"{_describe(b.group_index, b.positions[i], p)} is a strided view, "
+                                         "which the fused kernels step as a new dense copy at every step; "
+                                         "capturable=True needs dense parameters (e.g. .contiguous() before "
+                                         "making it a Parameter)")
                     b.params[i] = p.contiguous()
                     b.grads[i] = b.grads[i].contiguous()
                     copies.append((p, b.params[i]))
