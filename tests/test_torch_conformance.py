@@ -19,7 +19,10 @@ What does not apply, and why (the one list; the report repeats it):
 - ``capturable=True`` on backends other than triton, and without ``skip_nonfinite``:
   refused (tests/test_capturable.py); torch's capturable means "no host sync", which
   the triton backend gives, the others read flags on the host. ``capturable=True`` with
-  ``maximize=True`` is refused too: the negated gradients are new tensors each step.
+  ``maximize=True``, or with a strided-view parameter, is refused too: the negated
+  gradients, and the dense copy of such a parameter, are new tensors at each step.
+- A ``set`` of parameters given directly (not inside a group): torch turns it into a list
+  without complaint, and so do we (a set inside a group is refused, as by torch).
 - ``foreach=True`` with ``fused=True``: ValueError with torch's message (torch raises
   RuntimeError); a backend that contradicts the flags: ValueError.
 - The fused kernels under ``torch.compile``: they run eagerly (``torch._dynamo.disable``
