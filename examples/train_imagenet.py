@@ -183,7 +183,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
         raise SystemExit(f"--warmup-epochs {warmup_epochs} ({warmup_steps} steps) must be shorter than --epochs "
                          f"{epochs} ({epochs * steps_per_epoch} steps)")
     if run:
-        lr = run.lr * min(1.0, args.global_batch / run.global_batch)
+        smallest = MLPERF_RUNS[0].global_batch  # below it: that run's lr scaled linearly (Goyal et al.)
+        lr = run.lr * min(1.0, args.global_batch / smallest)
         options = dict(lr=lr, weight_decay=run.weight_decay, momentum=run.momentum, end_lr=MLPERF_END_LR,
                        warmup_start_factor=0.0)
         recipe = f"MLPerf ({run.source}, global batch {run.global_batch})"
@@ -506,7 +507,7 @@ def train(args: argparse.Namespace, plan: Plan, rank: int, world: int, device: t
         model = common.shard_fsdp(model)
         no_sync = lambda: common.fsdp_no_sync(model)  # noqa: E731
     elif world > 1:  # buffers: averaged by sync_buffers, not broadcast from rank 0 at each forward
-        model = common.wrap_ddp(model, device, broadcast_buffers=False)
+        model = common.wrap_ddp(model, device, forward_sync_buffers=False)
         no_sync = model.no_sync
     else:
         no_sync = contextlib.nullcontext
