@@ -28,10 +28,17 @@ from fastlars.train import accumulate_gradients
 BASE_BATCH = 256  # the batch the base lr is tuned for (Goyal et al.)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None (the help text says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def make_parser(description: str) -> argparse.ArgumentParser:
     """The flags every example has (each script adds its own)."""
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--global-batch", type=int, default=8192, help="samples per optimizer step, over all ranks")
     p.add_argument("--micro-batch", type=int, default=256 if gpu else 32, help="samples per forward/backward")
     p.add_argument("--image-size", type=int, default=224 if gpu else 32)

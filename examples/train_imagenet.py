@@ -1,6 +1,7 @@
-"""ResNet-50 on an ImageNet folder with the large-batch recipe: LARS (or LAMB) + Ghost BN at a
-large global batch reached by gradient accumulation, top-1/top-5 evaluation, checkpoints and
-exact resume; one process, DDP or FSDP2 under torchrun.
+"""ResNet-50 on an ImageNet folder with the large-batch recipe, evaluation, checkpoints and resume.
+
+LARS (or LAMB) + Ghost BN at a large global batch reached by gradient accumulation,
+top-1/top-5 evaluation, checkpoints and exact resume; one process, DDP or FSDP2 under torchrun.
 
     python examples/train_imagenet.py --data /data/imagenet --preset mlperf --global-batch 3264 \\
         --micro-batch 204 --checkpoint-dir ckpt                                        # 1 GPU
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -102,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a folder with train/ and val/ (ImageFolder layout), or 'synthetic'")
     p.add_argument("--epochs", type=int, help="default: the preset's, else 90")
     p.add_argument("--warmup-epochs", type=float, help="linear warmup; default: the preset's, else 5 (Goyal et al.)")
-    p.add_argument("--label-smoothing", type=float, help="default 0.1")
+    p.add_argument("--label-smoothing", type=float, help="default: 0.1")
     p.add_argument("--preset", choices=["mlperf"],
                    help="MLPerf ResNet-50 LARS hyper-parameters of the published run nearest the global batch "
                         "(below 3264: its lr scaled linearly), from NVIDIA's MLPerf Training submissions "
@@ -110,14 +112,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "momentum as listed, label smoothing 0.1, warmup from 0 then poly decay power 2 to "
                         "lr 1e-4, no weight decay or adaptation on BN/bias, eval every 4 epochs, target 75.9")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
-    p.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2), help="loader processes per rank")
+    p.add_argument("--workers", type=int, help="loader processes per rank (default: the CPU cores per local rank, "
+                                               "at most 8)")
     p.add_argument("--eval-batch", type=int, help="images per evaluation forward (default: --micro-batch)")
     p.add_argument("--eval-every", type=int, help="epochs between evaluations (default: the preset's, else 1)")
     p.add_argument("--target-top1", type=float, help="stop once top-1 (in %%) reaches this (default: the preset's)")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (none written without it)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the latest to keep")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
-    p.add_argument("--resume", help="a checkpoint folder step-N/, or a --checkpoint-dir (its latest)")
+    p.add_argument("--resume", help="a checkpoint folder step-N/, or a --checkpoint-dir (its latest); 'auto': "
+                                    "the latest in --checkpoint-dir if there is one, else a fresh start")
     p.add_argument("--log", help="append the JSON lines to this file instead of stdout")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this folder (needs tensorboard)")
     p.add_argument("--synthetic-steps", type=int, default=10, help="optimizer steps per epoch with --data synthetic")
@@ -153,15 +157,14 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
     for name in ("global_batch", "micro_batch", "image_size", "epochs", "eval_every", "keep_checkpoints",
                  "synthetic_steps", "eval_batch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.workers is None:
+        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _positive("--workers", args.workers, allow_zero=True)
     _positive("--save-every-steps", args.save_every_steps, allow_zero=True)
     if args.preset and args.lamb:
         raise SystemExit("--preset mlperf is the LARS recipe; drop --lamb")
-    if args.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise SystemExit("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard needs the tensorboard package (pip install tensorboard)")
     accumulation = common.check_batches(args, world)
     train = val = None
     if args.data == "synthetic":
@@ -189,14 +192,22 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
                        warmup_start_factor=0.0)
         recipe = f"MLPerf ({run.source}, global batch {run.global_batch})"
     else:
-        options, recipe = {}, "default (linear scaling from lr 0.1 at batch 256)" if not args.lamb else "default"
+        options, recipe = {}, "default (--base-lr at batch 256, scaled to the global batch)"
     plan = Plan(accumulation, steps_per_epoch, epochs, warmup_steps,
                 args.label_smoothing if args.label_smoothing is not None else MLPERF_LABEL_SMOOTHING,
                 args.eval_every or (MLPERF_EVAL_EVERY if run else 1),
                 args.target_top1 if args.target_top1 is not None else (MLPERF_TARGET if run else None),
                 options, recipe, train, val)
-    if args.resume:
-        plan.resume, plan.resume_state = _find_checkpoint(Path(args.resume))
+    if args.resume == "auto" and not args.checkpoint_dir:
+        raise SystemExit("--resume auto needs --checkpoint-dir")
+    resume = args.resume if args.resume != "auto" else args.checkpoint_dir
+    if resume:
+        plan.resume = _find_checkpoint(Path(resume))
+        if plan.resume is None and args.resume != "auto":
+            raise SystemExit(f"--resume {resume}: no checkpoint there (expected a step-N/ folder with trainer.pt, "
+                             "or a --checkpoint-dir holding some)")
+    if plan.resume:
+        plan.resume_state = torch.load(plan.resume / "trainer.pt", weights_only=True)
         _check_resume(args, plan)
     return plan
 
@@ -369,14 +380,17 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["loader"])
 
 
-def _find_checkpoint(path: Path) -> tuple[Path, dict]:
-    if not (path / "trainer.pt").is_file():
-        found = sorted(p for p in path.glob("step-*") if (p / "trainer.pt").is_file()) if path.is_dir() else []
-        if not found:
-            raise SystemExit(f"--resume {path}: no checkpoint there (expected a step-N/ folder with trainer.pt, "
-                             "or a --checkpoint-dir holding some)")
-        path = found[-1]
-    return path, torch.load(path / "trainer.pt", weights_only=True)
+def _checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first."""
+    return sorted(p for p in root.glob("step-*") if (p / "trainer.pt").is_file()) if root.is_dir() else []
+
+
+def _find_checkpoint(path: Path) -> Path | None:
+    """``path`` itself if it is a checkpoint, else the latest one in it (None: none there)."""
+    if (path / "trainer.pt").is_file():
+        return path
+    found = _checkpoints(path)
+    return found[-1] if found else None
 
 
 def _meta(args: argparse.Namespace, plan: Plan) -> dict:
@@ -400,7 +414,8 @@ def save_checkpoint(root: Path, keep: int, trainer: dict, model, opt, schedule, 
     partial = root / f".{final.name}.partial"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in root.glob(".step-*.partial"):  # left by a crash while saving
+            shutil.rmtree(stale)
         partial.mkdir()
     dist.barrier()
     model_state, optim_state = get_state_dict(model, opt)
@@ -416,7 +431,7 @@ def save_checkpoint(root: Path, keep: int, trainer: dict, model, opt, schedule, 
         torch.save({**trainer, "world": world, "scheduler": schedule.state_dict(), "rng": rng}, partial / "trainer.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        for old in sorted(p for p in root.glob("step-*") if (p / "trainer.pt").is_file())[:-keep]:
+        for old in _checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
     return final
@@ -539,7 +554,8 @@ def train(args: argparse.Namespace, plan: Plan, rank: int, world: int, device: t
         steps_per_epoch=plan.steps_per_epoch, epochs=plan.epochs, warmup_steps=plan.warmup_steps,
         label_smoothing=plan.label_smoothing, sharding="fsdp2" if args.fsdp else "ddp" if world > 1 else "none",
         train_images=len(plan.train) if plan.train else None, val_images=len(plan.val) if plan.val else None,
-        workers=args.workers, resumed_from=str(plan.resume) if plan.resume else None, step=step)
+        workers=args.workers, resumed_from=str(plan.resume) if plan.resume else None,
+        resumed_world=plan.resume_state["world"] if plan.resume else None, step=step)
 
     def save(epoch: int, step_in_epoch: int) -> str | None:
         if not args.checkpoint_dir:

@@ -5,6 +5,7 @@ FSDP2 on 2 gloo ranks under torchrun, an interrupted run resumed equal to an uni
 one, an FSDP2 checkpoint of 2 ranks loaded on 1, synthetic data, the MLPerf preset's
 numbers, and each bad input rejected before training."""
 
+import importlib.util
 import json
 import math
 import os
@@ -95,13 +96,15 @@ def test_one_process_trains_and_evaluates(uninterrupted):
 def test_interrupted_run_resumes_exactly(uninterrupted, folder, tmp_path):
     """SIGTERM after step 4 (mid-epoch 1): the step finishes, a checkpoint is written, the run
     exits; --resume continues with the losses and final weights of the uninterrupted run
-    (with another number of loader workers: augmentation is seeded per sample)."""
+    (with another number of loader workers: augmentation is seeded per sample). The same
+    command both times: --resume auto starts afresh in an empty --checkpoint-dir."""
     lines, checkpoints = uninterrupted
-    first = run(["--data", folder, *TINY, "--micro-batch", 4, "--workers", 0, "--checkpoint-dir", tmp_path,
-                 "--stop-after-steps", 4])
+    command = ["--data", folder, *TINY, "--micro-batch", 4, "--workers", 0, "--checkpoint-dir", tmp_path,
+               "--resume", "auto"]
+    first = run([*command, "--stop-after-steps", 4])
+    assert events(first, "start")[0]["resumed_from"] is None
     assert events(first, "stop")[0]["reason"] == "SIGTERM" and check_training(first, 4)
-    second = run(["--data", folder, *TINY, "--micro-batch", 4, "--workers", 0, "--checkpoint-dir", tmp_path,
-                  "--resume", tmp_path])
+    second = run(command)
     assert events(second, "start")[0]["resumed_from"].endswith("step-00000004")
     resumed = [(line["step"], line["loss"], line["lr"]) for line in events(first + second, "train")]
     assert resumed == [(line["step"], line["loss"], line["lr"]) for line in events(lines, "train")]
@@ -195,7 +198,10 @@ def bad_input(tmp_path, uninterrupted):
         (root / "val" / "bee").rename(root / "val" / "bug")
         return ["--data", root]
 
-    return [
+    tensorboard = [] if importlib.util.find_spec("tensorboard") else [
+        ("--tensorboard without the package", lambda root: ["--data", "synthetic", "--tensorboard", root],
+         "needs the tensorboard package")]
+    return tensorboard + [
         ("missing val/", missing_val, "val is missing"),
         ("empty train/", empty_train, "train is empty"),
         ("class without images", class_without_images, "empty or unreadable"),
@@ -208,6 +214,8 @@ def bad_input(tmp_path, uninterrupted):
         ("resume: another optimizer", lambda root: ["--data", "synthetic", "--lamb", "--resume", checkpoint],
          "optimizer 'LARS' there, 'LAMB' here"),
         ("resume: no checkpoint", lambda root: ["--data", "synthetic", "--resume", root], "no checkpoint there"),
+        ("resume auto without a folder", lambda root: ["--data", "synthetic", "--resume", "auto"],
+         "--resume auto needs --checkpoint-dir"),
         ("preset with LAMB", lambda root: ["--data", "synthetic", "--preset", "mlperf", "--lamb"], "drop --lamb"),
     ]
 
