@@ -488,16 +488,24 @@ class Log:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask to stop after the current step; a second one acts at once."""
+    """SIGTERM/SIGINT ask to stop after the current step; another one, GRACE seconds later or
+    more, acts at once. (Ctrl-C under torchrun reaches a worker twice: from the terminal, then
+    forwarded by torchrun; that is still one request.)"""
+
+    GRACE = 2.0
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.time = 0.0
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        self.signal = signum
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if self.signal is None:
+            self.signal, self.time = signum, time.monotonic()
+        elif time.monotonic() - self.time >= self.GRACE:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.raise_signal(signum)
 
 
 # ----------------------------------------------------------------------------
