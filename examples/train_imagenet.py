@@ -161,8 +161,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
         args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _positive("--workers", args.workers, allow_zero=True)
     _positive("--save-every-steps", args.save_every_steps, allow_zero=True)
-    if args.preset and args.lamb:
-        raise SystemExit("--preset mlperf is the LARS recipe; drop --lamb")
+    if args.preset and (args.lamb or args.base_lr):
+        raise SystemExit(f"--preset mlperf sets the LARS recipe and its lr; drop {'--lamb' if args.lamb else '--base-lr'}")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise SystemExit("--tensorboard needs the tensorboard package (pip install tensorboard)")
     accumulation = common.check_batches(args, world)
@@ -183,7 +183,7 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
     warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (run.warmup_epochs if run else 5)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     if not 0 <= warmup_steps < epochs * steps_per_epoch:
-        raise SystemExit(f"--warmup-epochs {warmup_epochs} ({warmup_steps} steps) must be shorter than --epochs "
+        raise SystemExit(f"--warmup-epochs {warmup_epochs} ({warmup_steps} steps) must be >= 0 and shorter than --epochs "
                          f"{epochs} ({epochs * steps_per_epoch} steps)")
     if run:
         smallest = MLPERF_RUNS[0].global_batch  # below it: that run's lr scaled linearly (Goyal et al.)

@@ -217,6 +217,8 @@ def bad_input(tmp_path, uninterrupted):
         ("resume auto without a folder", lambda root: ["--data", "synthetic", "--resume", "auto"],
          "--resume auto needs --checkpoint-dir"),
         ("preset with LAMB", lambda root: ["--data", "synthetic", "--preset", "mlperf", "--lamb"], "drop --lamb"),
+        ("warmup as long as training", lambda root: ["--data", "synthetic", "--warmup-epochs", 2],
+         r"--warmup-epochs 2.0 \(20 steps\) must be >= 0 and shorter than --epochs 2 \(20 steps\)"),
     ]
 
 
