@@ -34,8 +34,8 @@ torch.distributed.checkpoint folder (``--fsdp``: every rank writes its shards; l
 any number of ranks). ``--resume`` takes a checkpoint or the checkpoint folder (its latest)
 and continues exactly: the same losses as a run never interrupted (same world size).
 
-Logging: one JSON line per optimizer step and per evaluation (stdout, or ``--log FILE``) on
-rank 0, a tqdm bar on stderr, TensorBoard scalars with ``--tensorboard DIR``.
+Logging: one JSON line per optimizer step and per evaluation (stdout, or ``--log-file FILE``)
+on rank 0, a tqdm bar on stderr, TensorBoard scalars with ``--tensorboard DIR``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -122,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
     p.add_argument("--resume", help="a checkpoint folder step-N/, or a --checkpoint-dir (its latest); 'auto': "
                                     "the latest in --checkpoint-dir if there is one, else a fresh start")
-    p.add_argument("--log", help="append the JSON lines to this file instead of stdout")
+    p.add_argument("--log-file", help="append the JSON lines to this file instead of stdout (not --log: torchrun "
+                                      "would take that abbreviation as one of its own options)")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this folder (needs tensorboard)")
     p.add_argument("--synthetic-steps", type=int, default=10, help="optimizer steps per epoch with --data synthetic")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: SIGTERM after N steps
@@ -162,7 +164,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
     _positive("--workers", args.workers, allow_zero=True)
     _positive("--save-every-steps", args.save_every_steps, allow_zero=True)
     if args.preset and (args.lamb or args.base_lr):
-        raise SystemExit(f"--preset mlperf sets the LARS recipe and its lr; drop {'--lamb' if args.lamb else '--base-lr'}")
+        conflict = "--lamb" if args.lamb else "--base-lr"
+        raise SystemExit(f"--preset mlperf sets the LARS recipe and its lr; drop {conflict}")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise SystemExit("--tensorboard needs the tensorboard package (pip install tensorboard)")
     accumulation = common.check_batches(args, world)
@@ -183,8 +186,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
     warmup_epochs = args.warmup_epochs if args.warmup_epochs is not None else (run.warmup_epochs if run else 5)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     if not 0 <= warmup_steps < epochs * steps_per_epoch:
-        raise SystemExit(f"--warmup-epochs {warmup_epochs} ({warmup_steps} steps) must be >= 0 and shorter than --epochs "
-                         f"{epochs} ({epochs * steps_per_epoch} steps)")
+        raise SystemExit(f"--warmup-epochs {warmup_epochs} ({warmup_steps} steps) must be >= 0 and shorter than "
+                         f"--epochs {epochs} ({epochs * steps_per_epoch} steps)")
     if run:
         smallest = MLPERF_RUNS[0].global_batch  # below it: that run's lr scaled linearly (Goyal et al.)
         lr = run.lr * min(1.0, args.global_batch / smallest)
@@ -400,7 +403,8 @@ def _meta(args: argparse.Namespace, plan: Plan) -> dict:
 
 def _check_resume(args: argparse.Namespace, plan: Plan) -> None:
     saved, now = plan.resume_state["meta"], _meta(args, plan)
-    differ = [f"{key} {saved.get(key)!r} there, {value!r} here" for key, value in now.items() if saved.get(key) != value]
+    differ = [f"{key} {saved.get(key)!r} there, {value!r} here"
+              for key, value in now.items() if saved.get(key) != value]
     if differ:
         raise SystemExit(f"--resume {plan.resume}: the checkpoint is from another run: " + "; ".join(differ))
 
@@ -459,11 +463,11 @@ def load_checkpoint(path: Path, state: dict, model, opt, schedule, generator: to
 # logging, signals
 
 class Log:
-    """JSON lines (rank 0) to stdout or --log, mirrored to TensorBoard when asked."""
+    """JSON lines (rank 0) to stdout or --log-file, mirrored to TensorBoard when asked."""
 
     def __init__(self, args: argparse.Namespace, rank: int) -> None:
         self.enabled = rank == 0
-        self.file = open(args.log, "a") if args.log and self.enabled else sys.stdout
+        self.file = open(args.log_file, "a") if args.log_file and self.enabled else sys.stdout
         self.tensorboard = None
         if args.tensorboard and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -530,7 +534,9 @@ def train(args: argparse.Namespace, plan: Plan, rank: int, world: int, device: t
         model = common.shard_fsdp(model)
         no_sync = lambda: common.fsdp_no_sync(model)  # noqa: E731
     elif world > 1:  # buffers: averaged by sync_buffers, not broadcast from rank 0 at each forward
-        model = common.wrap_ddp(model, device, forward_sync_buffers=False)
+        ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        model = common.wrap_ddp(model, device, **({"forward_sync_buffers": False} if "forward_sync_buffers"
+                                                  in ddp_options else {"broadcast_buffers": False}))
         no_sync = model.no_sync
     else:
         no_sync = contextlib.nullcontext

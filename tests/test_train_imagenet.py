@@ -100,9 +100,12 @@ def test_interrupted_run_resumes_exactly(uninterrupted, folder, tmp_path):
     lines, checkpoints = uninterrupted
     command = ["--data", folder, *TINY, "--micro-batch", 4, "--workers", 0, "--checkpoint-dir", tmp_path,
                "--resume", "auto"]
-    first = run([*command, "--stop-after-steps", 4])
+    first = run([*command, "--stop-after-steps", 4, "--save-every-steps", 2])
     assert events(first, "start")[0]["resumed_from"] is None
     assert events(first, "stop")[0]["reason"] == "SIGTERM" and check_training(first, 4)
+    assert [c["step"] for c in events(first, "checkpoint")] == [2, 3, 4]  # every 2 steps, epoch 0's end, the stop
+    (tmp_path / "step-00000099").mkdir()  # what a crash while saving would leave: not a checkpoint
+    (tmp_path / ".step-00000005.partial").mkdir()
     second = run(command)
     assert events(second, "start")[0]["resumed_from"].endswith("step-00000004")
     resumed = [(line["step"], line["loss"], line["lr"]) for line in events(first + second, "train")]
@@ -117,8 +120,10 @@ def test_interrupted_run_resumes_exactly(uninterrupted, folder, tmp_path):
             assert torch.equal(got["optim"]["state"][name][key], value), (name, key)
 
 
-def test_ddp_on_two_ranks(folder):
-    lines = run(["--data", folder, *TINY, "--micro-batch", 2, "--workers", 0], ranks=2)
+def test_ddp_on_two_ranks(folder, tmp_path):
+    log = tmp_path / "log.jsonl"
+    assert not run(["--data", folder, *TINY, "--micro-batch", 2, "--workers", 0, "--log-file", log], ranks=2)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # --log-file: the JSON lines go there
     start = events(lines, "start")[0]
     assert (start["world"], start["sharding"], start["accumulation"]) == (2, "ddp", 2)
     check_training(lines, STEPS)
@@ -204,7 +209,8 @@ def bad_input(tmp_path, uninterrupted):
         ("missing val/", missing_val, "val is missing"),
         ("empty train/", empty_train, "train is empty"),
         ("class without images", class_without_images, "empty or unreadable"),
-        ("classes differ", classes_differ, r"different class folders \(only in train/: \['bee'\], only in val/: \['bug'\]"),
+        ("classes differ", classes_differ,
+         r"different class folders \(only in train/: \['bee'\], only in val/: \['bug'\]"),
         ("too few images", lambda root: ["--data", folder(root), "--global-batch", 16], "fewer than one global batch"),
         ("batch not divisible", lambda root: ["--data", "synthetic", "--micro-batch", 3, "--world", 2],
          "--global-batch 8 must be a multiple of 2 ranks x --micro-batch 3"),
