@@ -6,7 +6,7 @@ top-1/top-5 evaluation, checkpoints and exact resume; one process, DDP or FSDP2 
     python examples/train_imagenet.py --data /data/imagenet --preset mlperf --global-batch 3264 \\
         --micro-batch 204 --checkpoint-dir ckpt                                        # 1 GPU
     torchrun --nproc_per_node=8 examples/train_imagenet.py --data /data/imagenet --preset mlperf \\
-        --global-batch 3264 --micro-batch 204 --checkpoint-dir ckpt --resume ckpt      # 8 GPUs, resumed
+        --global-batch 3264 --micro-batch 204 --checkpoint-dir ckpt --resume auto      # 8 GPUs
     python examples/train_imagenet.py --data synthetic --epochs 1                       # throughput, no files
 
 ``--data DIR`` holds ``train/`` and ``val/`` in torchvision ImageFolder layout (the standard
@@ -31,8 +31,10 @@ schedule, every rank's RNG states (torch, CUDA, numpy, python, the loader's gene
 what the run was (model, classes, optimizer, global batch, epochs, sharding), checked on
 ``--resume``. Model and optimizer: ``model.pt`` (one process, DDP: written by rank 0) or a
 torch.distributed.checkpoint folder (``--fsdp``: every rank writes its shards; loads with
-any number of ranks). ``--resume`` takes a checkpoint or the checkpoint folder (its latest)
-and continues exactly: the same losses as a run never interrupted (same world size).
+any number of ranks). ``--resume`` takes a checkpoint, the checkpoint folder (its latest) or
+``auto`` (the latest in ``--checkpoint-dir`` if any, else a fresh start: the same command
+restarts a preempted job) and continues exactly: the same losses as a run never interrupted
+(same world size).
 
 Logging: one JSON line per optimizer step and per evaluation (stdout, or ``--log-file FILE``)
 on rank 0, a tqdm bar on stderr, TensorBoard scalars with ``--tensorboard DIR``.
