@@ -346,7 +346,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
             logits = model(images.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         valid = labels >= 0
-        counts += torch.stack([hits[:, 0][valid].sum(), hits.any(dim=1)[valid].sum(), valid.sum()]).double()
+        counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(dim=1) & valid).sum(), valid.sum()]).double()
     dist.all_reduce(counts)
     model.train()
     top1, top5, n = counts.tolist()

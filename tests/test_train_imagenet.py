@@ -240,3 +240,22 @@ def test_bad_inputs_fail_before_training(uninterrupted, tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=message):
             train_imagenet.main([*TINY, "--micro-batch", "4", "--num-classes", "3", *args])
         assert not torch.distributed.is_initialized(), name
+
+
+def test_evaluate_counts_top1_top5_and_skips_padding():
+    """Known logits: sample 0 and 3 right at top-1, sample 1 right within the top 5 only,
+    sample 2 wrong (its class ranked 6th of 6), sample 4 padding (label -1, not counted)."""
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5], [1., 2, 9, 8, 7, 6], [9., 8, 1, 7, 6, 5], [0., 1, 2, 9, 3, 4],
+                           [9., 0, 0, 0, 0, 0]])
+    labels = torch.tensor([0, 1, 2, 3, -1])
+
+    class Lookup(torch.nn.Module):
+        def forward(self, x):
+            return logits[x.view(-1).long()]
+
+    batches = [(torch.arange(0, 2.).view(2, 1, 1, 1), labels[:2]), (torch.arange(2, 5.).view(3, 1, 1, 1), labels[2:])]
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        assert train_imagenet.evaluate(Lookup(), batches, torch.device("cpu")) == (50.0, 75.0, 4)
+    finally:
+        torch.distributed.destroy_process_group()
