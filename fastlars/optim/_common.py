@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _extension
 from . import _sharded
 
 __all__ = ["available_backends", "param_groups"]
@@ -25,24 +26,21 @@ __all__ = ["available_backends", "param_groups"]
 # Backends in the order "auto" prefers them. Later issues register "triton" and
 # "cuda" here; a backend is available when its probe returns True.
 def _extension_has(attribute: str) -> bool:
-    try:
-        from .. import _C
-    except ImportError:
-        return False
-    return bool(getattr(_C, attribute, False))
+    """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
+    (once per process; see fastlars/_extension.py)."""
+    return bool(getattr(_extension.load(), attribute, False))
 
 
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
-    "cuda": lambda: _extension_has("with_cuda") and torch.cuda.is_available(),
+    "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
     "cpu": lambda: _extension_has("lars_update_cpu"),
     "foreach": lambda: True,
     "reference": lambda: True,
 }
 # what "auto" may pick for tensors of each device type, fastest first
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_BUILD_HINT = ("the C++ extension was not built: install with `pip install --no-build-isolation -e .` "
-               "(setup.py builds csrc/ when a compiler is found)")
+_build_hint = _extension.why_unavailable  # why "cpu"/"cuda" cannot run here, and what to do
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
@@ -63,7 +61,7 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
     if backend == "auto":
         return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
     if backend not in available:
-        hint = f"; {_BUILD_HINT}" if backend in ("cpu", "cuda") and not _extension_has("lars_update_cpu") else ""
+        hint = f"; {_build_hint(backend)}" if backend in ("cpu", "cuda") else ""
         raise ValueError(
             f"backend={backend!r} is not available in this installation; available backends: {available}{hint}"
         )
