@@ -25,6 +25,8 @@ just-in-time build compile the same thing.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -175,13 +177,15 @@ def _load() -> tuple[ModuleType | None, Status]:
 
 def _prebuilt() -> tuple[ModuleType | None, str]:
     """fastlars._C if it was built at install time and loads, else the reason it does not."""
+    name = f"{__package__}._C"
     try:
-        from . import _C
-    except ModuleNotFoundError:
-        return None, ""  # a pure-Python install: not an error
+        return importlib.import_module(name), ""
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None, ""  # a pure-Python install: not an error
+        return None, f"the prebuilt {name} does not load ({e})"
     except (ImportError, OSError) as e:  # e.g. built against another torch
-        return None, f"the prebuilt fastlars._C does not load ({e})"
-    return _C, ""
+        return None, f"the prebuilt {name} does not load ({e})"
 
 
 # ----------------------------------------------------------------------------
@@ -360,8 +364,6 @@ def _compile(plan: _Plan) -> tuple[ModuleType | None, Status]:
 
 def _import_cached(plan: _Plan) -> tuple[ModuleType | None, Status]:
     """An earlier build, loaded without a compiler (which torch's load() would want)."""
-    import importlib.util
-
     try:
         spec = importlib.util.spec_from_file_location(plan.name, plan.library)
         module = importlib.util.module_from_spec(spec)

@@ -46,25 +46,29 @@ FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
 
 def available_backends() -> list[str]:
-    """The backends usable in this installation, fastest first."""
+    """The backends usable in this installation, fastest first.
+
+    Where the C++ kernels were not built at install time, the first call compiles them
+    (once per process, cached on disk; see fastlars/_extension.py)."""
     return [name for name, probe in _BACKEND_PROBES.items() if probe()]
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The backend to use for parameters on ``device`` (None: no parameters yet)."""
-    available = available_backends()
+    """The backend to use for parameters on ``device`` (None: no parameters yet).
+
+    Probes only the backends in question: the "cpu" probe may compile the C++ kernels,
+    which backend="foreach" (or "auto" on CUDA tensors with Triton) must not wait for."""
     if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
         raise ValueError(
-            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available}"
+            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available_backends()}"
         )
     device_type = device.type if device is not None else "cpu"
     if backend == "auto":
-        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
-    if backend not in available:
+        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
+    if not _BACKEND_PROBES[backend]():
         hint = f"; {_build_hint(backend)}" if backend in ("cpu", "cuda") else ""
-        raise ValueError(
-            f"backend={backend!r} is not available in this installation; available backends: {available}{hint}"
-        )
+        raise ValueError(f"backend={backend!r} is not available in this installation; "
+                         f"available backends: {available_backends()}{hint}")
     if backend == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
     if backend == "cuda" and device_type != "cuda":
