@@ -40,7 +40,6 @@ _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
 }
 # what "auto" may pick for tensors of each device type, fastest first
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_build_hint = _extension.why_unavailable  # why "cpu"/"cuda" cannot run here, and what to do
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
@@ -66,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
     if backend == "auto":
         return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
     if not _BACKEND_PROBES[backend]():
-        hint = f"; {_build_hint(backend)}" if backend in ("cpu", "cuda") else ""
+        hint = f"; {_extension.why_unavailable(backend)}" if backend in ("cpu", "cuda") else ""
         raise ValueError(f"backend={backend!r} is not available in this installation; "
                          f"available backends: {available_backends()}{hint}")
     if backend == "cpu" and device_type != "cpu":
