@@ -180,11 +180,9 @@ def _prebuilt() -> tuple[ModuleType | None, str]:
     name = f"{__package__}._C"
     try:
         return importlib.import_module(name), ""
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None, ""  # a pure-Python install: not an error
-        return None, f"the prebuilt {name} does not load ({e})"
     except (ImportError, OSError) as e:  # e.g. built against another torch
+        if isinstance(e, ModuleNotFoundError) and e.name == name:
+            return None, ""  # a pure-Python install: not an error
         return None, f"the prebuilt {name} does not load ({e})"
 
 

@@ -4,6 +4,7 @@ backend cannot run, and how fastlars/_extension.py decides (no compiler, a faile
 build, the cache name, info()) without compiling anything. tests/test_install.py
 compiles for real in a fresh venv."""
 
+import importlib
 import logging
 import os
 import shutil
@@ -109,6 +110,25 @@ def test_failed_build_is_reported_once_and_not_retried(fresh_extension, monkeypa
     assert "fatal error: omp.h" in log.read_text()
     with pytest.raises(ValueError, match="omp.h"):
         fastlars.LARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="cpu")
+
+
+def test_prebuilt_that_does_not_load_is_reported(monkeypatch, tmp_path):
+    """A fastlars._C built against another torch: its error is part of the reason."""
+    import_module = importlib.import_module
+
+    def broken(name, *args):
+        if name == "fastlars._C":
+            raise ImportError("_C.so: undefined symbol: _ZN3c104cuda9SetDevice", name=name)
+        return import_module(name, *args)
+
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(importlib, "import_module", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "missing-c++"))
+    status = _extension.status()
+    assert status.kind == "unavailable"
+    assert "the prebuilt fastlars._C does not load (_C.so: undefined symbol" in status.detail
+    assert "CXX=" in status.detail and _extension.load() is None
 
 
 def test_jit_module_name_carries_the_versions(fresh_extension):
