@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _extension
 from . import _sharded
 from ..ops._tables import _dense as _layout_is_dense  # no Triton, no extension: safe to import early
 
@@ -26,48 +27,48 @@ __all__ = ["available_backends", "param_groups"]
 # Backends in the order "auto" prefers them. Later issues register "triton" and
 # "cuda" here; a backend is available when its probe returns True.
 def _extension_has(attribute: str) -> bool:
-    try:
-        from .. import _C
-    except ImportError:
-        return False
-    return bool(getattr(_C, attribute, False))
+    """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
+    (once per process; see fastlars/_extension.py)."""
+    return bool(getattr(_extension.load(), attribute, False))
 
 
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
-    "cuda": lambda: _extension_has("with_cuda") and torch.cuda.is_available(),
+    "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
     "cpu": lambda: _extension_has("lars_update_cpu"),
     "foreach": lambda: True,
     "reference": lambda: True,
 }
 # what "auto" may pick for tensors of each device type, fastest first
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_BUILD_HINT = ("the C++ extension was not built: install with `pip install --no-build-isolation -e .` "
-               "(setup.py builds csrc/ when a compiler is found)")
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
 
 def available_backends() -> list[str]:
-    """The backends usable in this installation, fastest first."""
+    """The backends usable in this installation, fastest first.
+
+    Where the C++ kernels were not built at install time, the first call compiles them
+    (once per process, cached on disk; see fastlars/_extension.py)."""
     return [name for name, probe in _BACKEND_PROBES.items() if probe()]
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The backend to use for parameters on ``device`` (None: no parameters yet)."""
-    available = available_backends()
+    """The backend to use for parameters on ``device`` (None: no parameters yet).
+
+    Probes only the backends in question: the "cpu" probe may compile the C++ kernels,
+    which backend="foreach" (or "auto" on CUDA tensors with Triton) must not wait for."""
     if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
         raise ValueError(
-            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available}"
+            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available_backends()}"
         )
     device_type = device.type if device is not None else "cpu"
     if backend == "auto":
-        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
-    if backend not in available:
-        hint = f"; {_BUILD_HINT}" if backend in ("cpu", "cuda") and not _extension_has("lars_update_cpu") else ""
-        raise ValueError(
-            f"backend={backend!r} is not available in this installation; available backends: {available}{hint}"
-        )
+        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
+    if not _BACKEND_PROBES[backend]():
+        hint = f"; {_extension.why_unavailable(backend)}" if backend in ("cpu", "cuda") else ""
+        raise ValueError(f"backend={backend!r} is not available in this installation; "
+                         f"available backends: {available_backends()}{hint}")
     if backend == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
     if backend == "cuda" and device_type != "cuda":
