@@ -23,9 +23,9 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+$(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
+	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)
 	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@

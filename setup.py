@@ -1,47 +1,68 @@
-"""Build script: the Python package, plus the C++/CUDA extension when csrc/ has sources.
+"""Build script: the Python package with the kernel sources (csrc/, installed as
+fastlars/csrc), plus the compiled C++/CUDA extension when torch is importable here.
 
-Metadata lives in pyproject.toml. The extension's sources are the one list in
-csrc/sources.txt (CMakeLists.txt reads the same file). With no sources listed, or
-with FASTLARS_NO_EXTENSION=1, the package installs as pure Python and every
-backend that needs the extension reports itself unavailable. FASTLARS_NO_CUDA=1
+Metadata lives in pyproject.toml. With pip's default build isolation torch is not
+importable (pyproject.toml does not list it: an isolated build would download
+several GB), so the package installs as pure Python and fastlars compiles the
+kernels on first use of backend="cpu"/"cuda" (fastlars/_extension.py). Built with
+`--no-build-isolation` against the installed torch (as the Makefile does), the
+extension is compiled now and the wheel carries it.
+
+The sources are the one list in csrc/sources.txt and the flags are those of the
+just-in-time build (both read through fastlars/_extension.py; CMakeLists.txt reads
+the same list). FASTLARS_NO_EXTENSION=1 skips the extension, FASTLARS_NO_CUDA=1
 builds the CPU kernels only. CUDA_HOME must name the toolkit (the Makefile sets
 /usr/local/cuda: torch guesses wrong when `nvcc` on PATH is a wrapper script), and
 TORCH_CUDA_ARCH_LIST the GPUs to compile for.
 """
 
-import os
+import importlib.util
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
 
-def extension_sources() -> list[str]:
-    listing = ROOT / "csrc" / "sources.txt"
-    lines = listing.read_text().splitlines() if listing.exists() else []
-    return [f"csrc/{line.strip()}" for line in lines if line.strip() and not line.startswith("#")]
+def build_config():
+    """fastlars/_extension.py, executed on its own (the package imports torch)."""
+    spec = importlib.util.spec_from_file_location("_fastlars_build", ROOT / "fastlars" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def extensions():
-    sources = extension_sources()
-    if not sources or os.environ.get("FASTLARS_NO_EXTENSION") == "1":
+    config = build_config()
+    sources = [f"csrc/{name}" for name in config.source_names(ROOT / "csrc")]
+    if not sources or config.flag("FASTLARS_NO_EXTENSION"):
         return {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-    import torch
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("fastlars: torch is not importable in this build environment, so the C++/CUDA kernels are not "
+              "compiled now; fastlars compiles them on first use (or build with --no-build-isolation)",
+              file=sys.stderr)
+        return {}
 
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-                and os.environ.get("FASTLARS_NO_CUDA") != "1" and any(s.endswith(".cu") for s in sources))
+                and not config.flag("FASTLARS_NO_CUDA") and any(s.endswith(".cu") for s in sources))
     if not use_cuda:
         sources = [s for s in sources if not s.endswith(".cu")]
+    flags = config.compile_flags(use_cuda)
     make = CUDAExtension if use_cuda else CppExtension
-    defines = ["-DFASTLARS_WITH_CUDA"] if use_cuda else []
     module = make("fastlars._C", sources, include_dirs=[str(ROOT / "csrc")],
-                  extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines],
-                                      "nvcc": ["-O3", *defines]},
-                  extra_link_args=["-fopenmp"])
+                  extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]}, extra_link_args=flags["ld"])
     return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}
 
 
-setup(**extensions())
+setup(
+    # csrc/ travels inside the package, for the just-in-time build
+    packages=[*find_packages(include=["fastlars*"]), "fastlars.csrc"],
+    package_dir={"fastlars.csrc": "csrc"},
+    package_data={"fastlars.csrc": ["sources.txt", "*.h", "*.cpp", "*.cu", "README.md"]},
+    **extensions(),
+)

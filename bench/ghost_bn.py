@@ -1,7 +1,7 @@
 """Ghost BN forward+backward time at ResNet-50 activation shapes, every path side by side.
 
     python bench/ghost_bn.py [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
-                             [--results DIR]
+                             [--shapes CxHW ...] [--results DIR]
 
 Paths: `nn.BatchNorm2d` (plain BN over the whole batch: cuDNN on a GPU; the speed
 to match), the chunk loop (F.batch_norm per `x.split(vbs)` chunk, then cat: the
@@ -80,7 +80,28 @@ def run(device: torch.device, batch: int, vbs_list: list[int], shapes, min_run_t
             del x, dy
     return dict(benchmark="ghost_bn", date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 device=device_name(device), torch=torch.__version__, triton=_version("triton"),
-                fastlars=fastlars.__version__, copy_bandwidth_GBps=bandwidth / 1e9, rows=rows)
+                fastlars=fastlars.__version__, copy_bandwidth_GBps=bandwidth / 1e9, rows=rows,
+                triton_kernels=triton_kernel_resources() if "triton" in paths_for(device) else [])
+
+
+def triton_kernel_resources() -> list[dict]:
+    """Registers and spills of the Triton kernels as this device's Triton compiled and loaded
+    them (bench/NOTES.md has the ahead-of-time ptxas figures to compare with)."""
+    from fastlars.ops import ghost_bn as kernels
+
+    found = []
+    try:
+        for fn in (kernels.ghost_bn_forward_kernel, kernels.ghost_bn_backward_kernel):
+            for caches in fn.device_caches.values():
+                for kernel in caches[0].values():  # the compiled kernels of this device
+                    constants = {(fn.arg_names[k[0]] if isinstance(k, tuple) else k): getattr(v, "value", v)
+                                 for k, v in getattr(kernel.src, "constants", {}).items()}
+                    found.append(dict(kernel=fn.__name__, num_warps=kernel.metadata.num_warps,
+                                      BLOCK=int(constants.get("BLOCK", 0)), ONE_PASS=bool(constants.get("ONE_PASS")),
+                                      registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None)))
+    except Exception as e:  # Triton's internals move between versions: report, keep the timings
+        found.append(dict(error=f"{type(e).__name__}: {e}"))
+    return found
 
 
 def print_table(result: dict) -> None:
@@ -93,6 +114,9 @@ def print_table(result: dict) -> None:
         shape = "x".join(map(str, r["shape"]))
         print(f"{r['dtype']:<9} {r['layout']:<13} {shape:<20} {r['vbs']:>4} {r['path']:<11} {r['ms']:>10.2f} "
               f"{r['speedup_vs_loop']:>7.2f}x {r['fraction_of_floor']:>8.1%}")
+    for k in result.get("triton_kernels", []):
+        print(k.get("error") or f"{k['kernel']} BLOCK={k['BLOCK']} one_pass={k['ONE_PASS']} num_warps={k['num_warps']}: "
+                                f"{k['registers']} registers, {k['spills']} spills")
 
 
 def main() -> None:
@@ -101,11 +125,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vbs", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--shapes", nargs="+", metavar="CxHW", help="channels x height (default: ResNet-50's)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = RESNET50_BN if device.type == "cuda" else CPU_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
     result = run(device, args.batch, args.vbs, shapes, args.min_run_time)
     print_table(result)
     if not args.no_save:

@@ -1,22 +1,165 @@
 #!/usr/bin/env bash
-# The one command for a machine with a CUDA GPU (torch and Triton already installed there):
-# the whole test suite on CUDA, then the benchmarks, all output under OUTDIR.
-#   bash bench/gpu_check.sh OUTDIR
+# The device check: one command for a lent GPU (an H200 with torch 2.11 and Triton 3.6
+# preinstalled, no network), planned to finish in 8 minutes, most valuable results first:
+#   1 facts   device name, SMs, L2, memory, versions, device-to-device copy bandwidth
+#   2 build   the C++/CUDA extension for sm_90 only, all cores, no pip and no network
+#   3 tests   the GPU tests: fused backends, capturable, CUDA graphs, Ghost BN, cast_rne
+#   4 optim   bench/optim_step.py: every backend and triton+graph, ResNet-50 and BERT-Large shapes
+#   5 gbn     bench/ghost_bn.py: ResNet-50 activation shapes, vs nn.BatchNorm2d and the chunk loop
+#   6 e2e     reduced end-to-end: global batch 8192, SGD+BN vs LARS+GBN on triton, 2 timed steps
+# Each stage has its own time limit, cut to what is left of the budget; a stage that would
+# start with less than MIN_STAGE_S left is skipped with a line saying so. Results are at
+# most 8 files directly under OUTDIR (JSON, and the one log gpu_check.log), so they come back
+# whole: device.json, tests.json, optim_step-*.json, ghost_bn-*.json, e2e-*.json,
+# gpu_check.json (each stage's status, exit code and seconds), gpu_check.log.
+#
+#   bash bench/gpu_check.sh OUTDIR             on the GPU machine
+#   bash bench/gpu_check.sh --dry-run OUTDIR   every stage on the CPU at toy sizes (tests under
+#                                              Triton's interpreter); CI runs it (tests/test_gpu_check.py)
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480, dry run 100).
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUTDIR}
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:?usage: bash bench/gpu_check.sh [--dry-run] OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-$PY - <<'PY' | tee "$out/device.txt"
-import torch, importlib.metadata as md
-assert torch.cuda.is_available(), "no CUDA device"
-print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", md.version("triton"))
+budget=${GPU_CHECK_BUDGET_S:-$([ $dry = 1 ] && echo 100 || echo 480)}
+MIN_STAGE_S=20
+log="$out/gpu_check.log"
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+: > "$log"
+: > "$scratch/stages.tsv"
+say() { echo "$*" | tee -a "$log"; }
+
+if [ $dry = 1 ]; then
+    # the CPU, Triton's kernels interpreted, one thread (toy sizes; CI machines are shared)
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    device=cpu
+else
+    device=cuda
+fi
+
+# stage NAME LIMIT_S COMMAND...: run with min(LIMIT_S, budget left) seconds, output to the log
+stage() {
+    local name=$1 limit=$2 left began rc status
+    shift 2
+    left=$((budget - SECONDS))
+    if [ "$left" -lt "$MIN_STAGE_S" ]; then
+        say "== $name: skipped, budget spent (${SECONDS} s of ${budget} s used)"
+        printf '%s\tskipped\t\t0\tbudget spent\n' "$name" >> "$scratch/stages.tsv"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    say "== $name: up to ${limit} s: $*"
+    began=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        *) status=failed ;;
+    esac
+    say "== $name: $status (exit $rc) in $((SECONDS - began)) s"
+    printf '%s\t%s\t%s\t%s\t\n' "$name" "$status" "$rc" "$((SECONDS - began))" >> "$scratch/stages.tsv"
+}
+
+# 1. device facts
+stage facts 60 "$PY" - "$out/device.json" "$device" <<'PY'
+import json, platform, shutil, subprocess, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, "bench")
+from optim_step import _version, copy_bandwidth, device_name
+
+path, device = Path(sys.argv[1]), torch.device(sys.argv[2])
+facts = dict(device=device_name(device), torch=torch.__version__, torch_cuda=torch.version.cuda,
+             triton=_version("triton"), python=platform.python_version(), cpus=torch.get_num_threads())
+if device.type == "cuda":
+    props = torch.cuda.get_device_properties(device)
+    facts.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                 l2_MB=props.L2_cache_size / 2**20, memory_GiB=props.total_memory / 2**30,
+                 free_GiB=torch.cuda.mem_get_info(device)[0] / 2**30)
+nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+try:
+    facts["nvcc"] = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+except OSError:
+    facts["nvcc"] = None
+numel = 2**28 if device.type == "cuda" else 2**22  # 1 GiB of fp32 on the GPU, far past the L2
+facts["copy_bandwidth_GBps"] = copy_bandwidth(device, numel, 0.5 if device.type == "cuda" else 0.05) / 1e9
+path.write_text(json.dumps(facts, indent=2) + "\n")
+print(json.dumps(facts, indent=2))
 PY
-$PY -m pytest -q tests 2>&1 | tee "$out/tests.txt"
-tests_rc=${PIPESTATUS[0]}
-$PY bench/optim_step.py --device cuda --results "$out" 2>&1 | tee "$out/optim_step.txt"
-$PY bench/ghost_bn.py --device cuda --results "$out" 2>&1 | tee "$out/ghost_bn.txt"
-$PY -m pytest bench/test_bench_optim.py bench/test_bench_ghost_bn.py --benchmark-only -q \
-    --benchmark-json "$out/pytest-benchmark.json" 2>&1 | tail -n 60 > "$out/pytest-benchmark.txt"
-exit "$tests_rc"
+
+# 2. the extension, built in place for sm_90 only (no pip, so no network and no build isolation)
+if [ $dry = 1 ] && ls fastlars/_C*.so > /dev/null 2>&1; then
+    say "== build: skipped in the dry run, the extension is already built ($(ls fastlars/_C*.so))"
+    printf 'build\tskipped\t\t0\talready built\n' >> "$scratch/stages.tsv"
+else
+    nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    stage build 180 env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME="${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}" \
+        "$PY" setup.py build_ext --inplace
+fi
+
+# 3. the GPU tests (in the dry run: the same files, their GPU tests skipped, a few interpreter tests run)
+timeout_flag=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 120)  # else the stage's own limit
+if [ $dry = 1 ]; then
+    selection=(tests/test_fused_gpu.py tests/test_cast_rne.py tests/test_ghost_bn.py -k "fused or rne or int64 or grid")
+else
+    selection=(tests/test_fused_gpu.py tests/test_capturable.py tests/test_ghost_bn.py tests/test_cast_rne.py
+               tests/test_extension.py)
+fi
+stage tests 180 "$PY" -m pytest -x -q -p no:cacheprovider "${timeout_flag[@]}" --junitxml "$scratch/tests.xml" \
+    "${selection[@]}"
+
+# 4-6. the benchmarks
+if [ $dry = 1 ]; then
+    stage optim 60 "$PY" bench/optim_step.py --device cpu --workloads toy --min-run-time 0.01 --results "$out"
+    stage gbn 60 "$PY" bench/ghost_bn.py --device cpu --batch 8 --vbs 4 --shapes 8x4 16x2 --min-run-time 0.01 \
+        --results "$out"
+    stage e2e 90 "$PY" -m fastlars.bench e2e --device cpu --global-batch 8 --micro-batch 4 --image-size 16 \
+        --model resnet18 --configs sgd+bn lars+gbn --backends foreach --steps 1 --results "$out" --no-plot
+else
+    stage optim 120 "$PY" bench/optim_step.py --device cuda --workloads resnet50 bert_large --min-run-time 0.2 \
+        --results "$out"
+    stage gbn 90 "$PY" bench/ghost_bn.py --device cuda --min-run-time 0.1 --results "$out"
+    stage e2e 150 "$PY" -m fastlars.bench e2e --device cuda --global-batch 8192 --configs sgd+bn lars+gbn \
+        --backends triton --steps 2 --results "$out" --no-plot
+fi
+
+# the summary: every stage, and the tests' counts and failures
+"$PY" - "$scratch/stages.tsv" "$scratch/tests.xml" "$out" "$budget" "$SECONDS" "$dry" <<'PY' | tee -a "$log"
+import json, sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+stages_tsv, tests_xml, out, budget, elapsed, dry = sys.argv[1:]
+stages = []
+for line in Path(stages_tsv).read_text().splitlines():
+    name, status, rc, seconds, note = line.split("\t")
+    stages.append(dict(name=name, status=status, exit_code=int(rc) if rc else None, seconds=int(seconds), note=note))
+tests = dict(ran=False)
+if Path(tests_xml).exists():
+    suites = ET.parse(tests_xml).getroot()
+    suites = [suites] if suites.tag == "testsuite" else list(suites)
+    count = lambda key: sum(int(s.get(key, 0)) for s in suites)
+    failures = [dict(test=f"{case.get('classname')}::{case.get('name')}", message=(bad.get("message") or "")[:500])
+                for s in suites for case in s.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
+    tests = dict(ran=True, total=count("tests"), failures=count("failures"), errors=count("errors"),
+                 skipped=count("skipped"), failed=failures)
+Path(out, "tests.json").write_text(json.dumps(tests, indent=2) + "\n")
+summary = dict(dry_run=dry == "1", budget_s=int(budget), elapsed_s=int(elapsed), stages=stages,
+               files=sorted(p.name for p in Path(out).iterdir()) + ["gpu_check.json"])
+Path(out, "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(f"{'stage':<7} {'status':<8} {'exit':>4} {'s':>5}  note")
+for s in stages:
+    print(f"{s['name']:<7} {s['status']:<8} {s['exit_code'] if s['exit_code'] is not None else '':>4} {s['seconds']:>5}  {s['note']}")
+if tests["ran"]:
+    print(f"tests: {tests['total']} run, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped")
+print(f"{int(elapsed)} s of a {budget} s budget; files: {', '.join(summary['files'])}")
+PY
+[ -z "$(cut -f2 "$scratch/stages.tsv" | grep -v -x -e ok -e skipped)" ]

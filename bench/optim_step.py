@@ -69,7 +69,8 @@ def bert_large_shapes(layers: int = 24, hidden: int = 1024, ffn: int = 4096, voc
     return shapes
 
 
-WORKLOADS = {"resnet50": resnet50_shapes, "bert_large": bert_large_shapes, "tiny2000": tiny_shapes}
+WORKLOADS = {"resnet50": resnet50_shapes, "bert_large": bert_large_shapes, "tiny2000": tiny_shapes,
+             "toy": lambda: tiny_shapes(20)}  # the device check's dry run
 DEFAULT_WORKLOADS = {"cpu": ["resnet50", "tiny2000"], "cuda": ["resnet50", "bert_large", "tiny2000"]}
 
 
@@ -105,7 +106,8 @@ def device_name(device: torch.device) -> str:
 
 def backends_for(device: torch.device) -> list[str]:
     """fastlars backends usable on the device, reference first; then timm's, if installed."""
-    usable = [b for b in fastlars.available_backends() if b != "triton" or device.type == "cuda"]
+    usable = [b for b in fastlars.available_backends()
+              if (b not in ("triton", "cuda") or device.type == "cuda") and (b != "cpu" or device.type == "cpu")]
     rows = sorted(usable, key=lambda b: b != "reference")
     try:
         import timm.optim  # noqa: F401

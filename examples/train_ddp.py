@@ -11,17 +11,13 @@ all-reduce runs once per optimizer step, in the last micro-batch's backward
 (``model.no_sync()`` for the others).
 """
 
-import torch
-
 import common  # examples/common.py: the script's folder is on sys.path
 
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     rank, world, device = common.init_distributed()
-    model = common.build_model(args, device)
-    ddp_devices = [device.index] if device.type == "cuda" else None
-    model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_devices)
+    model = common.wrap_ddp(common.build_model(args, device), device)
     common.train(args, model, model.no_sync, rank, world, device)
     common.finish()
 

@@ -10,7 +10,7 @@ DTensors holding 1/N of each tensor per rank. LARS/LAMB compute every layer's tr
 from global norms (one all-reduce per step for all layers' norms; LAMB one more);
 ``--backend auto`` picks a backend that takes sharded parameters (the first line printed
 names it). Gradients are reduce-scattered once per optimizer step, in the last
-micro-batch's backward; the other micro-batches run without collectives (``no_sync`` below),
+micro-batch's backward; the other micro-batches run without collectives (``common.fsdp_no_sync``),
 accumulating unsharded gradients and keeping the parameters unsharded. That costs one full
 copy of the parameters and gradients per rank during accumulation (ZeRO-2's footprint, not
 ZeRO-3's) and saves two all-gathers and a reduce-scatter per block and micro-batch (1.7x
@@ -18,39 +18,15 @@ the images/s on 2 CPU ranks, resnet18 at 32px). For a model whose full parameter
 fit, pass ``contextlib.nullcontext`` instead: sharded throughout, collectives per micro-batch.
 """
 
-import contextlib
-
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torchvision.models.resnet import BasicBlock, Bottleneck
-
 import common  # examples/common.py: the script's folder is on sys.path
-
-
-@contextlib.contextmanager
-def no_sync(model: FSDPModule):
-    """FSDP2's counterpart of DDP's no_sync(): backward adds into local unsharded gradients,
-    and parameters stay unsharded between micro-batches (no all-gather per micro-batch)."""
-    model.set_requires_gradient_sync(False)
-    model.set_reshard_after_forward(False)
-    model.set_reshard_after_backward(False)
-    try:
-        yield
-    finally:  # FSDP2's defaults for the last micro-batch: reduce-scatter, then reshard
-        model.set_requires_gradient_sync(True)
-        model.set_reshard_after_backward(True)
-        model.set_reshard_after_forward(True)  # the blocks
-        model.set_reshard_after_forward(False, recurse=False)  # the root: its backward follows at once
 
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     rank, world, device = common.init_distributed()
-    model = common.build_model(args, device)
-    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
-    for layer in blocks or [c for c in model.children() if list(c.parameters())]:
-        fully_shard(layer)  # residual blocks (other models: each top-level layer with parameters)
-    fully_shard(model)  # the root: stem, classifier, and what is left
-    common.train(args, model, lambda: no_sync(model), rank, world, device)  # optimizer built after sharding
+    model = common.shard_fsdp(common.build_model(args, device))  # each residual block, then the root
+    # the optimizer is built after sharding; no_sync: see common.fsdp_no_sync
+    common.train(args, model, lambda: common.fsdp_no_sync(model), rank, world, device)
     common.finish()
 
 

@@ -1,9 +1,10 @@
 """fastlars: fused LARS/LAMB optimizers and Ghost Batch Normalization for large-batch training."""
 
+from ._info import info
 from .nn import GhostBatchNorm1d, GhostBatchNorm2d, convert_ghost_batchnorm
 from .optim import LAMB, LARS, available_backends, param_groups
 
 __version__ = "0.1.0"
 
 __all__ = ["LARS", "LAMB", "available_backends", "param_groups", "GhostBatchNorm1d", "GhostBatchNorm2d",
-           "convert_ghost_batchnorm", "__version__"]
+           "convert_ghost_batchnorm", "info", "__version__"]

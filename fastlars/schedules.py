@@ -89,17 +89,21 @@ class _Warmup(LRScheduler):
 
 
 class WarmupPolyDecay(_Warmup):
-    """Warmup, then ``peak * (1 - progress) ** power`` (power 2: MLPerf ResNet-50 with LARS)."""
+    """Warmup, then ``peak * (min_factor + (1 - min_factor) * (1 - progress) ** power)``
+    (power 2: MLPerf ResNet-50 with LARS, which ends at lr 1e-4: ``min_factor = 1e-4 / peak``)."""
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
-                 warmup_start_factor: float | None = None, power: float = 2.0, last_epoch: int = -1) -> None:
+                 warmup_start_factor: float | None = None, power: float = 2.0, last_epoch: int = -1, *,
+                 min_factor: float = 0.0) -> None:
         if not power > 0:
             raise ValueError(f"power must be > 0, got {power!r}")
-        self.power = float(power)
+        if not 0.0 <= min_factor <= 1.0:
+            raise ValueError(f"min_factor must be in [0, 1], got {min_factor!r}")
+        self.power, self.min_factor = float(power), float(min_factor)
         super().__init__(optimizer, total_steps, warmup_steps, warmup_start_factor, last_epoch)
 
     def decay(self, progress: float) -> float:
-        return (1.0 - progress) ** self.power
+        return self.min_factor + (1.0 - self.min_factor) * (1.0 - progress) ** self.power
 
 
 class WarmupCosine(_Warmup):

@@ -136,5 +136,5 @@ def test_bad_tensor_lr_is_named(device):
     params = make_params(device)
     with pytest.raises(ValueError, match="lr"):
         fastlars.LARS(params, lr=torch.tensor([0.1, 0.2], device=device), backend="triton")
-    with pytest.raises(ValueError, match="invalid lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate"):
         fastlars.LARS(params, lr=torch.tensor(-1.0, device=device), backend="triton")

@@ -258,3 +258,174 @@ def test_torch_compile():
     torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model[0].weight.grad, eager[0].weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(model[1].running_var, eager[1].running_var)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs Triton on CUDA or the interpreter")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_keeps_nan_and_inf_in_bf16(device, triton_passes):
+    """A NaN or Inf in a (ghost, channel) group makes that group's output NaN, as in the
+    reference, and leaves the others finite. On a GPU the NaN computed from a NaN is
+    0x7FFFFFFF, which the bf16 store once rounded to -0.0 (tests/test_cast_rne.py checks
+    the store bit for bit; the interpreter computes 0x7FC00000-like NaNs that never hit it)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 2, 3, generator=g)
+    x[1, 0, 1, 2] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    x[6, 2, 0, 0] = float("inf")
+    x[5, 1, 1, 1] = float("-inf")
+    x = x.to(device, torch.bfloat16)
+    weight, bias = torch.ones(3, device=device), torch.zeros(3, device=device)
+    expected = ghost_batch_norm(x, weight, bias, 4, 1e-5, "reference")[0]
+    got = ghost_batch_norm(x, weight, bias, 4, 1e-5, "triton")[0]
+    groups = lambda t: t.isnan().unflatten(0, (2, 4)).transpose(1, 2).flatten(2)  # (ghost, channel, values)
+    assert groups(expected).all(-1).tolist() == [[True, False, False], [False, True, True]]
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got[~got.isnan()].float(), expected[~expected.isnan()].float(), rtol=2e-2, atol=2e-2)
+
+
+# CUDA's grid limits: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.skipif(not TRITON, reason="needs Triton on CUDA or the interpreter")
+@pytest.mark.parametrize("shape, vbs", [((3, 70000), 4),  # GhostBatchNorm1d with 70,000 channels
+                                        ((140000, 2), 2)])  # 70,000 ghosts
+def test_triton_grid_within_cuda_limits(shape, vbs, monkeypatch):
+    """One program per (ghost, channel), none on an axis past CUDA's limit (the interpreter has
+    none, so the launches are recorded, not run: 70,000 programs take minutes there)."""
+    from fastlars.ops import ghost_bn as kernels
+
+    grids = []
+
+    class Record:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            grids.append((self.kernel.fn.__name__, tuple(grid)))
+            return lambda *args, **kwargs: None
+
+    for name in ("ghost_bn_forward_kernel", "ghost_bn_backward_kernel"):
+        monkeypatch.setattr(kernels, name, Record(getattr(kernels, name)))
+    x = torch.randn(shape, requires_grad=True)
+    y = kernels.ghost_bn_triton(x, None, None, ghost_sizes(shape[0], vbs), 1e-5)[0]
+    y.backward(torch.ones_like(y))
+    assert [name for name, _ in grids] == ["ghost_bn_forward_kernel", "ghost_bn_backward_kernel"]
+    groups = len(ghost_sizes(shape[0], vbs)) * shape[1]
+    for _, grid in grids:
+        assert all(n <= limit for n, limit in zip(grid, GRID_LIMITS)), grid
+        assert torch.Size(grid).numel() == groups
+
+
+@pytest.mark.parametrize("vbs", [2, 3])  # a ghost starting at sample 2; one ghost of 4 samples
+def test_triton_offsets_are_int64(vbs, tmp_path, triton_interpreter):
+    """Offsets past 2^31 elements without 8 GB of memory: views with a sample stride of 2^30
+    into a sparse file mapped shared (only the pages touched are read). Sample 2 sits 2^31
+    elements past a view's start, an offset that int32 arithmetic wraps to -2^31 (in a ghost's
+    base offset for vbs=2, inside a group for vbs=3); the views start 2^31 elements into the
+    file, so a wrapped offset reads wrong values instead of crashing. x is passed as the view
+    itself (a clone would be compact), dy too; y and dx are new, compact tensors."""
+    n, channels, length, gap = 4, 2, 3, 32
+    size = 2**31 + (n - 1) * 2**30 + 2 * gap
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(size * 2)
+    storage = torch.from_file(str(path), shared=True, size=size, dtype=torch.bfloat16)
+    view = lambda offset: storage.as_strided((n, channels, length), (2**30, length, 1), 2**31 + offset)
+    x, dy = view(0), view(gap)  # interleaved, both read through int64 offsets
+    g = torch.Generator().manual_seed(vbs)
+    x.copy_(torch.randn(x.shape, generator=g) * 2 + 1)
+    dy.copy_(torch.randn(x.shape, generator=g))
+    weight = (torch.rand(channels, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(channels, generator=g).requires_grad_()
+    results = {}
+    for backend in ("reference", "triton"):
+        leaf = x.detach().requires_grad_()
+        y, mean, var, _ = ghost_batch_norm(leaf, weight, bias, vbs, 1e-5, backend)
+        results[backend] = (y, mean, var, *torch.autograd.grad(y, (leaf, weight, bias), dy))
+    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], results["triton"], results["reference"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def _check_ghosts(x, vbs, ghosts):
+    """Triton over the whole batch against the reference run on chosen ghosts alone (ghosts are
+    independent, so a slice's reference is exact): y, statistics and dx of those ghosts; dbias whole."""
+    g = torch.Generator(device=x.device).manual_seed(x.shape[1])
+    weight = torch.rand(x.shape[1], device=x.device, generator=g) + 0.5
+    bias = torch.randn(x.shape[1], device=x.device, generator=g)
+    dy = torch.randn(x.shape, device=x.device, generator=g, dtype=x.dtype)
+    y, mean, var, dx, _, db = run("triton", x, weight, bias, vbs, dy)
+    sizes = ghost_sizes(x.shape[0], vbs)
+    tol = TOLERANCE[x.dtype]
+    for ghost in ghosts:
+        start = sum(sizes[:ghost])
+        part = slice(start, start + sizes[ghost])
+        expected = run("reference", x[part], weight, bias, sizes[ghost], dy[part])
+        for name, a, b in zip(["y", "mean", "var", "dx"], (y[part], mean[ghost], var[ghost], dx[part]), expected):
+            torch.testing.assert_close(a.float(), b.float().squeeze(0), rtol=tol, atol=tol * max(1.0, b.abs().max().item()),
+                                       msg=lambda m: f"ghost {ghost} {name}: {m}")
+    torch.testing.assert_close(db, dy.sum(dim=(0,) + tuple(range(2, x.ndim)), dtype=torch.float32), rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("shape, vbs", [((3, 70000), 4), ((210000, 3), 3)])
+def test_triton_70000_channels_or_ghosts_gpu(shape, vbs):
+    """Past the 65,535 programs of a CUDA grid's axes 1 and 2, in channels and in ghosts."""
+    x = torch.randn(shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    groups = len(ghost_sizes(shape[0], vbs))
+    _check_ghosts(x, vbs, sorted({0, groups // 2, min(65536, groups - 1), groups - 1}))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and TRITON), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("shape, vbs", [((65536, 32769), 32),  # one pass: 32 values per group
+                                        ((520, 64, 256, 256), 32)])  # two passes: 2M values per group
+def test_triton_activation_over_2_31_elements_gpu(shape, vbs):
+    """A bf16 activation of more than 2^31 elements (int32 offsets wrap there), first, middle
+    and last ghosts against the reference. Needs 8 copies of it in free memory (~35 GB)."""
+    numel = torch.Size(shape).numel()
+    assert numel > 2**31
+    if torch.cuda.mem_get_info()[0] < 8 * 2 * numel:
+        pytest.skip(f"needs {8 * 2 * numel / 2**30:.0f} GiB of free GPU memory")
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(device="cuda").manual_seed(0))
+    groups = len(ghost_sizes(shape[0], vbs))
+    _check_ghosts(x, vbs, [0, groups // 2, groups - 1])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_forward_has_no_host_device_traffic(backend, momentum, device):
+    """A training forward (ghosts of unequal size, running statistics) builds no tensor from
+    Python data (on a GPU: a pageable host-to-device copy that synchronises) and reads no
+    tensor back to the host (.item(), float(): a device synchronisation), per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gbn = fastlars.GhostBatchNorm2d(3, 4, momentum=momentum, backend=backend, device=device)
+    x = torch.randn(10, 3, 2, 2, device=device)  # ghosts of 4, 4, 2
+    gbn(x)  # first call: anything cached per shape (none today) is built here
+    with Record():
+        gbn(x)
+    syncing = {"lift_fresh", "lift_fresh_copy", "_local_scalar_dense", "item"}
+    assert not syncing & set(Record.ops), Record.ops
+    assert "lerp_" in Record.ops  # the recorder saw the forward through the running statistics
+
+
+@pytest.mark.skipif(not TRITON, reason="needs Triton on CUDA or the interpreter")
+def test_triton_group_too_large_for_int32_count():
+    """A ghost with 2^31 or more values per channel: a clear error before anything is allocated
+    (the input is an expanded view: no memory behind it)."""
+    from fastlars.ops.ghost_bn import ghost_bn_triton
+
+    x = torch.zeros(1).expand(4, 1, 2**30)
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        ghost_bn_triton(x, None, None, [4], 1e-5)

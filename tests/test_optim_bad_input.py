@@ -68,14 +68,14 @@ def test_gradient_shape_mismatch(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-0.1), "invalid lr"),
-    (dict(lr=float("nan")), "invalid lr"),
-    (dict(lr=0.1, momentum=1.0), "invalid momentum"),
-    (dict(lr=0.1, momentum=-0.5), "invalid momentum"),
-    (dict(lr=0.1, weight_decay=-1e-4), "invalid weight_decay"),
-    (dict(lr=0.1, trust_coefficient=float("nan")), "invalid trust_coefficient"),
-    (dict(lr=0.1, eps=-1.0), "invalid eps"),
-    (dict(lr=0.1, dampening=1.5), "invalid dampening"),
+    (dict(lr=-0.1), "Invalid learning rate"),
+    (dict(lr=float("nan")), "Invalid learning rate"),
+    (dict(lr=0.1, momentum=1.0), "Invalid momentum value"),
+    (dict(lr=0.1, momentum=-0.5), "Invalid momentum value"),
+    (dict(lr=0.1, weight_decay=-1e-4), "Invalid weight_decay value"),
+    (dict(lr=0.1, trust_coefficient=float("nan")), "Invalid trust_coefficient value"),
+    (dict(lr=0.1, eps=-1.0), "Invalid eps value"),
+    (dict(lr=0.1, dampening=1.5), "Invalid dampening value"),
     (dict(lr=0.1, nesterov=True, momentum=0.0), "nesterov=True.*requires momentum"),
     (dict(lr=0.1, nesterov=True, dampening=0.1), "nesterov=True.*requires momentum"),
     (dict(lr="fast"), "lr.*must be a number"),
@@ -87,13 +87,13 @@ def test_lars_invalid_hyperparameters(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(lr=-1e-3), "invalid lr"),
-    (dict(betas=(1.0, 0.999)), r"invalid betas\[0\]"),
-    (dict(betas=(0.9, float("nan"))), r"invalid betas\[1\]"),
+    (dict(lr=-1e-3), "Invalid learning rate"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, float("nan"))), "Invalid beta parameter at index 1"),
     (dict(betas=(0.9,)), "betas.*pair"),
-    (dict(eps=-1e-6), "invalid eps"),
-    (dict(weight_decay=float("inf")), "invalid weight_decay"),
-    (dict(max_grad_norm=-1.0), "invalid max_grad_norm"),
+    (dict(eps=-1e-6), "Invalid eps value"),
+    (dict(weight_decay=float("inf")), "Invalid weight_decay value"),
+    (dict(max_grad_norm=-1.0), "Invalid max_grad_norm value"),
     (dict(bias_correction="yes"), "bias_correction.*bool"),
 ])
 def test_lamb_invalid_hyperparameters(kwargs, match):
@@ -106,11 +106,11 @@ def test_invalid_hyperparameter_set_between_steps(backend):
     """A group edited after construction (e.g. by a buggy scheduler) is checked at step()."""
     params, opt = stepped(backend)
     opt.param_groups[0]["lr"] = math.nan
-    assert_nothing_changes(params, opt, r"invalid lr.*param_groups\[0\]")
+    assert_nothing_changes(params, opt, r"Invalid learning rate.*param_groups\[0\]")
 
 
 def test_invalid_group_is_named():
-    with pytest.raises(ValueError, match=r"invalid weight_decay.*param_groups\[1\]"):
+    with pytest.raises(ValueError, match=r"Invalid weight_decay value.*param_groups\[1\]"):
         fastlars.LARS([{"params": [torch.nn.Parameter(torch.ones(2))]},
                        {"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": -1}], lr=0.1)
 

@@ -120,13 +120,20 @@ def test_adamw_checkpoint_into_lamb(backend):
         assert lamb.state[q]["step"].item() == 6
 
 
-def test_maximize_checkpoint_is_refused():
+def test_maximize_checkpoint_carries_on_as_sgd():
+    """A torch.optim.SGD checkpoint saved with maximize=True keeps maximizing after it
+    is loaded into LARS (its groups without trust ratio are SGD)."""
     model = small_cnn(5)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=True)
     train(model, sgd, 5, range(1))
-    lars = fastlars.LARS(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="maximize=True"):
-        lars.load_state_dict(sgd.state_dict())
+    twin = copy.deepcopy(model)
+    lars = fastlars.LARS([{"params": twin.parameters(), "trust_ratio": False}], lr=0.1)
+    lars.load_state_dict(roundtrip(sgd.state_dict()))
+    assert lars.param_groups[0]["maximize"] is True
+    train(model, sgd, 5, range(1, 3))
+    train(twin, lars, 5, range(1, 3))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
 def test_loaded_state_is_not_shared_with_the_checkpoint():

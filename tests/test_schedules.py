@@ -40,6 +40,17 @@ def test_warmup_poly_decay_boundaries():
     assert got[0] == pytest.approx(0.5) and got[4] == pytest.approx(2.0) and got[10] == 0.0
 
 
+def test_warmup_poly_decay_end_lr():
+    # MLPerf: (1 - p)^2 from the peak down to an end lr of 1e-4, not 0
+    s = WarmupPolyDecay(optimizer(10.0), total_steps=10, warmup_steps=2, min_factor=1e-5)
+    got = lrs(s, 11)
+    assert got[:3] == pytest.approx([0.0, 5.0, 10.0])
+    assert got[6] == pytest.approx(1e-4 + (10.0 - 1e-4) * 0.25)
+    assert got[10] == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="min_factor"):
+        WarmupPolyDecay(optimizer(1.0), total_steps=10, min_factor=1.5)
+
+
 def test_small_batch_warmup_start():
     factor = WarmupPolyDecay.small_batch_factor(batch_size=8192, base_batch_size=256)
     s = WarmupPolyDecay(optimizer(3.2), total_steps=100, warmup_steps=10, warmup_start_factor=factor)

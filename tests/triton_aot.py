@@ -1,12 +1,21 @@
 """Compile every Triton kernel ahead of time for real GPUs (sm_80, sm_90), without a GPU.
 
+    python tests/triton_aot.py [ARCH ...] [--ptxas] [--warps N ...]
+
 Run as a script in a process *without* TRITON_INTERPRET (the interpreter is chosen when
 the kernels are decorated); test_triton_compile.py does that. Catches what the
 interpreter tolerates but the compiler rejects (types, constexpr branches, casts).
+--ptxas prints each variant's ptxas resource report (registers, spill bytes, stack) from
+Triton's own ptxas; --warps compiles the Ghost BN kernels at those warp counts instead of
+the launcher's (fastlars.ops.ghost_bn.num_warps_for): the figures in bench/NOTES.md.
 """
 
+import argparse
 import itertools
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -25,56 +34,91 @@ def pointer(dtype) -> str:
     return "*" + NAMES[dtype]
 
 
-def variants():
+def variants(ghost_bn_warps=None):
+    """(kernel, signature, constexprs, options) of every variant the launchers use."""
     chunk = dict(CHUNK=16384, BLOCK=1024)
     for w, p, acc, write_p in DTYPES:
         common = {"table": "*i64", "chunks": "*i64", "partials": pointer(acc), "totals": pointer(acc),
                   "groups": "*fp64"}
         for aligned in (False, True):
-            yield multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk)
+            yield (multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
+                   {})
         if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column count
             for columns in (2, 3):
                 yield (multi_tensor.tensor_totals_kernel, {"table": "*i64", "partials": pointer(acc),
                                                            "totals": pointer(acc)},
-                       dict(COLUMNS=columns, ACC=acc, PARTIAL_BLOCK=128))
+                       dict(COLUMNS=columns, ACC=acc, PARTIAL_BLOCK=128), {})
         for has_ok, has_scale, has_clip in itertools.product([False, True], repeat=3):
             flags = dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, WRITE_P=write_p, HAS_SCALE=has_scale, **chunk)
             yield (lars_step.lars_update_kernel, {**common, "ok_ptr": "*i32", "inv_scale_ptr": "*fp32"},
-                   dict(flags, HAS_OK=has_ok, ALIGNED=has_clip))  # LARS has no HAS_CLIP: both ALIGNED values
+                   dict(flags, HAS_OK=has_ok, ALIGNED=has_clip), {})  # LARS has no HAS_CLIP: both ALIGNED values
             yield (lamb_step.lamb_norms_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32"},
                    dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, ALIGNED=has_ok,
-                        **chunk))
+                        **chunk), {})
             yield (lamb_step.lamb_update_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32",
                                                   "ok_ptr": "*i32"},
-                   dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, ALIGNED=has_ok != has_scale))
+                   dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, ALIGNED=has_ok != has_scale), {})
     ints = {name: "i32" for name in ("N", "C", "S", "vbs", "n_ghosts")}
-    strides = lambda *names: {f"s{n}_{d}": "i64" for n in names for d in "ncs"}
+    # int32 strides: Triton's type for values below 2^31, where products used to wrap
+    strides = lambda *names: {f"s{n}_{d}": "i32" for n in names for d in "ncs"}
     for x, acc, one_pass, affine in itertools.product([F32, BF16], [F32], [True, False], [True, False]):
-        block = 8192 if one_pass else 2048
-        yield (ghost_bn.ghost_bn_forward_kernel,
-               {"x_ptr": pointer(x), "y_ptr": pointer(x), "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32",
-                "var_ptr": "*fp32", **ints, "eps": "fp32", **strides("x", "y")},
-               dict(HAS_WEIGHT=affine, HAS_BIAS=affine, ACC=acc, ONE_PASS=one_pass, BLOCK=block))
-        yield (ghost_bn.ghost_bn_backward_kernel,
-               {"x_ptr": pointer(x), "dy_ptr": pointer(x), "dx_ptr": pointer(x), "w_ptr": "*fp32", "mean_ptr": "*fp32",
-                "var_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", **ints, "eps": "fp32",
-                **strides("x", "dy", "dx")},
-               dict(HAS_WEIGHT=affine, ACC=acc, ONE_PASS=one_pass, BLOCK=block))
+        block = ghost_bn.ONE_PASS_MAX if one_pass else ghost_bn.TILE
+        for warps in ghost_bn_warps or [ghost_bn.num_warps_for(block)]:
+            options = {"num_warps": warps}
+            yield (ghost_bn.ghost_bn_forward_kernel,
+                   {"x_ptr": pointer(x), "y_ptr": pointer(x), "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32",
+                    "var_ptr": "*fp32", **ints, "eps": "fp32", **strides("x", "y")},
+                   dict(HAS_WEIGHT=affine, HAS_BIAS=affine, ACC=acc, ONE_PASS=one_pass, BLOCK=block), options)
+            yield (ghost_bn.ghost_bn_backward_kernel,
+                   {"x_ptr": pointer(x), "dy_ptr": pointer(x), "dx_ptr": pointer(x), "w_ptr": "*fp32",
+                    "mean_ptr": "*fp32", "var_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", **ints, "eps": "fp32",
+                    **strides("x", "dy", "dx")},
+                   dict(HAS_WEIGHT=affine, ACC=acc, ONE_PASS=one_pass, BLOCK=block), options)
 
 
-def main(archs) -> int:
+def ptxas_report(kernel, arch: int) -> str:
+    """Registers, spill bytes and stack frame of a compiled kernel, from the ptxas Triton uses."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        target = re.search(r"\.target (sm_\w+)", kernel.asm["ptx"]).group(1)  # sm_90a on Hopper
+        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={target}", ptx.name,
+                              "-o", "/dev/null"], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log).group(1)
+    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    stack = re.search(r"(\d+) bytes stack frame", log).group(1)
+    return f"registers {regs:>3}  spill stores {stores:>4} B  spill loads {loads:>4} B  stack {stack:>4} B"
+
+
+def describe(fn, signature, constexprs, options) -> str:
+    dtypes = "/".join(v for k, v in signature.items() if k in ("x_ptr", "table"))
+    flags = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
+    return f"{fn.__name__} {dtypes} {flags} num_warps={options.get('num_warps', 4)}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("archs", nargs="*", type=int, default=[80, 90])
+    parser.add_argument("--ptxas", action="store_true", help="print each variant's ptxas resource report")
+    parser.add_argument("--warps", nargs="+", type=int, help="Ghost BN kernels at these warp counts")
+    args = parser.parse_args(argv)
     compiled = 0
-    for fn, signature, constexprs in variants():
+    for fn, signature, constexprs, options in variants(args.warps):
         full = {**signature, **{k: "constexpr" for k in constexprs}}
         missing = set(fn.arg_names) - set(full)
         assert not missing, f"{fn.__name__}: no type for {missing}"
         source = ASTSource(fn=fn, signature={name: full[name] for name in fn.arg_names}, constexprs=constexprs)
-        for arch in archs:
-            triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        for arch in args.archs:
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             compiled += 1
-    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, archs))}")
+            if args.ptxas:
+                print(f"sm_{arch} {describe(fn, signature, constexprs, options)}: {ptxas_report(kernel, arch)}",
+                      flush=True)
+    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, args.archs))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main([int(a) for a in sys.argv[1:]] or [80, 90]))
+    sys.exit(main())

@@ -241,10 +241,16 @@ class _GhostBatchNormMixin:
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, sizes: list[int], per_sample: int) -> None:
+        """No host-device traffic: the unbiasing factors n / (n - 1) are Python scalars (a tensor
+        of the ghost sizes would be a pageable host-to-device copy, synchronising every layer's
+        forward), and the cumulative average's 1 / num_batches_tracked stays on the device
+        (nn.BatchNorm reads it back to the host)."""
         self.num_batches_tracked.add_(1)
-        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        counts = torch.tensor(sizes, dtype=torch.float32, device=var.device).unsqueeze(1) * per_sample
-        unbiased = var * counts / (counts - 1)
+        factor = self.momentum if self.momentum is not None else self.num_batches_tracked.reciprocal()
+        full, last = sizes[0] * per_sample, sizes[-1] * per_sample  # only the last ghost may differ
+        unbiased = var * (full / (full - 1))
+        if last != full:
+            unbiased[-1] = var[-1] * (last / (last - 1))
         self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
 

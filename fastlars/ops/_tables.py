@@ -72,8 +72,8 @@ def check_layouts(named: list[tuple[str, Tensor, list[Tensor | None]]]) -> None:
     state) must be dense and share the parameter's strides."""
     for name, p, others in named:
         if not _dense(p):
-            raise ValueError(f"{name} is not dense in memory (a strided view); the triton backend "
-                             "walks storage linearly: use backend='foreach' for such parameters")
+            raise ValueError(f"{name} is not dense in memory (a strided view); the fused backends (triton, cuda, cpu) "
+                             "walk storage linearly: use backend='foreach' for such tensors")
         for t in others:
             if t is not None and t.numel() and t.stride() != p.stride():
                 raise ValueError(f"{name}: a gradient or state tensor has strides {t.stride()} but the "

@@ -13,10 +13,10 @@ import torch
 
 from . import _tables as tb
 
-try:
-    from .. import _C
-except ImportError:  # built without the extension: the backend reports itself unavailable
-    _C = None
+from .. import _extension
+
+# prebuilt, cached or compiled now; None: the backends report themselves unavailable
+_C = _extension.load()
 
 
 def available() -> bool:

@@ -241,16 +241,21 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
 
 @triton.jit
 def cast_rne(x, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE with round-to-nearest-even, as torch's .to().
+    """fp32 -> DTYPE with round-to-nearest-even, as torch's .to(), NaN and Inf kept.
 
     For bf16 the rounding is done on the bits first: Triton's interpreter truncates
     fp32 -> bf16 (seen with triton 3.8), which would fail the CPU tests and differ
     from the GPU. The pre-rounded value is exact in bf16, so every cast agrees.
+    Adding the rounding bias to a NaN's bits would carry its payload into the exponent
+    or the sign (a GPU's NaN 0x7FFFFFFF becomes -0.0, 0x7F808000 becomes Inf), so a NaN
+    skips it and gets its quiet bit set instead: a truncating cast keeps it a NaN too.
+    Infinities and the finite values that round to them come out right from the bits.
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        x = tl.where(is_nan, bits | 0x00400000, rounded).to(tl.float32, bitcast=True)
     return x.to(DTYPE)
 
 

@@ -18,55 +18,57 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _extension
 from . import _sharded
+from ..ops._tables import _dense as _layout_is_dense  # no Triton, no extension: safe to import early
 
 __all__ = ["available_backends", "param_groups"]
 
 # Backends in the order "auto" prefers them. Later issues register "triton" and
 # "cuda" here; a backend is available when its probe returns True.
 def _extension_has(attribute: str) -> bool:
-    try:
-        from .. import _C
-    except ImportError:
-        return False
-    return bool(getattr(_C, attribute, False))
+    """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
+    (once per process; see fastlars/_extension.py)."""
+    return bool(getattr(_extension.load(), attribute, False))
 
 
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
-    "cuda": lambda: _extension_has("with_cuda") and torch.cuda.is_available(),
+    "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
     "cpu": lambda: _extension_has("lars_update_cpu"),
     "foreach": lambda: True,
     "reference": lambda: True,
 }
 # what "auto" may pick for tensors of each device type, fastest first
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_BUILD_HINT = ("the C++ extension was not built: install with `pip install --no-build-isolation -e .` "
-               "(setup.py builds csrc/ when a compiler is found)")
 _KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
 FUSED_BACKENDS = ("triton", "cuda", "cpu")
 
 
 def available_backends() -> list[str]:
-    """The backends usable in this installation, fastest first."""
+    """The backends usable in this installation, fastest first.
+
+    Where the C++ kernels were not built at install time, the first call compiles them
+    (once per process, cached on disk; see fastlars/_extension.py)."""
     return [name for name, probe in _BACKEND_PROBES.items() if probe()]
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The backend to use for parameters on ``device`` (None: no parameters yet)."""
-    available = available_backends()
+    """The backend to use for parameters on ``device`` (None: no parameters yet).
+
+    Probes only the backends in question: the "cpu" probe may compile the C++ kernels,
+    which backend="foreach" (or "auto" on CUDA tensors with Triton) must not wait for."""
     if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
         raise ValueError(
-            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available}"
+            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available_backends()}"
         )
     device_type = device.type if device is not None else "cpu"
     if backend == "auto":
-        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if b in available)
-    if backend not in available:
-        hint = f"; {_BUILD_HINT}" if backend in ("cpu", "cuda") and not _extension_has("lars_update_cpu") else ""
-        raise ValueError(
-            f"backend={backend!r} is not available in this installation; available backends: {available}{hint}"
-        )
+        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
+    if not _BACKEND_PROBES[backend]():
+        hint = f"; {_extension.why_unavailable(backend)}" if backend in ("cpu", "cuda") else ""
+        raise ValueError(f"backend={backend!r} is not available in this installation; "
+                         f"available backends: {available_backends()}{hint}")
     if backend == "cpu" and device_type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
     if backend == "cuda" and device_type != "cuda":
@@ -75,6 +77,44 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
         raise ValueError(f"backend='triton' needs CUDA tensors, got parameters on {device_type} "
                          "(CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)")
     return backend
+
+
+def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
+                       device: torch.device | None) -> str:
+    """torch's ``foreach=``/``fused=`` flags as the backend they ask for on ``device``.
+
+    As torch.optim: ``foreach=True`` is the multi-tensor implementation, ``fused=True`` the
+    fused kernels of the device (``"cpu"``; ``"triton"`` or ``"cuda"``), ``False`` rules
+    that implementation out of ``"auto"`` (both False: the one-tensor-at-a-time
+    ``"reference"``), None leaves the choice to ``"auto"``. An explicit ``backend`` must
+    agree with the flags.
+    """
+    for name, flag in (("foreach", foreach), ("fused", fused)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be None or a bool, got {type(flag).__name__}")
+    if foreach and fused:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if backend != "auto":
+        if (foreach and backend != "foreach") or (foreach is False and backend == "foreach") or \
+                (fused and backend not in FUSED_BACKENDS) or (fused is False and backend in FUSED_BACKENDS):
+            raise ValueError(f"backend={backend!r} contradicts foreach={foreach}, fused={fused}; "
+                             "pass either a backend or the torch.optim flags")
+        return backend
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None:
+        return "auto"
+    device_type = device.type if device is not None else "cpu"
+    available = available_backends()
+    candidates = [b for b in _AUTO_ORDER.get(device_type, ()) + ("foreach", "reference") if b in available]
+    if fused:
+        candidates = [b for b in candidates if b in FUSED_BACKENDS]
+        if not candidates:
+            raise ValueError(f"fused=True: no fused backend is available for {device_type} tensors "
+                             f"(available backends: {available})")
+    candidates = [b for b in candidates if not (fused is False and b in FUSED_BACKENDS)
+                  and not (foreach is False and b == "foreach")]
+    return candidates[0]
 
 
 def param_groups(
@@ -115,18 +155,29 @@ def _describe(group_index: int, position: int, p: Tensor) -> str:
 
 
 def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
-                 high_open: bool = False, where: str = "") -> None:
-    """Raise unless ``value`` is a finite number with ``low <= value <= high`` (``< high`` if high_open)."""
+                 high_open: bool = False, where: str = "", label: str | None = None) -> None:
+    """Raise unless ``value`` is a finite number with ``low <= value <= high`` (``< high`` if high_open).
+
+    The message starts as torch.optim's (``Invalid <label>: <value>``; label defaults to
+    ``"<name> value"``) so that code matching torch's errors matches ours.
+    """
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name}{where} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element{where}, got shape {tuple(value.shape)}")
         value = value.item()  # argument check at construction / group validation, not per element
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
     upper_ok = value < high if high_open else value <= high
     if not math.isfinite(value) or not (value >= low and upper_ok):
         bracket = ")" if high_open else "]"
-        raise ValueError(f"invalid {name}{where}: {value} (expected a value in [{low}, {high}{bracket})")
+        raise ValueError(f"Invalid {label or name + ' value'}{where}: {value} "
+                         f"(expected {name} in [{low}, {high}{bracket})")
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A one-element lr tensor of any shape ((1,), (1, 1)) as a 0-d view of it, which
+    broadcasts like a number (a scheduler's in-place updates still reach it)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() else lr
 
 
 def check_flag(name: str, value: Any, where: str = "") -> None:
@@ -200,10 +251,17 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
+# What torch.optim.Optimizer.__getstate__ leaves out (it carries defaults, state and
+# param_groups only) but a deepcopied or unpickled optimizer needs to step: the
+# optimizer-wide settings and the skip counter. Launch caches are rebuilt, not copied.
+_SETTINGS = {"_backend_request": ("auto", None, None), "backend": None, "_backend_device": None,
+             "master_weights": False, "skip_nonfinite": False, "capturable": False, "_skipped_steps": 0}
+
+
 class TrustRatioOptimizer(Optimizer):
     """Base of LARS and LAMB: everything but the maths.
 
-    Subclasses define ``_validate_group(group, where)`` and
+    Subclasses define ``_validate_group(group, where, in_step)`` and
     ``_update(buckets, norms, inv_scale, ok)`` (the step itself), ``_state_keys_for(group)``
     and ``_new_state``.
     """
@@ -213,65 +271,120 @@ class TrustRatioOptimizer(Optimizer):
     # on found_inf itself (the contract torch's fused Adam uses); see `step`.
     _step_supports_amp_scaling = True
 
-    _in_step = False  # set while step() validates the groups: device values are not read then
+    # Class-level defaults. Under torch.compile, a fused driver that ran after a graph break
+    # found no `_mesh` when step() had created it (issue 14, fault 7); step() now assigns
+    # no attribute on a plain step, and these exist before any step does.
+    _mesh = None  # the device mesh of sharded parameters (see _sharded.py); None: none
     _creating_state = True  # set by the gate: whether this step creates state (fused drivers rebuild tables)
 
-    def __init__(self, params, defaults: dict[str, Any], *, backend: str,
-                 master_weights: bool, skip_nonfinite: bool, capturable: bool = False) -> None:
+    def __init__(self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool,
+                 skip_nonfinite: bool, capturable: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, differentiable: bool = False) -> None:
+        # every setting is checked before the parameters are walked, as torch.optim does
         check_flag("master_weights", master_weights)
         check_flag("skip_nonfinite", skip_nonfinite)
         check_flag("capturable", capturable)
+        check_flag("differentiable", differentiable)
+        if differentiable:
+            raise ValueError(f"differentiable=True is not supported: {type(self).__name__}'s step runs under "
+                             "no_grad (its fused kernels have no autograd formula)")
         resolve_backend(backend, None)  # reject unknown names before touching params
+        backend_from_flags(backend, foreach, fused, None)
+        defaults.setdefault("maximize", False)
+        self.capturable = capturable  # read by _validate_group
+        self._validate_group(defaults, "")
         self.master_weights = master_weights
         self.skip_nonfinite = skip_nonfinite
-        self.capturable = capturable
         self._skipped_steps: Tensor | int = 0
+        self._backend_request = (backend, foreach, fused)
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        self.backend = resolve_backend(backend, None if first is None else first.device)
-        if capturable and self.backend != "triton":
+        # deferred init: parameters on the meta device get their backend at the first step
+        self._use_device(None if first is None or first.device.type == "meta" else first.device)
+
+    def _use_device(self, device: torch.device | None) -> None:
+        """Choose the backend for parameters on ``device`` (None: not known yet). step()
+        chooses again when the parameters are on another device type than last time
+        (materialised after a deferred init, or moved)."""
+        backend, foreach, fused = self._backend_request
+        self.backend = resolve_backend(backend_from_flags(backend, foreach, fused, device), device)
+        self._backend_device = None if device is None else device.type
+        if self.capturable and self.backend != "triton":
             raise ValueError(f"capturable=True needs backend='triton' (got {self.backend!r}): its step reads "
                              "nothing on the host once its tables are built")
-        if capturable and not skip_nonfinite:
+        if self.capturable and not self.skip_nonfinite:
             raise ValueError("capturable=True needs skip_nonfinite=True: raising on a non-finite gradient "
                              "reads a flag on the host, which a captured graph cannot do")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in _SETTINGS if key in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
+        for key, default in _SETTINGS.items():
+            self.__dict__.setdefault(key, default)
 
     # -- groups ---------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch.optim: named parameters (``(name, tensor)`` pairs) are accepted and
+        their names kept in ``param_group["param_names"]``; the caller's dict is the
+        group stored (and completed with the defaults). Checked before it is stored."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         index = len(self.param_groups)
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but "
+                            "the ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, Tensor) else list(params)
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
         devices = set()
-        for position, p in enumerate(params):
+        for position, p in enumerate(tensors):
             if not isinstance(p, Tensor):
                 raise TypeError(f"param_groups[{index}]['params'][{position}] is a {type(p).__name__}, not a Tensor")
             if not p.is_leaf:
                 raise ValueError(f"{_describe(index, position, p)} is not a leaf tensor; optimizers update leaves only")
             if not p.is_floating_point():
-                raise TypeError(f"{_describe(index, position, p)} must be a real floating-point tensor")
+                raise TypeError(f"{_describe(index, position, p)} must be a real floating-point tensor "
+                                "(complex parameters are not supported)")
             devices.add(p.device)
+            if self._mesh is None and _sharded.is_sharded(p):
+                self._mesh = p.device_mesh  # known before the first step, which checks the placements
         if len(devices) > 1:
             raise ValueError(f"param_groups[{index}] mixes devices {sorted(map(str, devices))}; "
                              "put parameters of each device in their own group")
-        full = {**self.defaults, **param_group, "params": params}
-        full.setdefault("trust_ratio", True)
-        self._validate_group(full, f" in param_groups[{index}]")
-        super().add_param_group(full)
+        self._validate_group({**self.defaults, **param_group, "params": tensors}, f" in param_groups[{index}]")
+        param_group["params"] = params  # torch's add_param_group splits off the names and fills in the defaults
+        super().add_param_group(param_group)
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+    def _validate_group(self, group: dict[str, Any], where: str, in_step: bool = False) -> None:
+        """Check a group's hyper-parameters (``in_step``: at step(), where a device lr is
+        not read). Subclasses check theirs and call ``_validate_common``."""
         raise NotImplementedError
 
-    def _check_lr(self, group: dict[str, Any], where: str) -> None:
+    def _validate_common(self, group: dict[str, Any], where: str, in_step: bool) -> None:
+        """What every group of both optimizers has: lr and torch.optim's flags."""
+        self._check_lr(group, where, in_step)
+        check_flag("maximize", group["maximize"], where=where)
+        if group.get("differentiable", False):
+            raise ValueError(f"differentiable=True{where} is not supported")
+        if group["maximize"] and self.capturable:
+            raise ValueError(f"maximize=True{where} cannot be combined with capturable=True: the negated "
+                             "gradients are new tensors at every step, which a captured graph's tables cannot follow")
+
+    def _check_lr(self, group: dict[str, Any], where: str, in_step: bool) -> None:
         """lr: a number, or a one-element tensor (which a scheduler may update in place)."""
         lr = group["lr"]
-        if isinstance(lr, Tensor) and lr.device.type != "cpu" and self._in_step:
+        if isinstance(lr, Tensor) and lr.device.type != "cpu" and in_step:
             # range-checked when the group was added; reading it at every step would synchronise
             if lr.numel() != 1 or not lr.is_floating_point():
                 raise ValueError(f"lr{where} must be a one-element floating-point tensor, got {lr.dtype} "
                                  f"of shape {tuple(lr.shape)}")
             return
-        check_number("lr", lr, where=where)
+        check_number("lr", lr, where=where, label="learning rate")
 
     # -- step -----------------------------------------------------------------
 
@@ -282,17 +395,21 @@ class TrustRatioOptimizer(Optimizer):
         return int(self._skipped_steps)  # reading it syncs; step() itself does not
 
     def _buckets(self) -> list[Bucket]:
-        """Check every group and gradient, then split groups by dtype. Reads no tensor data."""
+        """Check every group and gradient, then split groups by dtype. Reads no tensor data.
+
+        Gradients of ``maximize=True`` groups are negated here (copies, as torch's foreach
+        path does), so every backend's maths sees the direction to descend.
+        """
         buckets: list[Bucket] = []
-        self._mesh = None  # the device mesh of sharded parameters, if any (see _sharded.py)
+        mesh = None  # the device mesh of sharded parameters, if any (see _sharded.py)
+        low_precision_masters = self.master_weights
         for gi, group in enumerate(self.param_groups):
-            self._in_step = True
-            try:
-                self._validate_group(group, f" in param_groups[{gi}]")
-            finally:
-                self._in_step = False
+            self._validate_group(group, f" in param_groups[{gi}]", in_step=True)
             by_dtype: dict[torch.dtype, Bucket] = {}
             device = None
+            # parameters of a group that keeps no state (LARS without momentum) get no
+            # entry in self.state, as torch.optim.SGD
+            keeps_state = bool(self._state_keys_for(group))
             # per-parameter checks run at every step: kept to plain attribute reads (host time)
             for pos, p in enumerate(group["params"]):
                 g = p.grad
@@ -313,9 +430,12 @@ class TrustRatioOptimizer(Optimizer):
                 b = by_dtype.get(p.dtype)
                 if b is None:
                     b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], state_dtype(p))
-                state = self.state[p]
+                if keeps_state or (low_precision_masters and p.dtype != b.compute_dtype):
+                    state = self.state[p]
+                else:
+                    state = self.state.get(p) or {}
                 if _sharded.is_sharded(p):  # FSDP2: work on the local shard, reduce norms across ranks
-                    self._mesh = _sharded.check_placements(_describe(gi, pos, p), p, self._mesh)
+                    mesh = _sharded.check_placements(_describe(gi, pos, p), p, mesh)
                     if not _sharded.is_sharded(g):
                         raise ValueError(f"{_describe(gi, pos, p)} is a DTensor but its gradient is not")
                     b.sharded.append(_sharded.is_shard_placed(p))
@@ -326,8 +446,31 @@ class TrustRatioOptimizer(Optimizer):
                 b.grads.append(g)
                 b.positions.append(pos)
                 b.states.append(state)
+            if group["maximize"]:
+                for b in by_dtype.values():
+                    b.grads = torch._foreach_neg(b.grads)
             buckets.extend(by_dtype.values())
+        if mesh is not self._mesh:  # set when the groups were added; changes only if they were edited since
+            self._mesh = mesh
         return buckets
+
+    def _dense_copies(self, buckets: list[Bucket]) -> list[tuple[Tensor, Tensor]]:
+        """The fused kernels walk storage linearly. A parameter that is a strided view
+        (legal in torch) is stepped as a dense copy, with a dense gradient, and
+        written back after the update: returns the (parameter, copy) pairs."""
+        copies = []
+        for b in buckets:
+            for i, p in enumerate(b.params):
+                if not p.is_contiguous() and not _layout_is_dense(p):
+                    if self.capturable:
+                        raise ValueError(f"{_describe(b.group_index, b.positions[i], p)} is a strided view, "
+                                         "which the fused kernels step as a new dense copy at every step; "
+                                         "capturable=True needs dense parameters (e.g. .contiguous() before "
+                                         "making it a Parameter)")
+                    b.params[i] = p.contiguous()
+                    b.grads[i] = b.grads[i].contiguous()
+                    copies.append((p, b.params[i]))
+        return copies
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -346,15 +489,17 @@ class TrustRatioOptimizer(Optimizer):
         buckets = self._buckets()
         if not buckets:
             return loss
+        if buckets[0].device.type != self._backend_device:  # first step after a deferred init, or moved
+            self._use_device(buckets[0].device)
 
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
 
         fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
-        kernels = self._kernels() if fused else None
+        dense_copies = self._dense_copies(buckets) if fused else []
         if fused:
-            norms, checks = getattr(kernels, f"{self._kernel_prefix}_norms")(self, buckets, inv_scale)
+            norms, checks = self._fused("norms", buckets, inv_scale)
         else:
             norms, checks = self._norms_phase(buckets, inv_scale)
         ok = self._gate(buckets, checks, found_inf)
@@ -364,12 +509,21 @@ class TrustRatioOptimizer(Optimizer):
         for b in buckets:
             b.weights = b.params if fused else self._compute_weights(b)
         if fused:
-            getattr(kernels, f"{self._kernel_prefix}_update")(self, norms, inv_scale, ok)
+            self._fused("update", norms, inv_scale, ok)
         else:
             self._update(buckets, norms, inv_scale, ok)
             for b in buckets:
                 self._write_back(b)
+        for p, dense in dense_copies:
+            p.copy_(dense)
         return loss
+
+    # torch.compile: the drivers build launch tables and call C++ or Triton kernels that
+    # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
+    @torch._dynamo.disable
+    def _fused(self, phase: str, *args):
+        """The fused backend's ``<prefix>_norms``/``<prefix>_update`` driver, called with ``args``."""
+        return getattr(self._kernels(), f"{self._kernel_prefix}_{phase}")(self, *args)
 
     def _kernels(self):
         """The module whose ``<prefix>_norms``/``<prefix>_update`` drive this fused
@@ -521,34 +675,46 @@ class TrustRatioOptimizer(Optimizer):
         """Load as torch.optim does, then keep our state fp32 (fp64 for fp64 params).
 
         torch casts floating state to each parameter's dtype, which would turn the
-        fp32 moments of a bf16 parameter into bf16. Groups saved by another
+        fp32 moments of a bf16 parameter into bf16, and keeps a ``step`` saved as a
+        plain number (older torch checkpoints) as it is. Groups saved by another
         optimizer (SGD into LARS, AdamW into LAMB) get our missing
-        hyper-parameters from the current groups.
+        hyper-parameters from the current groups. Hooks run as in torch.optim: this
+        works on the state dict the load_state_dict pre-hooks return, and finishes
+        before the post-hooks run.
         """
-        for gi, saved in enumerate(state_dict["param_groups"]):
-            if saved.get("maximize", False):
-                raise ValueError(f"param_groups[{gi}] was saved with maximize=True, which "
-                                 f"{type(self).__name__} does not support")
         current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, defaults in zip(self.param_groups, current):
+        loaded: list[dict[str, Any]] = []
+
+        def keep(optimizer, hooked_state_dict):  # registered last: sees what the user's pre-hooks made
+            loaded.append(hooked_state_dict)
+
+        def finish(optimizer):  # registered first: runs before the user's post-hooks
+            self._finish_load(loaded[-1], current)
+
+        handles = (self.register_load_state_dict_pre_hook(keep),
+                   self.register_load_state_dict_post_hook(finish, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _finish_load(self, state_dict: dict[str, Any], current: list[dict[str, Any]]) -> None:
+        for gi, (group, defaults) in enumerate(zip(self.param_groups, current)):
             for key, value in defaults.items():
                 group.setdefault(key, value)
-            self._validate_group(group, " in a loaded param group")
+            self._validate_group(group, f" in loaded param_groups[{gi}]")
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved_state = state_dict["state"].get(saved_id)
             if saved_state is None:
                 continue
-            dtype = state_dtype(p)
             for key, value in saved_state.items():
-                if isinstance(value, Tensor) and value.is_floating_point():
-                    if key == "step":
-                        dtype_k = torch.float32
-                    else:
-                        dtype_k = dtype
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype_k, copy=True)
+                if key == "step":  # a float32 tensor on the parameter's device, as our steps create it
+                    self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True)
+                elif isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
 
 
 def where_(ok: Tensor, new: list[Tensor], dst: list[Tensor]) -> None:

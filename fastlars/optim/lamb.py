@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
+from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
@@ -47,7 +47,8 @@ class LAMB(TrustRatioOptimizer):
             :math:`1/\max(1, \|g\|_{global}/\text{max\_grad\_norm})`, the global norm
             taken over every gradient of the step (all groups). ``p.grad`` is not modified.
         trust_clip: ``r = min(r, 1)``.
-        backend, master_weights, skip_nonfinite, capturable: as :class:`fastlars.LARS`.
+        maximize, backend, master_weights, skip_nonfinite, capturable, foreach, fused,
+            differentiable: as :class:`fastlars.LARS`.
 
     State per parameter: ``step`` (a float32 tensor on the parameter's device),
     ``exp_avg``, ``exp_avg_sq`` (fp32; fp64 for fp64 parameters): the names of
@@ -57,23 +58,26 @@ class LAMB(TrustRatioOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  grad_averaging: bool = True, max_grad_norm: float = 0.0, trust_clip: bool = False, *,
-                 backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
-                 capturable: bool = False) -> None:
+                 maximize: bool = False, backend: str = "auto", master_weights: bool = False,
+                 skip_nonfinite: bool = False, capturable: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, differentiable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging,
-                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True)
+                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         skip_nonfinite=skip_nonfinite, capturable=capturable)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
+                         differentiable=differentiable)
 
     _kernel_prefix = "lamb"
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        self._check_lr(group, where)
+    def _validate_group(self, group: dict[str, Any], where: str, in_step: bool = False) -> None:
+        self._validate_common(group, where, in_step)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas{where} must be a pair of numbers, got {betas!r}")
-        check_number("betas[0]", betas[0], high=1.0, high_open=True, where=where)
-        check_number("betas[1]", betas[1], high=1.0, high_open=True, where=where)
+        for i in (0, 1):
+            check_number(f"betas[{i}]", betas[i], high=1.0, high_open=True, where=where,
+                         label=f"beta parameter at index {i}")
         check_number("eps", group["eps"], where=where)
         check_number("weight_decay", group["weight_decay"], where=where)
         check_number("max_grad_norm", group["max_grad_norm"], where=where)
@@ -155,7 +159,7 @@ def _grad_factor(b: Bucket, global_norm: Tensor | None, inv_scale: Tensor | None
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     beta1, beta2 = group["betas"]
-    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+    return dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
                 trust_clip=group["trust_clip"])
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, where_
+from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
@@ -42,7 +42,8 @@ class LARS(TrustRatioOptimizer):
     Args:
         params: parameters or param groups. A group may set ``trust_ratio=False``
             to apply plain SGD to it (see :func:`fastlars.param_groups`).
-        lr: learning rate (required).
+        lr: learning rate (default 1e-3, as ``torch.optim.SGD``): a number or a
+            one-element tensor.
         momentum: momentum factor :math:`\mu` in [0, 1). 0 keeps no buffer.
         weight_decay: L2 penalty :math:`\lambda`, added to the gradient before the
             trust ratio is applied and used in its denominator.
@@ -65,26 +66,34 @@ class LARS(TrustRatioOptimizer):
             state). Give ``lr`` as a one-element tensor on the device so that a
             scheduler's in-place updates reach the graph. Without this flag the
             triton step is host-sync free as well; the flag adds the checks.
+        maximize: maximize the objective (ascend the gradient), per group, as torch.optim.
+        foreach, fused: torch.optim's implementation flags, as a way to choose the
+            backend: ``foreach=True`` is ``"foreach"``, ``fused=True`` the fused backend
+            of the parameters' device; False rules one out of ``"auto"``.
+        differentiable: must be False (the step is not differentiable).
 
     State per parameter: ``momentum_buffer`` (fp32, fp64 for fp64 parameters), the
     same name and meaning as ``torch.optim.SGD`` so checkpoints move between them.
     ``p.grad`` is never modified.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, dampening: float = 0.0,
-                 nesterov: bool = False, trust_clip: bool = False, *, backend: str = "auto",
-                 master_weights: bool = False, skip_nonfinite: bool = False, capturable: bool = False) -> None:
+                 nesterov: bool = False, trust_clip: bool = False, *, maximize: bool = False,
+                 backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
+                 capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
+                 differentiable: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
-                        nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True)
+                        nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
-                         skip_nonfinite=skip_nonfinite, capturable=capturable)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
+                         differentiable=differentiable)
 
     _kernel_prefix = "lars"
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        self._check_lr(group, where)
+    def _validate_group(self, group: dict[str, Any], where: str, in_step: bool = False) -> None:
+        self._validate_common(group, where, in_step)
         check_number("momentum", group["momentum"], high=1.0, high_open=True, where=where)
         check_number("dampening", group["dampening"], high=1.0, where=where)
         check_number("weight_decay", group["weight_decay"], where=where)
@@ -105,15 +114,16 @@ class LARS(TrustRatioOptimizer):
         step = _lars_reference if self.backend == "reference" else _lars_foreach
         for b, bucket_norms in zip(buckets, norms):
             group = b.group
+            lr = scalar_lr(group["lr"])
             r = None
             if group["trust_ratio"]:
                 g_norm, w_norm = bucket_norms
-                r = lars_trust_ratio(w_norm, g_norm, lr=group["lr"], trust_coefficient=group["trust_coefficient"],
+                r = lars_trust_ratio(w_norm, g_norm, lr=lr, trust_coefficient=group["trust_coefficient"],
                                      weight_decay=group["weight_decay"], eps=group["eps"],
                                      trust_clip=group["trust_clip"])
             slices = [(b, r)] if self.backend == "reference" else cache_sized_slices(b, r)
             for part, r_part in slices:
-                step(part, r_part, inv_scale, ok, lr=group["lr"], momentum=group["momentum"],
+                step(part, r_part, inv_scale, ok, lr=lr, momentum=group["momentum"],
                      dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
 
