@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None, help="target validation accuracy for steps-to-target")
     p.add_argument("--workers", type=int, default=None, help="runs trained in parallel (one thread each)")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table and figures from the runs already cached")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
             kwargs = dict(target=cfg["target"], noise_scale=recipe == "sgd" and batch == cfg["ref_batch"],
                           sharpness_subset=cfg["sharpness_subset"], sharpness_iters=cfg["sharpness_iters"])
             jobs.append((spec, kwargs))
-    todo = [j for j in jobs if j[0].key() not in cache]
+    todo = [] if args.report_only else [j for j in jobs if j[0].key() not in cache]
     # the costly runs first, so that parallel workers finish together
     todo.sort(key=lambda j: -(3 * RECIPES[j[0].recipe].adversarial + 2 * RECIPES[j[0].recipe].longer
                               + 64 / j[0].batch))
@@ -131,8 +133,10 @@ def main(argv=None) -> dict:
                     _store(cache, cache_path, train_run(spec, data, progress=bar, **kwargs), bar)
             finally:
                 torch.set_num_threads(threads)
-    records = [cache[spec.key()] for spec, _ in jobs]
-    summary = summarise(records, cfg["ref_batch"])
+    records = [cache[spec.key()] for spec, _ in jobs if spec.key() in cache]
+    if not records:
+        _parser().error(f"no finished run in {cache_path} for this configuration")
+    summary = summarise(records, cfg["ref_batch"], cfg["target"])
     table = markdown(summary, cfg["target"])
     title = f"{cfg['dataset']} {cfg['model']}"
     paths = figures(summary, out, title, cfg["target"])
@@ -144,7 +148,8 @@ def main(argv=None) -> dict:
                                                  indent=1))
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in paths))
-    print(f"wall time {wall:.0f} s ({len(todo)} runs trained, {len(jobs) - len(todo)} from the cache)")
+    print(f"wall time {wall:.0f} s ({len(todo)} runs trained, {len(records) - len(todo)} from the cache, "
+          f"{len(jobs) - len(records)} missing)")
     return {"summary": summary, "trained": len(todo), "wall_s": wall}
 
 

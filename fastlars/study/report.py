@@ -16,8 +16,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _row(record: dict) -> dict:
-    spec, members = record["spec"], record["members"]
+def _steps_to_target(record: dict, k: int, target: float) -> int | None:
+    """First measured step at which member k's validation accuracy reaches ``target``."""
+    return next((step for step, acc in record["val_curve"] if acc[k] >= target), None)
+
+
+def _row(record: dict, target: float) -> dict:
+    spec = record["spec"]
+    # steps-to-target from the stored validation curve, so any --target works on cached runs
+    members = [dict(m, steps_to_target=_steps_to_target(record, k, target)) for k, m in enumerate(record["members"])]
     per_lr: dict[float, list[dict]] = {}
     for m in members:
         per_lr.setdefault(m["base_lr"], []).append(m)
@@ -30,7 +37,9 @@ def _row(record: dict) -> dict:
 
     best_steps = min(median_steps(ms) for ms in per_lr.values())
     sharp_mean, sharp_std = _mean_std([m["sharpness"] for m in chosen])
-    b_simple = [m["b_simple_at_target"] if m["b_simple_at_target"] is not None else m["b_simple"]
+    # B_simple when the member first reached the target (recorded for the run's own target), else at the end
+    at_target = record["target"] == target
+    b_simple = [m["b_simple_at_target"] if at_target and m["b_simple_at_target"] is not None else m["b_simple"]
                 for m in chosen if m["b_simple"] is not None]
     return {"recipe": spec["recipe"], "batch": spec["batch"], "chosen_base_lr": record["chosen_base_lr"],
             "test_mean": test_mean, "test_std": test_std, "seeds": len(chosen),
@@ -59,14 +68,14 @@ def critical_batch(rows: list[dict], factor: float = 2.0) -> dict:
     return {"critical_batch": last, "departs_at": None, "note": f"perfect scaling up to the largest batch {last}"}
 
 
-def summarise(records: list[dict], ref_batch: int) -> dict:
-    rows = sorted((_row(r) for r in records), key=lambda r: (list(RECIPES).index(r["recipe"]), r["batch"]))
+def summarise(records: list[dict], ref_batch: int, target: float) -> dict:
+    rows = sorted((_row(r, target) for r in records), key=lambda r: (list(RECIPES).index(r["recipe"]), r["batch"]))
     by_recipe: dict[str, list[dict]] = {}
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
     b_simple = [r["b_simple"] for r in rows if r["b_simple"] is not None]
     return {"rows": rows, "critical": {k: critical_batch(v) for k, v in by_recipe.items()},
-            "b_simple": statistics.median(b_simple) if b_simple else None, "ref_batch": ref_batch}
+            "b_simple": statistics.median(b_simple) if b_simple else None, "ref_batch": ref_batch, "target": target}
 
 
 def _fmt_steps(steps: float | None) -> str:
