@@ -184,7 +184,7 @@ def test_study_cli_end_to_end_resume_and_bad_input(tmp_path, capsys):
     from fastlars.study import main
 
     out = tmp_path / "study"
-    args = ["--quick", "--recipes", "sgd,absa", "--out", str(out), "--no-progress"]
+    args = ["--quick", "--recipes", "sgd,absa", "--epochs", "1", "--out", str(out), "--no-progress"]
     first = main(args)
     assert first["trained"] == 4
     for name in ("runs.json", "results.json", "results.md", "test_accuracy.png", "steps_to_target.png",

@@ -18,7 +18,7 @@ from .report import figures, markdown, summarise
 DEFAULT = dict(dataset="mnist1d", model="cnn", samples=8_000, epochs=6, seeds=3, batches="64,256,1024,4096",
                ref_batch=64, target=0.8, workers=2, sharpness_subset=256, sharpness_iters=10)
 # --quick: the whole pipeline on a small slice, under a minute
-QUICK = dict(samples=2_000, epochs=2, seeds=2, batches="64,512", target=0.3, workers=1, sharpness_subset=64,
+QUICK = dict(samples=1_200, epochs=2, seeds=2, batches="64,512", target=0.3, workers=1, sharpness_subset=64,
              sharpness_iters=3, lrs=2)
 
 
