@@ -41,13 +41,15 @@ def _row(record: dict, target: float) -> dict:
     at_target = record["target"] == target
     b_simple = [m["b_simple_at_target"] if at_target and m["b_simple_at_target"] is not None else m["b_simple"]
                 for m in chosen if m["b_simple"] is not None]
+    b_simple_end = [m["b_simple"] for m in chosen if m["b_simple"] is not None]
     return {"recipe": spec["recipe"], "batch": spec["batch"], "chosen_base_lr": record["chosen_base_lr"],
             "test_mean": test_mean, "test_std": test_std, "seeds": len(chosen),
             "val_mean": statistics.mean(m["final_val"] for m in chosen),
             "steps_to_target": None if math.isinf(best_steps) else best_steps,
             "sharpness_mean": sharp_mean, "sharpness_std": sharp_std, "updates": record["updates"],
             "epochs": record["epochs"], "final_batch": record["batch_trajectory"][-1][1],
-            "wall_s": record["wall_s"], "b_simple": statistics.median(b_simple) if b_simple else None}
+            "wall_s": record["wall_s"], "b_simple": statistics.median(b_simple) if b_simple else None,
+            "b_simple_end": statistics.median(b_simple_end) if b_simple_end else None}
 
 
 def critical_batch(rows: list[dict], factor: float = 2.0) -> dict:
@@ -74,8 +76,10 @@ def summarise(records: list[dict], ref_batch: int, target: float) -> dict:
     for r in rows:
         by_recipe.setdefault(r["recipe"], []).append(r)
     b_simple = [r["b_simple"] for r in rows if r["b_simple"] is not None]
+    b_simple_end = [r["b_simple_end"] for r in rows if r["b_simple_end"] is not None]
     return {"rows": rows, "critical": {k: critical_batch(v) for k, v in by_recipe.items()},
-            "b_simple": statistics.median(b_simple) if b_simple else None, "ref_batch": ref_batch, "target": target}
+            "b_simple": statistics.median(b_simple) if b_simple else None,
+            "b_simple_end": statistics.median(b_simple_end) if b_simple_end else None, "ref_batch": ref_batch, "target": target}
 
 
 def _fmt_steps(steps: float | None) -> str:
@@ -104,9 +108,10 @@ def markdown(summary: dict, target: float) -> str:
     for name, c in summary["critical"].items():
         lines.append(f"- {name}: {c['critical_batch'] if c['critical_batch'] is not None else 'undetermined'} "
                      f"({c['note']})")
-    b = summary["b_simple"]
-    lines += ["", f"B_simple (McCandlish et al., EMA over the small-batch sgd run, when it first reaches the "
-              f"target): {'not measured' if b is None else f'{b:.0f}'}"]
+    b, end = summary["b_simple"], summary["b_simple_end"]
+    lines += ["", "B_simple (McCandlish et al.; EMA along the small-batch sgd run, median over the seeds of the "
+              "lr chosen on validation): " + ("not measured" if b is None else
+                                             f"{b:.0f} when the run first reaches the target, {end:.0f} at the end")]
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +158,10 @@ def figures(summary: dict, out: Path, title: str, target: float) -> list[Path]:
         bs = sorted({r["batch"] for r in rows})
         ax.plot(bs, [s0 * b0 / b for b in bs], "k--", lw=1, label="perfect scaling (steps ∝ 1/B)")
     if summary["b_simple"] is not None:
-        ax.axvline(summary["b_simple"], color="gray", ls=":", lw=2, label=f"B_simple ≈ {summary['b_simple']:.0f}")
+        ax.axvline(summary["b_simple"], color="gray", ls=":", lw=2,
+                   label=f"B_simple at the target ≈ {summary['b_simple']:.0f}")
+        ax.axvline(summary["b_simple_end"], color="gray", ls="-.", lw=1.5,
+                   label=f"B_simple at the end ≈ {summary['b_simple_end']:.0f}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global batch size")
