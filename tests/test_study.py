@@ -205,7 +205,8 @@ def test_study_cli_end_to_end_resume_and_bad_input(tmp_path, capsys):
     assert "not reached" in (out / "results.md").read_text()
     capsys.readouterr()
     for bad, message in ((["--recipes", "sgd,nope"], "unknown"), (["--dataset", "cifar"], "--dataset"),
-                         (["--batches", "64,100000"], "larger than the training set")):
+                         (["--batches", "64,100000"], "larger than the training set"),
+                         (["--batches", "64,big"], "--batches")):
         with pytest.raises(SystemExit):
             main(["--quick", "--out", str(tmp_path / "bad"), "--no-progress"] + bad)
         assert message in capsys.readouterr().err

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .core import DATASETS, LR_GRIDS, MODELS, RECIPES, RunSpec, load_data, train_run
 from .report import figures, markdown, summarise
 
-DEFAULT = dict(dataset="mnist1d", model="cnn", samples=8_000, epochs=6, seeds=3, batches="64,256,1024,4096",
+DEFAULT = dict(dataset="mnist1d", model="cnn", samples=16_000, epochs=6, seeds=3, batches="64,256,1024,4096,full",
                ref_batch=64, target=0.8, workers=2, sharpness_subset=256, sharpness_iters=10)
 # --quick: the whole pipeline on a small slice, under a minute
 QUICK = dict(samples=1_200, epochs=2, seeds=2, batches="64,512", target=0.3, workers=1, sharpness_subset=64,
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help=f"one of {DATASETS} (default mnist1d)")
     p.add_argument("--model", default=None, help=f"one of {tuple(MODELS)} (default cnn)")
     p.add_argument("--recipes", default="all", help=f"comma-separated, from {', '.join(RECIPES)} (default all)")
-    p.add_argument("--batches", default=None, help="comma-separated global batch sizes")
+    p.add_argument("--batches", default=None, help="comma-separated global batch sizes; 'full': the training set")
     p.add_argument("--seeds", type=int, default=None, help="seeds per lr")
     p.add_argument("--epochs", type=int, default=None, help="epoch budget per run")
     p.add_argument("--samples", type=int, default=None, help="mnist1d num_samples (80%% train incl. validation)")
@@ -58,16 +58,16 @@ def _config(args: argparse.Namespace) -> dict:
     if unknown or not recipes:
         raise ValueError(f"--recipes: unknown {unknown or recipes!r}; choose from {', '.join(RECIPES)}")
     try:
-        batches = sorted({int(b) for b in str(cfg["batches"]).split(",")})
+        batches = [b.strip() if b.strip() == "full" else int(b) for b in str(cfg["batches"]).split(",")]
     except ValueError:
-        raise ValueError(f"--batches must be comma-separated integers, got {cfg['batches']!r}") from None
+        raise ValueError(f"--batches must be comma-separated integers or 'full', got {cfg['batches']!r}") from None
     for key in ("seeds", "epochs", "samples", "ref_batch", "workers"):
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if not 0 < cfg["target"] <= 1:
         raise ValueError(f"--target must be in (0, 1], got {cfg['target']}")
-    if batches[0] < cfg["ref_batch"]:
-        raise ValueError(f"--batches must be >= --ref-batch ({cfg['ref_batch']}), got {batches[0]}")
+    if any(b != "full" and b < cfg["ref_batch"] for b in batches):
+        raise ValueError(f"--batches must be >= --ref-batch ({cfg['ref_batch']}), got {cfg['batches']!r}")
     cfg.update(recipes=recipes, batches=batches)
     return cfg
 
@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     data = load_data(cfg["dataset"], cfg["samples"])
     n = len(data["y"])
+    cfg["batches"] = sorted({n if b == "full" else b for b in cfg["batches"]})
     too_big = [b for b in cfg["batches"] if b > n]
     if too_big:
         _parser().error(f"--batches {too_big} larger than the training set ({n} samples)")
