@@ -178,7 +178,8 @@ def figures(summary: dict, out: Path, title: str, target: float) -> list[Path]:
         ax.errorbar(xs, [r["sharpness_mean"] for r in rs], yerr=[r["sharpness_std"] for r in rs], label=n,
                     color=colors[n], marker=markers[n], capsize=3)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("symlog")
+    ax.set_yscale("symlog")  # the largest-magnitude eigenvalue can be negative
+    ax.set_ylim(bottom=min([0.0] + [r["sharpness_mean"] - r["sharpness_std"] for r in rows]))
     ax.set_xlabel("global batch size")
     ax.set_ylabel("top Hessian eigenvalue at the end (BN eval)")
     ax.set_title(f"{title}: sharpness (Keskar et al.)")
