@@ -142,11 +142,12 @@ def main(argv=None) -> dict:
     title = f"{cfg['dataset']} {cfg['model']}"
     paths = figures(summary, out, title, cfg["target"])
     wall = time.perf_counter() - start
-    config = {k: v for k, v in cfg.items()}
     (out / "results.md").write_text(f"# Large-batch study: {title}\n\n{table}")
-    (out / "results.json").write_text(json.dumps({"config": config, "summary": summary, "wall_s": wall,
-                                                  "runs_trained": len(todo), "cpu_count": os.cpu_count()},
-                                                 indent=1))
+    # this invocation's wall time (a --report-only or resumed one trains little), and the runs' own
+    (out / "results.json").write_text(json.dumps({"config": cfg, "summary": summary, "invocation_wall_s": wall,
+                                                  "runs_trained_by_invocation": len(todo),
+                                                  "sum_of_run_wall_s": sum(r["wall_s"] for r in records),
+                                                  "cpu_count": os.cpu_count()}, indent=1))
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in paths))
     print(f"wall time {wall:.0f} s ({len(todo)} runs trained, {len(records) - len(todo)} from the cache, "

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import fastlars
 from fastlars.adversarial import adversarial_loss
@@ -234,7 +233,7 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
     current = start_batch
     model.train()
     while seen < budget:
-        b = min(current, budget - seen) if current > 1 else 1
+        b = min(current, budget - seen)
         if b < 2:  # a one-sample batch has no batch-norm statistics
             break
         idx = stream.next(b)
