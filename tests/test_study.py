@@ -210,3 +210,53 @@ def test_study_cli_end_to_end_resume_and_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--quick", "--out", str(tmp_path / "bad"), "--no-progress"] + bad)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+@pytest.mark.parametrize("virtual_batch_size", [None, 4])
+def test_ensemble_members_are_independent_models(model_name, virtual_batch_size):
+    from fastlars.study.core import MODELS
+    from fastlars.study.ensemble import ensemble_loss
+
+    cls = MODELS[model_name]
+    pair = cls([3, 5], 12, virtual_batch_size=virtual_batch_size)
+    alone = cls([5], 12, virtual_batch_size=virtual_batch_size)  # the same seed, the same initial weights
+    x, y = torch.randn(10, 12), torch.randint(0, 10, (10,))
+    inputs = torch.stack([torch.randn(10, 12), x], 1)  # member 0 sees other data than member 1
+    for training in (True, False):
+        pair.train(training), alone.train(training)
+        torch.testing.assert_close(pair(inputs)[:, 1], alone(x)[:, 0])
+    pair.train(), alone.train()
+    ensemble_loss(pair(inputs), torch.stack([y, y], 1)).backward()
+    ensemble_loss(alone(x), y).backward()
+    for p, q in zip(pair.member_parameters(1), alone.member_parameters(0)):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_top_eigenvalues_of_independent_blocks_match_each_block_alone():
+    from fastlars.hessian import top_eigenvalue, top_eigenvalues
+
+    torch.manual_seed(0)
+    nets = nn.ModuleList(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)) for _ in range(2))
+    x, y = torch.randn(16, 3), torch.randn(16)
+
+    def loss_of(i):
+        return lambda out, target: ((out[i].squeeze(1) - target) ** 2).mean()
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.nets = nets
+
+        def forward(self, inp):
+            return [net(inp) for net in self.nets]
+
+    both = Both()
+    blocks = [list(net.parameters()) for net in nets]
+    together = top_eigenvalues(both, lambda out, t: loss_of(0)(out, t) + loss_of(1)(out, t), [(x, y)], blocks,
+                               iters=200, tol=1e-7)
+    for i, net in enumerate(nets):
+        alone = top_eigenvalue(net, lambda out, t: ((out.squeeze(1) - t) ** 2).mean(), [(x, y)], iters=200, tol=1e-7)
+        assert together[i] == pytest.approx(alone, rel=1e-3)
+    with pytest.raises(ValueError, match="blocks"):
+        top_eigenvalues(both, loss_of(0), [(x, y)], [[]])
