@@ -3,7 +3,7 @@
 #   make test    the test suite
 # Both create .venv and install everything on first use. Also: make bench-optim,
 # make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
-# 2 gloo ranks), make demo (digits convergence demo).
+# 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D).
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -19,7 +19,7 @@ endif
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test bench bench-optim bench-ghost-bn bench-distributed demo clean
+.PHONY: setup test bench bench-optim bench-ghost-bn bench-distributed demo study clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-distributed: setup
 
 demo: setup
 	$(PYTHON) -m fastlars.demo
+
+# one thread per worker process (2 workers): the study's runs are small, threads would only contend
+study: setup
+	OMP_NUM_THREADS=1 $(PYTHON) -m fastlars.study
 
 clean:
 	rm -rf $(VENV) build *.egg-info

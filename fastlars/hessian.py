@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["top_eigenvalue", "AdaptiveBatchSize"]
+__all__ = ["top_eigenvalue", "top_eigenvalues", "AdaptiveBatchSize"]
 
 
 def _hvp(loss: Tensor, params: list[Tensor], vector: list[Tensor]) -> list[Tensor]:
@@ -29,28 +29,46 @@ def top_eigenvalue(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], T
     Stops after ``iters`` iterations or when the estimate changes by less than
     ``tol`` (relative). BatchNorm layers should be in eval mode for a well-defined loss.
     """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return top_eigenvalues(model, loss_fn, batches, [params], iters, tol, seed)[0]
+
+
+def top_eigenvalues(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    batches: Iterable[tuple[Tensor, Tensor]], blocks: list[list[Tensor]], iters: int = 20,
+                    tol: float = 1e-4, seed: int = 0) -> list[float]:
+    """:func:`top_eigenvalue` of each diagonal block of a block-diagonal Hessian at once:
+    ``blocks`` are disjoint parameter lists of independent sub-models whose losses add up
+    in ``loss_fn`` (e.g. an ensemble trained as one model), so one Hessian-vector product
+    serves every block; each block's part of the vector is normalised on its own. Stops
+    when every block has converged."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty")
-    params = [p for p in model.parameters() if p.requires_grad]
+    if not blocks or not all(blocks):
+        raise ValueError("blocks must be a non-empty list of non-empty parameter lists")
+    params = [p for block in blocks for p in block]
+    bounds = torch.tensor([0] + [len(block) for block in blocks]).cumsum(0).tolist()
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in params]
-    eigenvalue = 0.0
+    eigenvalues = [0.0] * len(blocks)
     for _ in range(iters):
-        norm = torch.sqrt(sum((v * v).sum() for v in vector))
-        vector = [v / norm for v in vector]
+        for start, stop in zip(bounds, bounds[1:]):
+            norm = torch.sqrt(sum((v * v).sum() for v in vector[start:stop]))
+            vector[start:stop] = [v / norm for v in vector[start:stop]]
         hv = [torch.zeros_like(p) for p in params]
         for x, y in batches:
             for acc, h in zip(hv, _hvp(loss_fn(model(x), y) / len(batches), params, vector)):
                 acc += h
-        estimate = sum((h * v).sum() for h, v in zip(hv, vector)).item()  # Rayleigh quotient
-        converged = abs(estimate - eigenvalue) <= tol * abs(estimate)
-        eigenvalue, vector = estimate, hv
+        # Rayleigh quotient of each block
+        estimates = [sum((h * v).sum() for h, v in zip(hv[start:stop], vector[start:stop])).item()
+                     for start, stop in zip(bounds, bounds[1:])]
+        converged = all(abs(e - old) <= tol * abs(e) for e, old in zip(estimates, eigenvalues))
+        eigenvalues, vector = estimates, hv
         if converged:
             break
-    return eigenvalue
+    return eigenvalues
 
 
 class AdaptiveBatchSize:

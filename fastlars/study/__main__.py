@@ -1,0 +1,3 @@
+from fastlars.study.cli import main
+
+main()
