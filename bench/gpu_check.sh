@@ -3,7 +3,7 @@
 # preinstalled, no network), planned to finish in 8 minutes, most valuable results first:
 #   1 facts   device name, SMs, L2, memory, versions, device-to-device copy bandwidth
 #   2 build   the C++/CUDA extension for sm_90 only, all cores, no pip and no network
-#   3 tests   the GPU tests: fused backends, capturable, CUDA graphs, Ghost BN, cast_rne
+#   3 tests   the GPU tests: fused backends, the issue-14 faults, capturable, CUDA graphs, Ghost BN, cast_rne
 #   4 optim   bench/optim_step.py: every backend and triton+graph, ResNet-50 and BERT-Large shapes
 #   5 gbn     bench/ghost_bn.py: ResNet-50 activation shapes, vs nn.BatchNorm2d and the chunk loop
 #   6 e2e     reduced end-to-end: global batch 8192, SGD+BN vs LARS+GBN on triton, 2 timed steps
@@ -110,8 +110,8 @@ timeout_flag=()
 if [ $dry = 1 ]; then
     selection=(tests/test_fused_gpu.py tests/test_cast_rne.py tests/test_ghost_bn.py -k "fused or rne or int64 or grid")
 else
-    selection=(tests/test_fused_gpu.py tests/test_capturable.py tests/test_ghost_bn.py tests/test_cast_rne.py
-               tests/test_extension.py)
+    selection=(tests/test_fused_gpu.py tests/test_gpu_readiness.py tests/test_capturable.py tests/test_ghost_bn.py
+               tests/test_cast_rne.py tests/test_extension.py)
 fi
 stage tests 180 "$PY" -m pytest -x -q -p no:cacheprovider "${timeout_flag[@]}" --junitxml "$scratch/tests.xml" \
     "${selection[@]}"
