@@ -565,6 +565,41 @@ def test_deferred_init_on_meta(name, requested):
     assert_same(list(twin.parameters()), list(model.parameters()), eager.state, opt.state)
 
 
+@pytest.mark.skipif(not FUSED_CPU, reason="no fused CPU backend in this installation")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_fused_flag_with_params_on_meta(name):
+    """fused=True with parameters on the meta device: constructing is fine, a step on them
+    raises torch.optim's RuntimeError (no fused kernels for meta), and once materialised on
+    the CPU the optimizer steps with the fused CPU backend."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+        twin = torch.nn.Linear(4, 3)
+    ours = getattr(fastlars, name)(model.parameters(), fused=True)
+    theirs = torch.optim.AdamW(twin.parameters(), fused=True)
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        theirs.step()
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        ours.step()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # to_empty keeps the Parameter objects
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    params = list(model.parameters())
+    for p in params:
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(0))
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = getattr(fastlars, name)(twins, backend="reference")
+    train(ours, params, range(2))
+    train(reference, twins, range(2))
+    assert ours.backend == "cpu"
+    assert_same(twins, params, reference.state, ours.state, exact=False)
+
+
 def strided_params():
     """Leaf parameters that are strided views (every other column), transposed, and plain."""
     g = torch.Generator().manual_seed(3)
@@ -573,14 +608,16 @@ def strided_params():
             torch.nn.Parameter(torch.randn(7, generator=g))]
 
 
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("name, backend", name_backend())
-def test_non_contiguous_parameters(name, backend):
-    """Strided-view leaves are legal torch parameters: every backend steps them as the reference."""
+def test_non_contiguous_parameters(name, backend, maximize):
+    """Strided-view leaves are legal torch parameters: every backend steps them as the
+    reference, also with maximize (its negated gradients are copied to dense ones too)."""
     results = []
     for b in ("reference", backend):
         params = strided_params()
         assert not params[0].is_contiguous() and not params[1].is_contiguous()
-        opt = getattr(fastlars, name)(params, lr=0.05, weight_decay=1e-2, backend=b)
+        opt = getattr(fastlars, name)(params, lr=0.05, weight_decay=1e-2, maximize=maximize, backend=b)
         train(opt, params, range(2))
         results.append((params, opt.state))
     (ref, ref_state), (got, got_state) = results
