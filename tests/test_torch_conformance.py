@@ -35,6 +35,19 @@ What does not apply, and why (the one list; the report repeats it):
   tests/test_fused_gpu.py.
 - ``state_dict`` of a LAMB ``step``: a float32 tensor on the parameter's device (torch
   keeps CPU ``step`` tensors unless fused/capturable); a plain-number ``step`` loads.
+- torch's ``test_step_is_noop_for_zero_grads`` on LAMB: skipped through the
+  ``OptimizerInfo`` (``LAMB_DECAYS_AT_ZERO_GRAD``). The test keeps inputs that do not set
+  ``weight_decay`` and lowers ``lr`` only for a class named AdamW; LAMB's default
+  ``weight_decay=0.01`` (AdamW's) moves ``p`` to ``(1 - lr) * p`` at a zero gradient, as
+  the paper's update does. Without weight decay a zero gradient is a no-op
+  (test_zero_gradients_are_a_no_op).
+- torch's CUDA-only, multi-GPU and large-memory tests (``onlyCUDA``, ``TEST_MULTIGPU``,
+  ``largeTensorTest``), ``test_cpu_load_state_dict`` (non-CPU devices only), and those
+  gated on ``supports_complex``/``supports_sparse``/``step_requires_closure`` (false for
+  both): not run on CPU; GPU behaviour is in tests/test_fused_gpu.py.
+
+Checked by running torch's own ``TestOptimRenewed`` (test/test_optim.py, not shipped in
+the wheel) on these two entries, CPU: everything else passes.
 """
 
 from __future__ import annotations
@@ -43,10 +56,12 @@ import copy
 import io
 import pickle
 import re
+import unittest
 import warnings
 
 import pytest
 import torch
+from torch.testing._internal.common_methods_invocations import DecorateInfo
 from torch.testing._internal.common_optimizers import (
     ErrorOptimizerInput,
     OptimizerErrorEnum,
@@ -139,13 +154,22 @@ def lamb_errors(device, dtype):
     ]
 
 
+# torch's test_step_is_noop_for_zero_grads leaves out inputs that set weight_decay, and
+# lowers lr for the class named AdamW only: LAMB's default weight_decay (0.01, AdamW's)
+# moves the parameters by lr*p at a zero gradient, as it should (the trust ratio rescales
+# the decay to ||p||). Its weight_decay=0 inputs are no-ops (test_zero_gradients_are_a_no_op).
+LAMB_DECAYS_AT_ZERO_GRAD = ("LAMB's default weight_decay=0.01 decays the parameters at a zero gradient, "
+                            "as AdamW's does; torch's test only special-cases AdamW")
+
 OPTIM_DB = [
     OptimizerInfo(fastlars.LARS, optim_inputs_func=lars_inputs, optim_error_inputs_func=lars_errors,
                   supported_impls=("foreach", "fused"), supports_fused_on=("cpu", "cuda"), has_capturable_arg=True,
                   supports_complex=False, supports_multiple_devices=False),
     OptimizerInfo(fastlars.LAMB, optim_inputs_func=lamb_inputs, optim_error_inputs_func=lamb_errors,
                   supported_impls=("foreach", "fused"), supports_fused_on=("cpu", "cuda"), has_capturable_arg=True,
-                  supports_complex=False, supports_multiple_devices=False),
+                  supports_complex=False, supports_multiple_devices=False,
+                  skips=(DecorateInfo(unittest.skip(LAMB_DECAYS_AT_ZERO_GRAD), "TestOptimRenewed",
+                                      "test_step_is_noop_for_zero_grads"),)),
 ]
 CASES = [pytest.param(info, inp, id=f"{info.name}-{inp.desc}") for info in OPTIM_DB
          for inp in info.optim_inputs_func("cpu")]
@@ -506,6 +530,24 @@ def test_lamb_without_trust_ratio_is_adamw(backend, maximize):
     assert_same(twins, params, exact=False)
 
 
+@pytest.mark.parametrize("name, backend", name_backend())
+def test_zero_gradients_are_a_no_op(name, backend):
+    """Zero gradients without weight decay leave the parameters as they are (torch's
+    test_step_is_noop_for_zero_grads); LAMB's default weight decay alone moves p to
+    (1 - lr) * p: the trust ratio ||p|| / ||wd * p|| undoes wd (see LAMB_DECAYS_AT_ZERO_GRAD)."""
+    for kwargs in [dict(weight_decay=0.0)] + ([{}] if name == "LAMB" else []):
+        params = make_params()
+        before = [p.detach().clone() for p in params]
+        opt = getattr(fastlars, name)(params, lr=0.1, backend=backend, **kwargs)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        factor = 1.0 if kwargs else (1 - 0.1) ** 2
+        for p, b in zip(params, before):
+            torch.testing.assert_close(p.detach(), b * factor, rtol=0 if kwargs else 1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_state_without_momentum(backend):
     """LARS with momentum=0 keeps nothing per parameter: state stays empty, as SGD's."""
@@ -540,6 +582,16 @@ def test_lamb_loads_a_plain_number_step(backend):
 # ----------------------------------------------------------------------------
 # deferred init, strided parameters, torch.compile
 
+def materialise_on_cpu(model):
+    """model.to_empty(device="cpu") that keeps the Parameter objects (the optimizer holds them)."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 @pytest.mark.parametrize("requested", ["auto"] + [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
 def test_deferred_init_on_meta(name, requested):
@@ -548,12 +600,7 @@ def test_deferred_init_on_meta(name, requested):
     with torch.device("meta"):
         model = torch.nn.Linear(4, 3)
     opt = getattr(fastlars, name)(model.parameters(), lr=0.1, backend=requested)
-    swap = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)  # to_empty keeps the Parameter objects
-    try:
-        model.to_empty(device="cpu")
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(swap)
+    materialise_on_cpu(model)
     assert opt.param_groups[0]["params"][0] is model.weight and model.weight.device.type == "cpu"
     torch.nn.init.normal_(model.weight, generator=torch.Generator().manual_seed(0))
     torch.nn.init.zeros_(model.bias)
@@ -565,6 +612,36 @@ def test_deferred_init_on_meta(name, requested):
     assert_same(list(twin.parameters()), list(model.parameters()), eager.state, opt.state)
 
 
+@pytest.mark.skipif(not FUSED_CPU, reason="no fused CPU backend in this installation")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_fused_flag_with_params_on_meta(name):
+    """fused=True with parameters on the meta device: constructing is fine, a step on them
+    raises torch.optim's RuntimeError (no fused kernels for meta), and once materialised on
+    the CPU the optimizer steps with the fused CPU backend."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+        twin = torch.nn.Linear(4, 3)
+    ours = getattr(fastlars, name)(model.parameters(), fused=True)
+    theirs = torch.optim.AdamW(twin.parameters(), fused=True)
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        theirs.step()
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        ours.step()
+    materialise_on_cpu(model)
+    params = list(model.parameters())
+    for p in params:
+        torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(0))
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = getattr(fastlars, name)(twins, backend="reference")
+    train(ours, params, range(2))
+    train(reference, twins, range(2))
+    assert ours.backend == "cpu"
+    assert_same(twins, params, reference.state, ours.state, exact=False)
+
+
 def strided_params():
     """Leaf parameters that are strided views (every other column), transposed, and plain."""
     g = torch.Generator().manual_seed(3)
@@ -573,14 +650,16 @@ def strided_params():
             torch.nn.Parameter(torch.randn(7, generator=g))]
 
 
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("name, backend", name_backend())
-def test_non_contiguous_parameters(name, backend):
-    """Strided-view leaves are legal torch parameters: every backend steps them as the reference."""
+def test_non_contiguous_parameters(name, backend, maximize):
+    """Strided-view leaves are legal torch parameters: every backend steps them as the
+    reference, also with maximize (its negated gradients are copied to dense ones too)."""
     results = []
     for b in ("reference", backend):
         params = strided_params()
         assert not params[0].is_contiguous() and not params[1].is_contiguous()
-        opt = getattr(fastlars, name)(params, lr=0.05, weight_decay=1e-2, backend=b)
+        opt = getattr(fastlars, name)(params, lr=0.05, weight_decay=1e-2, maximize=maximize, backend=b)
         train(opt, params, range(2))
         results.append((params, opt.state))
     (ref, ref_state), (got, got_state) = results

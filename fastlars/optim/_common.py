@@ -110,8 +110,12 @@ def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
     if fused:
         candidates = [b for b in candidates if b in FUSED_BACKENDS]
         if not candidates:
-            raise ValueError(f"fused=True: no fused backend is available for {device_type} tensors "
-                             f"(available backends: {available})")
+            # torch.optim raises this RuntimeError, at the step that meets such parameters
+            supported = [t for t, order in _AUTO_ORDER.items() if any(b in available for b in order
+                                                                      if b in FUSED_BACKENDS)]
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                               f"supported devices: {supported} but the params are on {device_type} "
+                               f"(available backends: {available})")
     candidates = [b for b in candidates if not (fused is False and b in FUSED_BACKENDS)
                   and not (foreach is False and b == "foreach")]
     return candidates[0]
@@ -448,7 +452,7 @@ class TrustRatioOptimizer(Optimizer):
                 b.states.append(state)
             if group["maximize"]:
                 for b in by_dtype.values():
-                    b.grads = torch._foreach_neg(b.grads)
+                    b.grads = list(torch._foreach_neg(b.grads))  # a tuple: _dense_copies assigns into it
             buckets.extend(by_dtype.values())
         if mesh is not self._mesh:  # set when the groups were added; changes only if they were edited since
             self._mesh = mesh
