@@ -65,10 +65,8 @@ def lars_update(opt, contexts, inv_scale, ok) -> None:
         bufs, first = tb.lars_buffers(ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lars_group_row)
         groups = _group_table(rows, ctx.buckets)
-        if _on_cuda(ctx.buckets):
-            device = params[0].device
-            _C.lars_update_cuda(weights, params, grads, bufs, first, group_of, groups, ctx.partials,
-                                tb.scalar_on(inv_scale, device), tb.scalar_on(ok, device))
+        if _on_cuda(ctx.buckets):  # the entry point moves the device scalars to the parameters' device
+            _C.lars_update_cuda(weights, params, grads, bufs, first, group_of, groups, ctx.partials, inv_scale, ok)
         else:
             _C.lars_update_cpu(weights, params, grads, bufs, first, group_of, groups, ctx.partials,
                                _scalar(inv_scale))
@@ -96,10 +94,9 @@ def lamb_norms(opt, buckets, inv_scale):
     for merged, weights, grads, exp_avgs, exp_avg_sqs, steps in prepared:
         group_of, rows = tb.group_table(merged, tb.lamb_group_row)
         groups = _group_table(rows, merged)
-        if _on_cuda(merged):
-            device = grads[0].device
-            sums = _C.lamb_norms_cuda(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
-                                      tb.scalar_on(inv_scale, device), tb.scalar_on(global_norm, device))
+        if _on_cuda(merged):  # the entry point moves the device scalars to the parameters' device
+            sums = _C.lamb_norms_cuda(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups, inv_scale,
+                                      global_norm)
         else:
             sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
                                      _scalar(inv_scale), _scalar_or(global_norm, -1.0))
@@ -118,15 +115,13 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         exp_avgs, exp_avg_sqs, steps = _moments(opt, ctx.buckets)
         group_of, rows = tb.group_table(ctx.buckets, tb.lamb_group_row)
         groups = _group_table(rows, ctx.buckets)
-        device = params[0].device
-        if _on_cuda(ctx.buckets):
+        if _on_cuda(ctx.buckets):  # the entry point moves the device scalars to the parameters' device
             _C.lamb_update_cuda(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
-                                ctx.partials, tb.scalar_on(inv_scale, device), tb.scalar_on(global_norm, device),
-                                tb.scalar_on(ok, device))
+                                ctx.partials, inv_scale, global_norm, ok)
         else:
             _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, group_of, groups,
                                ctx.partials, _scalar(inv_scale), _scalar_or(global_norm, -1.0))
         # after the kernel, which used step + 1 as this update's t
         step_tensors = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(step_tensors,
-                            1.0 if ok is None or not ok.is_cuda else tb.scalar_on(ok, device, torch.float32))
+                            1.0 if ok is None or not ok.is_cuda else tb.scalar_on(ok, params[0].device, torch.float32))
