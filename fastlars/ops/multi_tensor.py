@@ -106,10 +106,15 @@ def launch_cache(opt) -> LaunchCache:
     return cache
 
 
-def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host table copied to the device without a host sync: staged in pinned memory (a
+def _staged(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host table to copy to ``device`` without a host sync: in pinned memory for CUDA (a
     copy from pageable memory blocks), which torch's host allocator keeps until the copy ran."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host table as a new device tensor (see _staged)."""
+    return _staged(values, dtype, device).to(device, non_blocking=True)
 
 
 def set_group_rows(launch: Launch, group_rows: list[list[float | Tensor]]) -> None:
@@ -129,7 +134,7 @@ def set_group_rows(launch: Launch, group_rows: list[list[float | Tensor]]) -> No
             raise RuntimeError("a CUDA graph is being captured but a float hyper-parameter changed since the last "
                                "eager step, and a graph replays the values it captured: give lr as a one-element "
                                "tensor on the device to change it between replays, or take an eager step first")
-        launch.groups.copy_(_on_device(values, torch.float64, device), non_blocking=True)
+        launch.groups.copy_(_staged(values, torch.float64, device), non_blocking=True)  # straight into the table
         launch.group_values = values
     for i, row in enumerate(group_rows):
         for j, x in enumerate(row):
