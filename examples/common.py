@@ -96,8 +96,12 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     torch.manual_seed(args.seed)
     model = torchvision.models.get_model(args.model, weights=None, num_classes=args.num_classes)
     model = fastlars.convert_ghost_batchnorm(model, args.virtual_batch_size)
-    return model.to(device=device, memory_format=torch.channels_last if device.type == "cuda"
-                    else torch.contiguous_format)
+    return model.to(device=device, memory_format=memory_format(device))
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU (the layout cuDNN's fast convolutions want), the default elsewhere."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, **options) -> torch.nn.parallel.DistributedDataParallel:
@@ -194,7 +198,7 @@ def accumulate(model: torch.nn.Module, micro_batches: Iterable[tuple[torch.Tenso
         with no_sync() if index < count - 1 else contextlib.nullcontext():
             part = accumulate_gradients(model, _weighted_cross_entropy(1 / count, label_smoothing), inputs, targets,
                                         inputs.shape[0], autocast_dtype=torch.bfloat16 if cuda else None,
-                                        memory_format=torch.channels_last if cuda else torch.contiguous_format)
+                                        memory_format=memory_format(inputs.device))
         loss = part if loss is None else loss + part
     return loss
 

@@ -343,7 +343,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(images.contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format))
+            logits = model(images.contiguous(memory_format=common.memory_format(device)))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         valid = labels >= 0
         counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(dim=1) & valid).sum(), valid.sum()]).double()

@@ -6,6 +6,7 @@ adaptive batch size that grows the batch when the top eigenvalue falls.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -49,12 +50,13 @@ def top_eigenvalues(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
     if not blocks or not all(blocks):
         raise ValueError("blocks must be a non-empty list of non-empty parameter lists")
     params = [p for block in blocks for p in block]
-    bounds = torch.tensor([0] + [len(block) for block in blocks]).cumsum(0).tolist()
+    bounds = list(itertools.accumulate((len(block) for block in blocks), initial=0))
+    spans = list(zip(bounds, bounds[1:]))  # each block's slice of params
     generator = torch.Generator().manual_seed(seed)
     vector = [torch.randn(p.shape, generator=generator).to(p) for p in params]
     eigenvalues = [0.0] * len(blocks)
     for _ in range(iters):
-        for start, stop in zip(bounds, bounds[1:]):
+        for start, stop in spans:
             norm = torch.sqrt(sum((v * v).sum() for v in vector[start:stop]))
             vector[start:stop] = [v / norm for v in vector[start:stop]]
         hv = [torch.zeros_like(p) for p in params]
@@ -63,7 +65,7 @@ def top_eigenvalues(model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], 
                 acc += h
         # Rayleigh quotient of each block
         estimates = [sum((h * v).sum() for h, v in zip(hv[start:stop], vector[start:stop])).item()
-                     for start, stop in zip(bounds, bounds[1:])]
+                     for start, stop in spans]
         converged = all(abs(e - old) <= tol * abs(e) for e, old in zip(estimates, eigenvalues))
         eigenvalues, vector = estimates, hv
         if converged:

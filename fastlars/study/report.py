@@ -190,15 +190,16 @@ def figures(summary: dict, out: Path, title: str, target: float) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     batches = sorted({int(x) for ax in fig.axes for line in ax.get_lines() for x in line.get_xdata()
                       if float(x).is_integer()})
     for ax in fig.axes:  # the swept batch sizes as plain numbers on the x axis
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.minorticks_off() if ax.get_yscale() == "linear" else None
+        if ax.get_yscale() == "linear":
+            ax.minorticks_off()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path
