@@ -524,7 +524,7 @@ class TrustRatioOptimizer(Optimizer):
 
     # torch.compile: the drivers build launch tables and call C++ or Triton kernels that
     # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
-    @torch._dynamo.disable
+    @torch._disable_dynamo  # as torch.optim does: imports dynamo on first call, not at import
     def _fused(self, phase: str, *args):
         """The fused backend's ``<prefix>_norms``/``<prefix>_update`` driver, called with ``args``."""
         return getattr(self._kernels(), f"{self._kernel_prefix}_{phase}")(self, *args)
