@@ -218,6 +218,7 @@ def test_convert_resnet18():
     (lambda: fastlars.GhostBatchNorm1d(3, 4), torch.randn(8, 3, 4, 4), "expected 2D or 3D input"),
     (lambda: fastlars.GhostBatchNorm2d(3, 4), torch.randn(8, 5, 4, 4), r"got an input with 5 channels"),
     (lambda: fastlars.GhostBatchNorm2d(3, 4), torch.randn(1, 3, 4, 4), "at least 2 samples"),
+    (lambda: fastlars.GhostBatchNorm1d(3, 1), torch.randn(4, 3), "one value per channel in each ghost"),
 ])
 def test_bad_input(make, x, match):
     with pytest.raises(ValueError, match=match):

@@ -233,6 +233,11 @@ class _GhostBatchNormMixin:
         if x.shape[0] < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 samples per batch in training, got input of "
                              f"shape {tuple(x.shape)} (one-sample statistics are degenerate)")
+        if self.virtual_batch_size == 1 and x[0, 0].numel() == 1:
+            # every ghost holds one value per channel: its variance is 0 and its unbiased variance
+            # undefined (nn.BatchNorm refuses one value per channel in training likewise)
+            raise ValueError(f"{type(self).__name__}(virtual_batch_size=1) on input of shape {tuple(x.shape)} "
+                             "has one value per channel in each ghost; use virtual_batch_size >= 2")
         y, mean, var, sizes = ghost_batch_norm(x, self.weight, self.bias, self.virtual_batch_size, self.eps,
                                                self.backend)
         if self.track_running_stats:
