@@ -8,7 +8,7 @@ to match), the chunk loop (F.batch_norm per `x.split(vbs)` chunk, then cat: the
 common implementation, keeping no ghost statistics), and fastlars's `native`,
 `vectorized` and `triton` (GPU only) backends. Configurations: fp32 NCHW and bf16 channels_last, vbs 32 and
 128. Reported: ms per forward+backward, speed-up over the chunk loop, and the
-fraction of SPEC.md's floor (read x and write y forward, read x and dy and write dx
+fraction of the floor (docs/contract.md, "The floors") (read x and write y forward, read x and dy and write dx
 backward: 5 x activation bytes, over the copy bandwidth measured in the same run).
 On the CPU a reduced set of shapes runs by default (the largest ones take seconds
 per step on two cores).

@@ -10,7 +10,7 @@ the device, plus timm's Lars/Lamb when timm is installed, and on CUDA "triton+gr
 the triton step captured once in a CUDA graph (capturable=True) and replayed. Each step is timed with
 torch.utils.benchmark (median of repeated blocks; it synchronizes CUDA). Reported
 per row: ms/step, speed-up over the `reference` backend measured in the same run,
-effective GB/s (SPEC.md's minimum bytes / time) and the fraction of SPEC.md's floor
+effective GB/s (minimum bytes / time) and the fraction of the floor (docs/contract.md, "The floors")
 (minimum bytes / measured device-to-device copy bandwidth, measured in the same run).
 Writes <results>/optim_step-<device>-<date>.json.
 """
@@ -28,7 +28,7 @@ from torch.utils.benchmark import Timer
 
 import fastlars
 
-# SPEC.md, "The performance model": fewest bytes per fp32 element a step must move
+# docs/contract.md, "The floors": fewest bytes per fp32 element a step must move
 MIN_BYTES_PER_ELEMENT = {"LARS": 20, "LAMB": 28}
 OPTIMIZER_ARGS = {"LARS": dict(lr=0.1, momentum=0.9, weight_decay=5e-5),
                   "LAMB": dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)}  # timm's default clipping
@@ -85,7 +85,7 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 def groups_of(params):
-    """The usual two groups (SPEC.md): ndim <= 1 excluded from decay and trust ratio."""
+    """The usual two groups (docs/contract.md, "Which parameters adapt"): ndim <= 1 excluded from decay and trust ratio."""
     return [{"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "trust_ratio": False}]
 

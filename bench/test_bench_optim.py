@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest bench/test_bench_optim.py --benchmark-only [--benchmark-json out.json]
 
 Not part of the test suite (tests/ only). bench/optim_step.py prints the same
-comparison as a table with the SPEC.md floor.
+comparison as a table with the floor of docs/contract.md, "The floors".
 """
 
 import pytest

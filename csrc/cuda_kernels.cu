@@ -8,7 +8,7 @@
 // the norms pass itself cannot know when a tensor's last chunk is done without atomics).
 // The per-element maths is fastlars_math.h, which the CPU kernels (tested) share.
 //
-// Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (SPEC.md floors: 20, 28).
+// Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (floors 20, 28: docs/contract.md, "The floors").
 // Only <ATen/ATen.h> and c10/cuda headers: a minimal toolkit has no cuBLAS headers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,6 +1,6 @@
 // The per-element maths of LARS and LAMB and their trust-ratio rules, shared by the
 // CPU (cpu_kernels.cpp) and CUDA (cuda_kernels.cu) kernels, so that the CPU tests
-// exercise the arithmetic the GPU runs. The contract is SPEC.md; the Python
+// exercise the arithmetic the GPU runs. The contract is docs/contract.md ("LARS", "LAMB"); the Python
 // reference backend (fastlars/optim/lars.py, lamb.py) is the oracle.
 #pragma once
 
@@ -66,7 +66,8 @@ FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<a
   return (h.trust_clip && r > acc_t(1)) ? acc_t(1) : r;
 }
 
-// Group-table columns (double, one row per param group), written by fastlars/ops/cpp_step.py.
+// Group-table columns (double, one row per param group), written by fastlars/ops/_tables.py
+// (lars_group_row, lamb_group_row) for both the C++ and the Triton kernels.
 enum LarsColumn { L_LR, L_WD, L_ETA, L_EPS, L_TRUST_CLIP, L_ADAPT, L_MOMENTUM, L_ONE_MINUS_DAMPENING, L_NESTEROV, L_NCOL };
 enum LambColumn { B_LR, B_BETA1, B_BETA2, B_ONE_MINUS_BETA2, B_BETA3, B_LOG_BETA1, B_LOG_BETA2, B_BIAS_CORRECTION,
                   B_EPS, B_WD, B_MAX_GRAD_NORM, B_TRUST_CLIP, B_ADAPT, B_NCOL };

@@ -9,7 +9,7 @@ import torch
 import fastlars
 from conftest import model_inputs, small_cnn
 
-# (optimizer, constructor kwargs) cases covering every flag of SPEC.md
+# (optimizer, constructor kwargs) cases covering every option of docs/contract.md, "LARS" and "LAMB"
 CASES = [
     ("LARS", dict(lr=0.8, momentum=0.9, trust_coefficient=0.02)),
     ("LARS", dict(lr=0.8, momentum=0.9, trust_coefficient=0.02, nesterov=True)),

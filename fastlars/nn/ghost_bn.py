@@ -2,7 +2,7 @@
 
 In training, the batch is cut into consecutive "ghost" batches of
 ``virtual_batch_size`` samples, each normalised with its own per-channel mean and
-biased variance; ``weight``/``bias`` are shared (SPEC.md, "Ghost Batch Normalization"):
+biased variance; ``weight``/``bias`` are shared (docs/contract.md, "Ghost Batch Normalization"):
 
 - the last ghost holds the remainder, except that a remainder of one sample joins the
   previous ghost (one-sample statistics are degenerate);
@@ -35,7 +35,7 @@ BACKENDS = ("auto", "triton", "native", "vectorized", "reference")
 
 
 def ghost_sizes(batch: int, virtual_batch_size: int) -> list[int]:
-    """Samples per ghost batch, by SPEC.md's rule."""
+    """Samples per ghost batch, by docs/contract.md, "The remainder rule"."""
     if batch <= virtual_batch_size:
         return [batch]
     full, remainder = divmod(batch, virtual_batch_size)

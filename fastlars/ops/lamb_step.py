@@ -8,7 +8,7 @@ tensors or param groups:
     launch 2   lamb_update_kernel  per chunk: r = ||w||/||u||, update            reads w, g, m, v;
                                                                                  writes w, m, v      28 B/elem
 
-44 B per fp32 element (48 with clipping) against SPEC.md's floor of 28 B; apex's
+44 B per fp32 element (48 with clipping) against the floor of 28 B (docs/contract.md, "The floors"); apex's
 FusedLAMB moves 44+ in four launches. Launch 1 writes no state, so a non-finite
 gradient is caught before anything changes. The maths is fastlars.optim.lamb
 (reference backend), written again element-wise; tests hold the two together.
@@ -110,7 +110,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
 def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, grad_factor, beta1, beta2,
                 one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr,
                 ACC: tl.constexpr, WRITE_P: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block of elements (SPEC.md, LAMB)."""
+    """The update of one block of elements (docs/contract.md, "LAMB")."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * grad_factor
     m = mt.load_block(m_ptr, idx, numel, MASKED)

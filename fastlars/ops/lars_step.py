@@ -6,7 +6,7 @@ the number of tensors or param groups.
     launch 2  lars_update_kernel  per chunk: tensor norms -> r, update   reads w, g, buf;
                                                                       writes w, buf      20 B/elem
 
-28 B per fp32 element against SPEC.md's floor of 20 B (the norms pass re-reads w
+28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
 and g); see bench/NOTES.md. The maths is fastlars.optim.lars (reference backend),
 written again here element-wise; tests hold the two together.
 """
@@ -26,7 +26,7 @@ from . import multi_tensor as mt
 def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, ratio, inv_scale, lr, weight_decay, momentum,
                 one_minus_dampening, nesterov, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                 WRITE_P: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block of elements (SPEC.md, LARS)."""
+    """The update of one block of elements (docs/contract.md, "LARS")."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * inv_scale
     d = ratio * (g + weight_decay * w)

@@ -24,14 +24,13 @@ from ..ops._tables import _dense as _layout_is_dense  # no Triton, no extension:
 
 __all__ = ["available_backends", "param_groups"]
 
-# Backends in the order "auto" prefers them. Later issues register "triton" and
-# "cuda" here; a backend is available when its probe returns True.
 def _extension_has(attribute: str) -> bool:
     """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
     (once per process; see fastlars/_extension.py)."""
     return bool(getattr(_extension.load(), attribute, False))
 
 
+# Every backend, fastest first; a backend is available when its probe returns True.
 _BACKEND_PROBES: dict[str, Callable[[], bool]] = {
     "triton": lambda: importlib.util.find_spec("triton") is not None,
     "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),

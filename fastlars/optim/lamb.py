@@ -1,5 +1,5 @@
 """LAMB: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization
-for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is SPEC.md, "LAMB":
+for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is docs/contract.md, "LAMB":
 
     g  = g / max(1, ||all grads|| / max_grad_norm)        if max_grad_norm > 0
     m  = b1 * m + (1 - b1) * g                            ((1 - b1) -> 1 without grad_averaging)
@@ -168,7 +168,7 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     bias_correction: bool, grad_averaging: bool, trust_clip: bool,
                     u_norm_only: bool = False) -> Tensor | None:
-    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend.
+    """One parameter at a time, line by line as docs/contract.md, "LAMB". The oracle of every other backend.
 
     ``norms`` (adapted groups): column 0 ||w||, and column 1 the global ||u|| of sharded
     parameters. ``u_norm_only``: return the local ||u|| per tensor and change nothing.

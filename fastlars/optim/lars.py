@@ -1,6 +1,6 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017).
 
-Layout as timm ``Lars`` / apex ``LARC``; the contract is SPEC.md, "LARS":
+Layout as timm ``Lars`` / apex ``LARC``; the contract is docs/contract.md, "LARS":
 
     r   = eta * ||w|| / (||g|| + wd * ||w|| + eps)   (1 if ||w|| or ||g|| is 0; 1 if not adapted)
     r   = min(r / lr, 1)                              if trust_clip (LARC "clip" mode)
@@ -129,7 +129,7 @@ class LARS(TrustRatioOptimizer):
 
 def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
                     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
-    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend."""
+    """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend."""
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return
     for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):
