@@ -19,12 +19,12 @@
 #include "dispatch.h"
 #include "fastlars_math.h"
 #include "kernels.h"
+#include "layouts.h"
 
 namespace fastlars {
 namespace {
 
 constexpr int kThreads = 512;
-enum Column { C_W, C_P, C_G, C_S0, C_S1, C_STEP, C_NUMEL, C_GROUP, C_CHUNK0, C_NCHUNKS, C_FIRST, C_NCOL };
 
 // Deterministic block-wide sum (fixed tree over kThreads threads).
 template <typename acc_t>
@@ -58,9 +58,9 @@ struct Chunk {
 // chunks the norms pass read last, still in L2 (see bench/NOTES.md).
 __device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks, bool reverse) {
   const int64_t c = reverse ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int64_t index = chunks[2 * c];
+  const int64_t index = chunks[K_NCOL * c + K_ROW];
   const int64_t* row = table + index * C_NCOL;
-  const int64_t begin = chunks[2 * c + 1];
+  const int64_t begin = chunks[K_NCOL * c + K_START];
   const int64_t end = begin + kChunk < row[C_NUMEL] ? begin + kChunk : row[C_NUMEL];
   return {row, index, begin, end};
 }
@@ -84,8 +84,8 @@ __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t*
   sw = block_sum(sw);
   sg = block_sum(sg);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = sw;
-    partials[2 * blockIdx.x + 1] = sg;
+    partials[kLarsSums * blockIdx.x + S_W2] = sw;
+    partials[kLarsSums * blockIdx.x + S_G2] = sg;
   }
 }
 
@@ -106,8 +106,8 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
   const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
-  const acc_t w_norm = sqrt(totals[2 * ch.index]);
-  const acc_t g_norm = sqrt(totals[2 * ch.index + 1]) * inv_scale;
+  const acc_t w_norm = sqrt(totals[kLarsSums * ch.index + S_W2]);
+  const acc_t g_norm = sqrt(totals[kLarsSums * ch.index + S_G2]) * inv_scale;
   const acc_t ratio = lars_trust_ratio<acc_t>(w_norm, g_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -152,9 +152,9 @@ __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, a
   sg = block_sum(sg);
   su = block_sum(su);
   if (threadIdx.x == 0) {
-    partials[3 * blockIdx.x] = sw;
-    partials[3 * blockIdx.x + 1] = sg;
-    partials[3 * blockIdx.x + 2] = su;
+    partials[kLambSums * blockIdx.x + S_W2] = sw;
+    partials[kLambSums * blockIdx.x + S_G2] = sg;
+    partials[kLambSums * blockIdx.x + S_U2] = su;
   }
 }
 
@@ -169,8 +169,8 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
                                                       global_norm_ptr ? *global_norm_ptr : -1.0));
-  const acc_t w_norm = sqrt(totals[3 * ch.index]);
-  const acc_t u_norm = sqrt(totals[3 * ch.index + 2]);
+  const acc_t w_norm = sqrt(totals[kLambSums * ch.index + S_W2]);
+  const acc_t u_norm = sqrt(totals[kLambSums * ch.index + S_U2]);
   const acc_t ratio = lamb_trust_ratio<acc_t>(w_norm, u_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -216,17 +216,23 @@ Launch make_launch(const TensorList& weights, const TensorList& params, const Te
     void* s0 = state0.empty() || !state0[i].has_value() ? weights[i].data_ptr() : state0[i]->data_ptr();
     void* s1 = state1.empty() || !state1[i].has_value() ? weights[i].data_ptr() : state1[i]->data_ptr();
     void* step = steps.empty() ? weights[i].data_ptr() : steps[i].data_ptr();
-    const int64_t values[C_NCOL] = {reinterpret_cast<int64_t>(weights[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(params[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(grads[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(s0), reinterpret_cast<int64_t>(s1),
-                                    reinterpret_cast<int64_t>(step), numel, group_of[i],
-                                    static_cast<int64_t>(chunk_rows.size() / 2), n_chunks,
-                                    first.empty() ? 0 : static_cast<int64_t>(first[i])};
-    std::copy(values, values + C_NCOL, t + i * C_NCOL);
+    int64_t* row = t + i * C_NCOL;
+    row[C_W] = reinterpret_cast<int64_t>(weights[i].data_ptr());
+    row[C_P] = reinterpret_cast<int64_t>(params[i].data_ptr());
+    row[C_G] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+    row[C_S0] = reinterpret_cast<int64_t>(s0);
+    row[C_S1] = reinterpret_cast<int64_t>(s1);
+    row[C_STEP] = reinterpret_cast<int64_t>(step);
+    row[C_NUMEL] = numel;
+    row[C_GROUP] = group_of[i];
+    row[C_CHUNK0] = static_cast<int64_t>(chunk_rows.size() / K_NCOL);
+    row[C_NCHUNKS] = n_chunks;
+    row[C_FIRST] = first.empty() ? 0 : static_cast<int64_t>(first[i]);
     for (int64_t c = 0; c < n_chunks; ++c) {
-      chunk_rows.push_back(i);
-      chunk_rows.push_back(c * kChunk);
+      int64_t chunk[K_NCOL];
+      chunk[K_ROW] = i;
+      chunk[K_START] = c * kChunk;
+      chunk_rows.insert(chunk_rows.end(), chunk, chunk + K_NCOL);
     }
   }
   at::Tensor chunks = at::empty({static_cast<int64_t>(chunk_rows.size())},
@@ -234,7 +240,7 @@ Launch make_launch(const TensorList& weights, const TensorList& params, const Te
   std::copy(chunk_rows.begin(), chunk_rows.end(), chunks.data_ptr<int64_t>());
   const auto device = params[0].device();
   return {table.to(device, /*non_blocking=*/true), chunks.to(device, /*non_blocking=*/true),
-          static_cast<int64_t>(chunk_rows.size() / 2), n};
+          static_cast<int64_t>(chunk_rows.size() / K_NCOL), n};
 }
 
 // (n_tensors, columns) per-tensor totals of a norms pass's (n_chunks, columns) partials.
@@ -256,15 +262,15 @@ at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
   const at::cuda::CUDAGuard guard(grads[0].device());
   const Launch launch = make_launch(weights, grads, grads, {}, {}, std::vector<int64_t>(grads.size(), 0));
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({launch.n_chunks, 2}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 2);
+  at::Tensor partials = at::empty({launch.n_chunks, kLarsSums}, grads[0].options().dtype(acc));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLarsSums);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, 2);
+  return tensor_totals(launch, partials, kLarsSums);
 }
 
 void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -303,8 +309,8 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
   const Launch launch = make_launch(weights, grads, grads, optional_list(exp_avgs), {}, group_of,
                                     optional_list(exp_avg_sqs), steps);
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({launch.n_chunks, 3}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 3);
+  at::Tensor partials = at::empty({launch.n_chunks, kLambSums}, grads[0].options().dtype(acc));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLambSums);
   const at::Tensor groups_dev = groups.to(grads[0].device(), at::kDouble, /*non_blocking=*/true);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
@@ -316,7 +322,7 @@ at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, c
         norm.defined() ? norm.data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, 3);
+  return tensor_totals(launch, partials, kLambSums);
 }
 
 void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,

@@ -6,6 +6,8 @@
 
 #include <cmath>
 
+#include "layouts.h"  // LarsColumn, LambColumn: the group tables
+
 #if defined(__CUDACC__)
 #define FASTLARS_HD __host__ __device__ __forceinline__
 #else
@@ -66,16 +68,11 @@ FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<a
   return (h.trust_clip && r > acc_t(1)) ? acc_t(1) : r;
 }
 
-// Group-table columns (double, one row per param group), written by fastlars/ops/_tables.py
-// (lars_group_row, lamb_group_row) for both the C++ and the Triton kernels.
-enum LarsColumn { L_LR, L_WD, L_ETA, L_EPS, L_TRUST_CLIP, L_ADAPT, L_MOMENTUM, L_ONE_MINUS_DAMPENING, L_NESTEROV, L_NCOL };
-enum LambColumn { B_LR, B_BETA1, B_BETA2, B_ONE_MINUS_BETA2, B_BETA3, B_LOG_BETA1, B_LOG_BETA2, B_BIAS_CORRECTION,
-                  B_EPS, B_WD, B_MAX_GRAD_NORM, B_TRUST_CLIP, B_ADAPT, B_NCOL };
-
 template <typename acc_t>
 FASTLARS_HD LarsHyper<acc_t> lars_hyper(const double* row) {
-  return {acc_t(row[L_LR]), acc_t(row[L_WD]), acc_t(row[L_ETA]), acc_t(row[L_EPS]), acc_t(row[L_MOMENTUM]),
-          acc_t(row[L_ONE_MINUS_DAMPENING]), row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0, row[L_NESTEROV] != 0};
+  return {acc_t(row[L_LR]),       acc_t(row[L_WEIGHT_DECAY]),        acc_t(row[L_TRUST_COEFFICIENT]),
+          acc_t(row[L_EPS]),      acc_t(row[L_MOMENTUM]),            acc_t(row[L_ONE_MINUS_DAMPENING]),
+          row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0,                 row[L_NESTEROV] != 0};
 }
 
 // LAMB hyper-parameters for a tensor whose state step is `step` (this update makes
@@ -86,7 +83,7 @@ FASTLARS_HD LambHyper<acc_t> lamb_hyper(const double* row, double step) {
   const bool bc = row[B_BIAS_CORRECTION] != 0;
   return {acc_t(row[B_LR]), acc_t(row[B_BETA1]), acc_t(row[B_BETA2]), acc_t(row[B_ONE_MINUS_BETA2]),
           acc_t(row[B_BETA3]), acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA1]) : 1.0),
-          acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0), acc_t(row[B_EPS]), acc_t(row[B_WD]),
+          acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0), acc_t(row[B_EPS]), acc_t(row[B_WEIGHT_DECAY]),
           row[B_TRUST_CLIP] != 0, row[B_ADAPT] != 0};
 }
 

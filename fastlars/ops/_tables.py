@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layouts import LambColumn, LarsColumn, SumColumn, row_of
+
 
 @dataclass
 class Merged:
@@ -101,20 +103,28 @@ def same_layout(g: Tensor, p: Tensor) -> Tensor:
     return out
 
 
-# Group-table rows, one per param group, in the column order of csrc/fastlars_math.h
-# (LarsColumn, LambColumn), which the Triton kernels read too. Differences such as
+# Group-table rows, one per param group, in the layouts of layouts.py (LarsColumn,
+# LambColumn), which the Triton and C++ kernels read. Differences such as
 # 1 - dampening are formed here in double: 1 - float32(0.999) is 1.3e-5 off.
 def lars_group_row(group) -> list:
-    return [group["lr"], group["weight_decay"], group["trust_coefficient"], group["eps"], group["trust_clip"],
-            group["trust_ratio"], group["momentum"], 1.0 - group["dampening"], group["nesterov"]]
+    return row_of(LarsColumn, {
+        LarsColumn.LR: group["lr"], LarsColumn.WEIGHT_DECAY: group["weight_decay"],
+        LarsColumn.TRUST_COEFFICIENT: group["trust_coefficient"], LarsColumn.EPS: group["eps"],
+        LarsColumn.TRUST_CLIP: group["trust_clip"], LarsColumn.ADAPT: group["trust_ratio"],
+        LarsColumn.MOMENTUM: group["momentum"], LarsColumn.ONE_MINUS_DAMPENING: 1.0 - group["dampening"],
+        LarsColumn.NESTEROV: group["nesterov"]})
 
 
 def lamb_group_row(group) -> list:
     beta1, beta2 = group["betas"]
-    return [group["lr"], beta1, beta2, 1.0 - beta2, 1.0 - beta1 if group["grad_averaging"] else 1.0,
-            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-            group["bias_correction"], group["eps"], group["weight_decay"], group["max_grad_norm"],
-            group["trust_clip"], group["trust_ratio"]]
+    return row_of(LambColumn, {
+        LambColumn.LR: group["lr"], LambColumn.BETA1: beta1, LambColumn.BETA2: beta2,
+        LambColumn.ONE_MINUS_BETA2: 1.0 - beta2, LambColumn.BETA3: 1.0 - beta1 if group["grad_averaging"] else 1.0,
+        LambColumn.LOG_BETA1: math.log(beta1) if beta1 > 0 else -math.inf,
+        LambColumn.LOG_BETA2: math.log(beta2) if beta2 > 0 else -math.inf,
+        LambColumn.BIAS_CORRECTION: group["bias_correction"], LambColumn.EPS: group["eps"],
+        LambColumn.WEIGHT_DECAY: group["weight_decay"], LambColumn.MAX_GRAD_NORM: group["max_grad_norm"],
+        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: group["trust_ratio"]})
 
 
 def operands(opt, merged, for_update: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -202,13 +212,13 @@ def reduce_partials(opt, contexts: list[Merged]) -> None:
 
 
 def global_grad_norm(opt, launches: list[tuple[list, Tensor]], device) -> Tensor:
-    """||g|| over every gradient of the step from (merged, per-tensor sums) pairs whose
-    column 1 holds sums of g^2; across ranks for sharded parameters (one all-reduce)."""
+    """||g|| over every gradient of the step from (merged, per-tensor sums) pairs (layout
+    SumColumn); across ranks for sharded parameters (one all-reduce)."""
     if opt._mesh is None:
-        squares = [sums[:, 1].double().sum().to(device) for _, sums in launches]
+        squares = [sums[:, SumColumn.G2].double().sum().to(device) for _, sums in launches]
         return torch.stack(squares).sum().sqrt()
     from ..optim import _sharded
 
-    sums = torch.cat([sums[:, 1].to(device) for _, sums in launches])
+    sums = torch.cat([sums[:, SumColumn.G2].to(device) for _, sums in launches])
     flags = _sharded_flags((merged for merged, _ in launches), device)
     return _sharded.reduce_sums(sums, flags, opt._mesh).sum().sqrt()

@@ -22,33 +22,50 @@ import triton.language as tl
 
 from . import _tables as tb
 from . import multi_tensor as mt
+from .layouts import LambColumn, SumColumn
+
+# the LAMB group table's columns (layouts.py) as constexprs the kernels read by name
+LR = tl.constexpr(int(LambColumn.LR))
+BETA1 = tl.constexpr(int(LambColumn.BETA1))
+BETA2 = tl.constexpr(int(LambColumn.BETA2))
+ONE_MINUS_BETA2 = tl.constexpr(int(LambColumn.ONE_MINUS_BETA2))
+BETA3 = tl.constexpr(int(LambColumn.BETA3))
+LOG_BETA1 = tl.constexpr(int(LambColumn.LOG_BETA1))
+LOG_BETA2 = tl.constexpr(int(LambColumn.LOG_BETA2))
+BIAS_CORRECTION = tl.constexpr(int(LambColumn.BIAS_CORRECTION))
+EPS = tl.constexpr(int(LambColumn.EPS))
+WEIGHT_DECAY = tl.constexpr(int(LambColumn.WEIGHT_DECAY))
+MAX_GRAD_NORM = tl.constexpr(int(LambColumn.MAX_GRAD_NORM))
+TRUST_CLIP = tl.constexpr(int(LambColumn.TRUST_CLIP))
+ADAPT = tl.constexpr(int(LambColumn.ADAPT))
+NGROUP = tl.constexpr(len(LambColumn))
 
 
 @triton.jit
 def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl.constexpr,
                 HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
     """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
-    hp = groups + group * 13  # columns: csrc/fastlars_math.h, LambColumn
-    beta1 = tl.load(hp + 1).to(ACC)
-    beta2 = tl.load(hp + 2).to(ACC)
-    one_minus_beta2 = tl.load(hp + 3).to(ACC)
-    beta3 = tl.load(hp + 4).to(ACC)
-    eps = tl.load(hp + 8).to(ACC)
-    weight_decay = tl.load(hp + 9).to(ACC)
+    hp = groups + group * NGROUP
+    beta1 = tl.load(hp + BETA1).to(ACC)
+    beta2 = tl.load(hp + BETA2).to(ACC)
+    one_minus_beta2 = tl.load(hp + ONE_MINUS_BETA2).to(ACC)
+    beta3 = tl.load(hp + BETA3).to(ACC)
+    eps = tl.load(hp + EPS).to(ACC)
+    weight_decay = tl.load(hp + WEIGHT_DECAY).to(ACC)
     grad_factor = 1.0
     if HAS_SCALE:
         grad_factor = tl.load(inv_scale_ptr).to(tl.float64)
     if HAS_CLIP:
         # global norm over every gradient of the step (scaled grads: unscale it too)
-        max_norm = tl.load(hp + 10)
+        max_norm = tl.load(hp + MAX_GRAD_NORM)
         global_norm = tl.load(global_norm_ptr).to(tl.float64) * grad_factor
         clip = tl.where(max_norm > 0, 1.0 / tl.maximum(global_norm / max_norm, 1.0), 1.0)
         grad_factor = grad_factor * clip
     # 1 - beta^t in fp64 for the step t this update makes (state step + 1)
     t = tl.load(step_ptr).to(tl.float64) + 1.0
-    bias_correction = tl.load(hp + 7) != 0
-    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 5)), 1.0).to(ACC)
-    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + 6)), 1.0).to(ACC)
+    bias_correction = tl.load(hp + BIAS_CORRECTION) != 0
+    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA1)), 1.0).to(ACC)
+    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA2)), 1.0).to(ACC)
     return grad_factor.to(ACC), beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay
 
 
@@ -82,11 +99,11 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, False, CHUNK)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
-    m_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
-    v_ptr = mt.row_pointer(table, row, 4, ACC, ALIGNED)
-    step_ptr = mt.row_pointer(table, row, 5, tl.float32, False)
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
+    m_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
+    v_ptr = mt.row_pointer(table, row, mt.COL_S1, ACC, ALIGNED)
+    step_ptr = mt.row_pointer(table, row, mt.COL_STEP, tl.float32, False)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
@@ -101,9 +118,9 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
         acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK),
                                                 numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
                                                 one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, True)
-    tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
-    tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
-    tl.store(partials + 3 * chunk + 2, tl.sum(acc_u, axis=0))
+    tl.store(partials + mt.NSUMS * chunk + mt.SUM_W2, tl.sum(acc_w, axis=0))
+    tl.store(partials + mt.NSUMS * chunk + mt.SUM_G2, tl.sum(acc_g, axis=0))
+    tl.store(partials + mt.NSUMS * chunk + mt.SUM_U2, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
@@ -130,22 +147,22 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
                        WRITE_P: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr,
                        HAS_OK: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, True, CHUNK)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
-    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE, ALIGNED)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
-    m_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
-    v_ptr = mt.row_pointer(table, row, 4, ACC, ALIGNED)
-    step_ptr = mt.row_pointer(table, row, 5, tl.float32, False)
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    p_ptr = mt.row_pointer(table, row, mt.COL_P, P_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
+    m_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
+    v_ptr = mt.row_pointer(table, row, mt.COL_S1, ACC, ALIGNED)
+    step_ptr = mt.row_pointer(table, row, mt.COL_STEP, tl.float32, False)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
-    hp = groups + group * 13
-    lr = tl.load(hp + 0).to(ACC)
-    trust_clip = tl.load(hp + 11)
-    adapt = tl.load(hp + 12)
+    hp = groups + group * NGROUP
+    lr = tl.load(hp + LR).to(ACC)
+    trust_clip = tl.load(hp + TRUST_CLIP)
+    adapt = tl.load(hp + ADAPT)
 
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1's per-tensor totals
-    w_norm = tl.sqrt(tl.load(totals + 3 * row))
-    u_norm = tl.sqrt(tl.load(totals + 3 * row + 2))
+    w_norm = tl.sqrt(tl.load(totals + mt.NSUMS * row + mt.SUM_W2))
+    u_norm = tl.sqrt(tl.load(totals + mt.NSUMS * row + mt.SUM_U2))
     ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
@@ -197,7 +214,7 @@ def lamb_norms(opt, buckets, inv_scale):
     contexts = []
     for prep in prepared:
         launch = prep.launch
-        partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
+        partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
         if launch.n_chunks:
             with tb.on_device(launch.table.device):
                 lamb_norms_kernel[(launch.n_chunks,)](
@@ -205,7 +222,8 @@ def lamb_norms(opt, buckets, inv_scale):
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, 3), launch, prep.keep_alive))
+        contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, len(SumColumn)), launch,
+                                  prep.keep_alive))
     if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(opt, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]

@@ -19,6 +19,19 @@ import triton.language as tl
 
 from . import _tables as tb
 from . import multi_tensor as mt
+from .layouts import LarsColumn, SumColumn
+
+# the LARS group table's columns (layouts.py) as constexprs the kernel reads by name
+LR = tl.constexpr(int(LarsColumn.LR))
+WEIGHT_DECAY = tl.constexpr(int(LarsColumn.WEIGHT_DECAY))
+TRUST_COEFFICIENT = tl.constexpr(int(LarsColumn.TRUST_COEFFICIENT))
+EPS = tl.constexpr(int(LarsColumn.EPS))
+TRUST_CLIP = tl.constexpr(int(LarsColumn.TRUST_CLIP))
+ADAPT = tl.constexpr(int(LarsColumn.ADAPT))
+MOMENTUM = tl.constexpr(int(LarsColumn.MOMENTUM))
+ONE_MINUS_DAMPENING = tl.constexpr(int(LarsColumn.ONE_MINUS_DAMPENING))
+NESTEROV = tl.constexpr(int(LarsColumn.NESTEROV))
+NGROUP = tl.constexpr(len(LarsColumn))
 
 
 
@@ -47,28 +60,28 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
-    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE, ALIGNED)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
-    buf_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    p_ptr = mt.row_pointer(table, row, mt.COL_P, P_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
+    buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
 
-    hp = groups + group * 9
-    lr = tl.load(hp + 0).to(ACC)
-    weight_decay = tl.load(hp + 1).to(ACC)
-    eta = tl.load(hp + 2).to(ACC)
-    eps = tl.load(hp + 3).to(ACC)
-    trust_clip = tl.load(hp + 4)
-    adapt = tl.load(hp + 5)
-    momentum = tl.load(hp + 6).to(ACC)
-    one_minus_dampening = tl.load(hp + 7).to(ACC)  # columns: csrc/fastlars_math.h, LarsColumn
-    nesterov = tl.load(hp + 8)
+    hp = groups + group * NGROUP
+    lr = tl.load(hp + LR).to(ACC)
+    weight_decay = tl.load(hp + WEIGHT_DECAY).to(ACC)
+    eta = tl.load(hp + TRUST_COEFFICIENT).to(ACC)
+    eps = tl.load(hp + EPS).to(ACC)
+    trust_clip = tl.load(hp + TRUST_CLIP)
+    adapt = tl.load(hp + ADAPT)
+    momentum = tl.load(hp + MOMENTUM).to(ACC)
+    one_minus_dampening = tl.load(hp + ONE_MINUS_DAMPENING).to(ACC)
+    nesterov = tl.load(hp + NESTEROV)
 
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
     # whole-tensor norms: launch 1's per-tensor totals
-    w_norm = tl.sqrt(tl.load(totals + 3 * row))
-    g_norm = tl.sqrt(tl.load(totals + 3 * row + 1)) * inv_scale
+    w_norm = tl.sqrt(tl.load(totals + mt.NSUMS * row + mt.SUM_W2))
+    g_norm = tl.sqrt(tl.load(totals + mt.NSUMS * row + mt.SUM_G2)) * inv_scale
 
     # trust ratio: fastlars.optim.lars.lars_trust_ratio
     ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
@@ -117,7 +130,7 @@ def lars_norms(opt, buckets, inv_scale):
         contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
     if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(opt, contexts)
-    return contexts, [c.partials[:, :2] for c in contexts]
+    return contexts, [c.partials[:, :SumColumn.G2 + 1] for c in contexts]  # sums of w^2 and g^2
 
 
 def lars_update(opt, contexts, inv_scale, ok) -> None:

@@ -22,12 +22,29 @@ from torch import Tensor
 
 from ..optim import _common
 from . import _tables as tb
+from .layouts import ChunkColumn, SumColumn, TensorColumn, row_of
 
 
-# Columns of the tensor table (int64). Unused pointers repeat the weight pointer.
-(COL_W, COL_P, COL_G, COL_S0, COL_S1, COL_STEP, COL_NUMEL, COL_GROUP, COL_CHUNK0, COL_NCHUNKS,
- COL_FIRST) = (tl.constexpr(i) for i in range(11))
-NCOL = 11
+# The tables' columns (layouts.py, the one definition) as constexprs the kernels read by name.
+COL_W = tl.constexpr(int(TensorColumn.W))
+COL_P = tl.constexpr(int(TensorColumn.P))
+COL_G = tl.constexpr(int(TensorColumn.G))
+COL_S0 = tl.constexpr(int(TensorColumn.S0))
+COL_S1 = tl.constexpr(int(TensorColumn.S1))
+COL_STEP = tl.constexpr(int(TensorColumn.STEP))
+COL_NUMEL = tl.constexpr(int(TensorColumn.NUMEL))
+COL_GROUP = tl.constexpr(int(TensorColumn.GROUP))
+COL_CHUNK0 = tl.constexpr(int(TensorColumn.CHUNK0))
+COL_NCHUNKS = tl.constexpr(int(TensorColumn.NCHUNKS))
+COL_FIRST = tl.constexpr(int(TensorColumn.FIRST))
+NCOL = tl.constexpr(len(TensorColumn))
+CHUNK_ROW = tl.constexpr(int(ChunkColumn.ROW))
+CHUNK_START = tl.constexpr(int(ChunkColumn.START))
+CHUNK_NCOL = tl.constexpr(len(ChunkColumn))
+SUM_W2 = tl.constexpr(int(SumColumn.W2))
+SUM_G2 = tl.constexpr(int(SumColumn.G2))
+SUM_U2 = tl.constexpr(int(SumColumn.U2))
+NSUMS = tl.constexpr(len(SumColumn))
 
 # Elements per program and per vector operation. Module attributes so tests can
 # shrink them to exercise chunk and block boundaries on small tensors.
@@ -44,7 +61,7 @@ class Launch:
     """Everything one kernel launch over a list of tensors needs."""
 
     table: Tensor        # (n_tensors, NCOL) int64 on the device, one row per tensor (empty ones too)
-    chunks: Tensor       # (n_chunks, 2) int64: tensor row, first element
+    chunks: Tensor       # (n_chunks, CHUNK_NCOL) int64: tensor row, first element
     n_chunks: int
     groups: Tensor       # (n_groups, k) float64 on the device: per-group hyper-parameters (set_group_rows)
     weights_dtype: torch.dtype
@@ -164,20 +181,25 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         if validate is not None:
             validate()
         rows, chunk_rows = [], []
-        for *pointers, n, group, flag in entries:
+        for w, p, g, s0, s1, step, n, group, flag in entries:
             n_chunks = (n + chunk_size - 1) // chunk_size
-            rows.append((*pointers, n, group, len(chunk_rows) // 2, n_chunks, flag))
+            rows += row_of(TensorColumn, {TensorColumn.W: w, TensorColumn.P: p, TensorColumn.G: g,
+                                          TensorColumn.S0: s0, TensorColumn.S1: s1, TensorColumn.STEP: step,
+                                          TensorColumn.NUMEL: n, TensorColumn.GROUP: group,
+                                          TensorColumn.CHUNK0: len(chunk_rows) // len(ChunkColumn),
+                                          TensorColumn.NCHUNKS: n_chunks, TensorColumn.FIRST: flag})
             for c in range(n_chunks):
-                chunk_rows += (len(rows) - 1, c * chunk_size)
-        table = _on_device(rows, torch.int64, device).reshape(-1, NCOL)
-        chunks = _on_device(chunk_rows, torch.int64, device).reshape(-1, 2)
+                chunk_rows += row_of(ChunkColumn, {ChunkColumn.ROW: len(rows) // len(TensorColumn) - 1,
+                                                   ChunkColumn.START: c * chunk_size})
+        table = _on_device(rows, torch.int64, device).reshape(-1, len(TensorColumn))
+        chunks = _on_device(chunk_rows, torch.int64, device).reshape(-1, len(ChunkColumn))
         groups = torch.empty(shape, dtype=torch.float64, device=device)
         write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
         # torch allocations start 16-B aligned, but a view's data_ptr need not be (a gradient
         # in a flat bucket): the hint is given only when every pointer is
         aligned = all(ptr % 16 == 0 for entry in entries for ptr in entry[:6])
-        return Launch(table, chunks, len(chunk_rows) // 2, groups, weights[0].dtype, params[0].dtype, acc_dtype,
-                      write_param, n_tensors=len(rows), aligned=aligned)
+        return Launch(table, chunks, chunks.shape[0], groups, weights[0].dtype, params[0].dtype, acc_dtype,
+                      write_param, n_tensors=table.shape[0], aligned=aligned)
 
     key = (device, weights[0].dtype, params[0].dtype, acc_dtype, chunk_size, tuple(entries), shape)
     launch = cache.get(key, build, device)
@@ -189,7 +211,7 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
 def row_pointer(table, row, col, dtype: tl.constexpr, ALIGNED: tl.constexpr):
     """A tensor's pointer from its table row; ALIGNED: known 16-B aligned (Launch.aligned),
     which with the unmasked full blocks (load_block) lets the compiler emit 16-B vector loads."""
-    ptr = tl.load(table + row * 11 + col).to(tl.pointer_type(dtype))  # 11 = NCOL
+    ptr = tl.load(table + row * NCOL + col).to(tl.pointer_type(dtype))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -237,9 +259,9 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     chunk = tl.program_id(0)
     if REVERSE:
         chunk = tl.num_programs(0) - 1 - chunk
-    row = tl.load(chunks + 2 * chunk)
-    fields = table + row * 11  # 11 = NCOL
-    start = tl.multiple_of(tl.load(chunks + 2 * chunk + 1), CHUNK)
+    row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
+    fields = table + row * NCOL
+    start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
     return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
             tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
 
@@ -281,8 +303,8 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     """
     chunk = tl.program_id(0)
     row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
-    w_ptr = row_pointer(table, row, 0, W_DTYPE, ALIGNED)
-    g_ptr = row_pointer(table, row, 2, G_DTYPE, ALIGNED)
+    w_ptr = row_pointer(table, row, COL_W, W_DTYPE, ALIGNED)
+    g_ptr = row_pointer(table, row, COL_G, G_DTYPE, ALIGNED)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     full, n = full_blocks(start, numel, CHUNK, BLOCK)
@@ -292,8 +314,8 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     if full < n:
         acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
                                     True)
-    tl.store(partials + 3 * chunk, tl.sum(acc_w, axis=0))
-    tl.store(partials + 3 * chunk + 1, tl.sum(acc_g, axis=0))
+    tl.store(partials + NSUMS * chunk + SUM_W2, tl.sum(acc_w, axis=0))
+    tl.store(partials + NSUMS * chunk + SUM_G2, tl.sum(acc_g, axis=0))
 
 
 @triton.jit
@@ -303,7 +325,7 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
     acc = tl.zeros([PARTIAL_BLOCK], dtype=ACC)
     for i in range(0, n_chunks, PARTIAL_BLOCK):
         j = i + tl.arange(0, PARTIAL_BLOCK)
-        acc += tl.load(partials + 3 * (chunk0 + j) + column, mask=j < n_chunks, other=0.0)
+        acc += tl.load(partials + NSUMS * (chunk0 + j) + column, mask=j < n_chunks, other=0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -311,7 +333,7 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
 def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
                          PARTIAL_BLOCK: tl.constexpr):
     """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
-    its chunks' partials (first COLUMNS columns of 3; the others 0), in a fixed order.
+    its chunks' partials (first COLUMNS columns of NSUMS; the others 0), in a fixed order.
 
     Programs of one launch run concurrently with no ordering between them, so a tensor's
     total cannot be formed by the norms pass itself without atomics; a launch of its own
@@ -319,22 +341,23 @@ def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl
     each of a tensor's programs re-summing all its partials (quadratic in its chunks).
     """
     row = tl.program_id(0)
-    fields = table + row * 11  # 11 = NCOL
+    fields = table + row * NCOL
     chunk0 = tl.load(fields + COL_CHUNK0)
     n_chunks = tl.load(fields + COL_NCHUNKS)
-    for column in tl.static_range(3):
+    for column in tl.static_range(NSUMS):
         if column < COLUMNS:
-            tl.store(totals + 3 * row + column, tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
+            tl.store(totals + NSUMS * row + column,
+                     tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
         else:
-            tl.store(totals + 3 * row + column, 0.0)
+            tl.store(totals + NSUMS * row + column, 0.0)
 
 
 def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
-    """(n_tensors, 3) per-tensor sums of a norms pass's (n_chunks, 3) partials (see tensor_totals_kernel)."""
+    """(n_tensors, NSUMS) per-tensor sums of a norms pass's (n_chunks, NSUMS) partials (see tensor_totals_kernel)."""
     device = launch.table.device
     if not launch.n_chunks:  # only empty tensors: every norm is 0
-        return torch.zeros(launch.n_tensors, 3, dtype=launch.acc_dtype, device=device)
-    totals = torch.empty(launch.n_tensors, 3, dtype=launch.acc_dtype, device=device)
+        return torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=device)
+    totals = torch.empty(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=device)
     with tb.on_device(device):
         tensor_totals_kernel[(launch.n_tensors,)](launch.table, partials, totals, COLUMNS=columns,
                                                   ACC=TL_DTYPES[launch.acc_dtype], PARTIAL_BLOCK=PARTIAL_BLOCK)
@@ -342,13 +365,13 @@ def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
 
 
 def launch_sumsq(launch: Launch) -> Tensor:
-    """Run sumsq_kernel and its finalize; returns (n_tensors, 3) per-tensor sums of w^2 and
-    g^2 (third column 0, where LAMB keeps u^2)."""
-    partials = torch.empty(launch.n_chunks, 3, dtype=launch.acc_dtype, device=launch.table.device)
+    """Run sumsq_kernel and its finalize; returns (n_tensors, NSUMS) per-tensor sums of w^2 and
+    g^2 (column U2 0)."""
+    partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
     if launch.n_chunks:
         with tb.on_device(launch.table.device):
             sumsq_kernel[(launch.n_chunks,)](
                 launch.table, launch.chunks, partials, W_DTYPE=TL_DTYPES[launch.weights_dtype],
                 G_DTYPE=TL_DTYPES[launch.param_dtype], ACC=TL_DTYPES[launch.acc_dtype], ALIGNED=launch.aligned,
                 CHUNK=CHUNK, BLOCK=BLOCK)
-    return tensor_totals(launch, partials, 2)
+    return tensor_totals(launch, partials, SumColumn.G2 + 1)  # the columns W2 and G2
