@@ -27,6 +27,7 @@ import torch
 from torch.utils.benchmark import Timer
 
 import fastlars
+from fastlars import backends
 
 # docs/contract.md, "The floors": fewest bytes per fp32 element a step must move
 MIN_BYTES_PER_ELEMENT = {"LARS": 20, "LAMB": 28}
@@ -106,9 +107,7 @@ def device_name(device: torch.device) -> str:
 
 def backends_for(device: torch.device) -> list[str]:
     """fastlars backends usable on the device, reference first; then timm's, if installed."""
-    usable = [b for b in fastlars.available_backends()
-              if (b not in ("triton", "cuda") or device.type == "cuda") and (b != "cpu" or device.type == "cpu")]
-    rows = sorted(usable, key=lambda b: b != "reference")
+    rows = sorted(backends.usable_on(device.type), key=lambda b: b != "reference")
     try:
         import timm.optim  # noqa: F401
 

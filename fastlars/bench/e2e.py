@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlars
+from fastlars import backends as registry
 from fastlars.schedules import WarmupPolyDecay, scale_lr
 from fastlars.train import accumulate_gradients
 
@@ -49,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def usable_backends(device: torch.device, requested: list[str] | None) -> list[str]:
-    backends = requested or [b for b in fastlars.available_backends() if b != "reference"]
-    return [b for b in backends if b not in ("triton", "cuda") or device.type == "cuda"
-            if b != "cpu" or device.type == "cpu"]
+    if not requested:
+        return [b for b in registry.usable_on(device.type) if b != "reference"]
+    return [b for b in requested if registry.get(b).devices is None or device.type in registry.get(b).devices]
 
 
 def build(model_name: str, norm: str, vbs: int, device, memory_format):

@@ -22,12 +22,11 @@ the CUDA default).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import backends
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_ghost_batchnorm", "ghost_sizes"]
 
@@ -201,13 +200,13 @@ def ghost_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, virt
 def _resolve(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    triton = backends.get("triton")  # the optimizers' rule for where Triton kernels run
     if backend == "auto":
-        return "triton" if x.is_cuda and has_triton else "native"
+        return "triton" if x.is_cuda and triton.available() else "native"
     if backend == "triton":
-        if not has_triton:
+        if not triton.available():
             raise ValueError("backend='triton' needs Triton installed")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton.steps(x.device.type):
             raise ValueError("backend='triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
     return backend
 

@@ -7,9 +7,7 @@ this module holds no formula of either.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,38 +16,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _extension
+from .. import backends
+from ..backends import available_backends
 from . import _sharded
 from ..ops._tables import _dense as _layout_is_dense  # no Triton, no extension: safe to import early
 
 __all__ = ["available_backends", "param_groups"]
 
-def _extension_has(attribute: str) -> bool:
-    """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
-    (once per process; see fastlars/_extension.py)."""
-    return bool(getattr(_extension.load(), attribute, False))
-
-
-# Every backend, fastest first; a backend is available when its probe returns True.
-_BACKEND_PROBES: dict[str, Callable[[], bool]] = {
-    "triton": lambda: importlib.util.find_spec("triton") is not None,
-    "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
-    "cpu": lambda: _extension_has("lars_update_cpu"),
-    "foreach": lambda: True,
-    "reference": lambda: True,
-}
-# what "auto" may pick for tensors of each device type, fastest first
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
-FUSED_BACKENDS = ("triton", "cuda", "cpu")
-
-
-def available_backends() -> list[str]:
-    """The backends usable in this installation, fastest first.
-
-    Where the C++ kernels were not built at install time, the first call compiles them
-    (once per process, cached on disk; see fastlars/_extension.py)."""
-    return [name for name, probe in _BACKEND_PROBES.items() if probe()]
+_KNOWN_BACKENDS = ("auto", *backends.BACKENDS)
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:
@@ -63,18 +37,16 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
         )
     device_type = device.type if device is not None else "cpu"
     if backend == "auto":
-        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
-    if not _BACKEND_PROBES[backend]():
-        hint = f"; {_extension.why_unavailable(backend)}" if backend in ("cpu", "cuda") else ""
+        return next(b for b in backends.auto_order(device_type) if backends.get(b).available())
+    record = backends.get(backend)
+    if not record.available():
+        why = record.why_unavailable()
         raise ValueError(f"backend={backend!r} is not available in this installation; "
-                         f"available backends: {available_backends()}{hint}")
-    if backend == "cpu" and device_type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
-    if backend == "cuda" and device_type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got parameters on {device_type}")
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors, got parameters on {device_type} "
-                         "(CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)")
+                         f"available backends: {available_backends()}{'; ' + why if why else ''}")
+    if not record.steps(device_type):
+        needs = " or ".join(d.upper() for d in record.devices)
+        hint = " (CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)" if backend == "triton" else ""
+        raise ValueError(f"backend={backend!r} needs {needs} tensors, got parameters on {device_type}{hint}")
     return backend
 
 
@@ -95,7 +67,7 @@ def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
         raise ValueError("`fused` and `foreach` cannot be `True` together.")
     if backend != "auto":
         if (foreach and backend != "foreach") or (foreach is False and backend == "foreach") or \
-                (fused and backend not in FUSED_BACKENDS) or (fused is False and backend in FUSED_BACKENDS):
+                (fused and not backends.get(backend).fused) or (fused is False and backends.get(backend).fused):
             raise ValueError(f"backend={backend!r} contradicts foreach={foreach}, fused={fused}; "
                              "pass either a backend or the torch.optim flags")
         return backend
@@ -105,17 +77,17 @@ def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
         return "auto"
     device_type = device.type if device is not None else "cpu"
     available = available_backends()
-    candidates = [b for b in _AUTO_ORDER.get(device_type, ()) + ("foreach", "reference") if b in available]
+    candidates = [b for b in (*backends.auto_order(device_type), "reference") if b in available]
     if fused:
-        candidates = [b for b in candidates if b in FUSED_BACKENDS]
+        candidates = [b for b in candidates if backends.get(b).fused]
         if not candidates:
             # torch.optim raises this RuntimeError, at the step that meets such parameters
-            supported = [t for t, order in _AUTO_ORDER.items() if any(b in available for b in order
-                                                                      if b in FUSED_BACKENDS)]
+            supported = [t for t in ("cuda", "cpu") if any(backends.get(b).fused for b in backends.auto_order(t)
+                                                           if b in available)]
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
                                f"supported devices: {supported} but the params are on {device_type} "
                                f"(available backends: {available})")
-    candidates = [b for b in candidates if not (fused is False and b in FUSED_BACKENDS)
+    candidates = [b for b in candidates if not (fused is False and backends.get(b).fused)
                   and not (foreach is False and b == "foreach")]
     return candidates[0]
 
@@ -499,7 +471,7 @@ class TrustRatioOptimizer(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
 
-        fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
+        fused = backends.get(self.backend).fused  # fused kernels read and write p themselves
         dense_copies = self._dense_copies(buckets) if fused else []
         if fused:
             norms, checks = self._fused("norms", buckets, inv_scale)
@@ -525,21 +497,13 @@ class TrustRatioOptimizer(Optimizer):
     # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
     @torch._disable_dynamo  # as torch.optim does: imports dynamo on first call, not at import
     def _fused(self, phase: str, *args):
-        """The fused backend's ``<prefix>_norms``/``<prefix>_update`` driver, called with ``args``."""
-        return getattr(self._kernels(), f"{self._kernel_prefix}_{phase}")(self, *args)
-
-    def _kernels(self):
-        """The module whose ``<prefix>_norms``/``<prefix>_update`` drive this fused
-        backend's kernels (imported on first use: Triton's interpreter, if any, must be
-        chosen before fastlars.ops is imported)."""
-        if self.backend == "triton":
-            return importlib.import_module(f"fastlars.ops.{self._kernel_prefix}_step")
-        return importlib.import_module("fastlars.ops.cpp_step")
+        """The fused backend's driver phase (``"norms"`` or ``"update"``, see fastlars.backends.Driver)."""
+        return getattr(backends.driver(self.backend, self._kernel_prefix), phase)(self, *args)
 
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
         """Read-only first phase of the reference and foreach backends: what the update
         needs, and the tensors whose finiteness decides the step (fused backends do
-        this in a kernel, see ``_kernels``)."""
+        this in a kernel, see ``_fused``)."""
         norms = [self._norms(b, inv_scale) for b in buckets]
         if self._mesh is not None:  # sharded parameters: one all-reduce of every layer's squared norms
             norms = self._global_norms(buckets, norms)
