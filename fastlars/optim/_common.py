@@ -614,6 +614,10 @@ class TrustRatioOptimizer(Optimizer):
             return ok if self.capturable else None
         return ok
 
+    # the one attribute a step may assign (the counter's first value, or a move to another
+    # device): run eagerly under torch.compile, whose torch 2.11 refuses to trace a setattr
+    # on the optimizer; later steps add to the device counter in place
+    @torch._disable_dynamo
     def _count_skip(self, skipped: Tensor) -> None:
         counter = self._skipped_steps
         if isinstance(counter, Tensor) and counter.device == skipped.device:
