@@ -22,7 +22,7 @@ import torch
 from . import _extension
 
 __all__ = ["Backend", "Driver", "BACKENDS", "get", "available_backends", "auto_order", "usable_on",
-           "triton_runs_on", "driver"]
+           "triton_runs_on", "driver", "resolve_backend", "backend_from_flags"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,72 @@ def triton_runs_on(device_type: str) -> bool:
 def driver(backend: str, optimizer: str) -> Driver:
     """The fused ``backend``'s driver of ``optimizer`` ("lars" or "lamb")."""
     return BACKENDS[backend].drivers()[optimizer]
+
+
+_KNOWN_BACKENDS = ("auto", *BACKENDS)
+
+
+def resolve_backend(backend: str, device: torch.device | None) -> str:
+    """The backend to use for parameters on ``device`` (None: no parameters yet).
+
+    Probes only the backends in question: the "cpu" probe may compile the C++ kernels,
+    which backend="foreach" (or "auto" on CUDA tensors with Triton) must not wait for."""
+    if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available_backends()}"
+        )
+    device_type = device.type if device is not None else "cpu"
+    if backend == "auto":
+        return next(b for b in auto_order(device_type) if get(b).available())
+    record = get(backend)
+    if not record.available():
+        why = record.why_unavailable()
+        raise ValueError(f"backend={backend!r} is not available in this installation; "
+                         f"available backends: {available_backends()}{'; ' + why if why else ''}")
+    if not record.steps(device_type):
+        needs = " or ".join(d.upper() for d in record.devices)
+        hint = " (CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)" if backend == "triton" else ""
+        raise ValueError(f"backend={backend!r} needs {needs} tensors, got parameters on {device_type}{hint}")
+    return backend
+
+
+def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
+                       device: torch.device | None) -> str:
+    """torch's ``foreach=``/``fused=`` flags as the backend they ask for on ``device``.
+
+    As torch.optim: ``foreach=True`` is the multi-tensor implementation, ``fused=True`` the
+    fused kernels of the device (``"cpu"``; ``"triton"`` or ``"cuda"``), ``False`` rules
+    that implementation out of ``"auto"`` (both False: the one-tensor-at-a-time
+    ``"reference"``), None leaves the choice to ``"auto"``. An explicit ``backend`` must
+    agree with the flags.
+    """
+    for name, flag in (("foreach", foreach), ("fused", fused)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be None or a bool, got {type(flag).__name__}")
+    if foreach and fused:
+        raise ValueError("`fused` and `foreach` cannot be `True` together.")
+    if backend != "auto":
+        if (foreach and backend != "foreach") or (foreach is False and backend == "foreach") or \
+                (fused and not get(backend).fused) or (fused is False and get(backend).fused):
+            raise ValueError(f"backend={backend!r} contradicts foreach={foreach}, fused={fused}; "
+                             "pass either a backend or the torch.optim flags")
+        return backend
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None:
+        return "auto"
+    device_type = device.type if device is not None else "cpu"
+    available = available_backends()
+    candidates = [b for b in (*auto_order(device_type), "reference") if b in available]
+    if fused:
+        candidates = [b for b in candidates if get(b).fused]
+        if not candidates:
+            # torch.optim raises this RuntimeError, at the step that meets such parameters
+            supported = [t for t in ("cuda", "cpu") if any(get(b).fused for b in auto_order(t)
+                                                           if b in available)]
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                               f"supported devices: {supported} but the params are on {device_type} "
+                               f"(available backends: {available})")
+    candidates = [b for b in candidates if not (fused is False and get(b).fused)
+                  and not (foreach is False and b == "foreach")]
+    return candidates[0]

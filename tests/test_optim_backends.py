@@ -71,7 +71,7 @@ def rel_err(a, b):
 def cpu_slices(request, monkeypatch):
     """Also run the CPU foreach path on many small cache slices (see cache_sized_slices)."""
     if request.param is not None:
-        monkeypatch.setattr(fastlars.optim._common, "CPU_SLICE_ELEMENTS", request.param)
+        monkeypatch.setattr(fastlars.optim._buckets, "CPU_SLICE_ELEMENTS", request.param)
     return request.param
 
 

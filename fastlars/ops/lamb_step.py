@@ -187,18 +187,18 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
 
 
 class _Prepared:
-    """One (device, dtype): its tables for launch 1 (before the gate) or 2."""
+    """One (device, dtype): its tables for launch 1 (before the gate) or 2. ``states``: the
+    state the tables point to (``lp.norm_states`` before the gate, else ``lp.states``)."""
 
-    def __init__(self, opt, merged, for_update: bool):
-        self.buckets = merged
-        params, grads, weights = tb.operands(opt, merged, for_update)
-        moments = tb.lamb_moments(opt, merged)
+    def __init__(self, plan, lp, for_update: bool, states):
+        self.plan = lp
+        params, grads, weights = tb.operands(lp, for_update)
+        moments = tb.lamb_moments(states)
         validate = None
         if not for_update:
-            validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
-        group_of, rows = tb.group_table(merged, tb.lamb_group_row)
-        self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
-                                      merged[0].compute_dtype, mt.launch_cache(opt), validate)
+            validate = lambda: tb.check_state_layouts(lp, params, weights, ("master_param",), moments[:2])
+        self.launch = mt.build_launch(weights, params, grads, *moments, lp.group_of, [False] * len(params), lp.rows,
+                                      lp.compute_dtype, plan.cache, mt.CHUNK, validate)
         self.keep_alive = (grads, weights, moments)  # the table holds raw pointers to these
 
 
@@ -208,13 +208,13 @@ def _scalar_args(launch, global_norm, inv_scale):
             tb.scalar_on(inv_scale, device) if inv_scale is not None else dummy)
 
 
-def lamb_norms(opt, buckets, inv_scale):
+def lamb_norms(plan, inv_scale):
     """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to check."""
-    prepared = [_Prepared(opt, merged, for_update=False) for merged in tb.merge_buckets(buckets)]
+    prepared = [_Prepared(plan, lp, False, lp.norm_states) for lp in plan.launches]
     global_norm = None
-    if any(b.group["max_grad_norm"] > 0 for b in buckets):
-        global_norm = tb.global_grad_norm(opt, [(p.buckets, mt.launch_sumsq(p.launch)) for p in prepared],
-                                          buckets[0].device)
+    if tb.clipping(plan):
+        global_norm = tb.global_grad_norm(plan, [(p.plan, mt.launch_sumsq(p.launch)) for p in prepared],
+                                          plan.launches[0].device)
     contexts = []
     for prep in prepared:
         launch = prep.launch
@@ -226,20 +226,20 @@ def lamb_norms(opt, buckets, inv_scale):
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(prep.buckets, mt.tensor_totals(launch, partials, len(SumColumn)), launch,
+        contexts.append(tb.Merged(prep.plan, mt.tensor_totals(launch, partials, len(SumColumn)), launch,
                                   prep.keep_alive))
-    if opt._mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(opt, contexts)
+    if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
+        tb.reduce_partials(plan, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
-def lamb_update(opt, norms, inv_scale, ok, creating_state: bool) -> None:
+def lamb_update(plan, norms, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype), then the step counters."""
     contexts, global_norm = norms
     for ctx in contexts:
         # the norms pass's tables, unless this step created the moments or master weights;
         # `prepared` keeps alive what the new tables point to until the kernel has run
-        prepared = _Prepared(opt, ctx.buckets, for_update=True) if creating_state else ctx
+        prepared = _Prepared(plan, ctx.plan, True, ctx.plan.states) if plan.creating_state else ctx
         launch = prepared.launch
         device = launch.table.device
         if launch.n_chunks:
@@ -253,7 +253,7 @@ def lamb_update(opt, norms, inv_scale, ok, creating_state: bool) -> None:
                     HAS_CLIP=global_norm is not None, HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None,
                     ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
         # after the kernel, which read step + 1 as this update's t
-        steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
+        steps = [st["step"] for st in ctx.plan.states]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))
-        if opt.capturable and creating_state:
-            _Prepared(opt, ctx.buckets, for_update=False)  # the next step's tables: "one eager step, then capture"
+        if plan.capturable and plan.creating_state:  # the next step's tables: "one eager step, then capture"
+            _Prepared(plan, ctx.plan, False, ctx.plan.states)

@@ -106,44 +106,41 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                         WRITE_P, True)
 
 
-def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
+def _launch(plan, lp, params, grads, weights, bufs, first, validate=None):
     n = len(params)
-    group_of, rows = tb.group_table(merged, tb.lars_group_row)
-    return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
-                           merged[0].compute_dtype, mt.launch_cache(opt), validate)
+    return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, lp.group_of, first, lp.rows,
+                           lp.compute_dtype, plan.cache, mt.CHUNK, validate)
 
 
-def _norms_launch(opt, merged):
+def _norms_launch(plan, lp):
     """Launch 1's tables, and the tensors they point to. They hold the momentum buffers
     already, so that the update can reuse them."""
-    params, grads, weights = tb.operands(opt, merged, for_update=False)
-    validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
-    launch = _launch(opt, merged, params, grads, weights, tb.existing_buffers(merged), [False] * len(params),
-                     validate)
+    params, grads, weights = tb.operands(lp, for_update=False)
+    validate = lambda: tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
+    launch = _launch(plan, lp, params, grads, weights, tb.momentum_buffers(lp), [False] * len(params), validate)
     return launch, (grads, weights)
 
 
-def lars_norms(opt, buckets, inv_scale):
+def lars_norms(plan, inv_scale):
     """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
-    for merged in tb.merge_buckets(buckets):
-        launch, keep_alive = _norms_launch(opt, merged)
-        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
-    if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(opt, contexts)
+    for lp in plan.launches:
+        launch, keep_alive = _norms_launch(plan, lp)
+        contexts.append(tb.Merged(lp, mt.launch_sumsq(launch), launch, keep_alive))
+    if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
+        tb.reduce_partials(plan, contexts)
     return contexts, [c.partials[:, :SumColumn.G2 + 1] for c in contexts]  # sums of w^2 and g^2
 
 
-def lars_update(opt, contexts, inv_scale, ok, creating_state: bool) -> None:
+def lars_update(plan, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
         launch = ctx.launch
-        if creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
-            params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
-            bufs, first = tb.lars_buffers(ctx.buckets)
-            launch = _launch(opt, ctx.buckets, params, grads, weights, bufs, first)
-            if opt.capturable:
-                _norms_launch(opt, ctx.buckets)  # the next step's tables: "one eager step, then capture"
+        if plan.creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
+            params, grads, weights = tb.operands(ctx.plan, for_update=True)
+            launch = _launch(plan, ctx.plan, params, grads, weights, tb.momentum_buffers(ctx.plan), ctx.plan.first)
+            if plan.capturable:
+                _norms_launch(plan, ctx.plan)  # the next step's tables: "one eager step, then capture"
         if not launch.n_chunks:
             continue
         device = launch.table.device

@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
+from ..ops import _tables
+from ._buckets import Bucket, cache_sized_slices, where_
+from ._checks import check_flag, check_number, scalar_lr
+from ._common import TrustRatioOptimizer
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
@@ -119,6 +122,11 @@ class LAMB(TrustRatioOptimizer):
                                                     u_norm_only=True, **_hyper(b.group)) for part, _ in slices]))
         norms = self._global_norms(buckets, norms, start=2 if clipping else 0)
         return norms, [n for bucket_norms in norms for n in bucket_norms]
+
+    _group_row = staticmethod(_tables.lamb_group_row)
+
+    def _states_before_gate(self, b: Bucket) -> list:
+        return [self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)]
 
     def _state_or_fresh(self, p: Tensor, state, b: Bucket):
         """The parameter's state, or before its first step the fresh state (not stored)."""

@@ -17,7 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
+from .. import backends
+from ..ops import _tables
+from ._buckets import Bucket, cache_sized_slices, where_
+from ._checks import check_flag, check_number, scalar_lr
+from ._common import TrustRatioOptimizer
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
@@ -108,7 +112,17 @@ class LARS(TrustRatioOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
-        pass  # the momentum buffer starts as the first update direction (SGD's rule)
+        """The momentum buffer starts as the first update direction (SGD's rule): the
+        reference and foreach updates make it from d; the fused kernels write d into a
+        buffer that exists, made here (the plan's ``first`` flags that step)."""
+        if group["momentum"] != 0 and "momentum_buffer" not in state and backends.get(self.backend).fused:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    _group_row = staticmethod(_tables.lars_group_row)
+
+    def _first_steps(self, b: Bucket) -> list[bool]:
+        momentum = b.group["momentum"] != 0
+        return [momentum and "momentum_buffer" not in st for st in b.states]
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         step = _lars_reference if self.backend == "reference" else _lars_foreach
