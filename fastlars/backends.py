@@ -119,8 +119,8 @@ def available_backends() -> list[str]:
 
 def auto_order(device_type: str) -> tuple[str, ...]:
     """What "auto" may pick for tensors of ``device_type``, fastest first (not probed)."""
-    return tuple(name for name, b in BACKENDS.items() if b.auto and b.devices is not None and device_type in b.devices) \
-        + tuple(name for name, b in BACKENDS.items() if b.auto and b.devices is None)
+    made_for = [name for name, b in BACKENDS.items() if b.auto and b.devices is not None and device_type in b.devices]
+    return (*made_for, *(name for name, b in BACKENDS.items() if b.auto and b.devices is None))
 
 
 def usable_on(device_type: str) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _sharded, _tensors
+from .launch import build_launch
 from .layouts import LambColumn, LarsColumn, SumColumn, row_of
 from .plan import LaunchPlan, StepPlan
 
@@ -143,6 +144,51 @@ def check_state_layouts(lp: LaunchPlan, params, weights, keys: tuple[str, ...], 
 def names(lp: LaunchPlan) -> list[str]:
     """Each tensor of the launch as the user wrote it, for error messages."""
     return [f"param_groups[{gi}]['params'][{pos}]" for gi, pos in lp.where]
+
+
+# ----------------------------------------------------------------------------
+# launch tables, shared by the Triton and the CUDA kernels (launch.py caches them)
+
+def lars_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, chunk_size: int):
+    """LARS's tables: the norms pass's (before the gate; they hold the momentum buffers that
+    exist, so that the update can reuse them), or the update's after this step created
+    state. Returns the launch and the tensors it points to (alive until the kernels ran)."""
+    params, grads, weights = operands(lp, for_update)
+    n = len(params)
+    validate = None
+    if not for_update:
+        validate = lambda: check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
+    launch = build_launch(weights, params, grads, momentum_buffers(lp), [None] * n, [None] * n, lp.group_of,
+                          lp.first if for_update else [False] * n, lp.rows, lp.compute_dtype, plan.cache,
+                          chunk_size, validate)
+    return launch, (grads, weights)
+
+
+def lamb_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, states: list, chunk_size: int):
+    """LAMB's tables over ``states`` (``lp.norm_states`` before the gate, else ``lp.states``);
+    returns the launch and the tensors it points to, as lars_launch."""
+    params, grads, weights = operands(lp, for_update)
+    moments = lamb_moments(states)
+    validate = None
+    if not for_update:
+        validate = lambda: check_state_layouts(lp, params, weights, ("master_param",), moments[:2])
+    launch = build_launch(weights, params, grads, *moments, lp.group_of, [False] * len(params), lp.rows,
+                          lp.compute_dtype, plan.cache, chunk_size, validate)
+    return launch, (grads, weights, moments)
+
+
+def update_launch(plan: StepPlan, ctx: Merged, chunk_size: int, tables):
+    """The update's tables (``tables``: lars_launch or lamb_launch): the norms pass's, unless
+    this step created state (new buffers, moments or masters: new tables). With
+    capturable, a state-creating step also builds the next step's norms tables, so that
+    "one eager step, then capture" finds every table it needs."""
+    if not plan.creating_state:
+        return ctx.launch, ctx.keep_alive
+    states = () if tables is lars_launch else (ctx.plan.states,)
+    built = tables(plan, ctx.plan, True, *states, chunk_size)
+    if plan.capturable:
+        tables(plan, ctx.plan, False, *states, chunk_size)
+    return built
 
 
 # ----------------------------------------------------------------------------

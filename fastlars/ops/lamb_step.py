@@ -186,22 +186,6 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
                         P_DTYPE, ACC, WRITE_P, True)
 
 
-class _Prepared:
-    """One (device, dtype): its tables for launch 1 (before the gate) or 2. ``states``: the
-    state the tables point to (``lp.norm_states`` before the gate, else ``lp.states``)."""
-
-    def __init__(self, plan, lp, for_update: bool, states):
-        self.plan = lp
-        params, grads, weights = tb.operands(lp, for_update)
-        moments = tb.lamb_moments(states)
-        validate = None
-        if not for_update:
-            validate = lambda: tb.check_state_layouts(lp, params, weights, ("master_param",), moments[:2])
-        self.launch = mt.build_launch(weights, params, grads, *moments, lp.group_of, [False] * len(params), lp.rows,
-                                      lp.compute_dtype, plan.cache, mt.CHUNK, validate)
-        self.keep_alive = (grads, weights, moments)  # the table holds raw pointers to these
-
-
 def _scalar_args(launch, global_norm, inv_scale):
     device, dummy = launch.groups.device, launch.groups
     return (tb.scalar_on(global_norm, device) if global_norm is not None else dummy,
@@ -210,14 +194,13 @@ def _scalar_args(launch, global_norm, inv_scale):
 
 def lamb_norms(plan, inv_scale):
     """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to check."""
-    prepared = [_Prepared(plan, lp, False, lp.norm_states) for lp in plan.launches]
+    prepared = [(lp, *tb.lamb_launch(plan, lp, False, lp.norm_states, mt.CHUNK)) for lp in plan.launches]
     global_norm = None
     if tb.clipping(plan):
-        global_norm = tb.global_grad_norm(plan, [(p.plan, mt.launch_sumsq(p.launch)) for p in prepared],
+        global_norm = tb.global_grad_norm(plan, [(lp, mt.launch_sumsq(launch)) for lp, launch, _ in prepared],
                                           plan.launches[0].device)
     contexts = []
-    for prep in prepared:
-        launch = prep.launch
+    for lp, launch, keep_alive in prepared:
         partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
         if launch.n_chunks:
             with tb.on_device(launch.table.device):
@@ -226,8 +209,7 @@ def lamb_norms(plan, inv_scale):
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(prep.plan, mt.tensor_totals(launch, partials, len(SumColumn)), launch,
-                                  prep.keep_alive))
+        contexts.append(tb.Merged(lp, mt.tensor_totals(launch, partials, len(SumColumn)), launch, keep_alive))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(plan, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]
@@ -238,9 +220,8 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
     contexts, global_norm = norms
     for ctx in contexts:
         # the norms pass's tables, unless this step created the moments or master weights;
-        # `prepared` keeps alive what the new tables point to until the kernel has run
-        prepared = _Prepared(plan, ctx.plan, True, ctx.plan.states) if plan.creating_state else ctx
-        launch = prepared.launch
+        # `keep_alive` holds what new tables point to until the kernel has run
+        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lamb_launch)
         device = launch.table.device
         if launch.n_chunks:
             with tb.on_device(device):
@@ -255,5 +236,3 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in ctx.plan.states]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))
-        if plan.capturable and plan.creating_state:  # the next step's tables: "one eager step, then capture"
-            _Prepared(plan, ctx.plan, False, ctx.plan.states)

@@ -106,26 +106,11 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                         WRITE_P, True)
 
 
-def _launch(plan, lp, params, grads, weights, bufs, first, validate=None):
-    n = len(params)
-    return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, lp.group_of, first, lp.rows,
-                           lp.compute_dtype, plan.cache, mt.CHUNK, validate)
-
-
-def _norms_launch(plan, lp):
-    """Launch 1's tables, and the tensors they point to. They hold the momentum buffers
-    already, so that the update can reuse them."""
-    params, grads, weights = tb.operands(lp, for_update=False)
-    validate = lambda: tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-    launch = _launch(plan, lp, params, grads, weights, tb.momentum_buffers(lp), [False] * len(params), validate)
-    return launch, (grads, weights)
-
-
 def lars_norms(plan, inv_scale):
     """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
     for lp in plan.launches:
-        launch, keep_alive = _norms_launch(plan, lp)
+        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.CHUNK)
         contexts.append(tb.Merged(lp, mt.launch_sumsq(launch), launch, keep_alive))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
@@ -135,12 +120,7 @@ def lars_norms(plan, inv_scale):
 def lars_update(plan, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
-        launch = ctx.launch
-        if plan.creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
-            params, grads, weights = tb.operands(ctx.plan, for_update=True)
-            launch = _launch(plan, ctx.plan, params, grads, weights, tb.momentum_buffers(ctx.plan), ctx.plan.first)
-            if plan.capturable:
-                _norms_launch(plan, ctx.plan)  # the next step's tables: "one eager step, then capture"
+        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lars_launch)  # alive until the kernel ran
         if not launch.n_chunks:
             continue
         device = launch.table.device

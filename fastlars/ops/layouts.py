@@ -87,8 +87,8 @@ class SumColumn(enum.IntEnum):
 
 
 # name -> layout, as the extension exports them (test_layouts.py)
-LAYOUTS = {"tensor_columns": TensorColumn, "chunk_columns": ChunkColumn, "lars_columns": LarsColumn, "lamb_columns": LambColumn,
-           "sum_columns": SumColumn}
+LAYOUTS = {"tensor_columns": TensorColumn, "chunk_columns": ChunkColumn, "lars_columns": LarsColumn,
+           "lamb_columns": LambColumn, "sum_columns": SumColumn}
 
 
 def row_of(layout: type[enum.IntEnum], values: dict) -> list:

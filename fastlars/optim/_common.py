@@ -79,9 +79,9 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         backend, foreach, fused = self._backend_request
         self.backend = resolve_backend(backend_from_flags(backend, foreach, fused, device), device)
         self._backend_device = None if device is None else device.type
-        if self.capturable and self.backend != "triton":
-            raise ValueError(f"capturable=True needs backend='triton' (got {self.backend!r}): its step reads "
-                             "nothing on the host once its tables are built")
+        if self.capturable and self.backend not in ("triton", "cuda"):
+            raise ValueError(f"capturable=True needs backend='triton' or 'cuda' (got {self.backend!r}): their steps "
+                             "read nothing on the host once their tables are built")
         if self.capturable and not self.skip_nonfinite:
             raise ValueError("capturable=True needs skip_nonfinite=True: raising on a non-finite gradient "
                              "reads a flag on the host, which a captured graph cannot do")

@@ -65,11 +65,11 @@ class LARS(TrustRatioOptimizer):
         skip_nonfinite: skip (and count in :attr:`skipped_steps`) a step whose
             gradients or norms are not finite, instead of raising
             ``FloatingPointError``. The decision is taken on the device.
-        capturable: the step can be captured in a CUDA graph (``backend="triton"``,
-            ``skip_nonfinite=True``; take one eager step first, which creates the
-            state). Give ``lr`` as a one-element tensor on the device so that a
+        capturable: the step can be captured in a CUDA graph (``backend="triton"`` or
+            ``"cuda"``, ``skip_nonfinite=True``; take one eager step first, which creates
+            the state). Give ``lr`` as a one-element tensor on the device so that a
             scheduler's in-place updates reach the graph. Without this flag the
-            triton step is host-sync free as well; the flag adds the checks.
+            fused GPU steps are host-sync free as well; the flag adds the checks.
         maximize: maximize the objective (ascend the gradient), per group, as torch.optim.
         foreach, fused: torch.optim's implementation flags, as a way to choose the
             backend: ``foreach=True`` is ``"foreach"``, ``fused=True`` the fused backend
