@@ -189,11 +189,9 @@ def test_skip_counter_is_a_device_tensor_after_the_first_step(backend):
 # ---------------------------------------------------------------------------
 # fault 3: every launch runs on its tensors' device
 
-@pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize("name", ["LARS", "LAMB"])
-def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
-    """Triton launches on the current CUDA device, not the tensors': each launch must run
-    inside tb.on_device(<its parameters' device>), and get its device scalars there."""
+def _record_guards(monkeypatch) -> list:
+    """Replaces tb.on_device by a recorder: the returned list holds the devices of the
+    guards entered and not yet left, innermost last."""
     import contextlib
 
     from fastlars.ops import _tables
@@ -207,6 +205,15 @@ def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
         current.pop()
 
     monkeypatch.setattr(_tables, "on_device", recording_guard)
+    return current
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': each launch must run
+    inside tb.on_device(<its parameters' device>), and get its device scalars there."""
+    current = _record_guards(monkeypatch)
     log = _record_launches(monkeypatch)
     launches = []
     monkeypatch.setattr(_Recorder, "__getitem__", lambda self, grid: lambda *args, **kwargs: launches.append(
@@ -262,19 +269,9 @@ def test_a_float_lr_schedule_reuses_the_launch_tables(name, monkeypatch):
 def test_ghost_bn_launches_are_guarded_with_the_input_device(monkeypatch):
     """Ghost BN's Triton forward and backward launch inside tb.on_device(<the input's
     device>), as the optimizer's launches do: Triton launches on the current CUDA device."""
-    import contextlib
+    from fastlars.ops import ghost_bn
 
-    from fastlars.ops import _tables, ghost_bn
-
-    current, launches = [], []
-
-    @contextlib.contextmanager
-    def recording_guard(device):
-        current.append(device)
-        yield
-        current.pop()
-
-    monkeypatch.setattr(_tables, "on_device", recording_guard)
+    current, launches = _record_guards(monkeypatch), []
     for attr in ("ghost_bn_forward_kernel", "ghost_bn_backward_kernel"):
         recorder = _Recorder(getattr(ghost_bn, attr), attr, [])
         monkeypatch.setattr(ghost_bn, attr, recorder)

@@ -50,10 +50,10 @@ def test_triton_constants_are_the_layouts():
     pytest.importorskip("triton")
     from fastlars.ops import lamb_step, lars_step, multi_tensor
 
-    assert multi_tensor.NCOL == len(layouts.TensorColumn)
-    for column in layouts.TensorColumn:
-        assert getattr(multi_tensor, f"COL_{column.name}") == int(column)
-    for module, layout in ((lars_step, layouts.LarsColumn), (lamb_step, layouts.LambColumn)):
-        assert module.NGROUP == len(layout)
+    for module, layout, prefix in ((multi_tensor, layouts.TensorColumn, "COL_"),
+                                   (multi_tensor, layouts.ChunkColumn, "CHUNK_"),
+                                   (multi_tensor, layouts.SumColumn, "SUM_"),
+                                   (lars_step, layouts.LarsColumn, ""), (lamb_step, layouts.LambColumn, "")):
+        assert getattr(module, f"{prefix}NCOL") == len(layout)
         for column in layout:
-            assert getattr(module, column.name) == int(column)
+            assert getattr(module, prefix + column.name) == int(column)

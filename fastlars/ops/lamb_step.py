@@ -22,30 +22,18 @@ import triton.language as tl
 
 from . import _tables as tb
 from . import multi_tensor as mt
-from .layouts import LambColumn, SumColumn
+from .layouts import LambColumn, SumColumn, constexprs
 
 # the LAMB group table's columns (layouts.py) as constexprs the kernels read by name
-LR = tl.constexpr(int(LambColumn.LR))
-BETA1 = tl.constexpr(int(LambColumn.BETA1))
-BETA2 = tl.constexpr(int(LambColumn.BETA2))
-ONE_MINUS_BETA2 = tl.constexpr(int(LambColumn.ONE_MINUS_BETA2))
-BETA3 = tl.constexpr(int(LambColumn.BETA3))
-LOG_BETA1 = tl.constexpr(int(LambColumn.LOG_BETA1))
-LOG_BETA2 = tl.constexpr(int(LambColumn.LOG_BETA2))
-BIAS_CORRECTION = tl.constexpr(int(LambColumn.BIAS_CORRECTION))
-EPS = tl.constexpr(int(LambColumn.EPS))
-WEIGHT_DECAY = tl.constexpr(int(LambColumn.WEIGHT_DECAY))
-MAX_GRAD_NORM = tl.constexpr(int(LambColumn.MAX_GRAD_NORM))
-TRUST_CLIP = tl.constexpr(int(LambColumn.TRUST_CLIP))
-ADAPT = tl.constexpr(int(LambColumn.ADAPT))
-NGROUP = tl.constexpr(len(LambColumn))
+# (LR, BETA1, ..., ADAPT; NCOL, its width)
+globals().update(constexprs(LambColumn))
 
 
 @triton.jit
 def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl.constexpr,
                 HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
     """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
-    hp = groups + group * NGROUP
+    hp = groups + group * NCOL
     beta1 = tl.load(hp + BETA1).to(ACC)
     beta2 = tl.load(hp + BETA2).to(ACC)
     one_minus_beta2 = tl.load(hp + ONE_MINUS_BETA2).to(ACC)
@@ -121,9 +109,9 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
         acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK),
                                                 numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
                                                 one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, True)
-    tl.store(partials + mt.NSUMS * chunk + mt.SUM_W2, tl.sum(acc_w, axis=0))
-    tl.store(partials + mt.NSUMS * chunk + mt.SUM_G2, tl.sum(acc_g, axis=0))
-    tl.store(partials + mt.NSUMS * chunk + mt.SUM_U2, tl.sum(acc_u, axis=0))
+    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, tl.sum(acc_w, axis=0))
+    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, tl.sum(acc_g, axis=0))
+    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_U2, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
@@ -158,15 +146,15 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
     step_ptr = mt.row_pointer(table, row, mt.COL_STEP, tl.float32, False)
     grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
         groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
-    hp = groups + group * NGROUP
+    hp = groups + group * NCOL
     lr = tl.load(hp + LR).to(ACC)
     trust_clip = tl.load(hp + TRUST_CLIP)
     adapt = tl.load(hp + ADAPT)
 
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1's per-tensor totals
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
-    w_norm = mt.sqrt_ieee(tl.load(totals + mt.NSUMS * row + mt.SUM_W2), ACC)
-    u_norm = mt.sqrt_ieee(tl.load(totals + mt.NSUMS * row + mt.SUM_U2), ACC)
+    w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
+    u_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_U2), ACC)
     ratio = tl.where((w_norm > 0) & (u_norm > 0), mt.div_ieee(w_norm, tl.where(u_norm > 0, u_norm, 1.0), ACC), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)

@@ -19,19 +19,11 @@ import triton.language as tl
 
 from . import _tables as tb
 from . import multi_tensor as mt
-from .layouts import LarsColumn, SumColumn
+from .layouts import LarsColumn, SumColumn, constexprs
 
-# the LARS group table's columns (layouts.py) as constexprs the kernel reads by name
-LR = tl.constexpr(int(LarsColumn.LR))
-WEIGHT_DECAY = tl.constexpr(int(LarsColumn.WEIGHT_DECAY))
-TRUST_COEFFICIENT = tl.constexpr(int(LarsColumn.TRUST_COEFFICIENT))
-EPS = tl.constexpr(int(LarsColumn.EPS))
-TRUST_CLIP = tl.constexpr(int(LarsColumn.TRUST_CLIP))
-ADAPT = tl.constexpr(int(LarsColumn.ADAPT))
-MOMENTUM = tl.constexpr(int(LarsColumn.MOMENTUM))
-ONE_MINUS_DAMPENING = tl.constexpr(int(LarsColumn.ONE_MINUS_DAMPENING))
-NESTEROV = tl.constexpr(int(LarsColumn.NESTEROV))
-NGROUP = tl.constexpr(len(LarsColumn))
+# the LARS group table's columns (layouts.py) as constexprs the kernels read by name
+# (LR, WEIGHT_DECAY, ..., NESTEROV; NCOL, its width)
+globals().update(constexprs(LarsColumn))
 
 
 
@@ -65,7 +57,7 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
     buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
 
-    hp = groups + group * NGROUP
+    hp = groups + group * NCOL
     lr = tl.load(hp + LR).to(ACC)
     weight_decay = tl.load(hp + WEIGHT_DECAY).to(ACC)
     eta = tl.load(hp + TRUST_COEFFICIENT).to(ACC)
@@ -81,8 +73,8 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
     # whole-tensor norms: launch 1's per-tensor totals
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
-    w_norm = mt.sqrt_ieee(tl.load(totals + mt.NSUMS * row + mt.SUM_W2), ACC)
-    g_norm = mt.sqrt_ieee(tl.load(totals + mt.NSUMS * row + mt.SUM_G2), ACC) * inv_scale
+    w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
+    g_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_G2), ACC) * inv_scale
 
     # trust ratio: fastlars.optim.lars.lars_trust_ratio
     ratio = mt.div_ieee(eta * w_norm, g_norm + weight_decay * w_norm + eps, ACC)

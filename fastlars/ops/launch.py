@@ -24,8 +24,8 @@ from .layouts import ChunkColumn, TensorColumn, row_of
 class Launch:
     """Everything one kernel launch over a list of tensors needs."""
 
-    table: Tensor        # (n_tensors, NCOL) int64 on the device, one row per tensor (empty ones too)
-    chunks: Tensor       # (n_chunks, CHUNK_NCOL) int64: tensor row, first element
+    table: Tensor        # (n_tensors, len(TensorColumn)) int64 on the device, one row per tensor (empty ones too)
+    chunks: Tensor       # (n_chunks, len(ChunkColumn)) int64: tensor row, first element
     n_chunks: int
     groups: Tensor       # (n_groups, k) float64 on the device: per-group hyper-parameters (set_group_rows)
     weights_dtype: torch.dtype

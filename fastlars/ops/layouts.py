@@ -1,7 +1,7 @@
 """The layouts of the tables the fused optimizer kernels read, defined once.
 
-Four tables describe a fused launch (see multi_tensor.py for the Triton side and
-csrc/cuda_kernels.cu, csrc/cpu_kernels.cpp for the C++ side):
+The tables of a fused launch (see launch.py and multi_tensor.py for the Triton side,
+csrc/cuda_kernels.cu and csrc/cpu_kernels.cpp for the C++ side):
 
 - the per-tensor launch table (int64, one row per tensor: pointers and sizes) and its
   chunk list (one row per chunk),
@@ -23,67 +23,40 @@ import enum
 __all__ = ["TensorColumn", "ChunkColumn", "LarsColumn", "LambColumn", "SumColumn", "LAYOUTS"]
 
 
-class TensorColumn(enum.IntEnum):
-    """Per-tensor launch table. Pointer columns a launch does not use repeat ``W``."""
-
-    W = 0         # the weights the update writes: fp32 master copies or the parameters
-    P = 1         # the parameter (written too when it is not W: master weights)
-    G = 2         # the gradient, in the parameter's layout
-    S0 = 3        # first state tensor: LARS momentum buffer, LAMB exp_avg
-    S1 = 4        # second state tensor: LAMB exp_avg_sq
-    STEP = 5      # LAMB: the 0-d float32 step counter
-    NUMEL = 6     # elements of the tensor
-    GROUP = 7     # row of the tensor's param group in the group table
-    CHUNK0 = 8    # index of the tensor's first chunk
-    NCHUNKS = 9   # number of chunks of the tensor
-    FIRST = 10    # 1 on the tensor's first LARS step (the buffer is set to d)
+def _layout(name: str, columns: str, doc: str) -> type[enum.IntEnum]:
+    """An IntEnum of ``columns`` (space-separated names) numbered from 0, in that order."""
+    layout = enum.IntEnum(name, columns.split(), start=0, module=__name__)
+    layout.__doc__ = doc
+    return layout
 
 
-class ChunkColumn(enum.IntEnum):
-    """The chunk list of a launch: one row per CHUNK-element chunk, one program each."""
+TensorColumn = _layout("TensorColumn", "W P G S0 S1 STEP NUMEL GROUP CHUNK0 NCHUNKS FIRST", """
+    Per-tensor launch table (int64). W: the weights the update writes (fp32 master copies
+    or the parameters); P: the parameter (written too when it is not W: master weights);
+    G: the gradient, in the parameter's layout; S0, S1: state tensors (LARS momentum
+    buffer; LAMB exp_avg, exp_avg_sq); STEP: LAMB's 0-d float32 step counter; NUMEL;
+    GROUP: the tensor's row in the group table; CHUNK0, NCHUNKS: its first chunk and chunk
+    count; FIRST: 1 on the tensor's first LARS step (the buffer is set to d). Pointer
+    columns a launch does not use repeat W.""")
 
-    ROW = 0    # the tensor's row in the launch table
-    START = 1  # the chunk's first element
+ChunkColumn = _layout("ChunkColumn", "ROW START", """
+    The chunk list of a launch, one row per chunk (one program or block each): ROW, the
+    tensor's row in the launch table; START, the chunk's first element.""")
 
+LarsColumn = _layout("LarsColumn", "LR WEIGHT_DECAY TRUST_COEFFICIENT EPS TRUST_CLIP ADAPT MOMENTUM "
+                     "ONE_MINUS_DAMPENING NESTEROV", """
+    LARS group table (docs/contract.md, "LARS"), float64. ADAPT: the group's trust_ratio;
+    ONE_MINUS_DAMPENING is formed in double on the host; flags are 0.0 / 1.0.""")
 
-class LarsColumn(enum.IntEnum):
-    """LARS group table (docs/contract.md, "LARS"). Flags are 0.0 / 1.0."""
+LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BETA1 LOG_BETA2 BIAS_CORRECTION EPS "
+                     "WEIGHT_DECAY MAX_GRAD_NORM TRUST_CLIP ADAPT", """
+    LAMB group table (docs/contract.md, "LAMB"), float64. BETA3: 1 - beta1, or 1 without
+    grad_averaging; LOG_BETA1/2: ln beta (-inf for 0), the kernels form 1 - beta^t as
+    1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0.""")
 
-    LR = 0
-    WEIGHT_DECAY = 1
-    TRUST_COEFFICIENT = 2
-    EPS = 3
-    TRUST_CLIP = 4
-    ADAPT = 5                 # the group's trust_ratio
-    MOMENTUM = 6
-    ONE_MINUS_DAMPENING = 7   # formed in double on the host
-    NESTEROV = 8
-
-
-class LambColumn(enum.IntEnum):
-    """LAMB group table (docs/contract.md, "LAMB"). Flags are 0.0 / 1.0."""
-
-    LR = 0
-    BETA1 = 1
-    BETA2 = 2
-    ONE_MINUS_BETA2 = 3
-    BETA3 = 4            # 1 - beta1, or 1 without grad_averaging
-    LOG_BETA1 = 5        # ln beta1 (-inf for 0): the kernels form 1 - beta1^t as 1 - exp(t ln beta1)
-    LOG_BETA2 = 6
-    BIAS_CORRECTION = 7
-    EPS = 8
-    WEIGHT_DECAY = 9
-    MAX_GRAD_NORM = 10
-    TRUST_CLIP = 11
-    ADAPT = 12           # the group's trust_ratio
-
-
-class SumColumn(enum.IntEnum):
-    """Per-tensor sums of squares of a norms pass (LARS: the first two columns)."""
-
-    W2 = 0  # sum of w^2
-    G2 = 1  # sum of g^2 (of the gradient as stored: a scaled gradient is unscaled after)
-    U2 = 2  # LAMB: sum of u^2, u the update direction
+SumColumn = _layout("SumColumn", "W2 G2 U2", """
+    Per-tensor sums of squares of a norms pass: W2 of w, G2 of the gradient as stored (a
+    scaled gradient is unscaled after), U2 of LAMB's direction u (LARS: W2 and G2 only).""")
 
 
 # name -> layout, as the extension exports them (test_layouts.py)
@@ -97,3 +70,13 @@ def row_of(layout: type[enum.IntEnum], values: dict) -> list:
 
 
 _ORDER = {layout: tuple(layout) for layout in LAYOUTS.values()}
+
+
+def constexprs(layout: type[enum.IntEnum], prefix: str = "") -> dict:
+    """The layout's columns as Triton constexprs, ``{prefix + name: index}``, and its width
+    as ``prefix + "NCOL"``: a kernel module adds them to its globals, and its kernels read
+    the columns by those names (Triton kernels can read only constexpr globals)."""
+    import triton.language as tl  # only the Triton modules call this
+
+    return {f"{prefix}NCOL": tl.constexpr(len(layout)),
+            **{prefix + column.name: tl.constexpr(int(column)) for column in layout}}

@@ -19,29 +19,14 @@ from torch import Tensor
 
 from . import _tables as tb
 from .launch import Launch, LaunchCache, build_launch, set_group_rows  # noqa: F401 (the Triton drivers' API)
-from .layouts import ChunkColumn, SumColumn, TensorColumn
+from .layouts import ChunkColumn, SumColumn, TensorColumn, constexprs
 
 
-# The tables' columns (layouts.py, the one definition) as constexprs the kernels read by name.
-COL_W = tl.constexpr(int(TensorColumn.W))
-COL_P = tl.constexpr(int(TensorColumn.P))
-COL_G = tl.constexpr(int(TensorColumn.G))
-COL_S0 = tl.constexpr(int(TensorColumn.S0))
-COL_S1 = tl.constexpr(int(TensorColumn.S1))
-COL_STEP = tl.constexpr(int(TensorColumn.STEP))
-COL_NUMEL = tl.constexpr(int(TensorColumn.NUMEL))
-COL_GROUP = tl.constexpr(int(TensorColumn.GROUP))
-COL_CHUNK0 = tl.constexpr(int(TensorColumn.CHUNK0))
-COL_NCHUNKS = tl.constexpr(int(TensorColumn.NCHUNKS))
-COL_FIRST = tl.constexpr(int(TensorColumn.FIRST))
-NCOL = tl.constexpr(len(TensorColumn))
-CHUNK_ROW = tl.constexpr(int(ChunkColumn.ROW))
-CHUNK_START = tl.constexpr(int(ChunkColumn.START))
-CHUNK_NCOL = tl.constexpr(len(ChunkColumn))
-SUM_W2 = tl.constexpr(int(SumColumn.W2))
-SUM_G2 = tl.constexpr(int(SumColumn.G2))
-SUM_U2 = tl.constexpr(int(SumColumn.U2))
-NSUMS = tl.constexpr(len(SumColumn))
+# The tables' columns (layouts.py, the one definition) as constexprs the kernels read by
+# name: COL_W ... COL_FIRST and COL_NCOL (TensorColumn), CHUNK_ROW, CHUNK_START, CHUNK_NCOL,
+# SUM_W2, SUM_G2, SUM_U2, SUM_NCOL.
+globals().update(constexprs(TensorColumn, "COL_"), **constexprs(ChunkColumn, "CHUNK_"),
+                 **constexprs(SumColumn, "SUM_"))
 
 # Elements per program and per vector operation. Module attributes so tests can
 # shrink them to exercise chunk and block boundaries on small tensors.
@@ -57,7 +42,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 def row_pointer(table, row, col, dtype: tl.constexpr, ALIGNED: tl.constexpr):
     """A tensor's pointer from its table row; ALIGNED: known 16-B aligned (Launch.aligned),
     which with the unmasked full blocks (load_block) lets the compiler emit 16-B vector loads."""
-    ptr = tl.load(table + row * NCOL + col).to(tl.pointer_type(dtype))
+    ptr = tl.load(table + row * COL_NCOL + col).to(tl.pointer_type(dtype))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -106,7 +91,7 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     if REVERSE:
         chunk = tl.num_programs(0) - 1 - chunk
     row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
-    fields = table + row * NCOL
+    fields = table + row * COL_NCOL
     start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
     return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
             tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
@@ -187,8 +172,8 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     if full < n:
         acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
                                     True)
-    tl.store(partials + NSUMS * chunk + SUM_W2, tl.sum(acc_w, axis=0))
-    tl.store(partials + NSUMS * chunk + SUM_G2, tl.sum(acc_g, axis=0))
+    tl.store(partials + SUM_NCOL * chunk + SUM_W2, tl.sum(acc_w, axis=0))
+    tl.store(partials + SUM_NCOL * chunk + SUM_G2, tl.sum(acc_g, axis=0))
 
 
 @triton.jit
@@ -198,7 +183,7 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
     acc = tl.zeros([PARTIAL_BLOCK], dtype=ACC)
     for i in range(0, n_chunks, PARTIAL_BLOCK):
         j = i + tl.arange(0, PARTIAL_BLOCK)
-        acc += tl.load(partials + NSUMS * (chunk0 + j) + column, mask=j < n_chunks, other=0.0)
+        acc += tl.load(partials + SUM_NCOL * (chunk0 + j) + column, mask=j < n_chunks, other=0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -206,7 +191,7 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
 def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
                          PARTIAL_BLOCK: tl.constexpr):
     """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
-    its chunks' partials (first COLUMNS columns of NSUMS; the others 0), in a fixed order.
+    its chunks' partials (first COLUMNS columns of SUM_NCOL; the others 0), in a fixed order.
 
     Programs of one launch run concurrently with no ordering between them, so a tensor's
     total cannot be formed by the norms pass itself without atomics; a launch of its own
@@ -214,19 +199,20 @@ def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl
     each of a tensor's programs re-summing all its partials (quadratic in its chunks).
     """
     row = tl.program_id(0)
-    fields = table + row * NCOL
+    fields = table + row * COL_NCOL
     chunk0 = tl.load(fields + COL_CHUNK0)
     n_chunks = tl.load(fields + COL_NCHUNKS)
-    for column in tl.static_range(NSUMS):
+    for column in tl.static_range(SUM_NCOL):
         if column < COLUMNS:
-            tl.store(totals + NSUMS * row + column,
+            tl.store(totals + SUM_NCOL * row + column,
                      tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
         else:
-            tl.store(totals + NSUMS * row + column, 0.0)
+            tl.store(totals + SUM_NCOL * row + column, 0.0)
 
 
 def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
-    """(n_tensors, NSUMS) per-tensor sums of a norms pass's (n_chunks, NSUMS) partials (see tensor_totals_kernel)."""
+    """(n_tensors, SUM_NCOL) per-tensor sums of a norms pass's (n_chunks, SUM_NCOL) partials
+    (see tensor_totals_kernel)."""
     device = launch.table.device
     if not launch.n_chunks:  # only empty tensors: every norm is 0
         return torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=device)
@@ -238,7 +224,7 @@ def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
 
 
 def launch_sumsq(launch: Launch) -> Tensor:
-    """Run sumsq_kernel and its finalize; returns (n_tensors, NSUMS) per-tensor sums of w^2 and
+    """Run sumsq_kernel and its finalize; returns (n_tensors, SUM_NCOL) per-tensor sums of w^2 and
     g^2 (column U2 0)."""
     partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
     if launch.n_chunks:
