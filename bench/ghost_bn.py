@@ -1,6 +1,6 @@
 """Ghost BN forward+backward time at ResNet-50 activation shapes, every path side by side.
 
-    python bench/ghost_bn.py [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
+    python -m bench.ghost_bn [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
                              [--shapes CxHW ...] [--results DIR]
 
 Paths: `nn.BatchNorm2d` (plain BN over the whole batch: cuDNN on a GPU; the speed
@@ -26,7 +26,7 @@ from torch.utils.benchmark import Timer
 
 import fastlars
 from fastlars.nn.ghost_bn import ghost_batch_norm
-from optim_step import RESULTS, _version, copy_bandwidth, device_name, write_results
+from bench.optim_step import RESULTS, _version, copy_bandwidth, device_name, write_results
 
 # (channels, height/width) of ResNet-50's BatchNorm inputs
 RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]

@@ -1,6 +1,6 @@
 """Optimizer step time of every available backend, side by side in one run.
 
-    python bench/optim_step.py [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
+    python -m bench.optim_step [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
                                [--min-run-time 1.0] [--results DIR]
 
 Workloads: ResNet-50's parameter shapes (torchvision, no weights: 25.6M parameters
@@ -123,7 +123,7 @@ def make_optimizer(name: str, backend: str, params, kwargs):
 
         timm_cls = {"LARS": timm.optim.Lars, "LAMB": timm.optim.Lamb}[name]
         return timm_cls(groups_of(params), **kwargs)
-    return getattr(fastlars, name)(groups_of(params), backend=backend, **kwargs)
+    return fastlars.make_optimizer(name, groups_of(params), backend=backend, **kwargs)
 
 
 def captured_step(name: str, params, kwargs) -> torch.cuda.CUDAGraph:

@@ -69,10 +69,11 @@ def make_optimizer(kind: str, backend: str, model, global_batch: int):
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=scale_lr(0.1, global_batch), momentum=0.9,
                                weight_decay=5e-5, foreach=True)
-    groups = fastlars.param_groups(model, weight_decay=5e-5 if kind == "lars" else 0.01)
     if kind == "lars":
-        return fastlars.LARS(groups, lr=scale_lr(0.1, global_batch), momentum=0.9, backend=backend)
-    return fastlars.LAMB(groups, lr=scale_lr(1e-3, global_batch, rule="sqrt"), backend=backend)
+        return fastlars.make_optimizer("lars", model, weight_decay=5e-5, lr=scale_lr(0.1, global_batch), momentum=0.9,
+                                       backend=backend)
+    return fastlars.make_optimizer("lamb", model, weight_decay=0.01, lr=scale_lr(1e-3, global_batch, rule="sqrt"),
+                                   backend=backend)
 
 
 def sync(device) -> None:
