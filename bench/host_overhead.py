@@ -54,7 +54,7 @@ def run(steps: int) -> dict:
         for name, kwargs in OPTIMIZERS.items():
             for schedule in (False, True):
                 params = make_params(shapes, "cpu")
-                opt = getattr(fastlars, name)(groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
+                opt = fastlars.make_optimizer(name, groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
                 for _ in range(3):  # state, cached tables
                     opt.step()
                 start = time.perf_counter()

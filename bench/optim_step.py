@@ -86,7 +86,8 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 def groups_of(params):
-    """The usual two groups (docs/contract.md, "Which parameters adapt"): ndim <= 1 excluded from decay and trust ratio."""
+    """The usual two groups (docs/contract.md, "Which parameters adapt"): ndim <= 1
+    excluded from decay and trust ratio."""
     return [{"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "trust_ratio": False}]
 
@@ -130,7 +131,7 @@ def captured_step(name: str, params, kwargs) -> torch.cuda.CUDAGraph:
     """The triton step captured in a CUDA graph (capturable=True, a tensor lr): what a
     step costs without Python, the launch-bound case's real floor."""
     lr = torch.tensor(kwargs["lr"], device=params[0].device)
-    opt = getattr(fastlars, name)(groups_of(params), backend="triton", capturable=True, skip_nonfinite=True,
+    opt = fastlars.make_optimizer(name, groups_of(params), backend="triton", capturable=True, skip_nonfinite=True,
                                   **{**kwargs, "lr": lr})
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
