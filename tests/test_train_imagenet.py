@@ -2,8 +2,9 @@
 training and 12 validation images; resnet18 at 16px, global batch 8 so 3 steps per epoch,
 micro-batches of 4 or 2 so that accumulation runs): one process with evaluation, DDP and
 FSDP2 on 2 gloo ranks under torchrun, an interrupted run resumed equal to an uninterrupted
-one, an FSDP2 checkpoint of 2 ranks loaded on 1, synthetic data, the MLPerf preset's
-numbers, and each bad input rejected before training."""
+one, a worker killed under torchrun survived with the same result, an FSDP2 checkpoint of 2
+ranks loaded on 1, synthetic data, the MLPerf preset's numbers, the published default lrs, and
+each bad input rejected before training."""
 
 import importlib.util
 import json
@@ -216,6 +217,20 @@ def test_mlperf_preset(batch, run_batch, lr, epochs):
     assert (plan.label_smoothing, plan.eval_every, plan.target_top1) == (0.1, 4, 75.9)
 
 
+@pytest.mark.parametrize("lamb, batch, peak", [(False, 3264, 10.5), (False, 256, 10.5 * 256 / 3264),
+                                               (True, 32768, 0.04), (True, 256, 0.04 * math.sqrt(256 / 32768))])
+def test_default_lrs_are_the_published_ones(lamb, batch, peak):
+    """No lr flag, no preset: LARS peaks at NVIDIA's MLPerf lr (10.5 at batch 3264, linearly
+    scaled), LAMB at You et al.'s (0.04 at batch 32768, square-root scaled); resnet50."""
+    args = train_imagenet.parse_args(["--data", "synthetic", "--global-batch", str(batch), "--micro-batch", "32",
+                                      *(["--lamb"] if lamb else [])])
+    plan = train_imagenet.check_inputs(args, world=1)
+    assert args.model == "resnet50" and "default" in plan.recipe
+    _, schedule = train_imagenet.common.make_optimizer(args, torch.nn.Linear(2, 2), plan.epochs * plan.steps_per_epoch,
+                                                       plan.warmup_steps, **plan.optimizer_options)
+    assert schedule.base_lrs[0] == pytest.approx(peak)
+
+
 def bad_input(tmp_path, uninterrupted):
     """(name, setup(root) -> extra args, message) for each bad input."""
     folder = lambda root: make_folder(root, train=2, val=1)  # noqa: E731
@@ -261,6 +276,8 @@ def bad_input(tmp_path, uninterrupted):
         ("resume auto without a folder", lambda root: ["--data", "synthetic", "--resume", "auto"],
          "--resume auto needs --checkpoint-dir"),
         ("preset with LAMB", lambda root: ["--data", "synthetic", "--preset", "mlperf", "--lamb"], "drop --lamb"),
+        ("no dist timeout", lambda root: ["--data", "synthetic", "--dist-timeout", 0],
+         "--dist-timeout must be > 0 seconds, got 0.0"),
         ("warmup as long as training", lambda root: ["--data", "synthetic", "--warmup-epochs", 2],
          r"--warmup-epochs 2.0 \(20 steps\) must be >= 0 and shorter than --epochs 2 \(20 steps\)"),
     ]
