@@ -134,7 +134,7 @@ else
     # no toolkit in the dry run: the CPU kernels alone, as a machine without one builds them
     toolkit_env=(CUDA_HOME="$cuda_home")
     [ -z "$cuda_home" ] && toolkit_env=(FASTLARS_NO_CUDA=1)
-    stage build $limit_build env MAX_JOBS="$(nproc)" TORCH_CUDA_ARCH_LIST=9.0 "${toolkit_env[@]}" \
+    stage build $limit_build env MAX_JOBS="$(env -u OMP_NUM_THREADS nproc)" TORCH_CUDA_ARCH_LIST=9.0 "${toolkit_env[@]}" \
         "$PY" setup.py build_ext --inplace
 fi
 
