@@ -22,7 +22,8 @@
 #   bash bench/gpu_check.sh --dry-run OUTDIR   every stage on the CPU at toy sizes (tests under
 #                                              Triton's interpreter); CI runs it (tests/test_gpu_check.py)
 #   --build                                    with --dry-run: build even when the extension exists
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480; dry run 100, 500 with --build).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480; dry run 100, 500 with --build),
+# GPU_CHECK_STAGES (the stages to run, e.g. "facts tests"; default all).
 set -uo pipefail
 dry=0 build=0
 while [ $# -gt 1 ]; do
@@ -69,6 +70,11 @@ fi
 stage() {
     local name=$1 limit=$2 left began rc status
     shift 2
+    if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+        say "== $name: skipped, not in GPU_CHECK_STAGES"
+        printf '%s\tskipped\t\t0\tnot selected\n' "$name" >> "$scratch/stages.tsv"
+        return
+    fi
     left=$((budget - SECONDS))
     if [ "$left" -lt "$MIN_STAGE_S" ]; then
         say "== $name: skipped, budget spent (${SECONDS} s of ${budget} s used)"
