@@ -58,8 +58,9 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 test-compat: $(COMPAT_VENV)/.installed
 	@$(COMPAT_PYTHON) -c "import sys, torch, triton; print('compat stack: Python', sys.version.split()[0], \
 		'torch', torch.__version__, 'Triton', triton.__version__)"
-	PYTHON=$(COMPAT_PYTHON) bash bench/gpu_check.sh --dry-run --build $(COMPAT_VENV)/gpu_check
-	$(COMPAT_PYTHON) -m pytest -q $(COMPAT_TESTS)
+	PYTHON=$(COMPAT_PYTHON) bash bench/gpu_check.sh --dry-run --build $(COMPAT_VENV)/gpu_check; dry=$$?; \
+	$(COMPAT_PYTHON) -m pytest -q $(COMPAT_TESTS); tests=$$?; \
+	echo "test-compat: device check dry run exited $$dry, tests exited $$tests"; [ $$dry = 0 ] && [ $$tests = 0 ]
 
 bench: setup
 	$(PYTHON) -m fastlars.bench e2e
