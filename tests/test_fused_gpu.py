@@ -222,3 +222,114 @@ def test_parameters_on_a_second_gpu(backend, name, kwargs):
         assert opt.skipped_steps == oracle.skipped_steps == 1
         for p, q in zip(params, oracle_params):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# issue 17: faults found by reading the code against Triton 3.6 and torch 2.11
+
+HYPER = {"LARS": dict(momentum=0.9, trust_coefficient=0.02, weight_decay=1e-3), "LAMB": dict(weight_decay=0.01)}
+LR = {"LARS": 0.5, "LAMB": 1e-2}
+
+
+def _lr_schedule_run(name, backend, lr, steps=4, sync_check=False, stream_of=None):
+    """Three small parameters stepped with an lr halved after every step (in place for a
+    tensor lr); ``sync_check``: the steps after the first under torch's sync debug mode
+    "error" (any host synchronisation raises); ``stream_of(step)``: the stream of a step."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in ((33, 17), (129,), (1,))]
+    opt = getattr(fastlars, name)(params, lr=lr, backend=backend, skip_nonfinite=True, **HYPER[name])
+    for step in range(steps):
+        stream = stream_of(step) if stream_of else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            torch.cuda.set_sync_debug_mode("error" if sync_check and step > 0 else "default")
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if isinstance(lr, torch.Tensor):
+                lr.mul_(0.5)
+            else:
+                opt.param_groups[0]["lr"] *= 0.5
+        torch.cuda.current_stream().wait_stream(stream)
+    return params
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("lr_device", ["cuda", "cpu"])
+def test_a_tensor_lr_adds_no_host_sync(backend, name, lr_device):
+    """A tensor lr on the device is copied into the group table on the device (the cuda
+    backend read it with float(), one sync per launch); a CPU tensor lr with CUDA
+    parameters is read on the host (it was copied from pageable memory, a sync per group).
+    Either way the skipping-mode steps after the first synchronise nothing, and the
+    trajectory is the float lr's."""
+    got = _lr_schedule_run(name, backend, torch.tensor(LR[name], device=lr_device), sync_check=True)
+    expected = _lr_schedule_run(name, "reference", LR[name])
+    for p, q in zip(got, expected):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_capturable_refuses_a_cpu_tensor_lr_with_cuda_parameters():
+    if "triton" not in GPU_BACKENDS:
+        pytest.skip("needs triton")
+    params = [torch.nn.Parameter(torch.randn(3, device="cuda"))]
+    with pytest.raises(ValueError, match=r"lr in param_groups\[0\] is a tensor on cpu.*capturable=True"):
+        fastlars.LARS(params, lr=torch.tensor(0.1), backend="triton", capturable=True, skip_nonfinite=True)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_launch_tables_reused_from_another_stream(backend, name, monkeypatch):
+    """Steps alternate between the default stream and a side stream, with a launch cache of
+    one entry (every other step evicts): tables are recorded on the streams that use them,
+    and the trajectory is the reference's."""
+    from fastlars.ops import multi_tensor as mt
+
+    monkeypatch.setattr(mt.LaunchCache.__init__, "__defaults__", (1,))  # caches of one launch
+    side = torch.cuda.Stream()
+    streams = lambda step: side if step % 2 else torch.cuda.current_stream()
+    got = _lr_schedule_run(name, backend, LR[name], steps=6, stream_of=streams)
+    expected = _lr_schedule_run(name, "reference", LR[name], steps=6)
+    for p, q in zip(got, expected):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_subnormal_sums_of_squares_are_not_flushed(backend, name):
+    """Weights and gradients around 5e-20 have sums of squares below 2^-126 (subnormal in
+    fp32). The compiler's default sqrt/division flush them to 0, which made the norms 0 and
+    the trust ratio 1; IEEE-rounded ones keep them, as the reference does."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    runs = []
+    for b in (backend, "reference"):
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g) * 5e-20) for s in ((4,), (3, 2))]
+        opt = getattr(fastlars, name)(params, lr=LR[name], backend=b, **HYPER[name])
+        g.manual_seed(3)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g) * 5e-20
+            opt.step()
+        runs.append(params)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ghost_bn_on_a_second_gpu():
+    """A Triton Ghost BN module on cuda:1 while cuda:0 is current: forward and backward
+    launch on cuda:1 and match the reference backend."""
+    assert torch.cuda.current_device() == 0
+    x = torch.randn(8, 5, 6, 6, device="cuda:1")
+    results = []
+    for backend in ("triton", "reference"):
+        module = fastlars.GhostBatchNorm2d(5, virtual_batch_size=4, backend=backend).to("cuda:1")
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.square().sum().backward()
+        results.append((y, xi.grad, module.weight.grad, module.running_var))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

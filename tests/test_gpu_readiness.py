@@ -253,3 +253,111 @@ def test_a_float_lr_schedule_reuses_the_launch_tables(name, monkeypatch):
     assert opt._launch_cache.builds == builds
     for p, q in zip(params, oracle_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# issue 17: faults found by reading the code against Triton 3.6 and torch 2.11
+
+@pytest.mark.usefixtures("triton_interpreter")
+def test_ghost_bn_launches_are_guarded_with_the_input_device(monkeypatch):
+    """Ghost BN's Triton forward and backward launch inside tb.on_device(<the input's
+    device>), as the optimizer's launches do: Triton launches on the current CUDA device."""
+    import contextlib
+
+    from fastlars.ops import _tables, ghost_bn
+
+    current, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(_tables, "on_device", recording_guard)
+    for attr in ("ghost_bn_forward_kernel", "ghost_bn_backward_kernel"):
+        recorder = _Recorder(getattr(ghost_bn, attr), attr, [])
+        monkeypatch.setattr(ghost_bn, attr, recorder)
+    monkeypatch.setattr(_Recorder, "__getitem__", lambda self, grid: lambda *args, **kwargs: (
+        launches.append((self.name, list(current))), self.kernel[grid](*args, **kwargs)))
+    module = fastlars.GhostBatchNorm2d(3, virtual_batch_size=2, backend="triton")
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    module(x).square().sum().backward()
+    assert [name for name, _ in launches] == ["ghost_bn_forward_kernel", "ghost_bn_backward_kernel"]
+    assert all(guards == [x.device] for _, guards in launches)
+
+
+def test_a_tensor_lr_on_another_device_is_read_on_the_host():
+    """tb.group_table keeps a tensor lr on the bucket's device (copied on the device by the
+    drivers, no sync) and reads one on another device as a float: a CPU tensor lr with CUDA
+    parameters would otherwise be copied from pageable memory at every step (a sync, and a
+    copy a CUDA graph refuses). No CUDA tensor is needed to check the rule."""
+    from types import SimpleNamespace
+
+    from fastlars.ops import _tables as tb
+
+    lr = torch.tensor(0.25)
+    group = dict(lr=lr, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, trust_clip=False, trust_ratio=True,
+                 momentum=0.9, dampening=0.0, nesterov=False)
+    on_cpu = SimpleNamespace(group=group, device=torch.device("cpu"), params=[None])
+    on_cuda = SimpleNamespace(group=group, device=torch.device("cuda", 0), params=[None, None])
+    group_of, rows = tb.group_table([on_cpu, on_cuda], tb.lars_group_row)
+    assert group_of == [0, 1, 1]
+    assert rows[0][0] is lr
+    assert type(rows[1][0]) is float and rows[1][0] == 0.25
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_cpp_backend_copies_a_tensor_lr_into_its_table(name):
+    """backend='cpu' (and 'cuda', which shares the driver) with a tensor lr that a scheduler
+    changes in place: the kernels see each new value, as with the same lr given as floats."""
+    if "cpu" not in AVAILABLE:
+        pytest.skip("the C++ extension is not available")
+    runs = []
+    for as_tensor in (True, False):
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((6, 4), (9,), (1,))]
+        lr = torch.tensor(HYPER[name]["lr"]) if as_tensor else HYPER[name]["lr"]
+        opt = getattr(fastlars, name)(params, backend="cpu", **{**HYPER[name], "lr": lr})
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            if as_tensor:
+                lr.mul_(0.5)
+            else:
+                opt.param_groups[0]["lr"] *= 0.5
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_launch_tables_are_recorded_on_each_stream_that_uses_them(monkeypatch):
+    """A cached launch reused from another CUDA stream has its tables recorded on that
+    stream (record_stream), once per stream, so that evicting them cannot hand their memory
+    to the building stream under queued kernels; nothing is recorded for the building
+    stream, nor during a capture. Streams and tensors are stand-ins (no CUDA here)."""
+    from types import SimpleNamespace
+
+    from fastlars.ops import multi_tensor as mt
+    from fastlars.optim import _common
+
+    recorded = []
+    table = lambda name: SimpleNamespace(record_stream=lambda stream: recorded.append((name, stream)))
+    launch = mt.Launch(table("table"), table("chunks"), 1, table("groups"), torch.float32, torch.float32,
+                       torch.float32, False)
+    stream = ["default"]
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream[0])
+    monkeypatch.setattr(_common, "is_capturing", lambda device: capturing[0])
+    cache, cuda = mt.LaunchCache(), torch.device("cuda", 0)
+    assert cache.get("key", lambda: launch, cuda) is launch  # built on "default"
+    cache.get("key", lambda: None, cuda)
+    assert recorded == []
+    stream[0] = "side"
+    cache.get("key", lambda: None, cuda)
+    cache.get("key", lambda: None, cuda)
+    assert sorted(recorded) == [("chunks", "side"), ("groups", "side"), ("table", "side")]
+    stream[0], capturing[0] = "capture", True
+    cache.get("key", lambda: None, cuda)
+    assert len(recorded) == 3 and id(launch) in cache.pinned

@@ -700,6 +700,30 @@ def test_compiled_step_matches_eager(name, backend):
     assert_same(ref, got, ref_state, got_state)
 
 
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_compiled_step_in_skipping_mode(name):
+    """skip_nonfinite=True under torch.compile: the skip counter's first value is the one
+    optimizer attribute a step assigns, which torch 2.11's dynamo refuses to trace; a NaN
+    step is skipped and counted as in eager steps."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        params = make_params()
+        opt = getattr(fastlars, name)(groups_of(params), lr=0.05, backend="foreach", skip_nonfinite=True)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for s in range(3):
+                set_grads(params, 1, s)
+                if s == 1:
+                    params[0].grad[0] = float("nan")
+                step()
+        assert opt.skipped_steps == 1
+        results.append((params, opt.state))
+    (ref, ref_state), (got, got_state) = results
+    assert_same(ref, got, ref_state, got_state)
+
+
 @pytest.mark.parametrize("backend", [next(b for b in ("cpu", "foreach") if b in BACKENDS)])
 def test_compiled_step_with_inductor(backend):
     """The default torch.compile backend (inductor generates C++ for the traced part), on

@@ -92,6 +92,21 @@ def ptxas_report(kernel, arch: int) -> str:
     return f"registers {regs:>3}  spill stores {stores:>4} B  spill loads {loads:>4} B  stack {stack:>4} B"
 
 
+# Optimizer kernels: every sqrt and division IEEE-rounded (multi_tensor.sqrt_ieee). The
+# compiler's defaults (sqrt.approx.ftz, div.full) flush subnormals to 0, which made a
+# tensor with a sum of squares below 2^-126 read as norm 0 on a GPU; the interpreter
+# cannot show it, the PTX can.
+APPROXIMATE = re.compile(r"\b(?:sqrt|div|rcp|rsqrt)\.(?:approx|full)\.[\w.]+")
+OPTIMIZER_KERNELS = ("fastlars.ops.multi_tensor", "fastlars.ops.lars_step", "fastlars.ops.lamb_step")
+
+
+def approximate_math(fn, kernel) -> list[str]:
+    """The approximate sqrt/division instructions in an optimizer kernel's PTX (none allowed)."""
+    if fn.fn.__module__ not in OPTIMIZER_KERNELS:
+        return []
+    return sorted(set(APPROXIMATE.findall(kernel.asm["ptx"])))
+
+
 def describe(fn, signature, constexprs, options) -> str:
     dtypes = "/".join(v for k, v in signature.items() if k in ("x_ptr", "table"))
     flags = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
@@ -113,6 +128,8 @@ def main(argv=None) -> int:
         for arch in args.archs:
             kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             compiled += 1
+            approx = approximate_math(fn, kernel)
+            assert not approx, f"sm_{arch} {describe(fn, signature, constexprs, options)}: {approx}"
             if args.ptxas:
                 print(f"sm_{arch} {describe(fn, signature, constexprs, options)}: {ptxas_report(kernel, arch)}",
                       flush=True)

@@ -56,12 +56,17 @@ def names_of(buckets) -> list[str]:
     return [f"param_groups[{b.group_index}]['params'][{pos}]" for b in buckets for pos in b.positions]
 
 
-def group_table(buckets, row_of, keep_tensors: bool = False) -> tuple[list[int], list[list]]:
+def group_table(buckets, row_of) -> tuple[list[int], list[list]]:
     """Per-tensor group index, and one row of hyper-parameters (``row_of(group)``) per
-    bucket: floats, or with ``keep_tensors`` tensors (a tensor lr) left as they are."""
+    bucket: floats, except a tensor (a tensor lr) on the bucket's device, which is left as
+    it is for the drivers to copy on the device (set_group_rows): reading it as a float
+    would synchronise with the device at every step. A tensor on another device (a CPU
+    tensor lr with CUDA parameters) is read on the host instead: copying it to the device
+    would be a copy from pageable memory, which blocks, and which a CUDA graph cannot
+    capture (capturable=True refuses such an lr when the group is added)."""
     group_of, rows = [], []
     for gi, b in enumerate(buckets):
-        rows.append([x if keep_tensors and isinstance(x, Tensor) else float(x) for x in row_of(b.group)])
+        rows.append([x if isinstance(x, Tensor) and x.device == b.device else float(x) for x in row_of(b.group)])
         group_of.extend([gi] * len(b.params))
     return group_of, rows
 

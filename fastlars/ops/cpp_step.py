@@ -36,9 +36,20 @@ def _on_cuda(merged) -> bool:
 
 
 def _group_table(rows, merged):
-    """The group rows as a host table; pinned for CUDA, whose entry points copy it to the
-    device asynchronously (a copy from pageable memory would block the host)."""
-    return torch.tensor(rows, dtype=torch.float64, pin_memory=_on_cuda(merged))
+    """The group rows as a table for the entry points: on the host, pinned for CUDA (the
+    entry points copy it to the device asynchronously; a copy from pageable memory would
+    block the host). A tensor lr on the parameters' device (tb.group_table keeps it) is
+    copied into the table on the device, after the host rows: reading it as a float would
+    synchronise with the device at every step."""
+    host = torch.tensor([[0.0 if isinstance(x, torch.Tensor) else x for x in row] for row in rows],
+                        dtype=torch.float64, pin_memory=_on_cuda(merged))
+    on_device = [(i, j, x) for i, row in enumerate(rows) for j, x in enumerate(row) if isinstance(x, torch.Tensor)]
+    if not on_device:
+        return host
+    table = host.to(merged[0].device, non_blocking=True)  # the entry points take it as it is
+    for i, j, x in on_device:
+        table[i, j].copy_(x.reshape(()))
+    return table
 
 
 def _sumsq(weights, grads):
@@ -57,7 +68,7 @@ def lars_norms(opt, buckets, inv_scale):
     return contexts, [c.partials for c in contexts]
 
 
-def lars_update(opt, contexts, inv_scale, ok) -> None:
+def lars_update(opt, contexts, inv_scale, ok, creating_state: bool) -> None:
     if ok is not None and not ok.is_cuda and not bool(ok):
         return
     for ctx in contexts:
@@ -106,7 +117,7 @@ def lamb_norms(opt, buckets, inv_scale):
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
-def lamb_update(opt, norms, inv_scale, ok) -> None:
+def lamb_update(opt, norms, inv_scale, ok, creating_state: bool) -> None:
     if ok is not None and not ok.is_cuda and not bool(ok):
         return
     contexts, global_norm = norms

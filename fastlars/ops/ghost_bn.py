@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _tables as tb
 from .multi_tensor import TL_DTYPES, cast_rne
 
 ONE_PASS_MAX = 8192  # values per (ghost, channel) kept in registers for the one-pass kernels
@@ -207,11 +208,12 @@ class GhostBatchNormTriton(torch.autograd.Function):
         mean = torch.empty(len(sizes), C, dtype=acc, device=x.device)
         var = torch.empty_like(mean)
         vbs = sizes[0]
-        ghost_bn_forward_kernel[grid](
-            x, y, weight if weight is not None else x, bias if bias is not None else x, mean, var,
-            N, C, S, vbs, len(sizes), eps, *_strides(x), *_strides(y),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=TL_DTYPES[acc],
-            ONE_PASS=one_pass, BLOCK=block, num_warps=num_warps_for(block))
+        with tb.on_device(x.device):  # Triton launches on the current device, not x's
+            ghost_bn_forward_kernel[grid](
+                x, y, weight if weight is not None else x, bias if bias is not None else x, mean, var,
+                N, C, S, vbs, len(sizes), eps, *_strides(x), *_strides(y),
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, ACC=TL_DTYPES[acc],
+                ONE_PASS=one_pass, BLOCK=block, num_warps=num_warps_for(block))
         ctx.save_for_backward(x, weight, mean, var)
         ctx.sizes, ctx.eps = sizes, eps
         ctx.mark_non_differentiable(mean, var)
@@ -227,11 +229,12 @@ class GhostBatchNormTriton(torch.autograd.Function):
         dx = torch.empty_like(x)
         dw = torch.empty_like(mean)
         db = torch.empty_like(mean)
-        ghost_bn_backward_kernel[grid](
-            x, dy, dx, weight if weight is not None else x, mean, var, dw, db,
-            N, C, S, sizes[0], len(sizes), ctx.eps, *_strides(x), *_strides(dy), *_strides(dx),
-            HAS_WEIGHT=weight is not None, ACC=TL_DTYPES[mean.dtype], ONE_PASS=one_pass, BLOCK=block,
-            num_warps=num_warps_for(block))
+        with tb.on_device(x.device):
+            ghost_bn_backward_kernel[grid](
+                x, dy, dx, weight if weight is not None else x, mean, var, dw, db,
+                N, C, S, sizes[0], len(sizes), ctx.eps, *_strides(x), *_strides(dy), *_strides(dx),
+                HAS_WEIGHT=weight is not None, ACC=TL_DTYPES[mean.dtype], ONE_PASS=one_pass, BLOCK=block,
+                num_warps=num_warps_for(block))
         grad_w = dw.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = db.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None

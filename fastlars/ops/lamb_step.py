@@ -53,11 +53,14 @@ def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl
 
 
 @triton.jit
-def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay):
-    """New moments and the update direction u (fastlars.optim.lamb, per element)."""
+def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay,
+                    ACC: tl.constexpr):
+    """New moments and the update direction u (fastlars.optim.lamb, per element), with
+    IEEE-rounded sqrt and division as torch computes them (mt.sqrt_ieee: a subnormal v
+    would otherwise be flushed to 0)."""
     m = beta1 * m + beta3 * g
     v = beta2 * v + one_minus_beta2 * (g * g)
-    u = (m / bc1) / (tl.sqrt(v / bc2) + eps) + weight_decay * w
+    u = mt.div_ieee(mt.div_ieee(m, bc1, ACC), mt.sqrt_ieee(mt.div_ieee(v, bc2, ACC), ACC) + eps, ACC) + weight_decay * w
     return m, v, u
 
 
@@ -69,7 +72,7 @@ def _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, idx, numel, acc_w, acc_g, acc_
     m = mt.load_block(m_ptr, idx, numel, MASKED)
     v = mt.load_block(v_ptr, idx, numel, MASKED)
     _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps,
-                              weight_decay)
+                              weight_decay, ACC)
     if MASKED:
         u = tl.where(idx < numel, u, 0.0)
     return acc_w + w * w, acc_g + g * g, acc_u + u * u
@@ -115,7 +118,7 @@ def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, grad_f
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * grad_factor
     m = mt.load_block(m_ptr, idx, numel, MASKED)
     v = mt.load_block(v_ptr, idx, numel, MASKED)
-    m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay)
+    m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC)
     mt.store_block(m_ptr, idx, m, numel, MASKED)
     mt.store_block(v_ptr, idx, v, numel, MASKED)
     w = w - lr * (ratio * u)
@@ -144,9 +147,10 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
     adapt = tl.load(hp + 12)
 
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1's per-tensor totals
-    w_norm = tl.sqrt(tl.load(totals + 3 * row))
-    u_norm = tl.sqrt(tl.load(totals + 3 * row + 2))
-    ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
+    # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
+    w_norm = mt.sqrt_ieee(tl.load(totals + 3 * row), ACC)
+    u_norm = mt.sqrt_ieee(tl.load(totals + 3 * row + 2), ACC)
+    ratio = tl.where((w_norm > 0) & (u_norm > 0), mt.div_ieee(w_norm, tl.where(u_norm > 0, u_norm, 1.0), ACC), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
 
@@ -175,7 +179,7 @@ class _Prepared:
         validate = None
         if not for_update:
             validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param",), moments[:2])
-        group_of, rows = tb.group_table(merged, tb.lamb_group_row, keep_tensors=True)
+        group_of, rows = tb.group_table(merged, tb.lamb_group_row)
         self.launch = mt.build_launch(weights, params, grads, *moments, group_of, [False] * len(params), rows,
                                       merged[0].compute_dtype, mt.launch_cache(opt), validate)
         self.keep_alive = (grads, weights, moments)  # the table holds raw pointers to these
@@ -211,13 +215,13 @@ def lamb_norms(opt, buckets, inv_scale):
     return (contexts, global_norm), [c.partials for c in contexts]
 
 
-def lamb_update(opt, norms, inv_scale, ok) -> None:
+def lamb_update(opt, norms, inv_scale, ok, creating_state: bool) -> None:
     """Launch 2 for every (device, dtype), then the step counters."""
     contexts, global_norm = norms
     for ctx in contexts:
         # the norms pass's tables, unless this step created the moments or master weights;
         # `prepared` keeps alive what the new tables point to until the kernel has run
-        prepared = _Prepared(opt, ctx.buckets, for_update=True) if opt._creating_state else ctx
+        prepared = _Prepared(opt, ctx.buckets, for_update=True) if creating_state else ctx
         launch = prepared.launch
         device = launch.table.device
         if launch.n_chunks:
@@ -233,5 +237,5 @@ def lamb_update(opt, norms, inv_scale, ok) -> None:
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in tb.flat(ctx.buckets, "states")]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))
-        if opt.capturable and opt._creating_state:
+        if opt.capturable and creating_state:
             _Prepared(opt, ctx.buckets, for_update=False)  # the next step's tables: "one eager step, then capture"

@@ -67,13 +67,14 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
     # whole-tensor norms: launch 1's per-tensor totals
-    w_norm = tl.sqrt(tl.load(totals + 3 * row))
-    g_norm = tl.sqrt(tl.load(totals + 3 * row + 1)) * inv_scale
+    # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
+    w_norm = mt.sqrt_ieee(tl.load(totals + 3 * row), ACC)
+    g_norm = mt.sqrt_ieee(tl.load(totals + 3 * row + 1), ACC) * inv_scale
 
     # trust ratio: fastlars.optim.lars.lars_trust_ratio
-    ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
+    ratio = mt.div_ieee(eta * w_norm, g_norm + weight_decay * w_norm + eps, ACC)
     ratio = tl.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
-    clipped = tl.where(lr > 0, tl.minimum(ratio / lr, 1.0), 1.0)
+    clipped = tl.where(lr > 0, tl.minimum(mt.div_ieee(ratio, tl.where(lr > 0, lr, 1.0), ACC), 1.0), 1.0)
     ratio = tl.where(trust_clip != 0, clipped, ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
 
@@ -94,7 +95,7 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
 
 def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
     n = len(params)
-    group_of, rows = tb.group_table(merged, tb.lars_group_row, keep_tensors=True)
+    group_of, rows = tb.group_table(merged, tb.lars_group_row)
     return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
                            merged[0].compute_dtype, mt.launch_cache(opt), validate)
 
@@ -120,11 +121,11 @@ def lars_norms(opt, buckets, inv_scale):
     return contexts, [c.partials[:, :2] for c in contexts]
 
 
-def lars_update(opt, contexts, inv_scale, ok) -> None:
+def lars_update(opt, contexts, inv_scale, ok, creating_state: bool) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
         launch = ctx.launch
-        if opt._creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
+        if creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
             params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
             bufs, first = tb.lars_buffers(ctx.buckets)
             launch = _launch(opt, ctx.buckets, params, grads, weights, bufs, first)

@@ -13,7 +13,7 @@ tensor.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -54,6 +54,25 @@ class Launch:
     n_tensors: int = 0
     aligned: bool = False  # every pointer of the table is 16-B aligned (kernels hint it: vector loads)
     group_values: tuple | None = None  # the float rows `groups` holds (host copy of the last upload)
+    streams: set = field(default_factory=set)  # CUDA streams the tables are recorded on (used_on_current_stream)
+
+
+def used_on_current_stream(launch: Launch, device: torch.device) -> None:
+    """Tell the caching allocator that the launch's tables are used on the current stream.
+
+    Tables are allocated on the stream that built them; a step that reuses them from
+    another stream (a side stream, a second training loop) queues kernels that read them
+    there. Without record_stream, freeing them (evicted from the cache) would let the
+    allocator hand their memory to the building stream while those kernels are still
+    queued. Recorded once per stream; not during a capture (a launch a graph reads is
+    pinned, never freed).
+    """
+    stream = torch.cuda.current_stream(device)
+    if stream not in launch.streams:
+        if launch.streams:  # the building stream needs no record: the tables were allocated there
+            for t in (launch.table, launch.chunks, launch.groups):
+                t.record_stream(stream)
+        launch.streams.add(stream)
 
 
 class LaunchCache:
@@ -95,6 +114,8 @@ class LaunchCache:
                 self._recent.popitem(last=False)
         if capturing:
             self.pinned[id(launch)] = launch
+        elif device.type == "cuda":
+            used_on_current_stream(launch, device)
         return launch
 
 
@@ -242,6 +263,33 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     start = tl.multiple_of(tl.load(chunks + 2 * chunk + 1), CHUNK)
     return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
             tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+
+
+@triton.jit
+def sqrt_ieee(x, ACC: tl.constexpr):
+    """sqrt(x) rounded as IEEE 754 (and torch) rounds it, subnormals kept.
+
+    tl.sqrt of fp32 compiles to sqrt.approx.ftz.f32: it flushes a subnormal input to 0, so
+    a tensor whose sum of squares is below 2^-126 (values around 1e-20) would read as norm
+    0 and fall into the zero-norm rule. fp64 is already exact (sqrt.rn.f64). The
+    interpreter computes both with numpy: only a GPU shows the difference.
+    """
+    if ACC == tl.float32:
+        y = tl.sqrt_rn(x)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def div_ieee(x, y, ACC: tl.constexpr):
+    """x / y rounded as IEEE 754: fp32 ``/`` compiles to div.full.f32 (2 ulp, subnormals
+    flushed); see sqrt_ieee."""
+    if ACC == tl.float32:
+        q = tl.div_rn(x, y)
+    else:
+        q = x / y
+    return q
 
 
 @triton.jit

@@ -279,7 +279,6 @@ class TrustRatioOptimizer(Optimizer):
     # found no `_mesh` when step() had created it (issue 14, fault 7); step() now assigns
     # no attribute on a plain step, and these exist before any step does.
     _mesh = None  # the device mesh of sharded parameters (see _sharded.py); None: none
-    _creating_state = True  # set by the gate: whether this step creates state (fused drivers rebuild tables)
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool,
                  skip_nonfinite: bool, capturable: bool = False, foreach: bool | None = None,
@@ -382,6 +381,14 @@ class TrustRatioOptimizer(Optimizer):
     def _check_lr(self, group: dict[str, Any], where: str, in_step: bool) -> None:
         """lr: a number, or a one-element tensor (which a scheduler may update in place)."""
         lr = group["lr"]
+        if self.capturable and isinstance(lr, Tensor):
+            params = group.get("params") or ()
+            device = params[0].device if params else None
+            if device is not None and device.type != "meta" and lr.device != device:
+                raise ValueError(f"lr{where} is a tensor on {lr.device} but the parameters are on {device}: "
+                                 "capturable=True needs a tensor lr on the parameters' device (a captured graph "
+                                 "cannot copy from host memory); a float lr, or a tensor lr without capturable, "
+                                 "is read on the host")
         if isinstance(lr, Tensor) and lr.device.type != "cpu" and in_step:
             # range-checked when the group was added; reading it at every step would synchronise
             if lr.numel() != 1 or not lr.is_floating_point():
@@ -506,14 +513,17 @@ class TrustRatioOptimizer(Optimizer):
             norms, checks = self._fused("norms", buckets, inv_scale)
         else:
             norms, checks = self._norms_phase(buckets, inv_scale)
-        ok = self._gate(buckets, checks, found_inf)
+        # a local, not an attribute: the step assigns no optimizer attribute, which
+        # torch.compile of torch 2.11 refuses to trace ("Attempted setattr on a user-defined object")
+        creating_state = self._creates_state(buckets)
+        ok = self._gate(buckets, checks, found_inf, creating_state)
         if ok is False:
             return loss
         self._init_state(buckets)
         for b in buckets:
             b.weights = b.params if fused else self._compute_weights(b)
         if fused:
-            self._fused("update", norms, inv_scale, ok)
+            self._fused("update", norms, inv_scale, ok, creating_state)
         else:
             self._update(buckets, norms, inv_scale, ok)
             for b in buckets:
@@ -572,15 +582,14 @@ class TrustRatioOptimizer(Optimizer):
             return [g_norm]
         return [g_norm, norms(self._weights_for_norm(b))]
 
-    def _gate(self, buckets: list[Bucket], checks: list[Tensor],
-              found_inf: Tensor | None) -> Tensor | bool | None:
-        """Decide whether this step happens.
+    def _gate(self, buckets: list[Bucket], checks: list[Tensor], found_inf: Tensor | None,
+              creating_state: bool) -> Tensor | bool | None:
+        """Decide whether this step happens (``creating_state``: whether it creates state).
 
         Returns None (go ahead unconditionally), False (skipped), or a 0-d bool
         tensor on the first bucket's device that the update applies on the device.
         """
         device = buckets[0].device
-        self._creating_state = self._creates_state(buckets)
         ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all()
         if found_inf is not None:
             ok = ok & (found_inf.to(device) == 0)
@@ -588,14 +597,14 @@ class TrustRatioOptimizer(Optimizer):
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)
             return None
-        if self._creating_state and is_capturing(device):
+        if creating_state and is_capturing(device):
             raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA graph but some "
                                "parameters have no state yet: take one eager step before capturing "
                                "(the first step creates the state)")
         # counted on the device from the first step on: the counter is then a device
         # tensor that a captured graph adds to in place at every replay
         self._count_skip((~ok).to(torch.int64))
-        if self._creating_state:
+        if creating_state:
             # Creating state (a momentum buffer, master weights) depends on whether
             # the step happens, so the first step of a parameter reads the flag.
             if not bool(ok):
@@ -605,6 +614,10 @@ class TrustRatioOptimizer(Optimizer):
             return ok if self.capturable else None
         return ok
 
+    # the one attribute a step may assign (the counter's first value, or a move to another
+    # device): run eagerly under torch.compile, whose torch 2.11 refuses to trace a setattr
+    # on the optimizer; later steps add to the device counter in place
+    @torch._disable_dynamo
     def _count_skip(self, skipped: Tensor) -> None:
         counter = self._skipped_steps
         if isinstance(counter, Tensor) and counter.device == skipped.device:
