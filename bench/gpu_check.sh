@@ -129,7 +129,7 @@ print(json.dumps(facts, indent=2))
 PY
 
 # 2. the extension, built in place for sm_90 only (no pip, so no network and no build isolation);
-# this Python's own build (another Python's or torch's .so beside it does not count)
+# this Python's own build (another Python's .so beside it does not count)
 so=fastlars/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 if [ $dry = 1 ] && [ $build = 0 ] && [ -e "$so" ]; then
     say "== build: skipped in the dry run, the extension is already built ($so; --build builds anyway)"
