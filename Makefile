@@ -31,7 +31,7 @@ COMPAT_TORCH  ?= torch==2.11.0 torchvision==0.26.0
 COMPAT_TESTS  ?= tests/test_torch_conformance.py tests/test_optim_backends.py tests/test_ghost_bn.py \
                  tests/test_capturable.py tests/test_gpu_readiness.py tests/test_triton_compile.py
 
-.PHONY: setup test test-compat bench bench-optim bench-ghost-bn bench-distributed demo study clean
+.PHONY: setup setup-compat test test-compat bench bench-optim bench-ghost-bn bench-distributed demo study clean
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,8 @@ $(COMPAT_VENV)/.installed: pyproject.toml setup.py
 	$(COMPAT_PYTHON) -m pip install --quiet $(COMPAT_TORCH)
 	FASTLARS_NO_EXTENSION=1 $(COMPAT_PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@
+
+setup-compat: $(COMPAT_VENV)/.installed
 
 test-compat: $(COMPAT_VENV)/.installed
 	@$(COMPAT_PYTHON) -c "import sys, torch, triton; print('compat stack: Python', sys.version.split()[0], \
