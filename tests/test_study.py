@@ -348,7 +348,7 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     assert cells[("goyal", 16)]["same_as"] == "sgd@16" and cells[("goyal", 128)]["same_as"] is None
     assert cells[("goyal", 16)]["lr"] == cells[("sgd", 16)]["lr"] and cells[("goyal", 16)]["wall_s"] == 0
     assert "test_acc" in cells[("sgd", 128)] and len(cells[("sgd", 128)]["test_acc_ci"]) == 2
-    assert results["invocation_wall_s"] > 0 and len(results["loadavg_start"]) == 3
+    assert results["invocation_wall_s"] > 0 and results["cpu_s"] > 0 and len(results["loadavg_start"]) == 3
     assert results["verdicts"]
     second = main(args)  # resumes: every run comes from the cache
     assert second["trained"] == 0
@@ -358,9 +358,12 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)
     monkeypatch.setattr(cli, "load_data", lambda *a, **k: pytest.fail("--report-only loaded the data"))
-    (out / "results.json").unlink()
+    trained_wall = json.loads((out / "results.json").read_text())["invocation_wall_s"]
     third = main(args + ["--report-only"])
-    assert third["trained"] == 0 and (out / "results.json").exists()
+    assert third["trained"] == 0
+    rebuilt = json.loads((out / "results.json").read_text())
+    # the training invocation's wall time stays; the report's own is added
+    assert rebuilt["invocation_wall_s"] == trained_wall and rebuilt["report_only_wall_s"] > 0
     assert [c["lr"] for c in third["summary"]["cells"]] == [c["lr"] for c in first["summary"]["cells"]]
     monkeypatch.undo()
     capsys.readouterr()

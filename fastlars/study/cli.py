@@ -6,6 +6,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import resource
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -156,20 +157,32 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - start
     (out / "results.md").write_text(f"# Large-batch study: {title}\n\n{table}")
     records = [r for r in cache.values() if r["key"] in summary["run_keys"]]
-    # this invocation's wall time (a --report-only or resumed one trains little), and the runs' own
-    (out / "results.json").write_text(json.dumps({
-        "config": cfg, "plan": {**vars(plan), "caps": {b: plan.cap(b) for b in cfg["batches"]}},
-        "invocation_wall_s": wall, "runs_trained_by_invocation": trained,
-        "sum_of_run_wall_s": sum(r["wall_s"] for r in records), "cpu_count": os.cpu_count(),
-        # the machine is shared: the load average (1, 5, 15 min) when this invocation started and ended
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), **summary.get("json", {}),
+    # The invocation that trained: its wall time, CPU time (this process and its workers) and the load
+    # average (1, 5, 15 min) at its start and end, the machine being shared. A --report-only invocation
+    # keeps the training invocation's figures and adds its own wall time.
+    invocation = {"invocation_wall_s": wall, "runs_trained_by_invocation": trained, "cpu_s": _cpu_seconds(),
+                  "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+    previous_path = out / "results.json"
+    if args.report_only and previous_path.exists():
+        previous = json.loads(previous_path.read_text())
+        invocation = {k: previous[k] for k in invocation if k in previous}
+        invocation["report_only_wall_s"] = wall
+    previous_path.write_text(json.dumps({
+        "config": cfg, "plan": {**vars(plan), "caps": {b: plan.cap(b) for b in cfg["batches"]}}, **invocation,
+        "sum_of_run_wall_s": sum(r["wall_s"] for r in records), **summary.get("json", {}),
         "cells": summary["cells"]}, indent=1, default=str))
     print(table)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in paths))
     missing = sum(c["pending"] for c in summary["cells"])
-    print(f"wall time {wall:.0f} s ({trained} runs trained, {missing} cells incomplete), "
-          f"load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(f"wall time {wall:.0f} s, CPU time {_cpu_seconds():.0f} s ({trained} runs trained, {missing} cells "
+          f"incomplete), load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     return {"summary": summary, "trained": trained, "wall_s": wall}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished worker processes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _train(cells, plan: StudyPlan, cache: dict, cache_path: Path, data: dict, cfg: dict, progress: bool) -> int:

@@ -30,20 +30,25 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Difference of means a - b with its 95 % Welch interval."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a.mean() - b.mean()
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, dof) * se
+    return diff, diff - half, diff + half
+
+
 def steps_ratio(a: list[float | None], b: list[float | None]) -> tuple[float, float, float] | None:
     """Geometric-mean steps of ``a`` over ``b`` with a 95 % Welch interval over seeds (on log
     steps); None when a seed of either did not reach the target."""
-    if not a or not b or any(s is None for s in a + b):
+    if len(a) < 2 or len(b) < 2 or any(s is None for s in a + b):
         return None
-    la, lb = np.log(a), np.log(b)
-    diff = la.mean() - lb.mean()
-    va, vb = la.var(ddof=1) / len(la), lb.var(ddof=1) / len(lb)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return math.exp(diff), math.exp(diff), math.exp(diff)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(la) - 1) + vb ** 2 / (len(lb) - 1))
-    half = stats.t.ppf(0.975, dof) * se
-    return math.exp(diff), math.exp(diff - half), math.exp(diff + half)
+    return tuple(math.exp(v) for v in welch(np.log(a), np.log(b)))
 
 
 def _median(values: list[float | None]) -> float:
@@ -115,9 +120,8 @@ def _cell(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
                           for k, o in sorted(state["outcomes"].items())],
             "updates_trained": sum(r["updates"] for r in runs), "wall_s": sum(r["wall_s"] for r in runs),
             "run_keys": [r["key"] for r in runs]}
-    if "best_k" not in state or "seed_steps" not in state:  # the search is not finished
-        cell.update(lr=None, edge_limit="search unfinished", diverged_above=False, steps_to_target=None,
-                    seed_steps=None)
+    if state["pending"] is not None and state["pending"].early_stop:  # the search or its last seeds unfinished
+        cell.update(lr=None, edge_limit=None, diverged_above=False, steps_to_target=None, seed_steps=None)
         return cell
     seed_steps = state["seed_steps"]
     cell.update(lr=state["lr"], edge_limit=state["edge_limit"], diverged_above=state["diverged_above"],
@@ -132,7 +136,7 @@ def _cell(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
         cell.update(epochs=plan.epochs, epoch_steps=epoch["updates"], test_acc=test[0], test_acc_ci=list(test[1:]),
                     val_acc=statistics.mean(m["final_val"] for m in ms),
                     epoch_steps_to_target=_none_inf(_median([m["steps_to_target"] for m in ms])),
-                    sharpness=mean_ci(sharp) if sharp else None,
+                    sharpness=mean_ci(sharp) if sharp else None, sharpness_values=sharp,
                     b_simple=statistics.median(b_simple) if b_simple else None,
                     b_simple_end=statistics.median(m["b_simple"] for m in ms) if b_simple else None)
     return cell
@@ -275,15 +279,14 @@ def _verdicts(summary: dict) -> list[dict]:
     if "goyal" in recipes:
         ends = [b for b in plan.epoch_batches]
         a, z = (cells.get(("goyal", ends[0])), cells.get(("goyal", ends[-1]))) if ends else (None, None)
-        if a and z and a.get("sharpness") and z.get("sharpness") and len(ends) > 1:
-            ci = stats.ttest_ind([1.0], [1.0]) if False else None  # noqa: F841 (interval below, Welch on means)
+        if a and z and len(a.get("sharpness_values") or []) > 1 and len(z.get("sharpness_values") or []) > 1:
+            d = welch(z["sharpness_values"], a["sharpness_values"])
             ma, mz = a["sharpness"], z["sharpness"]
             out.append({"paper": "Keskar et al. 2017",
                         "claim": "large batches end at sharper minima (fixed-epoch runs, top Hessian eigenvalue)",
-                        "effect": f"goyal, {plan.epochs} epochs: {ma[0]:.1f} [{ma[1]:.1f}, {ma[2]:.1f}] at "
-                                  f"{ends[0]}, {mz[0]:.1f} [{mz[1]:.1f}, {mz[2]:.1f}] at {ends[-1]}",
-                        "verdict": "reproduced" if mz[1] > ma[2] else ("not reproduced" if mz[2] < ma[1] else
-                                                                      "partly (intervals overlap)")})
+                        "effect": f"goyal, {plan.epochs} epochs: {ma[0]:.1f} at {ends[0]}, {mz[0]:.1f} at {ends[-1]}; "
+                                  f"difference {d[0]:.1f} [{d[1]:.1f}, {d[2]:.1f}]",
+                        "verdict": _word([_side(d, 0.0)])})
     for paper, recipe in (("Hoffer et al. 2017", "gbn_longer"), ("Smith et al. 2018", "ramp"),
                           ("Yao et al. 2018", "abs")):
         if recipe not in recipes:
@@ -297,10 +300,17 @@ def _verdicts(summary: dict) -> list[dict]:
 
 
 def _fmt_steps(c: dict) -> str:
-    if c["pending"] and c["lr"] is None:
+    if c["lr"] is None:
         return "unfinished"
     return f"not reached by the cap of {c['step_cap']}" if c["steps_to_target"] is None else \
         f"{c['steps_to_target']:.0f}"
+
+
+def _fmt_cell(c: dict) -> str:
+    text = _fmt_steps(c) + ("" if c["lr"] is None else f" @ {c['lr']:.3g}")
+    if c["edge_limit"]:
+        text += f" (edge: {c['edge_limit']})"
+    return text + (f" (= {c['same_as']})" if c["same_as"] else "")
 
 
 def markdown(summary: dict) -> str:
@@ -308,29 +318,28 @@ def markdown(summary: dict) -> str:
     cells = summary["cells"]
     batches = sorted({c["batch"] for c in cells})
     names = list(dict.fromkeys(c["recipe"] for c in cells))
-    lines = [f"Steps to {plan.target:.0%} validation accuracy (median over {len(plan.seeds)} seeds at the lr "
-             "that minimises it; '= x@b': the same run as that cell). Batch (ImageNet equivalent by share of "
-             "the training set per step) and step cap:", "",
+    lines = [f"Steps to {plan.target:.0%} validation accuracy, median over {len(plan.seeds)} seeds, at the peak "
+             "lr that minimises it (after '@'; every chosen lr is interior to the lrs tried unless marked "
+             "'edge: why'); '= x@b': the same run as that cell. Header: batch (ImageNet batch with the same "
+             "share of the training set per step) and step cap:", "",
              "| recipe | " + " | ".join(f"{b} (~{round(b * IMAGENET_TRAIN / plan.n_train / 1024)}K), cap "
                                        f"{plan.cap(b)}" for b in batches) + " |",
              "| --- |" + " ---: |" * len(batches)]
     for name in names:
         row = {c["batch"]: c for c in cells if c["recipe"] == name}
-        lines.append(f"| {name} | " + " | ".join(
-            (_fmt_steps(row[b]) + (f" (= {row[b]['same_as']})" if row[b]["same_as"] else "")) if b in row else ""
-            for b in batches) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt_cell(row[b]) if b in row else "" for b in batches) + " |")
     lines += ["", "Every cell's search (lrs tried, x2 then x√2 apart; the chosen one in bold; edge: why an edge "
               "choice is a hard limit; 'diverged above': the next lr up diverged on every seed):", "",
               "| recipe | batch | same as | lrs tried (median steps; '-': not reached) | lr | edge | steps | "
               "seeds reached | wall s |", "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for c in cells:
-        tried = ", ".join(("**" if t["lr"] == c["lr"] else "") + f"{t['lr']:g}" + ("**" if t["lr"] == c["lr"] else "")
+        tried = ", ".join(("**" if t["lr"] == c["lr"] else "") + f"{t['lr']:.3g}" + ("**" if t["lr"] == c["lr"] else "")
                           + f" ({t['median_steps']:.0f})" if t["median_steps"] is not None else
-                          f"{t['lr']:g} (-{', div' if t['diverged'] else ''})" for t in c["lrs_tried"])
+                          f"{t['lr']:.3g} (-{', diverged' if t['diverged'] else ''})" for t in c["lrs_tried"])
         reached = "" if c["seed_steps"] is None else f"{sum(s is not None for s in c['seed_steps'])}/{len(c['seed_steps'])}"
         edge = c["edge_limit"] or ("interior, diverged above" if c["diverged_above"] else "interior")
         lines.append(f"| {c['recipe']} | {c['batch']} | {c['same_as'] or ''} | {tried if not c['same_as'] else ''} "
-                     f"| {c['lr'] if c['lr'] is not None else '-'} | {edge} | {_fmt_steps(c)} | {reached} "
+                     f"| {'-' if c['lr'] is None else format(c['lr'], '.3g')} | {edge} | {_fmt_steps(c)} | {reached} "
                      f"| {c['wall_s']:.0f} |")
     lines += ["", f"Critical batch (samples to the target reach {CRITICAL_FACTOR:g}x the smallest batch's, "
               "interpolated on log-log axes; 95 % interval from resampling seeds):", ""]
@@ -382,8 +391,12 @@ def figures(summary: dict, out: Path, title: str) -> list[Path]:
     for n in names:
         cs = [c for c in cells if c["recipe"] == n]
         done = [c for c in cs if c["steps_to_target"] is not None]
-        ax.plot([c["batch"] for c in done], [c["steps_to_target"] for c in done], color=colors[n],
-                marker=markers[n], label=n)
+        spread = [sorted(v for v in c["seed_steps"] if v is not None) for c in done]
+        if done:
+            ax.errorbar([c["batch"] for c in done], [c["steps_to_target"] for c in done], color=colors[n],
+                        marker=markers[n], capsize=2, elinewidth=0.8, label=f"{n} (bars: seeds' min-max)",
+                        yerr=[[c["steps_to_target"] - v[0] for c, v in zip(done, spread)],
+                              [v[-1] - c["steps_to_target"] for c, v in zip(done, spread)]])
         missed = [c for c in cs if c["steps_to_target"] is None and c["lr"] is not None]
         if missed:
             ax.scatter([c["batch"] for c in missed], [c["step_cap"] for c in missed], marker=markers[n],
@@ -392,12 +405,16 @@ def figures(summary: dict, out: Path, title: str) -> list[Path]:
         crit = summary["critical"].get(n, {})
         if crit.get("critical_batch"):
             ax.axvline(crit["critical_batch"], color=colors[n], ls=":", lw=1.5,
-                       label=f"{n} critical batch ≈ {crit['critical_batch']:.0f}")
+                       label=f"{n} critical batch ≈ {crit['critical_batch']:.0f} (band: 95 % interval)")
+            if isinstance(crit["lo"], float) and isinstance(crit["hi"], float):
+                ax.axvspan(crit["lo"], crit["hi"], color=colors[n], alpha=0.08)
     first = next((c for c in cells if c["batch"] == batches[0] and c["steps_to_target"] is not None), None)
     if first:
         s0, b0 = first["steps_to_target"], first["batch"]
         ax.plot(batches, [s0 * b0 / b for b in batches], "k--", lw=1,
                 label=f"perfect scaling from {first['recipe']} at {b0} (steps ∝ 1/B)")
+        ax.plot(batches, [CRITICAL_FACTOR * s0 * b0 / b for b in batches], color="k", ls=(0, (1, 3)), lw=1,
+                label=f"{CRITICAL_FACTOR:g}x perfect scaling (the critical batch's threshold)")
     if summary["b_simple"] is not None:
         ax.axvline(summary["b_simple"], color="gray", ls="-.", lw=2,
                    label=f"B_simple at the target ≈ {summary['b_simple']:.0f}")
@@ -414,7 +431,8 @@ def figures(summary: dict, out: Path, title: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 5))
     for n in names:
         cs = [c for c in cells if c["recipe"] == n and c["lr"] is not None]
-        ax.plot([c["batch"] for c in cs], [c["lr"] for c in cs], color=colors[n], marker=markers[n], label=n)
+        if cs:
+            ax.plot([c["batch"] for c in cs], [c["lr"] for c in cs], color=colors[n], marker=markers[n], label=n)
         edge = [c for c in cs if c["edge_limit"]]
         if edge:
             ax.scatter([c["batch"] for c in edge], [c["lr"] for c in edge], marker="x", color="k", s=60, zorder=3)
@@ -443,8 +461,9 @@ def figures(summary: dict, out: Path, title: str) -> list[Path]:
                     mid = [c["sharpness"][0] for c in cs]
                     err = [[c["sharpness"][0] - c["sharpness"][1] for c in cs],
                            [c["sharpness"][2] - c["sharpness"][0] for c in cs]]
-                ax.errorbar([c["batch"] for c in cs], mid, yerr=err, label=n, color=colors[n], marker=markers[n],
-                            capsize=3)
+                if cs:
+                    ax.errorbar([c["batch"] for c in cs], mid, yerr=err, label=n, color=colors[n],
+                                marker=markers[n], capsize=3)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("global batch size")
             ax.set_ylabel(ylabel)
