@@ -330,7 +330,7 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     from fastlars.study import cli, main
 
     out = tmp_path / "study"
-    args = ["--quick", "--recipes", "sgd,goyal,lars", "--batches", "16,128", "--epoch-batches", "128",
+    args = ["--quick", "--recipes", "sgd,goyal,lars,gbn_longer", "--batches", "16,128", "--epoch-batches", "16,128",
             "--out", str(out), "--no-progress"]
     first = main(args)
     assert first["trained"] > 0
@@ -339,7 +339,7 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     cells = {(c["recipe"], c["batch"]): c for c in results["cells"]}
-    assert set(cells) == {(r, b) for r in ("sgd", "goyal", "lars") for b in (16, 128)}
+    assert set(cells) == {(r, b) for r in ("sgd", "goyal", "lars", "gbn_longer") for b in (16, 128)}
     for c in cells.values():
         for key in ("recipe", "batch", "lrs_tried", "lr", "edge_limit", "steps_to_target", "step_cap", "same_as"):
             assert key in c
@@ -349,7 +349,12 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     assert cells[("goyal", 16)]["lr"] == cells[("sgd", 16)]["lr"] and cells[("goyal", 16)]["wall_s"] == 0
     assert "test_acc" in cells[("sgd", 128)] and len(cells[("sgd", 128)]["test_acc_ci"]) == 2
     assert results["invocation_wall_s"] > 0 and results["cpu_s"] > 0 and len(results["loadavg_start"]) == 3
-    assert results["verdicts"]
+    words = ("reproduced", "partly", "not reproduced", "not testable here")
+    assert all(v["verdict"].startswith(words) for v in results["verdicts"])
+    hoffer = [v for v in results["verdicts"] if v["paper"] == "Hoffer et al. 2017"]
+    assert len(hoffer) == 2 and "gbn_longer" in hoffer[0]["effect"]
+    if cells[("gbn_longer", 128)].get("epochs"):  # trained longer: twice the epochs of the sgd cell
+        assert cells[("gbn_longer", 128)]["epochs"] == pytest.approx(2 * cells[("sgd", 128)]["epochs"], rel=0.05)
     second = main(args)  # resumes: every run comes from the cache
     assert second["trained"] == 0
     assert [c["steps_to_target"] for c in second["summary"]["cells"]] == \

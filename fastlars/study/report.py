@@ -137,7 +137,8 @@ def _cell(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
         test = mean_ci([m["test"] for m in ms])
         sharp = [m["sharpness"] for m in ms if m["sharpness"] is not None and math.isfinite(m["sharpness"])]
         b_simple = [m["b_simple_at_target"] or m["b_simple"] for m in ms if m["b_simple"] is not None]
-        cell.update(epochs=plan.epochs, epoch_steps=epoch["updates"], test_acc=test[0], test_acc_ci=list(test[1:]),
+        cell.update(epochs=round(epoch["epochs"], 2), epoch_steps=epoch["updates"], test_acc=test[0],
+                    test_acc_ci=list(test[1:]), test_values=[m["test"] for m in ms],
                     val_acc=statistics.mean(m["final_val"] for m in ms),
                     epoch_steps_to_target=_none_inf(_median([m["steps_to_target"] for m in ms])),
                     sharpness=mean_ci(sharp) if sharp else None, sharpness_values=sharp,
@@ -188,7 +189,8 @@ RULE = ("Rule: each claim is tested at the batches its paper's range maps to her
         "side (no), or straddles it (unclear). **Reproduced**: yes at every tested batch; **partly**: yes at "
         "some; **not reproduced**: yes at none; **not testable here**: a needed cell is missing, or a seed did "
         "not reach the target (no interval). 'Matches' claims use an equivalence margin: the steps ratio's "
-        f"interval below {EQUIVALENCE} is yes, above it no. Two claims have no interval over seeds: the lr "
+        f"interval below {EQUIVALENCE} is yes, above it no; 'closes the gap' claims: the test accuracy "
+        "difference's interval above -1 point is yes, below it no. Two claims have no interval over seeds: the lr "
         "exponent, read on the search's x√2 lattice (reproduced within two lattice steps), and B_simple against "
         "the critical batch (reproduced inside its interval, partly within 3x of it).")
 
@@ -305,6 +307,27 @@ def _verdicts(summary: dict) -> list[dict]:
                         "effect": f"goyal, {plan.epochs} epochs: {ma[0]:.1f} at {ends[0]}, {mz[0]:.1f} at {ends[-1]}; "
                                   f"difference {d[0]:.1f} [{d[1]:.1f}, {d[2]:.1f}]",
                         "verdict": _word([_side(d, 0.0)])})
+    if {"goyal", "gbn_longer"} <= set(recipes):
+        ratio_claim("Hoffer et al. 2017", f"Ghost BN (ghosts of {plan.ref_batch}) helps large batches: fewer steps "
+                    f"to the target than goyal (the same without Ghost BN) above batch {plan.ref_batch}", "goyal",
+                    "gbn_longer", large)
+        base = cells.get(("sgd", plan.epoch_batches[0])) if plan.epoch_batches else None
+        tests, parts = [], []
+        for batch in [b for b in plan.epoch_batches if b > plan.ref_batch]:
+            c = cells.get(("gbn_longer", batch))
+            if not (base and c and len(c.get("test_values") or []) > 1 and len(base.get("test_values") or []) > 1):
+                tests.append(None)
+                continue
+            d = welch([100 * v for v in c["test_values"]], [100 * v for v in base["test_values"]])
+            tests.append(_side(d, -1.0))  # "within 1 point": the interval above -1
+            parts.append(f"{batch} ({c['epochs']:g} epochs, {c['epoch_steps']} steps): {d[0]:+.1f} "
+                         f"[{d[1]:+.1f}, {d[2]:+.1f}] points ({tests[-1]})")
+        out.append({"paper": "Hoffer et al. 2017",
+                    "claim": "training longer (more epochs at large batch; capped at 2x here) closes the "
+                             "generalization gap: test accuracy within 1 point of the small batch's",
+                    "effect": f"gbn_longer minus sgd at {plan.epoch_batches[0] if plan.epoch_batches else '-'} "
+                              f"({plan.epochs} epochs), test accuracy: " + "; ".join(parts),
+                    "verdict": _word(tests)})
     for paper, recipe in (("Hoffer et al. 2017", "gbn_longer"), ("Smith et al. 2018", "ramp"),
                           ("Yao et al. 2018", "abs")):
         if recipe not in recipes:
@@ -389,7 +412,8 @@ def markdown(summary: dict) -> str:
             row = {c["batch"]: c for c in epoch_cells if c["recipe"] == name}
             lines.append(f"| {name} | " + " | ".join(
                 f"{row[b]['test_acc']:.1%} [{row[b]['test_acc_ci'][0]:.1%}, {row[b]['test_acc_ci'][1]:.1%}], "
-                f"{row[b]['epoch_steps']} steps" + (f" (= {row[b]['same_as']})" if row[b]["same_as"] else "")
+                f"{row[b]['epoch_steps']} steps" + (f" ({row[b]['epochs']:.0f} epochs)" if row[b]["epochs"] > 1.1 * plan.epochs
+                                                    else "") + (f" (= {row[b]['same_as']})" if row[b]["same_as"] else "")
                 if b in row else "" for b in eb) + " |")
     lines += ["", RULE, "", "| paper | claim at this scale | measured effect, 95 % interval over seeds | verdict |",
               "| --- | --- | --- | --- |"]
