@@ -132,7 +132,10 @@ def _cell(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
                 steps_to_target=_none_inf(_median(seed_steps)), seed_steps=seed_steps,
                 search_steps=_none_inf(state["outcomes"][state["best_k"]].median))
     epoch = state.get("epoch_record")
-    if epoch is not None:
+    if epoch is None:  # test accuracy comes from the fixed-epoch view only (one read of the test set)
+        cell.update(test_acc=None, test_acc_ci=None, test_acc_note="no fixed-epoch run at this batch"
+                    if batch not in plan.epoch_batches else "fixed-epoch run unfinished")
+    else:
         ms = epoch["members"]
         test = mean_ci([m["test"] for m in ms])
         sharp = [m["sharpness"] for m in ms if m["sharpness"] is not None and math.isfinite(m["sharpness"])]
@@ -402,7 +405,7 @@ def markdown(summary: dict) -> str:
     lines += ["", "B_simple (McCandlish et al.; EMA along the fixed-epoch sgd run at the reference batch, median "
               "over seeds): " + ("not measured" if b is None else f"{b:.0f} when it first reaches the target, "
                                                                    f"{end:.0f} at the end")]
-    epoch_cells = [c for c in cells if "test_acc" in c]
+    epoch_cells = [c for c in cells if c.get("test_acc") is not None]
     if epoch_cells:
         eb = sorted({c["batch"] for c in epoch_cells})
         lines += ["", f"Second view, fixed epochs ({plan.epochs} epochs, warm-up and decay over them, at the lr "
@@ -499,7 +502,7 @@ def figures(summary: dict, out: Path, title: str) -> list[Path]:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     paths.append(_save(fig, out / "tuned_lr.png", batches))
 
-    epoch_cells = [c for c in cells if "test_acc" in c]
+    epoch_cells = [c for c in cells if c.get("test_acc") is not None]
     if epoch_cells:
         eb = sorted({c["batch"] for c in epoch_cells})
         for key, ylabel, name in (("test_acc", "test accuracy %", "test_accuracy.png"),
