@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make bench   the main job: the end-to-end ResNet-50 harness (reduced on the CPU, full on a GPU)
 #   make test    the test suite
-# Both create .venv and install everything on first use. Also: make bench-optim,
+# Both create .venv and install everything on first use. make test-compat runs the
+# compatibility job on the oldest supported stack (.venv-compat). Also: make bench-optim,
 # make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
 # 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D).
 
@@ -16,10 +17,21 @@ else
 TORCH_PACKAGES ?= torch==2.9.1 torchvision==0.24.1
 endif
 
-export CUDA_HOME ?= /usr/local/cuda
+# the CUDA toolkit: fastlars/_extension.py's find_cuda_toolkit (CUDA_HOME, /usr/local/cuda, nvcc on PATH)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup test bench bench-optim bench-ghost-bn bench-distributed demo study clean
+# The compatibility job: the oldest stack the README promises (torch 2.11 and its Triton 3.6),
+# on Python 3.12 where the machine has one, else 3.11.
+COMPAT_VENV   ?= .venv-compat
+COMPAT_PYTHON := $(COMPAT_VENV)/bin/python
+COMPAT_BASE   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+                 $(shell command -v python3.12 || command -v python3.11 || command -v python3))
+COMPAT_TORCH  ?= torch==2.11.0 torchvision==0.26.0
+# the files that exercise the optimizers, kernels and torch integrations most directly
+COMPAT_TESTS  ?= tests/test_torch_conformance.py tests/test_optim_backends.py tests/test_ghost_bn.py \
+                 tests/test_capturable.py tests/test_gpu_readiness.py tests/test_triton_compile.py
+
+.PHONY: setup setup-compat test test-compat bench bench-optim bench-ghost-bn bench-distributed demo study clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +44,25 @@ $(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py $(wildcard cs
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# fastlars is installed without compiling (FASTLARS_NO_EXTENSION=1): the device check's dry run
+# builds the extension in place for this Python and torch (sm_90, as on the GPU machine, with the
+# toolkit that fastlars finds), then the tests use that build.
+$(COMPAT_VENV)/.installed: pyproject.toml setup.py
+	test -x $(COMPAT_PYTHON) || $(COMPAT_BASE) -m venv $(COMPAT_VENV)
+	$(COMPAT_PYTHON) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
+	$(COMPAT_PYTHON) -m pip install --quiet $(COMPAT_TORCH)
+	FASTLARS_NO_EXTENSION=1 $(COMPAT_PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+setup-compat: $(COMPAT_VENV)/.installed
+
+test-compat: $(COMPAT_VENV)/.installed
+	@$(COMPAT_PYTHON) -c "import sys, torch, triton; print('compat stack: Python', sys.version.split()[0], \
+		'torch', torch.__version__, 'Triton', triton.__version__)"
+	PYTHON=$(COMPAT_PYTHON) bash bench/gpu_check.sh --dry-run --build $(COMPAT_VENV)/gpu_check; dry=$$?; \
+	$(COMPAT_PYTHON) -m pytest -q $(COMPAT_TESTS); tests=$$?; \
+	echo "test-compat: device check dry run exited $$dry, tests exited $$tests"; [ $$dry = 0 ] && [ $$tests = 0 ]
 
 bench: setup
 	$(PYTHON) -m fastlars.bench e2e
@@ -53,4 +84,4 @@ study: setup
 	OMP_NUM_THREADS=1 $(PYTHON) -m fastlars.study
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info

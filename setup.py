@@ -11,12 +11,15 @@ extension is compiled now and the wheel carries it.
 The sources are the one list in csrc/sources.txt and the flags are those of the
 just-in-time build (both read through fastlars/_extension.py; CMakeLists.txt reads
 the same list). FASTLARS_NO_EXTENSION=1 skips the extension, FASTLARS_NO_CUDA=1
-builds the CPU kernels only. CUDA_HOME must name the toolkit (the Makefile sets
-/usr/local/cuda: torch guesses wrong when `nvcc` on PATH is a wrapper script), and
-TORCH_CUDA_ARCH_LIST the GPUs to compile for.
+builds the CPU kernels only. The CUDA toolkit is the one fastlars/_extension.py's
+cuda_toolkit() chooses (CUDA_HOME if it is a toolkit, else /usr/local/cuda, else the
+one behind `nvcc` on PATH, asked of nvcc itself: torch's own guess is wrong where that
+nvcc is a wrapper script); the build prints which and why. TORCH_CUDA_ARCH_LIST names
+the GPUs to compile for.
 """
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -41,22 +44,31 @@ def extensions():
         return {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+        from torch.utils import cpp_extension
     except ImportError:
         print("fastlars: torch is not importable in this build environment, so the C++/CUDA kernels are not "
               "compiled now; fastlars compiles them on first use (or build with --no-build-isolation)",
               file=sys.stderr)
         return {}
 
-    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
-                and not config.flag("FASTLARS_NO_CUDA") and any(s.endswith(".cu") for s in sources))
+    use_cuda = (torch.version.cuda is not None and not config.flag("FASTLARS_NO_CUDA")
+                and any(s.endswith(".cu") for s in sources))
+    if use_cuda:
+        toolkit = config.cuda_toolkit()
+        print(f"fastlars: {toolkit}", file=sys.stderr)
+        use_cuda = toolkit.home is not None
+        # torch fixed its CUDA_HOME when cpp_extension was imported; BuildExtension reads it later
+        # (the build runs after setup() returns from here), so it is set for the whole process
+        cpp_extension.CUDA_HOME = toolkit.home
+        if toolkit.home:
+            os.environ["CUDA_HOME"] = toolkit.home
     if not use_cuda:
         sources = [s for s in sources if not s.endswith(".cu")]
     flags = config.compile_flags(use_cuda)
-    make = CUDAExtension if use_cuda else CppExtension
+    make = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     module = make("fastlars._C", sources, include_dirs=[str(ROOT / "csrc")],
                   extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]}, extra_link_args=flags["ld"])
-    return {"ext_modules": [module], "cmdclass": {"build_ext": BuildExtension}}
+    return {"ext_modules": [module], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
 setup(

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -35,8 +37,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every example has (each script adds its own)."""
+def make_parser(description: str, base_lr_help: str = "LARS 0.1, LAMB 1e-3") -> argparse.ArgumentParser:
+    """The flags every example has (each script adds its own); ``base_lr_help`` says what
+    the script does without ``--base-lr``."""
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     p.add_argument("--global-batch", type=int, default=8192, help="samples per optimizer step, over all ranks")
@@ -46,7 +49,7 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000 if gpu else 10)
     p.add_argument("--virtual-batch-size", type=int, default=32, help="Ghost BN's ghost batch")
     p.add_argument("--lamb", action="store_true", help="fastlars.LAMB instead of fastlars.LARS")
-    p.add_argument("--base-lr", type=float, help=f"lr at batch {BASE_BATCH} (default: LARS 0.1, LAMB 1e-3)")
+    p.add_argument("--base-lr", type=float, help=f"lr at batch {BASE_BATCH} (default: {base_lr_help})")
     p.add_argument("--backend", default="auto", help="the optimizer's backend (fastlars.available_backends())")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -60,9 +63,11 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     return p.parse_args(argv)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout: float | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device): NCCL and cuda:LOCAL_RANK on a GPU, gloo on the CPU.
-    Without torchrun the script runs as one rank, its process group in memory (no port to pick)."""
+    Without torchrun the script runs as one rank, its process group in memory (no port to pick).
+    ``timeout`` (seconds): how long the group's set-up and each collective may wait for the
+    other ranks before failing (None: torch's default, 10 min for NCCL, 30 min for gloo)."""
     torchrun = "RANK" in os.environ
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -70,10 +75,34 @@ def init_distributed() -> tuple[int, int, torch.device]:
         backend, options = "nccl", dict(device_id=device)
     else:
         device, backend, options = torch.device("cpu"), "gloo", {}
+    if timeout is not None:
+        options["timeout"] = datetime.timedelta(seconds=timeout)
     if not torchrun:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        options.update(_restart_safe_store(options.get("timeout")))
     dist.init_process_group(backend, **options)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _restart_safe_store(timeout: datetime.timedelta | None) -> dict:
+    """torchrun's agent keeps one store for all the worker groups it starts, and the process
+    group's keys carry no attempt number: a group restarted after a failure reads the addresses
+    of the dead workers before the new ones overwrite them, and gloo's set-up then fails
+    (connection refused) or waits for a peer that never answers (issue 17). With every rank
+    under one agent (one node), TORCHELASTIC_RESTART_COUNT numbers the attempts the same on
+    every rank: the group's keys go under it. Across nodes the agents count restarts
+    separately, so there the remedy is torchrun's own: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    (a fresh store for each attempt); without it a stale read costs a --dist-timeout and a restart."""
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
+        if os.environ.get("RANK") == "0" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print("warning: torchrun --max-restarts on several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                  "for torchrun, else a restarted group can read the dead workers' addresses and time out",
+                  file=sys.stderr, flush=True)
+        return {}
+    store, rank, world = next(dist.rendezvous("env://", **({} if timeout is None else {"timeout": timeout})))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world)
 
 
 def finish() -> None:

@@ -97,13 +97,32 @@ MLPERF_RUNS = (
 MLPERF_END_LR, MLPERF_LABEL_SMOOTHING, MLPERF_EVAL_EVERY, MLPERF_TARGET = 1e-4, 0.1, 4, 75.9
 
 
+# The default lrs (no --base-lr, no --preset), both from published ResNet-50 ImageNet runs and
+# expressed per common.BASE_BATCH (256) images, scaled to the global batch as make_optimizer
+# does (LARS linearly, LAMB by the square root):
+# - LARS: the first MLPerf run above, 10.5 at batch 3,264, i.e. 10.5 * 256 / 3264 = 0.82 at 256.
+#   (0.1 at 256 is Goyal et al.'s rule for plain SGD; LARS's trust ratio makes its lr another
+#   quantity, and 0.1 barely trains: issue 17.)
+# - LAMB: You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
+#   Minutes" (ICLR), ResNet-50 on ImageNet for 90 epochs: lr 4 / (2^k * 100) at batch 32K / 4^k
+#   (0.04 at 32,768, square-root scaled for smaller batches), i.e. 0.04 * sqrt(256 / 32768) = 0.0035 at 256.
+LARS_PUBLISHED_BASE_LR = MLPERF_RUNS[0].lr * common.BASE_BATCH / MLPERF_RUNS[0].global_batch
+LAMB_PUBLISHED_BASE_LR = 0.04 * math.sqrt(common.BASE_BATCH / 32768)
+PUBLISHED_LR_SOURCES = (f"LARS {LARS_PUBLISHED_BASE_LR:.4g}: NVIDIA's MLPerf Training ResNet-50 run at batch 3264, "
+                        f"lr 10.5 (mlcommons/training_results_v2.0, NVIDIA/benchmarks/resnet/implementations/mxnet/"
+                        f"config_DGXA100.sh), linearly scaled; LAMB {LAMB_PUBLISHED_BASE_LR:.4g}: You et al. 2020, "
+                        "'Large Batch Optimization for Deep Learning: Training BERT in 76 Minutes', ResNet-50 on "
+                        "ImageNet, lr 0.04 at batch 32768, square-root scaled")
+
+
 def mlperf_table() -> str:
     return "; ".join(f"{r.global_batch}: lr {r.lr}, warmup {r.warmup_epochs}, {r.epochs} epochs, "
                      f"wd {r.weight_decay}, momentum {r.momentum}" for r in MLPERF_RUNS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common.make_parser(__doc__.splitlines()[0])
+    p = common.make_parser(__doc__.splitlines()[0], base_lr_help=PUBLISHED_LR_SOURCES)
+    p.set_defaults(model="resnet50")  # the ResNet-50 recipe (common's default is resnet18 on the CPU)
     p.add_argument("--data", required=True, help="a folder with train/ and val/ (ImageFolder layout), or 'synthetic'")
     p.add_argument("--epochs", type=int, help="default: the preset's, else 90")
     p.add_argument("--warmup-epochs", type=float, help="linear warmup; default: the preset's, else 5 (Goyal et al.)")
@@ -129,7 +148,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "would take that abbreviation as one of its own options)")
     p.add_argument("--tensorboard", help="write TensorBoard scalars to this folder (needs tensorboard)")
     p.add_argument("--synthetic-steps", type=int, default=10, help="optimizer steps per epoch with --data synthetic")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds the process group's set-up and each collective wait for the other ranks before "
+                        "failing. A rank that died or hangs then fails the job, so torchrun (--max-restarts) restarts "
+                        "it from the last checkpoint instead of waiting torch's default (30 min for gloo, 10 for "
+                        "NCCL); a restarted gloo group can also hang in its first connection, which this turns into "
+                        "one more restart. 120 s is far above a healthy run's wait (ranks meet every step; rank 0 "
+                        "writes a ResNet-50 checkpoint in seconds): raise it if ranks can drift further apart, e.g. "
+                        "checkpoints on a slow shared filesystem or a slow start on some nodes")
     p.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # tests: SIGTERM after N steps
+    p.add_argument("--kill-after-steps", type=int, help=argparse.SUPPRESS)  # tests: the last rank SIGKILLs itself
     return p.parse_args(argv)
 
 
@@ -161,6 +189,8 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
     for name in ("global_batch", "micro_batch", "image_size", "epochs", "eval_every", "keep_checkpoints",
                  "synthetic_steps", "eval_batch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if not args.dist_timeout > 0:
+        raise SystemExit(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.workers is None:
         args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _positive("--workers", args.workers, allow_zero=True)
@@ -197,7 +227,9 @@ def check_inputs(args: argparse.Namespace, world: int) -> Plan:
                        warmup_start_factor=0.0)
         recipe = f"MLPerf ({run.source}, global batch {run.global_batch})"
     else:
-        options, recipe = {}, "default (--base-lr at batch 256, scaled to the global batch)"
+        if args.base_lr is None:
+            args.base_lr = LAMB_PUBLISHED_BASE_LR if args.lamb else LARS_PUBLISHED_BASE_LR
+        options, recipe = {}, f"default (--base-lr {args.base_lr:.4g} at batch 256, scaled to the global batch)"
     plan = Plan(accumulation, steps_per_epoch, epochs, warmup_steps,
                 args.label_smoothing if args.label_smoothing is not None else MLPERF_LABEL_SMOOTHING,
                 args.eval_every or (MLPERF_EVAL_EVERY if run else 1),
@@ -519,7 +551,7 @@ class StopRequest:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     plan = check_inputs(args, int(os.environ.get("WORLD_SIZE", "1")))
-    rank, world, device = common.init_distributed()
+    rank, world, device = common.init_distributed(timeout=args.dist_timeout)
     stop = StopRequest()
     log = Log(args, rank)
     try:
@@ -604,6 +636,9 @@ def train(args: argparse.Namespace, plan: Plan, rank: int, world: int, device: t
             step += 1
             if args.stop_after_steps == step and rank == 0:
                 signal.raise_signal(signal.SIGTERM)  # as a scheduler's preemption would
+            if (args.kill_after_steps == step and rank == world - 1
+                    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+                os.kill(os.getpid(), signal.SIGKILL)  # a crashed worker, on torchrun's first attempt only
             # one collective for the log's loss (mean over ranks) and for agreeing to stop
             stats = torch.stack([loss.float(), torch.tensor(float(stop.signal is not None), device=device)])
             dist.all_reduce(stats)

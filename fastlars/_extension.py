@@ -12,10 +12,9 @@ In order:
 3. else nothing: the ``"cpu"``/``"cuda"`` backends report themselves unavailable
    with the reason and ``backend="auto"`` falls back.
 
-``load()`` decides once per process (a build that failed is not retried on every
-call); ``status()`` says what ``load()`` did or would do without compiling anything
-(``python -m fastlars`` shows it). ``FASTLARS_NO_EXTENSION=1`` turns the extension
-off, ``FASTLARS_NO_CUDA=1`` leaves the CUDA kernels out of a build.
+``load()`` decides once per process (a build that failed is not retried on every call); ``status()``
+says what ``load()`` did or would do without compiling anything (``python -m fastlars`` shows it).
+``FASTLARS_NO_EXTENSION=1`` turns the extension off, ``FASTLARS_NO_CUDA=1`` leaves the CUDA kernels out.
 
 This module imports only the standard library at module level: setup.py executes
 it to read the source list and the compiler flags, so that the install-time and the
@@ -32,7 +31,9 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sysconfig
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -70,8 +71,138 @@ def source_names(csrc: Path) -> list[str]:
 def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler and linker flags of the extension, with or without its CUDA kernels."""
     defines = ["-DFASTLARS_WITH_CUDA"] if with_cuda else []
-    return {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines], "nvcc": ["-O3", *defines],
-            "ld": ["-fopenmp"]}
+    return {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines], "nvcc": ["-O3", *defines], "ld": ["-fopenmp"]}
+
+
+# ----------------------------------------------------------------------------
+# the CUDA toolkit (setup.py, the just-in-time build, `python -m fastlars`, bench/gpu_check.sh ask here)
+
+CUDA_DEFAULT_HOME = "/usr/local/cuda"
+# where a toolkit keeps libcudart: Linux (lib64/, lib/, targets/<arch>/lib/, as in conda's), Windows
+_CUDART_PATTERNS = ("lib64/libcudart.so*", "lib/libcudart.so*", "targets/*/lib/libcudart.so*", "lib/x64/cudart.lib")
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """The CUDA toolkit a build compiles with: ``home`` (None if none was found) and ``why``
+    it is that one, with each place looked at first and why it was passed over."""
+
+    home: str | None
+    why: str
+
+    def __str__(self) -> str:
+        return f"CUDA toolkit {self.home}: {self.why}" if self.home else f"no CUDA toolkit: {self.why}"
+
+
+def toolkit_problem(home: str) -> str:
+    """Why ``home`` is not a CUDA toolkit a build can use ("" if it is): it needs nvcc, the
+    runtime's headers and libcudart (torch compiles with ``home/bin/nvcc`` and links ``-lcudart``)."""
+    root = Path(home)
+    if not root.is_dir():
+        return f"{home} is not a directory"
+    nvcc = "bin/nvcc.exe" if os.name == "nt" else "bin/nvcc"
+    missing = [f for f in (nvcc, "include/cuda_runtime.h") if not (root / f).is_file()]
+    if not any(next(root.glob(pattern), None) for pattern in _CUDART_PATTERNS):
+        missing.append("libcudart (in lib64/, lib/ or targets/*/lib/)")
+    return f"{home} has no {', no '.join(missing)}" if missing else ""
+
+
+def _toolkit_behind_nvcc(nvcc: str) -> tuple[list[str], str]:
+    """The toolkit folders that ``nvcc`` itself names, most direct first, or why none.
+
+    The `nvcc` on PATH may be a wrapper script that execs the real one elsewhere, so its
+    own path says nothing: its dry run prints the toolkit's root (``TOP=``) and include
+    folders. Its resolved path's grandparent comes last, for an nvcc that prints neither.
+    """
+    try:
+        with tempfile.TemporaryDirectory() as scratch:  # a dry run compiles nothing; the file need not exist
+            run = subprocess.run([nvcc, "--dryrun", "-c", "probe.cu", "-o", "probe.o"], cwd=scratch,
+                                 capture_output=True, text=True, timeout=60)
+        text = run.stdout + run.stderr
+    except (OSError, subprocess.SubprocessError) as e:
+        text = ""
+        failure = f"`{nvcc} --dryrun` failed ({e})"
+    else:
+        failure = "" if "#$ " in text else f"`{nvcc} --dryrun` printed no settings (exit {run.returncode})"
+    found = []
+    for top in re.findall(r"^#\$ TOP=(.+?)\s*$", text, re.M):
+        found.append(top.strip("\"'"))
+    for include in re.findall(r"-I\"?([^\"\s]+/include)\b", text):
+        include = Path(os.path.normpath(include))
+        # <home>/include, or <home>/targets/<arch>/include
+        found.append(str(include.parent.parent.parent if include.parent.parent.name == "targets" else include.parent))
+    found.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    homes = list(dict.fromkeys(os.path.realpath(h) for h in found))  # in order, once each
+    return homes, failure
+
+
+def find_cuda_toolkit(environ: dict[str, str] | None = None) -> CudaToolkit:
+    """The CUDA toolkit to build with, by one rule:
+
+    1. ``CUDA_HOME`` (else ``CUDA_PATH``) if set and a toolkit (``toolkit_problem``);
+    2. else ``/usr/local/cuda`` if a toolkit;
+    3. else the toolkit behind the ``nvcc`` on PATH, as nvcc itself reports it (a wrapper
+       script's own folder is not the toolkit: torch's guess, ``dirname(dirname(nvcc))``,
+       fails there), checked the same way.
+
+    A place passed over is named with the reason in ``why``. ``environ`` defaults to
+    ``os.environ`` (CUDA_HOME, CUDA_PATH, PATH are read).
+    """
+    environ = os.environ if environ is None else environ
+    passed_over = []
+
+    def chosen(home: str, why: str) -> CudaToolkit:
+        return CudaToolkit(home, "; ".join([why, *passed_over]))
+
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        home = environ.get(variable, "").strip()
+        if home:
+            problem = toolkit_problem(home)
+            if not problem:
+                return chosen(home, f"{variable} is set")
+            passed_over.append(f"{variable} ignored: {problem}")
+    problem = toolkit_problem(CUDA_DEFAULT_HOME)
+    if not problem:
+        return chosen(CUDA_DEFAULT_HOME, "the default location")
+    passed_over.append(f"not the default: {problem}")
+    nvcc = shutil.which("nvcc", path=environ.get("PATH", ""))
+    if nvcc is None:
+        passed_over.append("no nvcc on PATH")
+        return CudaToolkit(None, "; ".join(passed_over) + ": set CUDA_HOME to the toolkit")
+    homes, failure = _toolkit_behind_nvcc(nvcc)
+    if failure:
+        passed_over.append(failure)
+    for home in homes:
+        problem = toolkit_problem(home)
+        if not problem:
+            return chosen(home, f"the toolkit behind {nvcc}, as `nvcc --dryrun` reports it")
+        passed_over.append(f"behind {nvcc}: {problem}")
+    return CudaToolkit(None, "; ".join(passed_over) + ": set CUDA_HOME to the toolkit")
+
+
+_toolkits: dict[tuple[str, ...], CudaToolkit] = {}
+
+
+def cuda_toolkit() -> CudaToolkit:
+    """``find_cuda_toolkit()`` for this process's environment, looked up once per environment."""
+    key = tuple(os.environ.get(k, "") for k in ("CUDA_HOME", "CUDA_PATH", "PATH"))
+    if key not in _toolkits:
+        _toolkits[key] = find_cuda_toolkit()
+    return _toolkits[key]
+
+
+@contextlib.contextmanager
+def building_with(toolkit: CudaToolkit, cpp_extension):
+    """torch.utils.cpp_extension compiling with ``toolkit``: torch fixes its CUDA_HOME when it
+    is first imported (from nvcc on PATH, wrong where that is a wrapper), so it is replaced
+    here, and CUDA_HOME set for the compiler's processes, until the block ends."""
+    saved = cpp_extension.CUDA_HOME
+    cpp_extension.CUDA_HOME = toolkit.home
+    try:
+        with _environment({"CUDA_HOME": toolkit.home} if toolkit.home else {}):
+            yield
+    finally:
+        cpp_extension.CUDA_HOME = saved
 
 
 # ----------------------------------------------------------------------------
@@ -197,6 +328,7 @@ class _Plan:
     sources: list[str]
     with_cuda: bool
     cuda_note: str
+    toolkit: CudaToolkit | None  # the one the CUDA kernels compile with
     env: dict[str, str]  # set while compiling (CXX when `c++` is missing, PATH for pip's ninja)
     problem: str  # why it cannot be compiled here; "" if it can
 
@@ -216,16 +348,15 @@ def _jit_plan() -> _Plan:
     from . import __version__
 
     csrc = next((c for c in _CSRC_CANDIDATES if (c / "sources.txt").exists()), None)
-    cuda_home, cpp_extension_error = None, ""
+    cpp_extension_error = ""
     try:
         cpp_extension = _cpp_extension()
-        cuda_home = cpp_extension.CUDA_HOME
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     except ImportError as e:
         cpp_extension_error = f"torch.utils.cpp_extension cannot be imported ({e}): pip install setuptools"
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
 
-    cuda_note = _cuda_note(torch, cuda_home)
+    cuda_note, toolkit = _cuda_note(torch)
     with_cuda = not cuda_note
     tag = f"cu{torch.version.cuda.replace('.', '')}" if with_cuda else "cpu"
     major, minor = torch.__version__.split(".")[:2]
@@ -241,21 +372,19 @@ def _jit_plan() -> _Plan:
     if not problem and not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         problem = (f"the Python headers are missing (no Python.h in {sysconfig.get_paths()['include']}): "
                    "install your Python's development package (e.g. python3-dev)")
-    return _Plan(name, Path(root) / name, csrc, sources, with_cuda, cuda_note, env, problem)
+    return _Plan(name, Path(root) / name, csrc, sources, with_cuda, cuda_note, toolkit, env, problem)
 
 
-def _cuda_note(torch, cuda_home: str | None) -> str:
-    """Why a build here leaves the CUDA kernels out ("" if it compiles them)."""
+def _cuda_note(torch) -> tuple[str, CudaToolkit | None]:
+    """Why a build here leaves the CUDA kernels out ("" if it compiles them), and the toolkit."""
     if flag("FASTLARS_NO_CUDA"):
-        return "FASTLARS_NO_CUDA=1"
+        return "FASTLARS_NO_CUDA=1", None
     if torch.version.cuda is None:
-        return "torch was built without CUDA"
+        return "torch was built without CUDA", None
     if not torch.cuda.is_available():
-        return "no CUDA device is visible to torch"
-    # torch guesses CUDA_HOME from `nvcc` on PATH, wrong where that is a wrapper script
-    if cuda_home is None or not all((Path(cuda_home) / f).exists() for f in ("bin/nvcc", "include/cuda_runtime.h")):
-        return f"no CUDA toolkit at CUDA_HOME={cuda_home} (bin/nvcc, include/cuda_runtime.h): set CUDA_HOME"
-    return ""
+        return "no CUDA device is visible to torch", None
+    toolkit = cuda_toolkit()
+    return ("" if toolkit.home else str(toolkit)), toolkit
 
 
 def _cpp_extension():
@@ -272,16 +401,13 @@ def _cpp_extension():
 
 
 def toolchain() -> dict[str, str | None]:
-    """The C++ compiler, ninja and CUDA toolkit a just-in-time build would use (None: missing)."""
+    """The C++ compiler, ninja and CUDA toolkit a build would use (None: missing), and why that toolkit."""
     env, _ = _toolchain_env()
     cxx = env.get("CXX") or os.environ.get("CXX") or "c++"
-    try:
-        cuda_home = _cpp_extension().CUDA_HOME
-    except ImportError:
-        cuda_home = None
+    toolkit = cuda_toolkit()
     return {"compiler": shutil.which(shlex.split(cxx)[0]) if cxx.strip() else None,
             "ninja": shutil.which("ninja", path=env.get("PATH", os.environ.get("PATH", ""))),
-            "cuda_home": cuda_home}
+            "cuda_home": toolkit.home, "cuda_home_why": toolkit.why}
 
 
 def _toolchain_env() -> tuple[dict[str, str], str]:
@@ -333,7 +459,8 @@ def _compile(plan: _Plan) -> tuple[ModuleType | None, Status]:
     start = time.perf_counter()
     plan.build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with _environment(plan.env):
+        toolkit = building_with(plan.toolkit, cpp_extension) if plan.with_cuda else contextlib.nullcontext()
+        with _environment(plan.env), toolkit:
             # ninja rebuilds only what changed (sources, torch headers), so a cached build loads in a second
             module = cpp_extension.load(plan.name, plan.sources, extra_cflags=flags["cxx"],
                                         extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ld"],
@@ -353,7 +480,7 @@ def _compile(plan: _Plan) -> tuple[ModuleType | None, Status]:
     if before is not None and plan.library.stat().st_mtime_ns == before:
         logger.debug("fastlars: reused the C++ kernels cached in %s (%.1f s)", plan.build_dir, seconds)
         return module, replace(plan.status, kind="jit-cached", detail=f"compiled earlier, cached in {plan.build_dir}")
-    what = "CPU and CUDA kernels" if plan.with_cuda else f"CPU kernels; no CUDA kernels: {plan.cuda_note}"
+    what = f"CPU and CUDA kernels, {plan.toolkit}" if plan.with_cuda else f"CPU kernels; no CUDA kernels: {plan.cuda_note}"
     logger.warning("fastlars: compiled the C++ extension (%s) in %.1f s on first use, cached in %s",
                    what, seconds, plan.build_dir)
     return module, replace(plan.status, kind="jit", detail=f"compiled in this process in {seconds:.1f} s, "

@@ -49,7 +49,7 @@ def render(report: dict[str, Any]) -> str:
         f"device     {report['device']}",
         f"compiler   {report['compiler'] or 'none found'}",
         f"ninja      {report['ninja'] or 'none found'}",
-        f"CUDA_HOME  {report['cuda_home'] or 'none found'}",
+        f"CUDA_HOME  {report['cuda_home'] or 'none found'} ({report['cuda_home_why']})",
         f"extension  {ext['kind']}: {ext['detail']}",
         "backends (fastest first):",
         *(f"  {name:<10} {b['status']:<13} {b['why']}" for name, b in report["backends"].items()),

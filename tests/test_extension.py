@@ -7,7 +7,7 @@ compiles for real in a fresh venv."""
 import importlib
 import logging
 import os
-import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -21,16 +21,12 @@ from fastlars._info import render
 from fastlars import backends
 
 
-def cuda_toolkit() -> bool:
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
-
-
 def test_extension_built():
     from fastlars import _C
 
     assert hasattr(_C, "lars_update_cpu") and "cpu" in fastlars.available_backends()
-    if torch.version.cuda is not None and cuda_toolkit() and os.environ.get("FASTLARS_NO_CUDA") != "1":
+    if (torch.version.cuda is not None and _extension.cuda_toolkit().home is not None
+            and os.environ.get("FASTLARS_NO_CUDA") != "1"):
         assert _C.with_cuda, "torch has CUDA and a toolkit is installed, but the CUDA kernels were not built"
         for name in ("sumsq_cuda", "lars_update_cuda", "lamb_norms_cuda", "lamb_update_cuda"):
             assert hasattr(_C, name)
@@ -155,3 +151,131 @@ def test_info_compiles_nothing(fresh_extension, monkeypatch):
     assert report["backends"]["foreach"]["status"] == "available"
     text = render(report)
     assert "compiles on first use" in text and f"torch      {torch.__version__}" in text
+
+
+# ----------------------------------------------------------------------------
+# the CUDA toolkit: one rule (fastlars/_extension.py: find_cuda_toolkit), on fake toolkits
+
+def fake_toolkit(root: Path, layout: str = "lib64", dryrun: str | None = None) -> Path:
+    """A folder that looks like a CUDA toolkit: bin/nvcc, include/cuda_runtime.h and libcudart in
+    ``layout`` (lib64, lib or targets/x86_64-linux/lib). Its nvcc prints ``dryrun`` (default: what
+    a real nvcc's --dryrun prints about its own folder) on stderr, as nvcc does."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / layout).mkdir(parents=True)
+    (root / layout / "libcudart.so.13").write_text("")
+    if dryrun is None:
+        target = root / "bin" / ".." / "targets" / "x86_64-linux"
+        dryrun = (f'#$ _HERE_={root}/bin\n#$ TOP={root}/bin/..\n#$ INCLUDES="-I{target}/include"\n'
+                  f'#$ LIBRARIES=  "-L{target}/lib/stubs" "-L{target}/lib"\n')
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\n# a fake nvcc: only --dryrun answers\nprintf '%s' '{dryrun}' >&2\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def wrapper_nvcc(folder: Path, real_nvcc: Path) -> Path:
+    """A PATH folder whose nvcc is a shell script that execs ``real_nvcc`` (as on the GPU image)."""
+    folder.mkdir(parents=True)
+    wrapper = folder / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.fixture
+def no_default_toolkit(monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "CUDA_DEFAULT_HOME", str(tmp_path / "no-usr-local-cuda"))
+
+
+def test_explicit_cuda_home_is_used(tmp_path, no_default_toolkit):
+    home = fake_toolkit(tmp_path / "cuda-12.8", layout="lib")
+    toolkit = _extension.find_cuda_toolkit({"CUDA_HOME": str(home), "PATH": ""})
+    assert toolkit.home == str(home) and toolkit.why == "CUDA_HOME is set"
+    toolkit = _extension.find_cuda_toolkit({"CUDA_PATH": str(home), "PATH": ""})
+    assert toolkit.home == str(home) and toolkit.why == "CUDA_PATH is set"
+
+
+def test_invalid_cuda_home_is_rejected_with_the_reason(tmp_path, monkeypatch):
+    default = fake_toolkit(tmp_path / "usr-local-cuda", layout="targets/x86_64-linux/lib")
+    monkeypatch.setattr(_extension, "CUDA_DEFAULT_HOME", str(default))
+    headers_only = tmp_path / "headers-only"
+    (headers_only / "include").mkdir(parents=True)
+    (headers_only / "include" / "cuda_runtime.h").write_text("")
+    toolkit = _extension.find_cuda_toolkit({"CUDA_HOME": str(headers_only), "PATH": ""})
+    assert toolkit.home == str(default)
+    assert toolkit.why.startswith("the default location; CUDA_HOME ignored: ")
+    assert f"{headers_only} has no bin/nvcc, no libcudart" in toolkit.why
+    assert "cuda_runtime.h" not in toolkit.why  # it has that one
+    missing = _extension.find_cuda_toolkit({"CUDA_HOME": str(tmp_path / "nowhere"), "PATH": ""})
+    assert missing.home == str(default) and "is not a directory" in missing.why
+
+
+def test_toolkit_behind_a_wrapper_nvcc_is_found(tmp_path, no_default_toolkit):
+    """The nvcc on PATH is a script in a folder that holds no toolkit (torch's guess,
+    dirname(dirname(nvcc)), would be that folder's parent): nvcc's own dry run names the toolkit."""
+    real = fake_toolkit(tmp_path / "opt" / "cuda-13.0")
+    wrapper = wrapper_nvcc(tmp_path / "usr" / "bin", real / "bin" / "nvcc")
+    toolkit = _extension.find_cuda_toolkit({"PATH": str(wrapper.parent)})
+    assert toolkit.home == str(real)
+    assert toolkit.why.startswith(f"the toolkit behind {wrapper}, as `nvcc --dryrun` reports it")
+    assert toolkit.why.endswith("not the default: " + _extension.toolkit_problem(_extension.CUDA_DEFAULT_HOME))
+    assert _extension.toolkit_problem(str(wrapper.parent.parent))  # torch's guess is no toolkit
+
+
+def test_toolkit_from_nvcc_include_folders(tmp_path, no_default_toolkit):
+    """An nvcc that prints no TOP= line: the toolkit is the one above its include folder."""
+    real = tmp_path / "cuda"
+    fake_toolkit(real, layout="targets/x86_64-linux/lib",
+                 dryrun=f'#$ INCLUDES="-I{real}/bin/../targets/x86_64-linux/include"\n')
+    wrapper = wrapper_nvcc(tmp_path / "wrap", real / "bin" / "nvcc")
+    assert _extension.find_cuda_toolkit({"PATH": str(wrapper.parent)}).home == str(real)
+
+
+def test_no_toolkit_says_where_it_looked(tmp_path, no_default_toolkit):
+    incomplete = tmp_path / "cuda-incomplete"
+    fake_toolkit(incomplete)
+    (incomplete / "lib64" / "libcudart.so.13").unlink()  # its nvcc answers, but no runtime library
+    wrapper = wrapper_nvcc(tmp_path / "wrap", incomplete / "bin" / "nvcc")
+    for environ, why in [({"PATH": str(tmp_path)}, "no nvcc on PATH"),
+                         ({"PATH": str(wrapper.parent)}, f"behind {wrapper}: {incomplete} has no libcudart")]:
+        toolkit = _extension.find_cuda_toolkit(environ)
+        assert toolkit.home is None and why in toolkit.why, toolkit
+        assert str(toolkit).startswith("no CUDA toolkit: not the default: ") and str(toolkit).endswith(
+            "set CUDA_HOME to the toolkit")
+
+
+def test_python_m_fastlars_names_the_toolkit(tmp_path):
+    home = fake_toolkit(tmp_path / "cuda")
+    env = {**os.environ, "CUDA_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "fastlars", "--cuda-home"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == f"{home}\n", done.stderr
+    assert done.stderr.strip().endswith(f"CUDA toolkit {home}: CUDA_HOME is set")
+    env["CUDA_HOME"] = str(tmp_path / "not-a-toolkit")
+    done = subprocess.run([sys.executable, "-m", "fastlars"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"CUDA_HOME ignored: {tmp_path / 'not-a-toolkit'} is not a directory" in done.stdout
+
+
+def test_jit_build_compiles_with_the_toolkit_found(fresh_extension, monkeypatch, tmp_path):
+    """torch.utils.cpp_extension fixed its CUDA_HOME when it was imported; the just-in-time build
+    replaces it with fastlars's choice while compiling, and puts it back."""
+    toolkit = _extension.CudaToolkit(str(tmp_path / "cuda"), "a test")
+    seen = []
+
+    def load(name, *args, **kwargs):
+        seen.append((fake.CUDA_HOME, os.environ.get("CUDA_HOME"), kwargs["with_cuda"]))
+        raise RuntimeError("compiling nothing: a test")
+
+    fake = types.SimpleNamespace(CUDA_HOME="/usr", get_default_build_root=lambda: str(tmp_path), load=load)
+    monkeypatch.setattr(_extension, "_cpp_extension", lambda: fake)
+    monkeypatch.setattr(_extension, "cuda_toolkit", lambda: toolkit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    assert _extension.load() is None
+    assert seen == [(toolkit.home, toolkit.home, True)]
+    assert fake.CUDA_HOME == "/usr" and "CUDA_HOME" not in os.environ
+

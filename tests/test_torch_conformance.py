@@ -678,7 +678,7 @@ def test_strided_parameter_with_capturable_is_refused(triton_interpreter):
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("name, backend", [("LARS", b) for b in BACKENDS] + [("LAMB", fastlars.LAMB(make_params()).backend)])
+@pytest.mark.parametrize("name, backend", [("LARS", b) for b in BACKENDS] + [("LAMB", fastlars.LAMB(make_params()).backend), ("LAMB", "reference")])
 def test_compiled_step_matches_eager(name, backend):
     """torch.compile(opt.step) on every CPU backend (dynamo traces the step; the fused
     drivers run eagerly): the same parameters and state as eager steps, including the

@@ -2,8 +2,9 @@
 training and 12 validation images; resnet18 at 16px, global batch 8 so 3 steps per epoch,
 micro-batches of 4 or 2 so that accumulation runs): one process with evaluation, DDP and
 FSDP2 on 2 gloo ranks under torchrun, an interrupted run resumed equal to an uninterrupted
-one, an FSDP2 checkpoint of 2 ranks loaded on 1, synthetic data, the MLPerf preset's
-numbers, and each bad input rejected before training."""
+one, a worker killed under torchrun survived with the same result, an FSDP2 checkpoint of 2
+ranks loaded on 1, synthetic data, the MLPerf preset's numbers, the published default lrs, and
+each bad input rejected before training."""
 
 import importlib.util
 import json
@@ -44,11 +45,12 @@ def make_folder(root: Path, classes=("ant", "bee", "cat"), train=8, val=4) -> Pa
     return root
 
 
-def run(args, ranks=None):
-    """The script in a subprocess (under torchrun when ``ranks``); its JSON lines."""
+def run(args, ranks=None, restarts=0):
+    """The script in a subprocess (under torchrun when ``ranks``, which restarts the workers
+    up to ``restarts`` times); its JSON lines."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even on a GPU host
     launcher = [sys.executable] if ranks is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                       f"--nproc_per_node={ranks}"]
+                                                       f"--nproc_per_node={ranks}", f"--max-restarts={restarts}"]
     proc = subprocess.run([*launcher, str(EXAMPLES / "train_imagenet.py"), *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
@@ -111,23 +113,61 @@ def test_interrupted_run_resumes_exactly(uninterrupted, folder, tmp_path):
     resumed = [(line["step"], line["loss"], line["lr"]) for line in events(first + second, "train")]
     assert resumed == [(line["step"], line["loss"], line["lr"]) for line in events(lines, "train")]
     assert [e["top1"] for e in events(first + second, "eval")] == [e["top1"] for e in events(lines, "eval")]
-    want = torch.load(checkpoints / "step-00000006" / "model.pt")
-    got = torch.load(tmp_path / "step-00000006" / "model.pt")
-    for key, value in want["model"].items():  # parameters and Ghost BN's running statistics
+    assert_same_checkpoint(checkpoints / "step-00000006", tmp_path / "step-00000006")
+
+
+DDP = ["--micro-batch", 2, "--workers", 0]
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(folder, tmp_path_factory):
+    """2 ranks under torchrun, never interrupted: the JSON lines and the checkpoint folder."""
+    root = tmp_path_factory.mktemp("ddp")
+    log = root / "log.jsonl"
+    assert not run(["--data", folder, *TINY, *DDP, "--log-file", log, "--checkpoint-dir", root / "checkpoints",
+                    "--keep-checkpoints", 1], ranks=2)
+    return [json.loads(line) for line in log.read_text().splitlines()], root / "checkpoints"
+
+
+def test_ddp_on_two_ranks(ddp_uninterrupted):
+    lines = ddp_uninterrupted[0]  # --log-file: the JSON lines go there, none to stdout
+    start = events(lines, "start")[0]
+    assert (start["world"], start["sharding"], start["accumulation"]) == (2, "ddp", 2)
+    check_training(lines, STEPS)
+    assert [e["images"] for e in events(lines, "eval")] == [12, 12]  # each image once over both ranks
+
+
+def assert_same_checkpoint(want: Path, got: Path) -> None:
+    """model.pt of two checkpoints: the same parameters, Ghost BN statistics and optimizer state."""
+    want, got = torch.load(want / "model.pt"), torch.load(got / "model.pt")
+    for key, value in want["model"].items():
         assert torch.equal(got["model"][key], value), key
     for name, state in want["optim"]["state"].items():
         for key, value in state.items():
             assert torch.equal(got["optim"]["state"][name][key], value), (name, key)
 
 
-def test_ddp_on_two_ranks(folder, tmp_path):
+@pytest.mark.slow
+def test_killed_worker_is_survived_under_torchrun(ddp_uninterrupted, folder, tmp_path):
+    """The README's fault-tolerance recipe: torchrun --max-restarts, --save-every-steps,
+    --resume auto. Rank 1 SIGKILLs itself after step 5 (mid-epoch 1) on torchrun's first attempt;
+    rank 0's next collective fails, torchrun restarts both workers, they set up a new process
+    group (keys of the dead group's set-up left in torchrun's store must not be read) and
+    resume from the step-4 checkpoint: the losses, evaluations and final weights are those of
+    the uninterrupted run."""
+    want, want_checkpoints = ddp_uninterrupted
     log = tmp_path / "log.jsonl"
-    assert not run(["--data", folder, *TINY, "--micro-batch", 2, "--workers", 0, "--log-file", log], ranks=2)
-    lines = [json.loads(line) for line in log.read_text().splitlines()]  # --log-file: the JSON lines go there
-    start = events(lines, "start")[0]
-    assert (start["world"], start["sharding"], start["accumulation"]) == (2, "ddp", 2)
-    check_training(lines, STEPS)
-    assert [e["images"] for e in events(lines, "eval")] == [12, 12]  # each image once over both ranks
+    run(["--data", folder, *TINY, *DDP, "--log-file", log, "--checkpoint-dir", tmp_path / "checkpoints",
+         "--save-every-steps", 2, "--resume", "auto", "--kill-after-steps", 5, "--dist-timeout", 60], ranks=2,
+        restarts=1)
+    got = [json.loads(line) for line in log.read_text().splitlines()]  # both attempts append to it
+    assert [start["resumed_from"] for start in events(got, "start")] == [None, str(tmp_path / "checkpoints" /
+                                                                                 "step-00000004")]
+    assert [c["step"] for c in events(got, "checkpoint")] == [2, 3, 4, 6, 6]  # the 2nd 6: epoch 1's end
+    assert [(t["step"], t["loss"], t["lr"]) for t in events(got, "train")] == [
+        (t["step"], t["loss"], t["lr"]) for t in events(want, "train")]  # step 5 logged once, by the 2nd attempt
+    assert [e["top1"] for e in events(got, "eval")] == [e["top1"] for e in events(want, "eval")]
+    assert_same_checkpoint(want_checkpoints / "step-00000006", tmp_path / "checkpoints" / "step-00000006")
 
 
 def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(folder, tmp_path):
@@ -177,6 +217,20 @@ def test_mlperf_preset(batch, run_batch, lr, epochs):
     assert (plan.label_smoothing, plan.eval_every, plan.target_top1) == (0.1, 4, 75.9)
 
 
+@pytest.mark.parametrize("lamb, batch, peak", [(False, 3264, 10.5), (False, 256, 10.5 * 256 / 3264),
+                                               (True, 32768, 0.04), (True, 256, 0.04 * math.sqrt(256 / 32768))])
+def test_default_lrs_are_the_published_ones(lamb, batch, peak):
+    """No lr flag, no preset: LARS peaks at NVIDIA's MLPerf lr (10.5 at batch 3264, linearly
+    scaled), LAMB at You et al.'s (0.04 at batch 32768, square-root scaled); resnet50."""
+    args = train_imagenet.parse_args(["--data", "synthetic", "--global-batch", str(batch), "--micro-batch", "32",
+                                      *(["--lamb"] if lamb else [])])
+    plan = train_imagenet.check_inputs(args, world=1)
+    assert args.model == "resnet50" and "default" in plan.recipe
+    _, schedule = train_imagenet.common.make_optimizer(args, torch.nn.Linear(2, 2), plan.epochs * plan.steps_per_epoch,
+                                                       plan.warmup_steps, **plan.optimizer_options)
+    assert schedule.base_lrs[0] == pytest.approx(peak)
+
+
 def bad_input(tmp_path, uninterrupted):
     """(name, setup(root) -> extra args, message) for each bad input."""
     folder = lambda root: make_folder(root, train=2, val=1)  # noqa: E731
@@ -222,6 +276,8 @@ def bad_input(tmp_path, uninterrupted):
         ("resume auto without a folder", lambda root: ["--data", "synthetic", "--resume", "auto"],
          "--resume auto needs --checkpoint-dir"),
         ("preset with LAMB", lambda root: ["--data", "synthetic", "--preset", "mlperf", "--lamb"], "drop --lamb"),
+        ("no dist timeout", lambda root: ["--data", "synthetic", "--dist-timeout", 0],
+         "--dist-timeout must be > 0 seconds, got 0.0"),
         ("warmup as long as training", lambda root: ["--data", "synthetic", "--warmup-epochs", 2],
          r"--warmup-epochs 2.0 \(20 steps\) must be >= 0 and shorter than --epochs 2 \(20 steps\)"),
     ]

@@ -172,6 +172,9 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
                 trust_clip=group["trust_clip"])
 
 
+# the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
+# rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
+@torch._disable_dynamo
 def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     bias_correction: bool, grad_averaging: bool, trust_clip: bool,

@@ -141,6 +141,9 @@ class LARS(TrustRatioOptimizer):
                      dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
 
+# the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
+# rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
+@torch._disable_dynamo
 def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
                     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
     """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend."""

@@ -16,20 +16,23 @@ import fastlars
 from fastlars.adversarial import adversarial_loss
 from fastlars.hessian import AdaptiveBatchSize, top_eigenvalues
 from fastlars.noise_scale import GradientNoiseScale
-from fastlars.schedules import BatchSizeRamp, WarmupPolyDecay, scale_lr
+from fastlars.schedules import BatchSizeRamp, WarmupPolyDecay
 from fastlars.train import accumulate_gradients
 
 from .ensemble import EnsembleCNN, EnsembleMLP, ensemble_loss, member_accuracy
 
-__all__ = ["Recipe", "RECIPES", "DATASETS", "MODELS", "load_data", "RunSpec", "train_run", "steps_grid"]
+__all__ = ["Recipe", "RECIPES", "DATASETS", "MODELS", "load_data", "RunSpec", "train_run", "steps_grid", "crossing",
+           "start_batch", "procedure"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     title: str
     optimizer: str = "sgd"  # sgd (momentum 0.9), lars, lamb
-    scaling: str | None = None  # lr scaling rule from the reference batch: None, "linear", "sqrt"
-    warmup: bool = True  # Goyal's gradual warmup from the small-batch lr over the first 1/8 of the budget
+    # The lr rule from the reference batch ("linear" or "sqrt"). With the lr tuned per batch (Shallue et al.)
+    # a rule only says where the search starts; the search moves on until the best lr is interior.
+    scaling: str = "linear"
+    warmup: bool = True  # Goyal's gradual warmup from the small-batch lr (only above the reference batch)
     ghost_bn: bool = False  # Ghost BN with ghosts of the reference batch (Hoffer et al.)
     longer: bool = False  # Hoffer et al.'s regime adaptation: epochs x B / B_ref (capped at LONGER_CAP)
     ramp: bool = False  # Smith et al.: start at B / 25, batch x5 instead of lr / 5 at 1/2 and 3/4 of the budget
@@ -38,28 +41,28 @@ class Recipe:
 
 
 RECIPES = {
-    "sgd": Recipe("SGD+momentum, small-batch lr (naive)", warmup=False),
-    "goyal": Recipe("linear scaling + warmup (Goyal)", scaling="linear"),
-    "sqrt": Recipe("sqrt scaling + warmup", scaling="sqrt"),
-    "lars": Recipe("LARS, sqrt scaling + warmup + poly (You)", optimizer="lars", scaling="sqrt"),
-    "lamb": Recipe("LAMB, sqrt scaling + warmup + poly", optimizer="lamb", scaling="sqrt"),
+    "sgd": Recipe("SGD+momentum, no warm-up (Shallue's / Nado's tuned baseline)", warmup=False),
+    "goyal": Recipe("SGD+momentum, linear scaling + warm-up (Goyal)"),
+    "sqrt": Recipe("SGD+momentum, sqrt scaling + warm-up", scaling="sqrt"),
+    "lars": Recipe("LARS + warm-up + poly (You)", optimizer="lars", scaling="sqrt"),
+    "lamb": Recipe("LAMB + warm-up + poly (You)", optimizer="lamb", scaling="sqrt"),
     "lars_gbn": Recipe("LARS + Ghost BN", optimizer="lars", scaling="sqrt", ghost_bn=True),
-    "gbn_longer": Recipe("Ghost BN + sqrt scaling + train longer (Hoffer)", scaling="sqrt", ghost_bn=True,
-                         longer=True),
-    "ramp": Recipe("batch ramp x5 instead of lr decay (Smith)", scaling="linear", warmup=False, ramp=True),
-    "abs": Recipe("ABS: batch from the Hessian eigenvalue (Yao)", scaling="linear", adaptive=True),
-    "absa": Recipe("ABSA: ABS + FGSM adversarial training (Yao)", scaling="linear", adaptive=True,
-                   adversarial=True),
+    "gbn_longer": Recipe("Ghost BN + warm-up + train longer (Hoffer)", scaling="sqrt", ghost_bn=True, longer=True),
+    "ramp": Recipe("batch ramp x5 instead of lr decay (Smith)", warmup=False, ramp=True),
+    "abs": Recipe("ABS: batch from the Hessian eigenvalue (Yao)", adaptive=True),
+    "absa": Recipe("ABSA: ABS + FGSM adversarial training (Yao)", adaptive=True, adversarial=True),
 }
 
-# Base lr grids at the reference batch, one per optimizer family (the recipe's rule scales them), x2 apart.
-# LARS's step is relative (lr * trust_coefficient * ||w|| per layer): 0.2-1.6 % of ||w|| per step at the
-# reference batch; LAMB's is lr * ||w||. LARS and LAMB use the sqrt rule (You et al. 2019): the linear rule
-# would ask for relative steps above 100 % at the largest batches.
-LR_GRIDS = {"sgd": (0.025, 0.05, 0.1, 0.2), "lars": (0.1, 0.2, 0.4, 0.8), "lamb": (0.0025, 0.005, 0.01, 0.02)}
+# Where the lr search starts at the reference batch, per optimizer family (the recipe's rule moves it to
+# other batches). LARS's step is relative (lr * trust_coefficient * ||w|| per layer); LAMB's is lr * ||w||.
+LR_CENTRES = {"sgd": 0.1, "lars": 1.6, "lamb": 0.04}
 MOMENTUM, WEIGHT_DECAY, LAMB_WEIGHT_DECAY, TRUST_COEFFICIENT = 0.9, 5e-4, 0.01, 0.02
+WARMUP_FRACTION = 1 / 16  # of the planned steps (Goyal: 5 of 90 epochs)
 LONGER_CAP = 2  # train longer by at most 2x the epochs (as many updates as the small batch would cost B/B_ref x)
 RAMP_FACTOR, ABS_START_DIVISOR, FGSM_EPS = 5, 8, 0.1
+# A steps-to-target run stops once STOP_MARGIN x the best lr's median steps have passed: every lr not at
+# the target by then is slower than the best (the margin records the neighbours' steps too).
+STOP_MARGIN = 1.25
 DATASETS = ("mnist1d", "digits")
 MODELS = {"cnn": EnsembleCNN, "mlp": EnsembleMLP}
 
@@ -103,11 +106,16 @@ class RunSpec:
     model: str
     recipe: str
     batch: int
-    lrs: tuple[float, ...]  # the base lr grid at the reference batch (the recipe's rule scales it)
+    lrs: tuple[float, ...]  # the peak lrs tried (one ensemble member per lr and seed)
     seeds: tuple[int, ...]
-    epochs: int
+    steps: int  # the budget, in steps of ``batch`` (ramp/ABS: the same number of samples, in smaller steps)
     ref_batch: int
     samples: int
+    target: float = 0.8  # validation accuracy for steps-to-target
+    # Shallue et al.'s steps-to-target runs stop once the ranking of the lrs is decided (see train_run);
+    # False: a fixed-budget run, trained to the end, whose test accuracy is read
+    early_stop: bool = False
+    stop_after: float | None = None  # the search's best steps-to-target so far x STOP_MARGIN
 
     def key(self) -> str:
         """The cache key: a hash of what determines the run's result."""
@@ -115,10 +123,22 @@ class RunSpec:
 
 
 def steps_grid(last: int) -> list[int]:
-    """Steps at which validation accuracy is measured: 4 per octave (steps-to-target to
-    within 19 %), and the last step."""
+    """Steps at which validation accuracy is measured: 4 per octave (steps-to-target is
+    interpolated between them), and the last step."""
     steps = sorted({max(1, round(2 ** (i / 4))) for i in range(int(4 * math.log2(max(last, 1))) + 1)} | {last})
     return [s for s in steps if s <= last]
+
+
+def crossing(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The step at which a validation curve [(step, accuracy)] first reaches ``target``,
+    linearly interpolated between the two measurements around the crossing."""
+    prev = (0, 0.0)
+    for step, acc in curve:
+        if acc >= target:
+            s0, a0 = prev
+            return float(step) if acc == a0 else s0 + (target - a0) / (acc - a0) * (step - s0)
+        prev = (step, acc)
+    return None
 
 
 def _optimizer(model, recipe: Recipe, lrs: list[float]) -> torch.optim.Optimizer:
@@ -178,11 +198,48 @@ def _noise_scale_pass(model, data, trackers, generator, big: int, small: int) ->
     model.train(was_training)
 
 
-def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = False,
-              sharpness_subset: int = 512, sharpness_iters: int = 20, progress=None) -> dict:
+def start_batch(recipe: Recipe, batch: int, ref: int) -> int:
+    """The batch a run starts at: ``batch``, or for the ramp and ABS the batch they grow from."""
+    if recipe.ramp:
+        return max(min(ref, batch), batch // RAMP_FACTOR ** 2)
+    if recipe.adaptive:
+        return max(min(ref, batch), batch // ABS_START_DIVISOR)
+    return batch
+
+
+def _ramp_cap(first: int, batch: int) -> int:
+    cap = first
+    while cap * RAMP_FACTOR <= batch:
+        cap *= RAMP_FACTOR
+    return cap
+
+
+def procedure(name: str, batch: int, ref: int, budget_samples: int) -> tuple:
+    """What a run of recipe ``name`` at ``batch`` actually does, apart from its lr (which is tuned):
+    two cells with the same procedure are one run. Goyal's warm-up starts at the small-batch lr, so
+    it does nothing at or below the reference batch; Ghost BN with ghosts of the reference batch is
+    plain BN there; the ramp and ABS are fixed-batch runs when they have no room to grow."""
+    r = RECIPES[name]
+    first = start_batch(r, batch, ref)
+    ramp = r.ramp and _ramp_cap(first, batch) > first  # the batch grows
+    grows = r.adaptive and batch > first
+    longer = min(LONGER_CAP, max(1.0, batch / ref)) if r.longer else 1.0
+    # the ramp's schedule is step decay (the lr is divided where the batch can no longer grow), never poly
+    return (r.optimizer, r.warmup and first > ref, r.ghost_bn and first > ref,
+            r.ramp and (first, _ramp_cap(first, batch)),
+            grows and (first, batch), grows and r.adversarial, longer, round(budget_samples * longer),
+            batch if not (ramp or grows) else None)
+
+
+def train_run(spec: RunSpec, data: dict, *, noise_scale: bool = False, sharpness_subset: int = 512,
+              sharpness_iters: int = 20, progress=None) -> dict:
     """Train every (lr, seed) member of one recipe at one batch size; return the record
-    (per member: lr, seed, validation curve, steps to ``target``, final validation
-    accuracy, sharpness, updates; test accuracy of the lr chosen on validation only)."""
+    (per member: lr, seed, validation curve, steps to ``spec.target``, final validation
+    accuracy, divergence; for a fixed-budget run also sharpness and test accuracy).
+
+    A steps-to-target run (``spec.early_stop``) stops at the first validation measurement
+    after ``spec.stop_after`` steps or after STOP_MARGIN x the best median steps-to-target
+    of its own lrs, or once every member has reached the target or diverged."""
     recipe = RECIPES[spec.recipe]
     n = len(data["y"])
     if not 1 <= spec.batch <= n:
@@ -190,34 +247,26 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
     start = time.perf_counter()
     # member k: lr spec.lrs[k // S], seed spec.seeds[k % S]
     lrs, seeds = [lr for lr in spec.lrs for _ in spec.seeds], [s for _ in spec.lrs for s in spec.seeds]
+    per_seed = len(spec.seeds)
     batch, ref = spec.batch, spec.ref_batch
-    # The batch the run starts at (ramp and ABS grow from there up to spec.batch).
-    if recipe.ramp:
-        start_batch = max(min(ref, batch), batch // RAMP_FACTOR ** 2)
-    elif recipe.adaptive:
-        start_batch = max(min(ref, batch), batch // ABS_START_DIVISOR)
-    else:
-        start_batch = batch
-    peak = [scale_lr(lr, start_batch, ref, recipe.scaling) if recipe.scaling else lr for lr in lrs]
-    epochs = spec.epochs * (min(LONGER_CAP, max(1.0, batch / ref)) if recipe.longer else 1)
-    budget = int(round(epochs * n))  # samples
-    planned_steps = max(2, math.ceil(budget / start_batch))  # in steps of start_batch
+    first = start_batch(recipe, batch, ref)  # ramp and ABS grow from there up to spec.batch
+    longer = min(LONGER_CAP, max(1.0, batch / ref)) if recipe.longer and not spec.early_stop else 1.0
+    budget = int(round(spec.steps * batch * longer))  # samples
+    planned_steps = max(2, math.ceil(budget / first))  # in steps of the start batch
 
     torch.manual_seed(spec.seeds[0])
     model = MODELS[spec.model](seeds, data["x"].shape[1], virtual_batch_size=ref if recipe.ghost_bn else None)
-    opt = _optimizer(model, recipe, peak)
-    warmup = planned_steps // 8 if recipe.warmup else 0
+    opt = _optimizer(model, recipe, lrs)
+    warmup = max(1, round(planned_steps * WARMUP_FRACTION)) if recipe.warmup and first > ref else 0
     schedule = ramp = None
     if not recipe.ramp:
-        schedule = WarmupPolyDecay(opt, planned_steps, warmup, WarmupPolyDecay.small_batch_factor(start_batch, ref))
+        schedule = WarmupPolyDecay(opt, planned_steps, warmup, WarmupPolyDecay.small_batch_factor(first, ref))
     else:
-        cap = start_batch
-        while cap * RAMP_FACTOR <= batch:
-            cap *= RAMP_FACTOR
-        first = math.ceil(budget / 2 / start_batch)
-        second = first + math.ceil(budget / 4 / min(cap, start_batch * RAMP_FACTOR))
-        ramp = BatchSizeRamp(opt, start_batch, start_batch, [first, second], RAMP_FACTOR, cap)
-    abs_ = AdaptiveBatchSize(start_batch, batch) if recipe.adaptive and batch > start_batch else None
+        cap = _ramp_cap(first, batch)
+        milestone1 = math.ceil(budget / 2 / first)
+        milestone2 = milestone1 + math.ceil(budget / 4 / min(cap, first * RAMP_FACTOR))
+        ramp = BatchSizeRamp(opt, first, first, [milestone1, milestone2], RAMP_FACTOR, cap)
+    abs_ = AdaptiveBatchSize(first, batch) if recipe.adaptive and batch > first else None
     trackers = [GradientNoiseScale(beta=0.9, params=model.member_parameters(k)) for k in range(len(lrs))] \
         if noise_scale else None
 
@@ -225,11 +274,13 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
     generator = torch.Generator().manual_seed(7)
     eval_steps = set(steps_grid(planned_steps * 4))  # more than any run takes
     curve: list[tuple[int, list[float]]] = []
-    reached: list[int | None] = [None] * len(lrs)
+    reached: list[float | None] = [None] * len(lrs)
+    diverged = [False] * len(lrs)
     b_simple_at_target: list[float | None] = [None] * len(lrs)
-    trajectory = [(0, start_batch)]
+    trajectory = [(0, first)]
     seen, step, next_check = 0, 0, n
-    current = start_batch
+    current = first
+    stop_reason = "budget"
     model.train()
     while seen < budget:
         b = min(current, budget - seen)
@@ -250,7 +301,7 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
             current = ramp.batch_size
         else:
             # progress in steps of the start batch (equals the step count at a fixed batch)
-            factor = schedule.factor(seen / start_batch)
+            factor = schedule.factor(seen / first)
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
         if trackers is not None and step % max(1, n // (4 * b)) == 0:
@@ -259,7 +310,8 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
             next_check += n
             eig = _sharpness(model, data, 256, 8)
             # One batch for all members: the geometric mean of their eigenvalues (|.|) decides.
-            new = abs_.update(math.exp(sum(math.log(abs(e) + 1e-12) for e in eig) / len(eig)))
+            finite = [abs(e) for e in eig if math.isfinite(e)] or [1.0]
+            new = abs_.update(math.exp(sum(math.log(e + 1e-12) for e in finite) / len(finite)))
             if new != current:
                 current = new
                 trajectory.append((step, current))
@@ -269,31 +321,42 @@ def train_run(spec: RunSpec, data: dict, *, target: float, noise_scale: bool = F
             acc = member_accuracy(model, data["x_val"], data["y_val"]).tolist()
             curve.append((step, acc))
             for k, a in enumerate(acc):
-                if reached[k] is None and a >= target:
-                    reached[k] = step
+                if not diverged[k] and not all(bool(torch.isfinite(p).all()) for p in model.member_parameters(k)):
+                    diverged[k] = True
+                if reached[k] is None and not diverged[k] and a >= spec.target:
+                    reached[k] = crossing([(s, c[k]) for s, c in curve], spec.target)
                     if trackers is not None:
                         b_simple_at_target[k] = trackers[k].b_simple
+            if spec.early_stop:
+                medians = [_median_steps(reached[i * per_seed:(i + 1) * per_seed]) for i in range(len(spec.lrs))]
+                limit = min([spec.stop_after or math.inf] + [STOP_MARGIN * m for m in medians])
+                if step >= limit:
+                    stop_reason = "ranking decided"
+                    break
+                if all(r is not None or d for r, d in zip(reached, diverged)):
+                    stop_reason = "every member reached the target or diverged"
+                    break
         if progress is not None:
             progress.set_postfix_str(f"{spec.recipe} B={batch} step {step}", refresh=False)
 
     final_val = curve[-1][1]
-    sharp = _sharpness(model, data, sharpness_subset, sharpness_iters)
-    # lr chosen on validation: the best mean final validation accuracy over seeds.
-    per_seed = len(spec.seeds)
-    chosen = max(range(len(spec.lrs)), key=lambda i: sum(final_val[i * per_seed:(i + 1) * per_seed]))
-    test = member_accuracy(model, data["x_test"], data["y_test"])  # all members in one pass ...
-    members = []
-    for k in range(len(lrs)):
-        members.append({
-            "base_lr": lrs[k], "peak_lr": peak[k], "seed": seeds[k], "final_val": final_val[k],
-            "steps_to_target": reached[k], "sharpness": sharp[k],
-            # ... but only the lr chosen on validation has its test accuracy recorded
-            "test": float(test[k]) if k // per_seed == chosen else None,
-            "b_simple": trackers[k].b_simple if trackers is not None else None,
-            "b_simple_at_target": b_simple_at_target[k],
-        })
-    return {"spec": dataclasses.asdict(spec), "key": spec.key(), "target": target, "updates": step,
-            "samples_seen": seen, "epochs": epochs, "start_batch": start_batch, "chosen_base_lr": spec.lrs[chosen],
-            "batch_trajectory": trajectory, "val_curve": curve, "members": members,
-            "wall_s": time.perf_counter() - start}
+    members = [{"lr": lrs[k], "seed": seeds[k], "final_val": final_val[k], "steps_to_target": reached[k],
+                "diverged": diverged[k]} for k in range(len(lrs))]
+    if not spec.early_stop:
+        # a fixed-budget run: one read of the test set, the sharpness and the noise scale at the end
+        test = member_accuracy(model, data["x_test"], data["y_test"]).tolist()
+        sharp = _sharpness(model, data, sharpness_subset, sharpness_iters) if sharpness_iters else [None] * len(lrs)
+        for k, m in enumerate(members):
+            m.update(test=test[k], sharpness=sharp[k],
+                     b_simple=trackers[k].b_simple if trackers is not None else None,
+                     b_simple_at_target=b_simple_at_target[k])
+    return {"spec": dataclasses.asdict(spec), "key": spec.key(), "n_train": n, "updates": step, "samples_seen": seen,
+            "epochs": seen / n, "start_batch": first, "stop": stop_reason, "batch_trajectory": trajectory,
+            "val_curve": curve, "members": members, "wall_s": time.perf_counter() - start}
 
+
+def _median_steps(steps: list[float | None]) -> float:
+    """Median over seeds, a seed not (yet) at the target counting as infinitely many steps."""
+    values = sorted(math.inf if s is None else s for s in steps)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
