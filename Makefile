@@ -68,13 +68,13 @@ bench: setup
 	$(PYTHON) -m fastlars.bench e2e
 
 bench-optim: setup
-	$(PYTHON) bench/optim_step.py
+	$(PYTHON) -m bench.optim_step
 
 bench-ghost-bn: setup
-	$(PYTHON) bench/ghost_bn.py
+	$(PYTHON) -m bench.ghost_bn
 
 bench-distributed: setup
-	$(PYTHON) bench/distributed_step.py
+	$(PYTHON) -m bench.distributed_step
 
 demo: setup
 	$(PYTHON) -m fastlars.demo

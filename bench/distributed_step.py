@@ -1,6 +1,6 @@
 """Optimizer step under FSDP2 (fully_shard) on gloo ranks on the CPU, and its collectives.
 
-    python bench/distributed_step.py [--world 2] [--steps 10] [--warmup 2] [--results DIR] [--no-save]
+    python -m bench.distributed_step [--world 2] [--steps 10] [--warmup 2] [--results DIR] [--no-save]
 
 Parameters: torchvision's ResNet-50 (no weights; 25.6M parameters in 161 tensors), each
 Bottleneck and then the root sharded with ``fully_shard`` over ``--world`` gloo ranks
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastlars
-from optim_step import RESULTS, write_results  # bench/ is on sys.path when run as a script
+from bench.optim_step import RESULTS, write_results
 
 OPTIMIZERS = {  # row name: (class, keyword arguments, weight decay of the adapted group)
     "LARS": ("LARS", dict(lr=0.1, momentum=0.9), 5e-5),
@@ -64,8 +64,7 @@ def fill_grads(model: torch.nn.Module, seed: int) -> None:
 
 def make_optimizer(row: str, backend: str, model: torch.nn.Module):
     cls, kwargs, weight_decay = OPTIMIZERS[row]
-    return getattr(fastlars, cls)(fastlars.param_groups(model, weight_decay=weight_decay), backend=backend,
-                                  **kwargs)
+    return fastlars.make_optimizer(cls, model, weight_decay=weight_decay, backend=backend, **kwargs)
 
 
 def time_steps(opt, warmup: int, steps: int, barrier=None) -> dict:

@@ -1,6 +1,6 @@
 """Ghost BN forward+backward time at ResNet-50 activation shapes, every path side by side.
 
-    python bench/ghost_bn.py [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
+    python -m bench.ghost_bn [--device cpu|cuda] [--batch 256] [--vbs 32 128] [--min-run-time 0.5]
                              [--shapes CxHW ...] [--results DIR]
 
 Paths: `nn.BatchNorm2d` (plain BN over the whole batch: cuDNN on a GPU; the speed
@@ -8,7 +8,7 @@ to match), the chunk loop (F.batch_norm per `x.split(vbs)` chunk, then cat: the
 common implementation, keeping no ghost statistics), and fastlars's `native`,
 `vectorized` and `triton` (GPU only) backends. Configurations: fp32 NCHW and bf16 channels_last, vbs 32 and
 128. Reported: ms per forward+backward, speed-up over the chunk loop, and the
-fraction of SPEC.md's floor (read x and write y forward, read x and dy and write dx
+fraction of the floor (docs/contract.md, "The floors") (read x and write y forward, read x and dy and write dx
 backward: 5 x activation bytes, over the copy bandwidth measured in the same run).
 On the CPU a reduced set of shapes runs by default (the largest ones take seconds
 per step on two cores).
@@ -26,7 +26,7 @@ from torch.utils.benchmark import Timer
 
 import fastlars
 from fastlars.nn.ghost_bn import ghost_batch_norm
-from optim_step import RESULTS, _version, copy_bandwidth, device_name, write_results
+from bench.optim_step import RESULTS, _version, copy_bandwidth, device_name, write_results
 
 # (channels, height/width) of ResNet-50's BatchNorm inputs
 RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]

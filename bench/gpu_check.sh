@@ -105,8 +105,7 @@ stage facts $limit_facts "$PY" - "$out/device.json" "$device" "$cuda_home" <<'PY
 import json, platform, subprocess, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, "bench")
-from optim_step import _version, copy_bandwidth, device_name
+from bench.optim_step import _version, copy_bandwidth, device_name
 
 path, device, cuda_home = Path(sys.argv[1]), torch.device(sys.argv[2]), sys.argv[3]
 facts = dict(device=device_name(device), torch=torch.__version__, torch_cuda=torch.version.cuda,
@@ -159,15 +158,15 @@ stage tests $limit_tests "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[
 
 # 4-6. the benchmarks
 if [ $dry = 1 ]; then
-    stage optim $limit_optim "$PY" bench/optim_step.py --device cpu --workloads toy --min-run-time 0.01 --results "$out"
-    stage gbn $limit_gbn "$PY" bench/ghost_bn.py --device cpu --batch 8 --vbs 4 --shapes 8x4 16x2 --min-run-time 0.01 \
+    stage optim $limit_optim "$PY" -m bench.optim_step --device cpu --workloads toy --min-run-time 0.01 --results "$out"
+    stage gbn $limit_gbn "$PY" -m bench.ghost_bn --device cpu --batch 8 --vbs 4 --shapes 8x4 16x2 --min-run-time 0.01 \
         --results "$out"
     stage e2e $limit_e2e "$PY" -m fastlars.bench e2e --device cpu --global-batch 8 --micro-batch 4 --image-size 16 \
         --model resnet18 --configs sgd+bn lars+gbn --backends foreach --steps 1 --results "$out" --no-plot
 else
-    stage optim $limit_optim "$PY" bench/optim_step.py --device cuda --workloads resnet50 bert_large --min-run-time 0.2 \
+    stage optim $limit_optim "$PY" -m bench.optim_step --device cuda --workloads resnet50 bert_large --min-run-time 0.2 \
         --results "$out"
-    stage gbn $limit_gbn "$PY" bench/ghost_bn.py --device cuda --min-run-time 0.1 --results "$out"
+    stage gbn $limit_gbn "$PY" -m bench.ghost_bn --device cuda --min-run-time 0.1 --results "$out"
     stage e2e $limit_e2e "$PY" -m fastlars.bench e2e --device cuda --global-batch 8192 --configs sgd+bn lars+gbn \
         --backends triton --steps 2 --results "$out" --no-plot
 fi

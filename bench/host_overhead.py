@@ -1,6 +1,6 @@
 """Host (Python) time of one triton-backend step, with every kernel launch stubbed out.
 
-    python bench/host_overhead.py [--steps 50] [--results DIR] [--no-save]
+    python -m bench.host_overhead [--steps 50] [--results DIR] [--no-save]
 
 On a GPU an eager step costs at least this much CPU time whatever the kernels take
 (ResNet-50's LARS floor on an H100 is ~0.17 ms), so this is what bounds the eager
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import fastlars  # noqa: E402
 from fastlars.ops import lamb_step, lars_step, multi_tensor  # noqa: E402
-from optim_step import RESULTS, WORKLOADS, _version, groups_of, make_params, write_results  # noqa: E402
+from bench.optim_step import RESULTS, WORKLOADS, _version, groups_of, make_params, write_results  # noqa: E402
 
 OPTIMIZERS = {"LARS": dict(lr=0.1, momentum=0.9, weight_decay=1e-4),
               "LAMB": dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)}
@@ -54,7 +54,7 @@ def run(steps: int) -> dict:
         for name, kwargs in OPTIMIZERS.items():
             for schedule in (False, True):
                 params = make_params(shapes, "cpu")
-                opt = getattr(fastlars, name)(groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
+                opt = fastlars.make_optimizer(name, groups_of(params), backend="triton", skip_nonfinite=True, **kwargs)
                 for _ in range(3):  # state, cached tables
                     opt.step()
                 start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Optimizer step time of every available backend, side by side in one run.
 
-    python bench/optim_step.py [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
+    python -m bench.optim_step [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
                                [--min-run-time 1.0] [--results DIR]
 
 Workloads: ResNet-50's parameter shapes (torchvision, no weights: 25.6M parameters
@@ -10,7 +10,7 @@ the device, plus timm's Lars/Lamb when timm is installed, and on CUDA "triton+gr
 the triton step captured once in a CUDA graph (capturable=True) and replayed. Each step is timed with
 torch.utils.benchmark (median of repeated blocks; it synchronizes CUDA). Reported
 per row: ms/step, speed-up over the `reference` backend measured in the same run,
-effective GB/s (SPEC.md's minimum bytes / time) and the fraction of SPEC.md's floor
+effective GB/s (minimum bytes / time) and the fraction of the floor (docs/contract.md, "The floors")
 (minimum bytes / measured device-to-device copy bandwidth, measured in the same run).
 Writes <results>/optim_step-<device>-<date>.json.
 """
@@ -27,8 +27,9 @@ import torch
 from torch.utils.benchmark import Timer
 
 import fastlars
+from fastlars import backends
 
-# SPEC.md, "The performance model": fewest bytes per fp32 element a step must move
+# docs/contract.md, "The floors": fewest bytes per fp32 element a step must move
 MIN_BYTES_PER_ELEMENT = {"LARS": 20, "LAMB": 28}
 OPTIMIZER_ARGS = {"LARS": dict(lr=0.1, momentum=0.9, weight_decay=5e-5),
                   "LAMB": dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)}  # timm's default clipping
@@ -85,7 +86,8 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 
 
 def groups_of(params):
-    """The usual two groups (SPEC.md): ndim <= 1 excluded from decay and trust ratio."""
+    """The usual two groups (docs/contract.md, "Which parameters adapt"): ndim <= 1
+    excluded from decay and trust ratio."""
     return [{"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "trust_ratio": False}]
 
@@ -106,9 +108,7 @@ def device_name(device: torch.device) -> str:
 
 def backends_for(device: torch.device) -> list[str]:
     """fastlars backends usable on the device, reference first; then timm's, if installed."""
-    usable = [b for b in fastlars.available_backends()
-              if (b not in ("triton", "cuda") or device.type == "cuda") and (b != "cpu" or device.type == "cpu")]
-    rows = sorted(usable, key=lambda b: b != "reference")
+    rows = sorted(backends.usable_on(device.type), key=lambda b: b != "reference")
     try:
         import timm.optim  # noqa: F401
 
@@ -124,14 +124,14 @@ def make_optimizer(name: str, backend: str, params, kwargs):
 
         timm_cls = {"LARS": timm.optim.Lars, "LAMB": timm.optim.Lamb}[name]
         return timm_cls(groups_of(params), **kwargs)
-    return getattr(fastlars, name)(groups_of(params), backend=backend, **kwargs)
+    return fastlars.make_optimizer(name, groups_of(params), backend=backend, **kwargs)
 
 
 def captured_step(name: str, params, kwargs) -> torch.cuda.CUDAGraph:
     """The triton step captured in a CUDA graph (capturable=True, a tensor lr): what a
     step costs without Python, the launch-bound case's real floor."""
     lr = torch.tensor(kwargs["lr"], device=params[0].device)
-    opt = getattr(fastlars, name)(groups_of(params), backend="triton", capturable=True, skip_nonfinite=True,
+    opt = fastlars.make_optimizer(name, groups_of(params), backend="triton", capturable=True, skip_nonfinite=True,
                                   **{**kwargs, "lr": lr})
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

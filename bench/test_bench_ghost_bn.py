@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from ghost_bn import fwd_bwd, paths_for
+from bench.ghost_bn import fwd_bwd, paths_for
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -2,14 +2,14 @@
 
     .venv/bin/python -m pytest bench/test_bench_optim.py --benchmark-only [--benchmark-json out.json]
 
-Not part of the test suite (tests/ only). bench/optim_step.py prints the same
-comparison as a table with the SPEC.md floor.
+Not part of the test suite (tests/ only). python -m bench.optim_step prints the same
+comparison as a table with the floor of docs/contract.md, "The floors".
 """
 
 import pytest
 import torch
 
-from optim_step import DEFAULT_WORKLOADS, OPTIMIZER_ARGS, WORKLOADS, backends_for, make_optimizer, make_params
+from bench.optim_step import DEFAULT_WORKLOADS, OPTIMIZER_ARGS, WORKLOADS, backends_for, make_optimizer, make_params
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -2,10 +2,30 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "layouts.h"
+
+// One layout of csrc/layouts.h as {column name: index}, for tests/test_layouts.py to compare
+// with fastlars/ops/layouts.py.
+#define FASTLARS_COLUMNS_DICT(LIST, prefix)               \
+  [] {                                                    \
+    pybind11::dict columns;                               \
+    LIST(FASTLARS_ENTRY_##prefix)                         \
+    return columns;                                       \
+  }()
+#define FASTLARS_ENTRY_C(name) columns[#name] = static_cast<int>(fastlars::C_##name);
+#define FASTLARS_ENTRY_L(name) columns[#name] = static_cast<int>(fastlars::L_##name);
+#define FASTLARS_ENTRY_B(name) columns[#name] = static_cast<int>(fastlars::B_##name);
+#define FASTLARS_ENTRY_S(name) columns[#name] = static_cast<int>(fastlars::S_##name);
+#define FASTLARS_ENTRY_K(name) columns[#name] = static_cast<int>(fastlars::K_##name);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlars fused optimizer kernels (CPU, and CUDA when built with it)";
   m.attr("chunk_elements") = fastlars::kChunk;
+  m.attr("tensor_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_TENSOR_COLUMNS, C);
+  m.attr("chunk_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_CHUNK_COLUMNS, K);
+  m.attr("lars_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LARS_COLUMNS, L);
+  m.attr("lamb_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LAMB_COLUMNS, B);
+  m.attr("sum_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_SUM_COLUMNS, S);
   m.def("sumsq_cpu", &fastlars::sumsq_cpu, "per-tensor sums of squares of weights and gradients");
   m.def("lars_update_cpu", &fastlars::lars_update_cpu, "fused LARS update");
   m.def("lamb_norms_cpu", &fastlars::lamb_norms_cpu, "per-tensor sums of squares of w, g and the LAMB direction u");

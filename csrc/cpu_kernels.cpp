@@ -83,18 +83,18 @@ void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
 
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads) {
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * 2);
+  std::vector<double> partials(items.size() * kLarsSums);
   if (!items.empty()) {
     FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cpu", [&] {
       for_items(items, [&](int64_t k) {
         const auto& it = items[k];
         const int64_t n = it.end - it.begin;
-        partials[2 * k] = sum_squares(weights[it.tensor].data_ptr<weight_t>() + it.begin, n);
-        partials[2 * k + 1] = sum_squares(grads[it.tensor].data_ptr<param_t>() + it.begin, n);
+        partials[kLarsSums * k + S_W2] = sum_squares(weights[it.tensor].data_ptr<weight_t>() + it.begin, n);
+        partials[kLarsSums * k + S_G2] = sum_squares(grads[it.tensor].data_ptr<param_t>() + it.begin, n);
       });
     });
   }
-  return totals(items, partials, static_cast<int64_t>(grads.size()), 2);
+  return totals(items, partials, static_cast<int64_t>(grads.size()), kLarsSums);
 }
 
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -110,8 +110,8 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
       const auto& it = items[k];
       const int64_t i = it.tensor;
       const auto h = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
-      const acc_t ratio = lars_trust_ratio<acc_t>(acc_t(std::sqrt(norms[2 * i])),
-                                                  acc_t(std::sqrt(norms[2 * i + 1]) * inv_scale), h);
+      const acc_t ratio = lars_trust_ratio<acc_t>(acc_t(std::sqrt(norms[kLarsSums * i + S_W2])),
+                                                  acc_t(std::sqrt(norms[kLarsSums * i + S_G2]) * inv_scale), h);
       weight_t* w = weights[i].data_ptr<weight_t>();
       param_t* p = params[i].data_ptr<param_t>();
       const param_t* g = grads[i].data_ptr<param_t>();
@@ -143,7 +143,7 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
                           const std::vector<int64_t>& group_of, const at::Tensor& groups, double inv_scale,
                           double global_norm) {
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * 3);
+  std::vector<double> partials(items.size() * kLambSums);
   const double* table = groups.data_ptr<double>();
   if (!items.empty()) {
     FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cpu", [&] {
@@ -171,17 +171,17 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
             u2[l] += u * u;
           }
         }
-        double sums[3] = {0, 0, 0};
+        double sums[kLambSums] = {0, 0, 0};
         for (int l = 0; l < kLanes; ++l) {
-          sums[0] += w2[l];
-          sums[1] += g2[l];
-          sums[2] += u2[l];
+          sums[S_W2] += w2[l];
+          sums[S_G2] += g2[l];
+          sums[S_U2] += u2[l];
         }
-        for (int c = 0; c < 3; ++c) partials[3 * k + c] = sums[c];
+        for (int c = 0; c < kLambSums; ++c) partials[kLambSums * k + c] = sums[c];
       });
     });
   }
-  return totals(items, partials, static_cast<int64_t>(grads.size()), 3);
+  return totals(items, partials, static_cast<int64_t>(grads.size()), kLambSums);
 }
 
 void lamb_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -199,7 +199,8 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
       const double* row = table + group_of[i] * B_NCOL;
       const auto h = lamb_hyper<acc_t>(row, steps[i]);
       const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
-      const acc_t ratio = lamb_trust_ratio<acc_t>(acc_t(std::sqrt(sums[3 * i])), acc_t(std::sqrt(sums[3 * i + 2])), h);
+      const acc_t ratio = lamb_trust_ratio<acc_t>(acc_t(std::sqrt(sums[kLambSums * i + S_W2])),
+                                                  acc_t(std::sqrt(sums[kLambSums * i + S_U2])), h);
       weight_t* w = weights[i].data_ptr<weight_t>();
       param_t* p = params[i].data_ptr<param_t>();
       const param_t* g = grads[i].data_ptr<param_t>();

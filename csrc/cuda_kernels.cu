@@ -1,14 +1,17 @@
 // Fused multi-tensor LARS and LAMB on CUDA: one launch for the norms, one for the
-// update, whatever the number of tensors (the layout of the Triton kernels,
-// fastlars/ops/multi_tensor.py): an int64 table row per tensor (pointers, numel, group,
-// chunk range, first-step flag) and one block per kChunk-element chunk. Per-tensor norms
+// update, whatever the number of tensors. The launch tables are the Triton kernels'
+// (built once per layout and cached by fastlars/ops/launch.py, the group table updated
+// from pinned memory when a hyper-parameter changes; columns in layouts.h): an int64
+// table row per tensor (pointers, numel, group, chunk range, first-step flag) and one
+// block per kChunk-element chunk. Nothing is copied from the host here, so a step can
+// be captured in a CUDA graph (capturable=True). Per-tensor norms
 // are reduced without atomics: every chunk writes its own partial slots and a finalize
 // launch (one block per tensor) sums its tensor's slots in a fixed order, so results are
 // bitwise reproducible; the update reads one total per tensor (blocks run concurrently:
 // the norms pass itself cannot know when a tensor's last chunk is done without atomics).
 // The per-element maths is fastlars_math.h, which the CPU kernels (tested) share.
 //
-// Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (SPEC.md floors: 20, 28).
+// Bytes (fp32): LARS 8 + 20 = 28 B/element, LAMB 16 + 28 = 44 B/element (floors 20, 28: docs/contract.md, "The floors").
 // Only <ATen/ATen.h> and c10/cuda headers: a minimal toolkit has no cuBLAS headers.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -19,12 +22,12 @@
 #include "dispatch.h"
 #include "fastlars_math.h"
 #include "kernels.h"
+#include "layouts.h"
 
 namespace fastlars {
 namespace {
 
 constexpr int kThreads = 512;
-enum Column { C_W, C_P, C_G, C_S0, C_S1, C_STEP, C_NUMEL, C_GROUP, C_CHUNK0, C_NCHUNKS, C_FIRST, C_NCOL };
 
 // Deterministic block-wide sum (fixed tree over kThreads threads).
 template <typename acc_t>
@@ -58,9 +61,9 @@ struct Chunk {
 // chunks the norms pass read last, still in L2 (see bench/NOTES.md).
 __device__ Chunk chunk_of(const int64_t* table, const int64_t* chunks, bool reverse) {
   const int64_t c = reverse ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int64_t index = chunks[2 * c];
+  const int64_t index = chunks[K_NCOL * c + K_ROW];
   const int64_t* row = table + index * C_NCOL;
-  const int64_t begin = chunks[2 * c + 1];
+  const int64_t begin = chunks[K_NCOL * c + K_START];
   const int64_t end = begin + kChunk < row[C_NUMEL] ? begin + kChunk : row[C_NUMEL];
   return {row, index, begin, end};
 }
@@ -84,8 +87,8 @@ __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t*
   sw = block_sum(sw);
   sg = block_sum(sg);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = sw;
-    partials[2 * blockIdx.x + 1] = sg;
+    partials[kLarsSums * blockIdx.x + S_W2] = sw;
+    partials[kLarsSums * blockIdx.x + S_G2] = sg;
   }
 }
 
@@ -106,8 +109,8 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
   const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
-  const acc_t w_norm = sqrt(totals[2 * ch.index]);
-  const acc_t g_norm = sqrt(totals[2 * ch.index + 1]) * inv_scale;
+  const acc_t w_norm = sqrt(totals[kLarsSums * ch.index + S_W2]);
+  const acc_t g_norm = sqrt(totals[kLarsSums * ch.index + S_G2]) * inv_scale;
   const acc_t ratio = lars_trust_ratio<acc_t>(w_norm, g_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -152,9 +155,9 @@ __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, a
   sg = block_sum(sg);
   su = block_sum(su);
   if (threadIdx.x == 0) {
-    partials[3 * blockIdx.x] = sw;
-    partials[3 * blockIdx.x + 1] = sg;
-    partials[3 * blockIdx.x + 2] = su;
+    partials[kLambSums * blockIdx.x + S_W2] = sw;
+    partials[kLambSums * blockIdx.x + S_G2] = sg;
+    partials[kLambSums * blockIdx.x + S_U2] = su;
   }
 }
 
@@ -169,8 +172,8 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
                                                       global_norm_ptr ? *global_norm_ptr : -1.0));
-  const acc_t w_norm = sqrt(totals[3 * ch.index]);
-  const acc_t u_norm = sqrt(totals[3 * ch.index + 2]);
+  const acc_t w_norm = sqrt(totals[kLambSums * ch.index + S_W2]);
+  const acc_t u_norm = sqrt(totals[kLambSums * ch.index + S_U2]);
   const acc_t ratio = lamb_trust_ratio<acc_t>(w_norm, u_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -187,54 +190,32 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   }
 }
 
-// The table and chunk list of one launch, copied to the device without a host sync.
+// One launch's tables, built and cached in Python (fastlars/ops/launch.py, the tables the
+// Triton kernels read): the TensorColumn rows of its tensors and its ChunkColumn rows.
 struct Launch {
-  at::Tensor table, chunks;
-  int64_t n_chunks = 0, n_tensors = 0;
+  const at::Tensor& table;
+  const at::Tensor& chunks;
+  int64_t n_chunks, n_tensors;
 };
 
-Launch make_launch(const TensorList& weights, const TensorList& params, const TensorList& grads,
-                   const OptionalTensorList& state0, const std::vector<bool>& first,
-                   const std::vector<int64_t>& group_of, const OptionalTensorList& state1 = {},
-                   const TensorList& steps = {}) {
-  const int64_t n = static_cast<int64_t>(params.size());
-  at::Tensor table = at::empty({n, C_NCOL}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::vector<int64_t> chunk_rows;
-  int64_t* t = table.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    // the kernels read raw pointers with the dtypes of tensor 0: a mixed list would be
-    // read as garbage (e.g. a bf16 parameter beside fp32 masters), so refuse it
-    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type() &&
-                    params[i].scalar_type() == params[0].scalar_type() &&
-                    grads[i].scalar_type() == params[0].scalar_type() && params[i].device() == params[0].device(),
-                "fastlars: one launch takes one weight dtype, one parameter dtype and one device; tensor ", i,
-                " has weight ", weights[i].scalar_type(), ", parameter ", params[i].scalar_type(), " on ",
-                params[i].device(), ", tensor 0 has ", weights[0].scalar_type(), ", ", params[0].scalar_type(),
-                " on ", params[0].device());
-    const int64_t numel = params[i].numel();
-    const int64_t n_chunks = (numel + kChunk - 1) / kChunk;
-    void* s0 = state0.empty() || !state0[i].has_value() ? weights[i].data_ptr() : state0[i]->data_ptr();
-    void* s1 = state1.empty() || !state1[i].has_value() ? weights[i].data_ptr() : state1[i]->data_ptr();
-    void* step = steps.empty() ? weights[i].data_ptr() : steps[i].data_ptr();
-    const int64_t values[C_NCOL] = {reinterpret_cast<int64_t>(weights[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(params[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(grads[i].data_ptr()),
-                                    reinterpret_cast<int64_t>(s0), reinterpret_cast<int64_t>(s1),
-                                    reinterpret_cast<int64_t>(step), numel, group_of[i],
-                                    static_cast<int64_t>(chunk_rows.size() / 2), n_chunks,
-                                    first.empty() ? 0 : static_cast<int64_t>(first[i])};
-    std::copy(values, values + C_NCOL, t + i * C_NCOL);
-    for (int64_t c = 0; c < n_chunks; ++c) {
-      chunk_rows.push_back(i);
-      chunk_rows.push_back(c * kChunk);
-    }
-  }
-  at::Tensor chunks = at::empty({static_cast<int64_t>(chunk_rows.size())},
-                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(chunk_rows.begin(), chunk_rows.end(), chunks.data_ptr<int64_t>());
-  const auto device = params[0].device();
-  return {table.to(device, /*non_blocking=*/true), chunks.to(device, /*non_blocking=*/true),
-          static_cast<int64_t>(chunk_rows.size() / 2), n};
+Launch launch_of(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& param) {
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == C_NCOL &&
+                  table.device() == param.device() && table.is_contiguous(),
+              "fastlars: the launch table must be a contiguous (n_tensors, ", static_cast<int>(C_NCOL),
+              ") int64 tensor on the parameters' device (csrc/layouts.h, TensorColumn)");
+  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 2 && chunks.size(1) == K_NCOL &&
+                  chunks.device() == param.device() && chunks.is_contiguous(),
+              "fastlars: the chunk list must be a contiguous (n_chunks, ", static_cast<int>(K_NCOL),
+              ") int64 tensor on the parameters' device (csrc/layouts.h, ChunkColumn)");
+  return {table, chunks, chunks.size(0), table.size(0)};
+}
+
+const double* group_rows(const at::Tensor& groups, const at::Tensor& param, int columns) {
+  TORCH_CHECK(groups.scalar_type() == at::kDouble && groups.dim() == 2 && groups.size(1) == columns &&
+                  groups.device() == param.device() && groups.is_contiguous(),
+              "fastlars: the group table must be a contiguous (n_groups, ", columns,
+              ") float64 tensor on the parameters' device (csrc/layouts.h)");
+  return groups.data_ptr<double>();
 }
 
 // (n_tensors, columns) per-tensor totals of a norms pass's (n_chunks, columns) partials.
@@ -250,95 +231,85 @@ at::Tensor tensor_totals(const Launch& launch, const at::Tensor& partials, int c
   return totals;
 }
 
+at::ScalarType acc_type(const at::Tensor& param) {
+  return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 }  // namespace
 
-at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads) {
-  const at::cuda::CUDAGuard guard(grads[0].device());
-  const Launch launch = make_launch(weights, grads, grads, {}, {}, std::vector<int64_t>(grads.size(), 0));
-  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({launch.n_chunks, 2}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 2);
+at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
+                      const at::Tensor& param) {
+  const at::cuda::CUDAGuard guard(param.device());
+  const Launch launch = launch_of(table, chunks, param);
+  at::Tensor partials = at::empty({launch.n_chunks, kLarsSums}, param.options().dtype(acc_type(param)));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLarsSums);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cuda", [&] {
+  FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
         launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, 2);
+  return tensor_totals(launch, partials, kLarsSums);
 }
 
-void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
-                      const OptionalTensorList& bufs, const std::vector<bool>& first,
-                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+void lars_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                      const at::Tensor& sumsq, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok) {
-  const auto device = params[0].device();  // scalars (ok, inv_scale, global norm) are moved here
+  const auto device = param.device();  // scalars (ok, inv_scale) are moved here
   const at::cuda::CUDAGuard guard(device);
-  const Launch launch = make_launch(weights, params, grads, bufs, first, group_of);
+  const Launch launch = launch_of(table, chunks, param);
+  const double* rows = group_rows(groups, param, L_NCOL);
   if (launch.n_chunks == 0) return;
-  const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor flag = ok.has_value() ? ok->to(device, at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH(params, weights, "fastlars_lars_update_cuda", [&] {
+  FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_lars_update_cuda", [&] {
     lars_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
-        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), sumsq.data_ptr<acc_t>(),
-        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
-        flag.defined() ? flag.data_ptr<bool>() : nullptr);
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), sumsq.data_ptr<acc_t>(), rows,
+        scale.defined() ? scale.data_ptr<float>() : nullptr, flag.defined() ? flag.data_ptr<bool>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-namespace {
-OptionalTensorList optional_list(const TensorList& tensors) {
-  return OptionalTensorList(tensors.begin(), tensors.end());
-}
-}  // namespace
-
-at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
-                           const TensorList& exp_avg_sqs, const TensorList& steps,
-                           const std::vector<int64_t>& group_of, const at::Tensor& groups,
+at::Tensor lamb_norms_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                           const at::Tensor& weight, const at::Tensor& param,
                            const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm) {
-  const auto device = grads[0].device();  // scalars (inv_scale, global norm) are moved here
+  const auto device = param.device();  // scalars (inv_scale, global norm) are moved here
   const at::cuda::CUDAGuard guard(device);
-  const Launch launch = make_launch(weights, grads, grads, optional_list(exp_avgs), {}, group_of,
-                                    optional_list(exp_avg_sqs), steps);
-  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({launch.n_chunks, 3}, grads[0].options().dtype(acc));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, 3);
-  const at::Tensor groups_dev = groups.to(grads[0].device(), at::kDouble, /*non_blocking=*/true);
+  const Launch launch = launch_of(table, chunks, param);
+  const double* rows = group_rows(groups, param, B_NCOL);
+  at::Tensor partials = at::empty({launch.n_chunks, kLambSums}, param.options().dtype(acc_type(param)));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLambSums);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cuda", [&] {
+  FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_lamb_norms_cuda", [&] {
     lamb_norms_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
-        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(),
-        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
-        norm.defined() ? norm.data_ptr<double>() : nullptr);
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(), rows,
+        scale.defined() ? scale.data_ptr<float>() : nullptr, norm.defined() ? norm.data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, 3);
+  return tensor_totals(launch, partials, kLambSums);
 }
 
-void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
-                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const TensorList& steps,
-                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+void lamb_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                      const at::Tensor& norms, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm,
                       const std::optional<at::Tensor>& ok) {
-  const auto device = params[0].device();  // scalars (ok, inv_scale, global norm) are moved here
+  const auto device = param.device();  // scalars (ok, inv_scale, global norm) are moved here
   const at::cuda::CUDAGuard guard(device);
-  const Launch launch = make_launch(weights, params, grads, optional_list(exp_avgs), {}, group_of,
-                                    optional_list(exp_avg_sqs), steps);
+  const Launch launch = launch_of(table, chunks, param);
+  const double* rows = group_rows(groups, param, B_NCOL);
   if (launch.n_chunks == 0) return;
-  const at::Tensor groups_dev = groups.to(params[0].device(), at::kDouble, /*non_blocking=*/true);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
   const at::Tensor flag = ok.has_value() ? ok->to(device, at::kBool) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTLARS_DISPATCH(params, weights, "fastlars_lamb_update_cuda", [&] {
+  FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_lamb_update_cuda", [&] {
     lamb_update_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
-        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), norms.data_ptr<acc_t>(),
-        groups_dev.data_ptr<double>(), scale.defined() ? scale.data_ptr<float>() : nullptr,
-        norm.defined() ? norm.data_ptr<double>() : nullptr, flag.defined() ? flag.data_ptr<bool>() : nullptr);
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), norms.data_ptr<acc_t>(), rows,
+        scale.defined() ? scale.data_ptr<float>() : nullptr, norm.defined() ? norm.data_ptr<double>() : nullptr,
+        flag.defined() ? flag.data_ptr<bool>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -1,10 +1,12 @@
 // The per-element maths of LARS and LAMB and their trust-ratio rules, shared by the
 // CPU (cpu_kernels.cpp) and CUDA (cuda_kernels.cu) kernels, so that the CPU tests
-// exercise the arithmetic the GPU runs. The contract is SPEC.md; the Python
+// exercise the arithmetic the GPU runs. The contract is docs/contract.md ("LARS", "LAMB"); the Python
 // reference backend (fastlars/optim/lars.py, lamb.py) is the oracle.
 #pragma once
 
 #include <cmath>
+
+#include "layouts.h"  // LarsColumn, LambColumn: the group tables
 
 #if defined(__CUDACC__)
 #define FASTLARS_HD __host__ __device__ __forceinline__
@@ -66,15 +68,11 @@ FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<a
   return (h.trust_clip && r > acc_t(1)) ? acc_t(1) : r;
 }
 
-// Group-table columns (double, one row per param group), written by fastlars/ops/cpp_step.py.
-enum LarsColumn { L_LR, L_WD, L_ETA, L_EPS, L_TRUST_CLIP, L_ADAPT, L_MOMENTUM, L_ONE_MINUS_DAMPENING, L_NESTEROV, L_NCOL };
-enum LambColumn { B_LR, B_BETA1, B_BETA2, B_ONE_MINUS_BETA2, B_BETA3, B_LOG_BETA1, B_LOG_BETA2, B_BIAS_CORRECTION,
-                  B_EPS, B_WD, B_MAX_GRAD_NORM, B_TRUST_CLIP, B_ADAPT, B_NCOL };
-
 template <typename acc_t>
 FASTLARS_HD LarsHyper<acc_t> lars_hyper(const double* row) {
-  return {acc_t(row[L_LR]), acc_t(row[L_WD]), acc_t(row[L_ETA]), acc_t(row[L_EPS]), acc_t(row[L_MOMENTUM]),
-          acc_t(row[L_ONE_MINUS_DAMPENING]), row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0, row[L_NESTEROV] != 0};
+  return {acc_t(row[L_LR]),       acc_t(row[L_WEIGHT_DECAY]),        acc_t(row[L_TRUST_COEFFICIENT]),
+          acc_t(row[L_EPS]),      acc_t(row[L_MOMENTUM]),            acc_t(row[L_ONE_MINUS_DAMPENING]),
+          row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0,                 row[L_NESTEROV] != 0};
 }
 
 // LAMB hyper-parameters for a tensor whose state step is `step` (this update makes
@@ -85,7 +83,7 @@ FASTLARS_HD LambHyper<acc_t> lamb_hyper(const double* row, double step) {
   const bool bc = row[B_BIAS_CORRECTION] != 0;
   return {acc_t(row[B_LR]), acc_t(row[B_BETA1]), acc_t(row[B_BETA2]), acc_t(row[B_ONE_MINUS_BETA2]),
           acc_t(row[B_BETA3]), acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA1]) : 1.0),
-          acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0), acc_t(row[B_EPS]), acc_t(row[B_WD]),
+          acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0), acc_t(row[B_EPS]), acc_t(row[B_WEIGHT_DECAY]),
           row[B_TRUST_CLIP] != 0, row[B_ADAPT] != 0};
 }
 

@@ -38,24 +38,28 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
                      double inv_scale, double global_norm);
 
 #ifdef FASTLARS_WITH_CUDA
-// Same contracts on CUDA tensors, a fixed number of launches, no host synchronisation:
-// scalars that live on the device (inverse grad scale, global norm, skip flag) come as
-// optional 0-d tensors.
-// (n, 2) per-tensor sums: per-chunk partials, then a finalize launch summing each tensor's
-// in a fixed order (the update reads one row per tensor).
-at::Tensor sumsq_cuda(const TensorList& weights, const TensorList& grads);
-void lars_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
-                      const OptionalTensorList& bufs, const std::vector<bool>& first,
-                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
+// The same maths on CUDA tensors, a fixed number of launches, no host synchronisation and
+// no copy from the host (a step can be captured in a CUDA graph). Each call takes one
+// launch's tables as fastlars/ops/launch.py builds and caches them for the Triton kernels
+// too: `table` (n_tensors, TensorColumn) and `chunks` (n_chunks, ChunkColumn) int64, and
+// `groups` (n_groups, LarsColumn or LambColumn) float64, all on the device (layouts.h);
+// `weight` and `param` are one weight and one parameter of the launch (their dtypes and
+// device). Scalars that live on the device (inverse grad scale, global norm, skip flag)
+// come as optional 0-d tensors. Per-tensor sums: per-chunk partials, then a finalize
+// launch summing each tensor's in a fixed order (the update reads one row per tensor).
+// (n, 2): sum w^2, sum g^2 per tensor.
+at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
+                      const at::Tensor& param);
+void lars_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                      const at::Tensor& sumsq, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok);
-// steps: the 0-d float32 `step` state tensors (read on the device: this update makes step + 1).
-at::Tensor lamb_norms_cuda(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
-                           const TensorList& exp_avg_sqs, const TensorList& steps,
-                           const std::vector<int64_t>& group_of, const at::Tensor& groups,
+// (n, 3): sum w^2, g^2, u^2 per tensor; the kernels read each tensor's 0-d float32 `step`
+// through the table (this update makes step + 1).
+at::Tensor lamb_norms_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                           const at::Tensor& weight, const at::Tensor& param,
                            const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm);
-void lamb_update_cuda(const TensorList& weights, const TensorList& params, const TensorList& grads,
-                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const TensorList& steps,
-                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
+void lamb_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
+                      const at::Tensor& norms, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& global_norm,
                       const std::optional<at::Tensor>& ok);
 #endif

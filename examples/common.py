@@ -175,12 +175,12 @@ def make_optimizer(args: argparse.Namespace, model: torch.nn.Module, total_steps
     (power 2) to ``end_lr``. The keywords replace the defaults (``--preset mlperf``)."""
     if args.lamb:
         lr = lr or scale_lr(args.base_lr or 1e-3, args.global_batch, BASE_BATCH, rule="sqrt")
-        opt = fastlars.LAMB(fastlars.param_groups(model, weight_decay=0.01 if weight_decay is None else weight_decay),
-                            lr=lr, backend=args.backend)
+        opt = fastlars.make_optimizer("lamb", model, weight_decay=0.01 if weight_decay is None else weight_decay,
+                                      lr=lr, backend=args.backend)
     else:
         lr = lr or scale_lr(args.base_lr or 0.1, args.global_batch, BASE_BATCH)
-        opt = fastlars.LARS(fastlars.param_groups(model, weight_decay=5e-5 if weight_decay is None else weight_decay),
-                            lr=lr, momentum=momentum, backend=args.backend)
+        opt = fastlars.make_optimizer("lars", model, weight_decay=5e-5 if weight_decay is None else weight_decay,
+                                      lr=lr, momentum=momentum, backend=args.backend)
     if warmup_start_factor is None:
         warmup_start_factor = WarmupPolyDecay.small_batch_factor(args.global_batch, BASE_BATCH)
     schedule = WarmupPolyDecay(opt, total_steps=total_steps, warmup_steps=warmup_steps, power=2.0,
@@ -232,6 +232,19 @@ def accumulate(model: torch.nn.Module, micro_batches: Iterable[tuple[torch.Tenso
     return loss
 
 
+def optimizer_step(model: torch.nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
+                   no_sync: Callable[[], contextlib.AbstractContextManager], opt: torch.optim.Optimizer,
+                   schedule, label_smoothing: float = 0.0) -> torch.Tensor:
+    """One optimizer step of the training loops (train here, train_imagenet.py's): accumulate
+    this rank's share of the global batch (``accumulate``), step the optimizer and the
+    schedule, drop the gradients. Returns the local mean loss."""
+    loss = accumulate(model, micro_batches, count, no_sync, label_smoothing)
+    opt.step()
+    schedule.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def _weighted_cross_entropy(weight: float, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor],
                                                                                       torch.Tensor]:
     return lambda output, target: F.cross_entropy(output, target, label_smoothing=label_smoothing) * weight
@@ -256,10 +269,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, no_sync: Callable[[]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        loss = accumulate(model, data.micro_batches(step, args.micro_batch), micro_batches, no_sync)
-        opt.step()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
+        loss = optimizer_step(model, data.micro_batches(step, args.micro_batch), micro_batches, no_sync, opt, schedule)
         dist.all_reduce(loss)  # for the log: the mean loss over the global batch
         loss = loss.item() / world
         seconds = time.perf_counter() - start

@@ -631,10 +631,7 @@ def train(args: argparse.Namespace, plan: Plan, rank: int, world: int, device: t
             if synthetic is not None:
                 stream = timed(synthetic.micro_batches(step, args.micro_batch), device, clock)
             clock.wait, start, lr = 0.0, time.perf_counter(), schedule.get_last_lr()[0]
-            loss = common.accumulate(model, stream, plan.accumulation, no_sync, plan.label_smoothing)
-            opt.step()
-            schedule.step()
-            opt.zero_grad(set_to_none=True)
+            loss = common.optimizer_step(model, stream, plan.accumulation, no_sync, opt, schedule, plan.label_smoothing)
             sync_buffers(model, world)
             step += 1
             if args.stop_after_steps == step and rank == 0:

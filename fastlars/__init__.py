@@ -2,9 +2,9 @@
 
 from ._info import info
 from .nn import GhostBatchNorm1d, GhostBatchNorm2d, convert_ghost_batchnorm
-from .optim import LAMB, LARS, available_backends, param_groups
+from .optim import LAMB, LARS, available_backends, make_optimizer, param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["LARS", "LAMB", "available_backends", "param_groups", "GhostBatchNorm1d", "GhostBatchNorm2d",
-           "convert_ghost_batchnorm", "info", "__version__"]
+__all__ = ["LARS", "LAMB", "available_backends", "make_optimizer", "param_groups", "GhostBatchNorm1d",
+           "GhostBatchNorm2d", "convert_ghost_batchnorm", "info", "__version__"]

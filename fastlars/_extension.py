@@ -12,10 +12,9 @@ In order:
 3. else nothing: the ``"cpu"``/``"cuda"`` backends report themselves unavailable
    with the reason and ``backend="auto"`` falls back.
 
-``load()`` decides once per process (a build that failed is not retried on every
-call); ``status()`` says what ``load()`` did or would do without compiling anything
-(``python -m fastlars`` shows it). ``FASTLARS_NO_EXTENSION=1`` turns the extension
-off, ``FASTLARS_NO_CUDA=1`` leaves the CUDA kernels out of a build.
+``load()`` decides once per process (a build that failed is not retried on every call); ``status()``
+says what ``load()`` did or would do without compiling anything (``python -m fastlars`` shows it).
+``FASTLARS_NO_EXTENSION=1`` turns the extension off, ``FASTLARS_NO_CUDA=1`` leaves the CUDA kernels out.
 
 This module imports only the standard library at module level: setup.py executes
 it to read the source list and the compiler flags, so that the install-time and the
@@ -72,13 +71,11 @@ def source_names(csrc: Path) -> list[str]:
 def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler and linker flags of the extension, with or without its CUDA kernels."""
     defines = ["-DFASTLARS_WITH_CUDA"] if with_cuda else []
-    return {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines], "nvcc": ["-O3", *defines],
-            "ld": ["-fopenmp"]}
+    return {"cxx": ["-O3", "-fopenmp", "-fno-math-errno", *defines], "nvcc": ["-O3", *defines], "ld": ["-fopenmp"]}
 
 
 # ----------------------------------------------------------------------------
-# the CUDA toolkit (setup.py, the just-in-time build, `python -m fastlars` and
-# bench/gpu_check.sh all ask here)
+# the CUDA toolkit (setup.py, the just-in-time build, `python -m fastlars`, bench/gpu_check.sh ask here)
 
 CUDA_DEFAULT_HOME = "/usr/local/cuda"
 # where a toolkit keeps libcudart: Linux (lib64/, lib/, targets/<arch>/lib/, as in conda's), Windows

@@ -17,8 +17,7 @@ def info() -> dict[str, Any]:
     """This installation as a dict of plain values (``python -m fastlars --json`` prints it)."""
     import torch
 
-    from . import __version__, _extension
-    from .optim._common import _BACKEND_PROBES
+    from . import __version__, _extension, backends
 
     ext = _extension.status()
     return {
@@ -35,7 +34,7 @@ def info() -> dict[str, Any]:
         "extension": {"kind": ext.kind, "detail": ext.detail, "with_cuda": ext.with_cuda,
                       "module": ext.module_name, "cache_dir": ext.cache_dir},
         # in the order "auto" prefers them
-        "backends": {name: _backend(name, torch, ext) for name in _BACKEND_PROBES},
+        "backends": {name: _backend(record, torch, ext) for name, record in backends.BACKENDS.items()},
     }
 
 
@@ -73,12 +72,12 @@ def _device(torch) -> str:
             f"CPU {torch.get_num_threads()} threads")
 
 
-def _backend(name: str, torch, ext) -> dict[str, str]:
-    """{"status": "available" | "on first use" | "unavailable", "why": ...} of one backend."""
-    if name == "reference":
-        return {"status": "available", "why": "pure PyTorch, one tensor at a time (the readable definition)"}
-    if name == "foreach":
-        return {"status": "available", "why": "pure PyTorch, torch._foreach_* ops"}
+def _backend(record, torch, ext) -> dict[str, str]:
+    """{"status": "available" | "on first use" | "unavailable", "why": ...} of one backend
+    (a fastlars.backends record), without compiling the C++ extension."""
+    name = record.name
+    if not record.fused:  # pure PyTorch
+        return {"status": "available", "why": record.summary}
     if name == "triton":
         version = _version("triton")
         if version is None:

@@ -1,7 +1,7 @@
 """Adversarial training with FGSM (Goodfellow et al. 2015), the second ingredient of Yao
 et al.'s ABSA (2018, "Large batch size training of neural networks with adversarial
 training and second-order information"): adversarial examples of the current model mixed
-into the batch (SPEC.md, "Measuring the recipe").
+into the batch (docs/contract.md, "Measuring the recipe").
 
     x_adv = clamp(x + eps · sign(∇_x L(f(x), y)))
 """

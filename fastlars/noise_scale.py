@@ -2,7 +2,7 @@
 Training", appendix A.1): ``B_simple = tr(Σ) / |G|²``, the predicted critical batch size.
 
 From the squared norms of two gradient estimates of the same step, one at a small batch
-``b`` and one at a big batch ``B`` (SPEC.md, "Measuring the recipe"):
+``b`` and one at a big batch ``B`` (docs/contract.md, "Measuring the recipe"):
 
     |G|²_est = (B·|G_B|² − b·|G_b|²) / (B − b)        (unbiased for |G|²)
     S_est    = (|G_b|² − |G_B|²) / (1/b − 1/B)         (unbiased for tr(Σ))

@@ -1,4 +1,4 @@
-"""The large-batch recipe's schedules (SPEC.md, "Large-batch recipe").
+"""The large-batch recipe's schedules (docs/contract.md, "Large-batch recipe (schedules)").
 
 - Learning-rate scaling: linear (Goyal et al. 2017, "Accurate, Large Minibatch SGD")
   and square-root (Krizhevsky 2014; Hoffer et al. 2017) rules: :func:`scale_lr`.

@@ -18,7 +18,7 @@ import torch
 import fastlars
 from fastlars import _extension
 from fastlars._info import render
-from fastlars.optim import _common
+from fastlars import backends
 
 
 def test_extension_built():
@@ -145,7 +145,7 @@ def test_info_compiles_nothing(fresh_extension, monkeypatch):
     monkeypatch.setenv("CXX", sys.executable)
     report = fastlars.info()
     assert report["fastlars"] == fastlars.__version__ and report["torch"] == torch.__version__
-    assert list(report["backends"]) == list(_common._BACKEND_PROBES)
+    assert list(report["backends"]) == list(backends.BACKENDS)
     assert report["extension"]["kind"] == "compilable"
     assert report["backends"]["cpu"]["status"] == "on first use"
     assert report["backends"]["foreach"]["status"] == "available"

@@ -78,22 +78,24 @@ def test_cuda_matches_triton(name, kwargs):
         assert (p - q).abs().max().item() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name, kwargs, lr0", [("LARS", dict(nesterov=True, trust_clip=True), 0.5),
                                                ("LAMB", dict(max_grad_norm=1.0), 1 / 64)])
-def test_cuda_graph_capture_and_replay(name, kwargs, lr0):
+def test_cuda_graph_capture_and_replay(backend, name, kwargs, lr0):
     """capturable=True: the step is captured once and replayed with new gradients and a
     new lr (a tensor updated in place), equal to eager steps; an eager step makes no host
-    synchronisation (torch's sync debug mode raises on one)."""
-    if "triton" not in GPU_BACKENDS:
-        pytest.skip("needs triton")
+    synchronisation (torch's sync debug mode raises on one). backend="cuda" reads the
+    same cached launch tables as "triton"."""
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"needs {backend}")
     params, g = resnet50_params()
     eager_params = [p.detach().clone().requires_grad_() for p in params]
     groups = lambda ps: [{"params": [p for p in ps if p.ndim > 1], "weight_decay": 1e-4},
                          {"params": [p for p in ps if p.ndim <= 1], "trust_ratio": False}]
     cls = getattr(fastlars, name)
     lr = torch.tensor(lr0, device="cuda")
-    opt = cls(groups(params), lr=lr, backend="triton", capturable=True, skip_nonfinite=True, **kwargs)
-    eager = cls(groups(eager_params), lr=lr0, backend="triton", skip_nonfinite=True, **kwargs)
+    opt = cls(groups(params), lr=lr, backend=backend, capturable=True, skip_nonfinite=True, **kwargs)
+    eager = cls(groups(eager_params), lr=lr0, backend=backend, skip_nonfinite=True, **kwargs)
     for p, q in zip(params, eager_params):  # static gradients: the graph reads these tensors
         p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
 
@@ -135,25 +137,26 @@ def test_cuda_graph_capture_and_replay(name, kwargs, lr0):
     assert opt.skipped_steps == 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name, kwargs", [("LARS", dict(momentum=0.9, nesterov=True, trust_coefficient=0.02)),
                                           ("LAMB", dict(max_grad_norm=1.0))])
-def test_capture_after_one_eager_step(name, kwargs):
+def test_capture_after_one_eager_step(backend, name, kwargs):
     """The documented recipe exactly: one eager step (bf16 with master weights, which
     creates the state), then capture. Then more eager steps than the launch cache holds,
     each with new gradient tensors (new tables, evicting the captured ones), and replays
     with and without a NaN: the graph must still read its own (pinned) tables, and the
     skip counter must count every skipped replay."""
-    if "triton" not in GPU_BACKENDS:
-        pytest.skip("needs triton")
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"needs {backend}")
     g = torch.Generator(device="cuda").manual_seed(0)
     shapes = [(64, 33), (129,), (1,), (5, 3, 3, 3)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g).bfloat16()) for s in shapes]
     twin = [p.detach().clone().requires_grad_() for p in params]
     cls = getattr(fastlars, name)
     lr = 1 / 16  # exact in float32: the tensor lr and the float lr are the same number
-    opt = cls(params, lr=torch.tensor(lr, device="cuda"), backend="triton", capturable=True, skip_nonfinite=True,
+    opt = cls(params, lr=torch.tensor(lr, device="cuda"), backend=backend, capturable=True, skip_nonfinite=True,
               master_weights=True, **kwargs)
-    eager = cls(twin, lr=lr, backend="triton", skip_nonfinite=True, master_weights=True, **kwargs)
+    eager = cls(twin, lr=lr, backend=backend, skip_nonfinite=True, master_weights=True, **kwargs)
     static = [torch.zeros_like(p) for p in params]  # the gradients the graph reads
 
     def set_grads(grads, nan=False):

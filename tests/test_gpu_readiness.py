@@ -131,7 +131,7 @@ def test_one_eager_step_then_a_capture(name, monkeypatch):
     """The documented recipe on the CPU, with the capture stood in by is_capturing: after
     exactly one eager step nothing is built during the capture, the launches it uses are
     pinned, and the skip counter is a device tensor that the captured step adds to."""
-    from fastlars.optim import _common
+    from fastlars import _tensors
 
     params, opt, new_grads = _capturable_run(name)
     new_grads()
@@ -140,7 +140,7 @@ def test_one_eager_step_then_a_capture(name, monkeypatch):
     assert isinstance(counter, torch.Tensor) and int(counter) == 0
     cache = opt._launch_cache
     builds = cache.builds
-    monkeypatch.setattr(_common, "is_capturing", lambda device: True)
+    monkeypatch.setattr(_tensors, "is_capturing", lambda device: True)
     new_grads(nan=True)
     opt.step()  # "captured": a table build here would raise
     assert cache.builds == builds
@@ -155,16 +155,16 @@ def test_cache_hit_during_a_capture_is_pinned(monkeypatch):
     """A graph reads the tables of every launch it captured, hits included: they must
     outlive their eviction from the cache of recent launches."""
     from fastlars.ops import multi_tensor
-    from fastlars.optim import _common
+    from fastlars import _tensors
 
     cache = multi_tensor.LaunchCache(size=2)
     device = torch.device("cpu")
     hit = cache.get(("a",), lambda: ["tables a"], device)
-    monkeypatch.setattr(_common, "is_capturing", lambda device: True)
+    monkeypatch.setattr(_tensors, "is_capturing", lambda device: True)
     assert cache.get(("a",), lambda: ["rebuilt"], device) is hit
     with pytest.raises(RuntimeError, match="no eager step built"):
         cache.get(("b",), lambda: ["tables b"], device)  # nothing is built during a capture
-    monkeypatch.setattr(_common, "is_capturing", lambda device: False)
+    monkeypatch.setattr(_tensors, "is_capturing", lambda device: False)
     for key in "bcd":  # more distinct keys than the cache holds: "a" is evicted
         cache.get((key,), lambda: [key], device)
     assert ("a",) not in cache._recent
@@ -189,11 +189,9 @@ def test_skip_counter_is_a_device_tensor_after_the_first_step(backend):
 # ---------------------------------------------------------------------------
 # fault 3: every launch runs on its tensors' device
 
-@pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize("name", ["LARS", "LAMB"])
-def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
-    """Triton launches on the current CUDA device, not the tensors': each launch must run
-    inside tb.on_device(<its parameters' device>), and get its device scalars there."""
+def _record_guards(monkeypatch) -> list:
+    """Replaces tb.on_device by a recorder: the returned list holds the devices of the
+    guards entered and not yet left, innermost last."""
     import contextlib
 
     from fastlars.ops import _tables
@@ -207,6 +205,15 @@ def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
         current.pop()
 
     monkeypatch.setattr(_tables, "on_device", recording_guard)
+    return current
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_every_launch_is_guarded_with_its_tensors_device(name, monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': each launch must run
+    inside tb.on_device(<its parameters' device>), and get its device scalars there."""
+    current = _record_guards(monkeypatch)
     log = _record_launches(monkeypatch)
     launches = []
     monkeypatch.setattr(_Recorder, "__getitem__", lambda self, grid: lambda *args, **kwargs: launches.append(
@@ -262,19 +269,9 @@ def test_a_float_lr_schedule_reuses_the_launch_tables(name, monkeypatch):
 def test_ghost_bn_launches_are_guarded_with_the_input_device(monkeypatch):
     """Ghost BN's Triton forward and backward launch inside tb.on_device(<the input's
     device>), as the optimizer's launches do: Triton launches on the current CUDA device."""
-    import contextlib
+    from fastlars.ops import ghost_bn
 
-    from fastlars.ops import _tables, ghost_bn
-
-    current, launches = [], []
-
-    @contextlib.contextmanager
-    def recording_guard(device):
-        current.append(device)
-        yield
-        current.pop()
-
-    monkeypatch.setattr(_tables, "on_device", recording_guard)
+    current, launches = _record_guards(monkeypatch), []
     for attr in ("ghost_bn_forward_kernel", "ghost_bn_backward_kernel"):
         recorder = _Recorder(getattr(ghost_bn, attr), attr, [])
         monkeypatch.setattr(ghost_bn, attr, recorder)
@@ -288,23 +285,20 @@ def test_ghost_bn_launches_are_guarded_with_the_input_device(monkeypatch):
 
 
 def test_a_tensor_lr_on_another_device_is_read_on_the_host():
-    """tb.group_table keeps a tensor lr on the bucket's device (copied on the device by the
+    """tb.group_rows keeps a tensor lr on the launch's device (copied on the device by the
     drivers, no sync) and reads one on another device as a float: a CPU tensor lr with CUDA
     parameters would otherwise be copied from pageable memory at every step (a sync, and a
     copy a CUDA graph refuses). No CUDA tensor is needed to check the rule."""
-    from types import SimpleNamespace
-
     from fastlars.ops import _tables as tb
+    from fastlars.ops.layouts import LarsColumn
 
     lr = torch.tensor(0.25)
     group = dict(lr=lr, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, trust_clip=False, trust_ratio=True,
                  momentum=0.9, dampening=0.0, nesterov=False)
-    on_cpu = SimpleNamespace(group=group, device=torch.device("cpu"), params=[None])
-    on_cuda = SimpleNamespace(group=group, device=torch.device("cuda", 0), params=[None, None])
-    group_of, rows = tb.group_table([on_cpu, on_cuda], tb.lars_group_row)
-    assert group_of == [0, 1, 1]
-    assert rows[0][0] is lr
-    assert type(rows[1][0]) is float and rows[1][0] == 0.25
+    [on_cpu] = tb.group_rows([group], torch.device("cpu"), tb.lars_group_row)
+    [on_cuda] = tb.group_rows([group], torch.device("cuda", 0), tb.lars_group_row)
+    assert on_cpu[LarsColumn.LR] is lr
+    assert type(on_cuda[LarsColumn.LR]) is float and on_cuda[LarsColumn.LR] == 0.25
 
 
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
@@ -340,7 +334,7 @@ def test_launch_tables_are_recorded_on_each_stream_that_uses_them(monkeypatch):
     from types import SimpleNamespace
 
     from fastlars.ops import multi_tensor as mt
-    from fastlars.optim import _common
+    from fastlars import _tensors
 
     recorded = []
     table = lambda name: SimpleNamespace(record_stream=lambda stream: recorded.append((name, stream)))
@@ -349,7 +343,7 @@ def test_launch_tables_are_recorded_on_each_stream_that_uses_them(monkeypatch):
     stream = ["default"]
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream[0])
-    monkeypatch.setattr(_common, "is_capturing", lambda device: capturing[0])
+    monkeypatch.setattr(_tensors, "is_capturing", lambda device: capturing[0])
     cache, cuda = mt.LaunchCache(), torch.device("cuda", 0)
     assert cache.get("key", lambda: launch, cuda) is launch  # built on "default"
     cache.get("key", lambda: None, cuda)

@@ -1,7 +1,7 @@
 """Independent hand computations of LARS and LAMB (``backend="reference"``).
 
 Every expected number below is worked out inside this file with float64 NumPy,
-line by line from the formulas of SPEC.md; torch is used only to drive the
+line by line from the formulas of docs/contract.md ("LARS", "LAMB"); torch is used only to drive the
 optimizer under test, never for the arithmetic of the expectation. Tensors are
 tiny (2-3 elements), each case runs 2-3 steps with a different gradient per
 step, and the numbers are chosen so that every branch exercised actually

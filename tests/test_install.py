@@ -102,8 +102,8 @@ def test_sdist_holds_sources_docs_and_tests(dist):
     names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tarfile.open(dist["sdist"]).getnames()
              if len(Path(n).parts) > 1}
     expected = {"csrc/sources.txt", *(f"csrc/{s}" for s in SOURCES), "CMakeLists.txt", "README.md", "MANIFEST.in",
-                "bench/NOTES.md", "tests/test_install.py", "tests/conftest.py", "examples/common.py",
-                "fastlars/_extension.py"}
+                "bench/NOTES.md", "docs/contract.md", "tests/test_install.py", "tests/conftest.py",
+                "examples/common.py", "fastlars/_extension.py"}
     assert expected <= names, expected - names
     assert not any(n.endswith(".so") or "__pycache__" in n for n in names)
 

@@ -9,7 +9,7 @@ import torch
 import fastlars
 from conftest import model_inputs, small_cnn
 
-# (optimizer, constructor kwargs) cases covering every flag of SPEC.md
+# (optimizer, constructor kwargs) cases covering every option of docs/contract.md, "LARS" and "LAMB"
 CASES = [
     ("LARS", dict(lr=0.8, momentum=0.9, trust_coefficient=0.02)),
     ("LARS", dict(lr=0.8, momentum=0.9, trust_coefficient=0.02, nesterov=True)),
@@ -71,7 +71,7 @@ def rel_err(a, b):
 def cpu_slices(request, monkeypatch):
     """Also run the CPU foreach path on many small cache slices (see cache_sized_slices)."""
     if request.param is not None:
-        monkeypatch.setattr(fastlars.optim._common, "CPU_SLICE_ELEMENTS", request.param)
+        monkeypatch.setattr(fastlars.optim._buckets, "CPU_SLICE_ELEMENTS", request.param)
     return request.param
 
 

@@ -1,4 +1,5 @@
-"""Non-finite gradients: raise, skip on the device, or let GradScaler decide (SPEC.md)."""
+"""Non-finite gradients: raise, skip on the device, or let GradScaler decide
+(docs/contract.md, "Non-finite gradients")."""
 
 import copy
 

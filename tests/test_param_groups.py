@@ -1,5 +1,6 @@
 """fastlars.param_groups: the two usual groups of large-batch training."""
 
+import pytest
 import torch
 
 import fastlars
@@ -35,3 +36,20 @@ def test_empty_groups_are_dropped_and_groups_feed_the_optimizers():
     assert len(groups) == 1 and groups[0]["trust_ratio"] is False
     opt = fastlars.LARS(fastlars.param_groups(small_cnn(1), 1e-4), lr=0.1)
     assert [g["trust_ratio"] for g in opt.param_groups] == [True, False]
+
+
+def test_make_optimizer_builds_the_usual_groups_or_takes_them():
+    model = small_cnn(0)
+    lars = fastlars.make_optimizer("LARS", model, weight_decay=5e-5, lr=0.1, momentum=0.8, backend="reference")
+    assert type(lars) is fastlars.LARS and lars.backend == "reference"
+    expected = fastlars.param_groups(model, weight_decay=5e-5)
+    assert [(g["weight_decay"], g["trust_ratio"], len(g["params"])) for g in lars.param_groups] == \
+        [(g["weight_decay"], g["trust_ratio"], len(g["params"])) for g in expected]
+    assert all(g["lr"] == 0.1 and g["momentum"] == 0.8 for g in lars.param_groups)
+    groups = [{"params": [model[0].weight]}, {"params": [model[1].bias], "weight_decay": 0.0}]
+    lamb = fastlars.make_optimizer("lamb", groups, weight_decay=0.02, lr=0.01)
+    assert type(lamb) is fastlars.LAMB and [g["weight_decay"] for g in lamb.param_groups] == [0.02, 0.0]
+    with pytest.raises(ValueError, match="optimizer 'adam' is unknown"):
+        fastlars.make_optimizer("adam", model, weight_decay=0.0)
+    with pytest.raises(ValueError, match="exclude= needs a module"):
+        fastlars.make_optimizer("lars", groups, weight_decay=0.0, exclude=lambda name, p: True)

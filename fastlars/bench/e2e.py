@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlars
+from fastlars import backends as registry
 from fastlars.schedules import WarmupPolyDecay, scale_lr
 from fastlars.train import accumulate_gradients
 
@@ -49,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def usable_backends(device: torch.device, requested: list[str] | None) -> list[str]:
-    backends = requested or [b for b in fastlars.available_backends() if b != "reference"]
-    return [b for b in backends if b not in ("triton", "cuda") or device.type == "cuda"
-            if b != "cpu" or device.type == "cpu"]
+    if not requested:
+        return [b for b in registry.usable_on(device.type) if b != "reference"]
+    return [b for b in requested if registry.get(b).devices is None or device.type in registry.get(b).devices]
 
 
 def build(model_name: str, norm: str, vbs: int, device, memory_format):
@@ -68,10 +69,11 @@ def make_optimizer(kind: str, backend: str, model, global_batch: int):
     if kind == "sgd":
         return torch.optim.SGD(model.parameters(), lr=scale_lr(0.1, global_batch), momentum=0.9,
                                weight_decay=5e-5, foreach=True)
-    groups = fastlars.param_groups(model, weight_decay=5e-5 if kind == "lars" else 0.01)
     if kind == "lars":
-        return fastlars.LARS(groups, lr=scale_lr(0.1, global_batch), momentum=0.9, backend=backend)
-    return fastlars.LAMB(groups, lr=scale_lr(1e-3, global_batch, rule="sqrt"), backend=backend)
+        return fastlars.make_optimizer("lars", model, weight_decay=5e-5, lr=scale_lr(0.1, global_batch), momentum=0.9,
+                                       backend=backend)
+    return fastlars.make_optimizer("lamb", model, weight_decay=0.01, lr=scale_lr(1e-3, global_batch, rule="sqrt"),
+                                   backend=backend)
 
 
 def sync(device) -> None:

@@ -2,7 +2,7 @@
 
 In training, the batch is cut into consecutive "ghost" batches of
 ``virtual_batch_size`` samples, each normalised with its own per-channel mean and
-biased variance; ``weight``/``bias`` are shared (SPEC.md, "Ghost Batch Normalization"):
+biased variance; ``weight``/``bias`` are shared (docs/contract.md, "Ghost Batch Normalization"):
 
 - the last ghost holds the remainder, except that a remainder of one sample joins the
   previous ghost (one-sample statistics are degenerate);
@@ -22,12 +22,11 @@ the CUDA default).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .. import backends
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_ghost_batchnorm", "ghost_sizes"]
 
@@ -35,7 +34,7 @@ BACKENDS = ("auto", "triton", "native", "vectorized", "reference")
 
 
 def ghost_sizes(batch: int, virtual_batch_size: int) -> list[int]:
-    """Samples per ghost batch, by SPEC.md's rule."""
+    """Samples per ghost batch, by docs/contract.md, "The remainder rule"."""
     if batch <= virtual_batch_size:
         return [batch]
     full, remainder = divmod(batch, virtual_batch_size)
@@ -201,13 +200,13 @@ def ghost_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, virt
 def _resolve(backend: str, x: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    triton = backends.get("triton")  # the optimizers' rule for where Triton kernels run
     if backend == "auto":
-        return "triton" if x.is_cuda and has_triton else "native"
+        return "triton" if x.is_cuda and triton.available() else "native"
     if backend == "triton":
-        if not has_triton:
+        if not triton.available():
             raise ValueError("backend='triton' needs Triton installed")
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton.steps(x.device.type):
             raise ValueError("backend='triton' needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
     return backend
 

@@ -3,7 +3,7 @@
 
 Bytes per activation element (x, y, dy, dx of the activation dtype):
 
-    forward   one pass   (group fits on chip): read x, write y             2x  (SPEC.md floor)
+    forward   one pass   (group fits on chip): read x, write y             2x  (floor: docs/contract.md, "The floors")
               two passes (larger groups):      stats, then normalise       3x
     backward  one pass:                        read x, dy; write dx         3x  (floor)
               two passes:                      sums, then dx                5x

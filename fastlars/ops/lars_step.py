@@ -6,7 +6,7 @@ the number of tensors or param groups.
     launch 2  lars_update_kernel  per chunk: tensor norms -> r, update   reads w, g, buf;
                                                                       writes w, buf      20 B/elem
 
-28 B per fp32 element against SPEC.md's floor of 20 B (the norms pass re-reads w
+28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
 and g); see bench/NOTES.md. The maths is fastlars.optim.lars (reference backend),
 written again here element-wise; tests hold the two together.
 """
@@ -19,6 +19,11 @@ import triton.language as tl
 
 from . import _tables as tb
 from . import multi_tensor as mt
+from .layouts import LarsColumn, SumColumn, constexprs
+
+# the LARS group table's columns (layouts.py) as constexprs the kernels read by name
+# (LR, WEIGHT_DECAY, ..., NESTEROV; NCOL, its width)
+globals().update(constexprs(LarsColumn))
 
 
 
@@ -26,7 +31,7 @@ from . import multi_tensor as mt
 def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, ratio, inv_scale, lr, weight_decay, momentum,
                 one_minus_dampening, nesterov, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                 WRITE_P: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block of elements (SPEC.md, LARS)."""
+    """The update of one block of elements (docs/contract.md, "LARS")."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * inv_scale
     d = ratio * (g + weight_decay * w)
@@ -47,29 +52,29 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
                        ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
-    w_ptr = mt.row_pointer(table, row, 0, W_DTYPE, ALIGNED)
-    p_ptr = mt.row_pointer(table, row, 1, P_DTYPE, ALIGNED)
-    g_ptr = mt.row_pointer(table, row, 2, P_DTYPE, ALIGNED)
-    buf_ptr = mt.row_pointer(table, row, 3, ACC, ALIGNED)
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    p_ptr = mt.row_pointer(table, row, mt.COL_P, P_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
+    buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
 
-    hp = groups + group * 9
-    lr = tl.load(hp + 0).to(ACC)
-    weight_decay = tl.load(hp + 1).to(ACC)
-    eta = tl.load(hp + 2).to(ACC)
-    eps = tl.load(hp + 3).to(ACC)
-    trust_clip = tl.load(hp + 4)
-    adapt = tl.load(hp + 5)
-    momentum = tl.load(hp + 6).to(ACC)
-    one_minus_dampening = tl.load(hp + 7).to(ACC)  # columns: csrc/fastlars_math.h, LarsColumn
-    nesterov = tl.load(hp + 8)
+    hp = groups + group * NCOL
+    lr = tl.load(hp + LR).to(ACC)
+    weight_decay = tl.load(hp + WEIGHT_DECAY).to(ACC)
+    eta = tl.load(hp + TRUST_COEFFICIENT).to(ACC)
+    eps = tl.load(hp + EPS).to(ACC)
+    trust_clip = tl.load(hp + TRUST_CLIP)
+    adapt = tl.load(hp + ADAPT)
+    momentum = tl.load(hp + MOMENTUM).to(ACC)
+    one_minus_dampening = tl.load(hp + ONE_MINUS_DAMPENING).to(ACC)
+    nesterov = tl.load(hp + NESTEROV)
 
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
     # whole-tensor norms: launch 1's per-tensor totals
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
-    w_norm = mt.sqrt_ieee(tl.load(totals + 3 * row), ACC)
-    g_norm = mt.sqrt_ieee(tl.load(totals + 3 * row + 1), ACC) * inv_scale
+    w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
+    g_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_G2), ACC) * inv_scale
 
     # trust ratio: fastlars.optim.lars.lars_trust_ratio
     ratio = mt.div_ieee(eta * w_norm, g_norm + weight_decay * w_norm + eps, ACC)
@@ -93,44 +98,21 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                         WRITE_P, True)
 
 
-def _launch(opt, merged, params, grads, weights, bufs, first, validate=None):
-    n = len(params)
-    group_of, rows = tb.group_table(merged, tb.lars_group_row)
-    return mt.build_launch(weights, params, grads, bufs, [None] * n, [None] * n, group_of, first, rows,
-                           merged[0].compute_dtype, mt.launch_cache(opt), validate)
-
-
-def _norms_launch(opt, merged):
-    """Launch 1's tables, and the tensors they point to. They hold the momentum buffers
-    already, so that the update can reuse them."""
-    params, grads, weights = tb.operands(opt, merged, for_update=False)
-    validate = lambda: tb.check_state_layouts(merged, params, weights, ("master_param", "momentum_buffer"))
-    launch = _launch(opt, merged, params, grads, weights, tb.existing_buffers(merged), [False] * len(params),
-                     validate)
-    return launch, (grads, weights)
-
-
-def lars_norms(opt, buckets, inv_scale):
+def lars_norms(plan, inv_scale):
     """Launch 1 for every (device, dtype): returns the context and the partials to check."""
     contexts = []
-    for merged in tb.merge_buckets(buckets):
-        launch, keep_alive = _norms_launch(opt, merged)
-        contexts.append(tb.Merged(merged, mt.launch_sumsq(launch), launch, keep_alive))
-    if opt._mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(opt, contexts)
-    return contexts, [c.partials[:, :2] for c in contexts]
+    for lp in plan.launches:
+        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.CHUNK)
+        contexts.append(tb.Merged(lp, mt.launch_sumsq(launch), launch, keep_alive))
+    if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
+        tb.reduce_partials(plan, contexts)
+    return contexts, [c.partials[:, :SumColumn.G2 + 1] for c in contexts]  # sums of w^2 and g^2
 
 
-def lars_update(opt, contexts, inv_scale, ok, creating_state: bool) -> None:
+def lars_update(plan, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype)."""
     for ctx in contexts:
-        launch = ctx.launch
-        if creating_state:  # new buffers or master weights: new tables (`grads` keeps their copies alive)
-            params, grads, weights = tb.operands(opt, ctx.buckets, for_update=True)
-            bufs, first = tb.lars_buffers(ctx.buckets)
-            launch = _launch(opt, ctx.buckets, params, grads, weights, bufs, first)
-            if opt.capturable:
-                _norms_launch(opt, ctx.buckets)  # the next step's tables: "one eager step, then capture"
+        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lars_launch)  # alive until the kernel ran
         if not launch.n_chunks:
             continue
         device = launch.table.device

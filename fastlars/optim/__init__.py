@@ -1,7 +1,8 @@
 """Large-batch optimizers: LARS and LAMB with reference and multi-tensor backends."""
 
 from ._common import available_backends, param_groups
+from .factory import make_optimizer
 from .lamb import LAMB
 from .lars import LARS
 
-__all__ = ["LARS", "LAMB", "available_backends", "param_groups"]
+__all__ = ["LARS", "LAMB", "available_backends", "make_optimizer", "param_groups"]

@@ -1,5 +1,6 @@
-"""What LARS and LAMB share: argument checks, backend choice, bucketing, the
-non-finite gate, master weights and a state_dict that keeps fp32 state.
+"""What LARS and LAMB share: the step's phases (bucketing, the non-finite gate, state
+and master weights, the plan handed to the fused drivers), parameter groups and their
+validation.
 
 The maths of each optimizer lives in its own module (``lars.py``, ``lamb.py``);
 this module holds no formula of either.
@@ -7,262 +8,27 @@ this module holds no formula of either.
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import _extension
-from . import _sharded
-from ..ops._tables import _dense as _layout_is_dense  # no Triton, no extension: safe to import early
+from .. import _sharded, _tensors, backends
+from ..backends import available_backends, backend_from_flags, resolve_backend
+from ..ops import _tables  # no Triton, no extension: safe to import early
+from ..ops.launch import LaunchCache
+from ..ops.plan import LaunchPlan, StepPlan
+from ._buckets import Bucket, cache_sized_slices, where_  # noqa: F401 (lars.py, lamb.py)
+from ._checks import check_flag, check_number, describe, scalar_lr  # noqa: F401 (lars.py, lamb.py)
+from ._groups import param_groups
+from ._state_dict import StateDictMixin
 
 __all__ = ["available_backends", "param_groups"]
 
-# Backends in the order "auto" prefers them. Later issues register "triton" and
-# "cuda" here; a backend is available when its probe returns True.
-def _extension_has(attribute: str) -> bool:
-    """Whether the C++ extension has ``attribute``: prebuilt, cached, or compiled now
-    (once per process; see fastlars/_extension.py)."""
-    return bool(getattr(_extension.load(), attribute, False))
 
-
-_BACKEND_PROBES: dict[str, Callable[[], bool]] = {
-    "triton": lambda: importlib.util.find_spec("triton") is not None,
-    "cuda": lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
-    "cpu": lambda: _extension_has("lars_update_cpu"),
-    "foreach": lambda: True,
-    "reference": lambda: True,
-}
-# what "auto" may pick for tensors of each device type, fastest first
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "foreach"), "cpu": ("cpu", "foreach")}
-_KNOWN_BACKENDS = ("auto", "triton", "cuda", "cpu", "foreach", "reference")
-FUSED_BACKENDS = ("triton", "cuda", "cpu")
-
-
-def available_backends() -> list[str]:
-    """The backends usable in this installation, fastest first.
-
-    Where the C++ kernels were not built at install time, the first call compiles them
-    (once per process, cached on disk; see fastlars/_extension.py)."""
-    return [name for name, probe in _BACKEND_PROBES.items() if probe()]
-
-
-def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The backend to use for parameters on ``device`` (None: no parameters yet).
-
-    Probes only the backends in question: the "cpu" probe may compile the C++ kernels,
-    which backend="foreach" (or "auto" on CUDA tensors with Triton) must not wait for."""
-    if not isinstance(backend, str) or backend not in _KNOWN_BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} is unknown; choose 'auto' or one of the available backends {available_backends()}"
-        )
-    device_type = device.type if device is not None else "cpu"
-    if backend == "auto":
-        return next(b for b in _AUTO_ORDER.get(device_type, ("foreach",)) + ("foreach",) if _BACKEND_PROBES[b]())
-    if not _BACKEND_PROBES[backend]():
-        hint = f"; {_extension.why_unavailable(backend)}" if backend in ("cpu", "cuda") else ""
-        raise ValueError(f"backend={backend!r} is not available in this installation; "
-                         f"available backends: {available_backends()}{hint}")
-    if backend == "cpu" and device_type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got parameters on {device_type}")
-    if backend == "cuda" and device_type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got parameters on {device_type}")
-    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors, got parameters on {device_type} "
-                         "(CPU tensors run the kernels only under TRITON_INTERPRET=1, for tests)")
-    return backend
-
-
-def backend_from_flags(backend: str, foreach: bool | None, fused: bool | None,
-                       device: torch.device | None) -> str:
-    """torch's ``foreach=``/``fused=`` flags as the backend they ask for on ``device``.
-
-    As torch.optim: ``foreach=True`` is the multi-tensor implementation, ``fused=True`` the
-    fused kernels of the device (``"cpu"``; ``"triton"`` or ``"cuda"``), ``False`` rules
-    that implementation out of ``"auto"`` (both False: the one-tensor-at-a-time
-    ``"reference"``), None leaves the choice to ``"auto"``. An explicit ``backend`` must
-    agree with the flags.
-    """
-    for name, flag in (("foreach", foreach), ("fused", fused)):
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{name} must be None or a bool, got {type(flag).__name__}")
-    if foreach and fused:
-        raise ValueError("`fused` and `foreach` cannot be `True` together.")
-    if backend != "auto":
-        if (foreach and backend != "foreach") or (foreach is False and backend == "foreach") or \
-                (fused and backend not in FUSED_BACKENDS) or (fused is False and backend in FUSED_BACKENDS):
-            raise ValueError(f"backend={backend!r} contradicts foreach={foreach}, fused={fused}; "
-                             "pass either a backend or the torch.optim flags")
-        return backend
-    if foreach:
-        return "foreach"
-    if foreach is None and fused is None:
-        return "auto"
-    device_type = device.type if device is not None else "cpu"
-    available = available_backends()
-    candidates = [b for b in _AUTO_ORDER.get(device_type, ()) + ("foreach", "reference") if b in available]
-    if fused:
-        candidates = [b for b in candidates if b in FUSED_BACKENDS]
-        if not candidates:
-            # torch.optim raises this RuntimeError, at the step that meets such parameters
-            supported = [t for t, order in _AUTO_ORDER.items() if any(b in available for b in order
-                                                                      if b in FUSED_BACKENDS)]
-            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
-                               f"supported devices: {supported} but the params are on {device_type} "
-                               f"(available backends: {available})")
-    candidates = [b for b in candidates if not (fused is False and b in FUSED_BACKENDS)
-                  and not (foreach is False and b == "foreach")]
-    return candidates[0]
-
-
-def param_groups(
-    model: torch.nn.Module,
-    weight_decay: float,
-    exclude: Callable[[str, Tensor], bool] | None = None,
-    **group_options: Any,
-) -> list[dict[str, Any]]:
-    """The two usual parameter groups of large-batch training.
-
-    Parameters with ``ndim <= 1`` (biases, norm-layer weights) and those for which
-    ``exclude(name, param)`` returns True get ``weight_decay=0`` and
-    ``trust_ratio=False``; every other trainable parameter gets ``weight_decay``
-    and ``trust_ratio=True`` (MLPerf / Goyal et al. practice). Extra keyword
-    arguments (e.g. ``lr``) are copied into both groups. Empty groups are dropped.
-    """
-    adapted: list[Tensor] = []
-    excluded: list[Tensor] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or (exclude is not None and exclude(name, param)):
-            excluded.append(param)
-        else:
-            adapted.append(param)
-    groups = [
-        {"params": adapted, "weight_decay": weight_decay, "trust_ratio": True, **group_options},
-        {"params": excluded, "weight_decay": 0.0, "trust_ratio": False, **group_options},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-# ----------------------------------------------------------------------------
-# argument checks
-
-def _describe(group_index: int, position: int, p: Tensor) -> str:
-    return f"param_groups[{group_index}]['params'][{position}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
-
-
-def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
-                 high_open: bool = False, where: str = "", label: str | None = None) -> None:
-    """Raise unless ``value`` is a finite number with ``low <= value <= high`` (``< high`` if high_open).
-
-    The message starts as torch.optim's (``Invalid <label>: <value>``; label defaults to
-    ``"<name> value"``) so that code matching torch's errors matches ours.
-    """
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element{where}, got shape {tuple(value.shape)}")
-        value = value.item()  # argument check at construction / group validation, not per element
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
-    upper_ok = value < high if high_open else value <= high
-    if not math.isfinite(value) or not (value >= low and upper_ok):
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"Invalid {label or name + ' value'}{where}: {value} "
-                         f"(expected {name} in [{low}, {high}{bracket})")
-
-
-def scalar_lr(lr: float | Tensor) -> float | Tensor:
-    """A one-element lr tensor of any shape ((1,), (1, 1)) as a 0-d view of it, which
-    broadcasts like a number (a scheduler's in-place updates still reach it)."""
-    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() else lr
-
-
-def check_flag(name: str, value: Any, where: str = "") -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}{where} must be a bool, got {type(value).__name__}")
-
-
-@dataclass
-class Bucket:
-    """Parameters of one param group that share a dtype (a group has one device).
-
-    ``positions`` index ``group['params']`` so that errors can name a parameter.
-    ``compute_dtype`` is the dtype of the state and of the arithmetic: float32,
-    or float64 for float64 parameters.
-    """
-
-    group_index: int
-    group: dict[str, Any]
-    params: list[Tensor]
-    grads: list[Tensor]
-    positions: list[int]
-    states: list[dict[str, Any]]
-    compute_dtype: torch.dtype
-    # fp32 tensors the update reads and writes: master weights, the parameters
-    # themselves (fp32/fp64), or fp32 copies of low-precision parameters.
-    weights: list[Tensor] = field(default_factory=list)
-    # per parameter: its global norm is a sum over ranks (a Shard-placed DTensor)
-    sharded: list[bool] = field(default_factory=list)
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
-
-    @property
-    def low_precision(self) -> bool:
-        return self.params[0].dtype != self.compute_dtype
-
-
-# On the CPU a foreach op sweeps its whole tensor list before the next op starts,
-# so a sequence of ops streams the bucket through memory once per op. Running the
-# sequence on slices of about this many elements keeps the slice in cache.
-CPU_SLICE_ELEMENTS = 1 << 18  # 1 MiB of fp32 per tensor list
-
-
-def cache_sized_slices(b: Bucket, per_tensor: Tensor | None) -> Iterator[tuple[Bucket, Tensor | None]]:
-    """Split a CPU bucket (and a per-tensor vector beside it) into cache-sized slices.
-
-    Other devices get the whole bucket: there each foreach op is one launch.
-    """
-    if b.device.type != "cpu":
-        yield b, per_tensor
-        return
-    start, elements = 0, 0
-    for i, p in enumerate(b.params):
-        elements += p.numel()
-        if elements >= CPU_SLICE_ELEMENTS or i == len(b.params) - 1:
-            s = slice(start, i + 1)
-            yield (replace(b, params=b.params[s], grads=b.grads[s], positions=b.positions[s],
-                           states=b.states[s], weights=b.weights[s]),
-                   None if per_tensor is None else per_tensor[s])
-            start, elements = i + 1, 0
-
-
-def is_capturing(device: torch.device) -> bool:
-    """Whether work for ``device`` is being captured into a CUDA graph now (one home for
-    the check, so that CPU tests can stand in a capture by replacing it)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-# What torch.optim.Optimizer.__getstate__ leaves out (it carries defaults, state and
-# param_groups only) but a deepcopied or unpickled optimizer needs to step: the
-# optimizer-wide settings and the skip counter. Launch caches are rebuilt, not copied.
-_SETTINGS = {"_backend_request": ("auto", None, None), "backend": None, "_backend_device": None,
-             "master_weights": False, "skip_nonfinite": False, "capturable": False, "_skipped_steps": 0}
-
-
-class TrustRatioOptimizer(Optimizer):
+class TrustRatioOptimizer(StateDictMixin, Optimizer):
     """Base of LARS and LAMB: everything but the maths.
 
     Subclasses define ``_validate_group(group, where, in_step)`` and
@@ -300,6 +66,7 @@ class TrustRatioOptimizer(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self._skipped_steps: Tensor | int = 0
         self._backend_request = (backend, foreach, fused)
+        self._launch_cache = LaunchCache()  # the fused kernels' tables, kept across steps
         super().__init__(params, defaults)
         first = next((p for g in self.param_groups for p in g["params"]), None)
         # deferred init: parameters on the meta device get their backend at the first step
@@ -312,22 +79,12 @@ class TrustRatioOptimizer(Optimizer):
         backend, foreach, fused = self._backend_request
         self.backend = resolve_backend(backend_from_flags(backend, foreach, fused, device), device)
         self._backend_device = None if device is None else device.type
-        if self.capturable and self.backend != "triton":
-            raise ValueError(f"capturable=True needs backend='triton' (got {self.backend!r}): its step reads "
-                             "nothing on the host once its tables are built")
+        if self.capturable and self.backend not in ("triton", "cuda"):
+            raise ValueError(f"capturable=True needs backend='triton' or 'cuda' (got {self.backend!r}): their steps "
+                             "read nothing on the host once their tables are built")
         if self.capturable and not self.skip_nonfinite:
             raise ValueError("capturable=True needs skip_nonfinite=True: raising on a non-finite gradient "
                              "reads a flag on the host, which a captured graph cannot do")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.update({key: self.__dict__[key] for key in _SETTINGS if key in self.__dict__})
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # also called by load_state_dict with state and param_groups only
-        for key, default in _SETTINGS.items():
-            self.__dict__.setdefault(key, default)
 
     # -- groups ---------------------------------------------------------------
 
@@ -349,9 +106,9 @@ class TrustRatioOptimizer(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"param_groups[{index}]['params'][{position}] is a {type(p).__name__}, not a Tensor")
             if not p.is_leaf:
-                raise ValueError(f"{_describe(index, position, p)} is not a leaf tensor; optimizers update leaves only")
+                raise ValueError(f"{describe(index, position, p)} is not a leaf tensor; optimizers update leaves only")
             if not p.is_floating_point():
-                raise TypeError(f"{_describe(index, position, p)} must be a real floating-point tensor "
+                raise TypeError(f"{describe(index, position, p)} must be a real floating-point tensor "
                                 "(complex parameters are not supported)")
             devices.add(p.device)
             if self._mesh is None and _sharded.is_sharded(p):
@@ -427,28 +184,28 @@ class TrustRatioOptimizer(Optimizer):
                 if g is None:
                     continue
                 if g.layout != torch.strided:
-                    raise ValueError(f"{_describe(gi, pos, p)} has a sparse gradient; "
+                    raise ValueError(f"{describe(gi, pos, p)} has a sparse gradient; "
                                      f"{type(self).__name__} supports dense gradients only")
                 p_device = p.device
                 if g.shape != p.shape or g.device != p_device:
-                    raise ValueError(f"{_describe(gi, pos, p)} has a gradient of shape {tuple(g.shape)} "
+                    raise ValueError(f"{describe(gi, pos, p)} has a gradient of shape {tuple(g.shape)} "
                                      f"on {g.device}; expected shape {tuple(p.shape)} on {p_device}")
                 if p_device != device:
                     if device is not None:
-                        raise ValueError(f"{_describe(gi, pos, p)} is on {p_device} but param_groups[{gi}] "
+                        raise ValueError(f"{describe(gi, pos, p)} is on {p_device} but param_groups[{gi}] "
                                          f"already has parameters on {device}")
                     device = p_device
                 b = by_dtype.get(p.dtype)
                 if b is None:
-                    b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], state_dtype(p))
+                    b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], _tensors.state_dtype(p))
                 if keeps_state or (low_precision_masters and p.dtype != b.compute_dtype):
                     state = self.state[p]
                 else:
                     state = self.state.get(p) or {}
                 if _sharded.is_sharded(p):  # FSDP2: work on the local shard, reduce norms across ranks
-                    mesh = _sharded.check_placements(_describe(gi, pos, p), p, mesh)
+                    mesh = _sharded.check_placements(describe(gi, pos, p), p, mesh)
                     if not _sharded.is_sharded(g):
-                        raise ValueError(f"{_describe(gi, pos, p)} is a DTensor but its gradient is not")
+                        raise ValueError(f"{describe(gi, pos, p)} is a DTensor but its gradient is not")
                     b.sharded.append(_sharded.is_shard_placed(p))
                     p, g, state = p.to_local(), g.to_local(), _sharded.LocalState(state, p)
                 else:
@@ -472,9 +229,9 @@ class TrustRatioOptimizer(Optimizer):
         copies = []
         for b in buckets:
             for i, p in enumerate(b.params):
-                if not p.is_contiguous() and not _layout_is_dense(p):
+                if not p.is_contiguous() and not _tensors.is_dense(p):
                     if self.capturable:
-                        raise ValueError(f"{_describe(b.group_index, b.positions[i], p)} is a strided view, "
+                        raise ValueError(f"{describe(b.group_index, b.positions[i], p)} is a strided view, "
                                          "which the fused kernels step as a new dense copy at every step; "
                                          "capturable=True needs dense parameters (e.g. .contiguous() before "
                                          "making it a Parameter)")
@@ -507,15 +264,15 @@ class TrustRatioOptimizer(Optimizer):
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
 
-        fused = self.backend in FUSED_BACKENDS  # fused kernels read and write p themselves
+        fused = backends.get(self.backend).fused  # fused kernels read and write p themselves
         dense_copies = self._dense_copies(buckets) if fused else []
-        if fused:
-            norms, checks = self._fused("norms", buckets, inv_scale)
-        else:
-            norms, checks = self._norms_phase(buckets, inv_scale)
         # a local, not an attribute: the step assigns no optimizer attribute, which
         # torch.compile of torch 2.11 refuses to trace ("Attempted setattr on a user-defined object")
         creating_state = self._creates_state(buckets)
+        if fused:
+            plan, norms, checks = self._fused_norms(buckets, creating_state, inv_scale)
+        else:
+            norms, checks = self._norms_phase(buckets, inv_scale)
         ok = self._gate(buckets, checks, found_inf, creating_state)
         if ok is False:
             return loss
@@ -523,7 +280,7 @@ class TrustRatioOptimizer(Optimizer):
         for b in buckets:
             b.weights = b.params if fused else self._compute_weights(b)
         if fused:
-            self._fused("update", norms, inv_scale, ok, creating_state)
+            self._fused_update(plan, norms, inv_scale, ok)
         else:
             self._update(buckets, norms, inv_scale, ok)
             for b in buckets:
@@ -535,22 +292,40 @@ class TrustRatioOptimizer(Optimizer):
     # torch.compile: the drivers build launch tables and call C++ or Triton kernels that
     # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
     @torch._disable_dynamo  # as torch.optim does: imports dynamo on first call, not at import
-    def _fused(self, phase: str, *args):
-        """The fused backend's ``<prefix>_norms``/``<prefix>_update`` driver, called with ``args``."""
-        return getattr(self._kernels(), f"{self._kernel_prefix}_{phase}")(self, *args)
+    def _fused_norms(self, buckets: list[Bucket], creating_state: bool, inv_scale: Tensor | None):
+        """The fused backend's first phase (fastlars.backends.Driver.norms) on this step's plan."""
+        plan = self._plan(buckets, creating_state)
+        norms, checks = backends.driver(self.backend, self._kernel_prefix).norms(plan, inv_scale)
+        return plan, norms, checks
 
-    def _kernels(self):
-        """The module whose ``<prefix>_norms``/``<prefix>_update`` drive this fused
-        backend's kernels (imported on first use: Triton's interpreter, if any, must be
-        chosen before fastlars.ops is imported)."""
-        if self.backend == "triton":
-            return importlib.import_module(f"fastlars.ops.{self._kernel_prefix}_step")
-        return importlib.import_module("fastlars.ops.cpp_step")
+    @torch._disable_dynamo
+    def _fused_update(self, plan: StepPlan, norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
+        """The fused backend's update (fastlars.backends.Driver.update); state exists by now."""
+        backends.driver(self.backend, self._kernel_prefix).update(plan, norms, inv_scale, ok)
+
+    def _plan(self, buckets: list[Bucket], creating_state: bool) -> StepPlan:
+        """What the fused drivers get (fastlars/ops/plan.py): the buckets merged per (device,
+        dtype) across groups, one launch each, with their hyper-parameter rows."""
+        merged: dict[tuple, list[Bucket]] = {}
+        for b in buckets:
+            merged.setdefault((b.device, b.params[0].dtype), []).append(b)
+        launches = []
+        for group in merged.values():
+            launches.append(LaunchPlan(
+                params=[p for b in group for p in b.params], grads=[g for b in group for g in b.grads],
+                states=[st for b in group for st in b.states],
+                norm_states=[st for b in group for st in self._states_before_gate(b)],
+                group_of=[i for i, b in enumerate(group) for _ in b.params],
+                rows=_tables.group_rows([b.group for b in group], group[0].device, self._group_row),
+                where=[(b.group_index, pos) for b in group for pos in b.positions],
+                sharded=[s for b in group for s in b.sharded], compute_dtype=group[0].compute_dtype,
+                master_weights=self.master_weights, first=[f for b in group for f in self._first_steps(b)]))
+        return StepPlan(launches, self._mesh, creating_state, self.capturable, self._launch_cache)
 
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
         """Read-only first phase of the reference and foreach backends: what the update
         needs, and the tensors whose finiteness decides the step (fused backends do
-        this in a kernel, see ``_kernels``)."""
+        this in a kernel, see ``_fused``)."""
         norms = [self._norms(b, inv_scale) for b in buckets]
         if self._mesh is not None:  # sharded parameters: one all-reduce of every layer's squared norms
             norms = self._global_norms(buckets, norms)
@@ -597,7 +372,7 @@ class TrustRatioOptimizer(Optimizer):
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)
             return None
-        if creating_state and is_capturing(device):
+        if creating_state and _tensors.is_capturing(device):
             raise RuntimeError(f"{type(self).__name__}.step() is being captured in a CUDA graph but some "
                                "parameters have no state yet: take one eager step before capturing "
                                "(the first step creates the state)")
@@ -630,7 +405,7 @@ class TrustRatioOptimizer(Optimizer):
             for pos, p, g in zip(b.positions, b.params, b.grads):
                 if not bool(g.isfinite().all()):
                     raise FloatingPointError(
-                        f"non-finite gradient for {_describe(b.group_index, pos, p)}; "
+                        f"non-finite gradient for {describe(b.group_index, pos, p)}; "
                         "pass skip_nonfinite=True to skip such steps, or use torch.amp.GradScaler")
         raise FloatingPointError(
             "a per-layer norm overflowed to a non-finite value although every gradient is finite; "
@@ -675,70 +450,21 @@ class TrustRatioOptimizer(Optimizer):
             torch._foreach_copy_(b.params, b.weights)
 
     def _weights_for_norm(self, b: Bucket) -> list[Tensor]:
-        """Weights whose norm the trust ratio uses, before state exists (read-only).
+        """Weights whose norm the trust ratio uses, before state exists (read-only; see
+        fastlars._tensors.weights_for_norm, which the fused drivers use too)."""
+        return _tensors.weights_for_norm(b.params, b.states, b.compute_dtype, self.master_weights)
 
-        With master weights, a parameter without its master yet (its first step) reads as
-        an fp32 copy, not as itself: a fused launch reads one weight dtype, and a
-        late-joining bf16 parameter shares it with parameters that have fp32 masters.
-        """
-        if b.low_precision and self.master_weights:
-            masters = (st.get("master_param") for st in b.states)
-            return [p.to(b.compute_dtype) if m is None else m for p, m in zip(b.params, masters)]
-        return b.params
+    # -- what subclasses tell the fused drivers (see _plan) --------------------
 
-    # -- state_dict -------------------------------------------------------------
+    @staticmethod
+    def _group_row(group: dict[str, Any]) -> list:
+        """A param group as a row of the fused kernels' group table (fastlars/ops/layouts.py)."""
+        raise NotImplementedError
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as torch.optim does, then keep our state fp32 (fp64 for fp64 params).
+    def _states_before_gate(self, b: Bucket) -> list:
+        """The state the norms phase reads, before the gate (default: as stored)."""
+        return b.states
 
-        torch casts floating state to each parameter's dtype, which would turn the
-        fp32 moments of a bf16 parameter into bf16, and keeps a ``step`` saved as a
-        plain number (older torch checkpoints) as it is. Groups saved by another
-        optimizer (SGD into LARS, AdamW into LAMB) get our missing
-        hyper-parameters from the current groups. Hooks run as in torch.optim: this
-        works on the state dict the load_state_dict pre-hooks return, and finishes
-        before the post-hooks run.
-        """
-        current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        loaded: list[dict[str, Any]] = []
-
-        def keep(optimizer, hooked_state_dict):  # registered last: sees what the user's pre-hooks made
-            loaded.append(hooked_state_dict)
-
-        def finish(optimizer):  # registered first: runs before the user's post-hooks
-            self._finish_load(loaded[-1], current)
-
-        handles = (self.register_load_state_dict_pre_hook(keep),
-                   self.register_load_state_dict_post_hook(finish, prepend=True))
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _finish_load(self, state_dict: dict[str, Any], current: list[dict[str, Any]]) -> None:
-        for gi, (group, defaults) in enumerate(zip(self.param_groups, current)):
-            for key, value in defaults.items():
-                group.setdefault(key, value)
-            self._validate_group(group, f" in loaded param_groups[{gi}]")
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            saved_state = state_dict["state"].get(saved_id)
-            if saved_state is None:
-                continue
-            for key, value in saved_state.items():
-                if key == "step":  # a float32 tensor on the parameter's device, as our steps create it
-                    self.state[p][key] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True)
-                elif isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
-
-
-def where_(ok: Tensor, new: list[Tensor], dst: list[Tensor]) -> None:
-    """dst = new if ok else dst, for each pair, without reading ok on the host.
-
-    torch has no foreach select; arithmetic masking (dst + ok * (new - dst)) would
-    turn the NaNs of a skipped step into NaN state, so this is one where per tensor.
-    """
-    for n, t in zip(new, dst):
-        torch.where(ok, n, t, out=t)
+    def _first_steps(self, b: Bucket) -> list[bool]:
+        """Per parameter: whether this step creates state the kernels fill from scratch (LARS)."""
+        return [False] * len(b.params)

@@ -1,5 +1,5 @@
 """LAMB: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization
-for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is SPEC.md, "LAMB":
+for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is docs/contract.md, "LAMB":
 
     g  = g / max(1, ||all grads|| / max_grad_norm)        if max_grad_norm > 0
     m  = b1 * m + (1 - b1) * g                            ((1 - b1) -> 1 without grad_averaging)
@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
+from ..ops import _tables
+from ._buckets import Bucket, cache_sized_slices, where_
+from ._checks import check_flag, check_number, scalar_lr
+from ._common import TrustRatioOptimizer
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
@@ -120,6 +123,11 @@ class LAMB(TrustRatioOptimizer):
         norms = self._global_norms(buckets, norms, start=2 if clipping else 0)
         return norms, [n for bucket_norms in norms for n in bucket_norms]
 
+    _group_row = staticmethod(_tables.lamb_group_row)
+
+    def _states_before_gate(self, b: Bucket) -> list:
+        return [self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)]
+
     def _state_or_fresh(self, p: Tensor, state, b: Bucket):
         """The parameter's state, or before its first step the fresh state (not stored)."""
         if "exp_avg" in state:
@@ -171,7 +179,7 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     bias_correction: bool, grad_averaging: bool, trust_clip: bool,
                     u_norm_only: bool = False) -> Tensor | None:
-    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend.
+    """One parameter at a time, line by line as docs/contract.md, "LAMB". The oracle of every other backend.
 
     ``norms`` (adapted groups): column 0 ||w||, and column 1 the global ||u|| of sharded
     parameters. ``u_norm_only``: return the local ||u|| per tensor and change nothing.

@@ -1,6 +1,6 @@
 """LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017).
 
-Layout as timm ``Lars`` / apex ``LARC``; the contract is SPEC.md, "LARS":
+Layout as timm ``Lars`` / apex ``LARC``; the contract is docs/contract.md, "LARS":
 
     r   = eta * ||w|| / (||g|| + wd * ||w|| + eps)   (1 if ||w|| or ||g|| is 0; 1 if not adapted)
     r   = min(r / lr, 1)                              if trust_clip (LARC "clip" mode)
@@ -17,7 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import Bucket, TrustRatioOptimizer, cache_sized_slices, check_flag, check_number, scalar_lr, where_
+from .. import backends
+from ..ops import _tables
+from ._buckets import Bucket, cache_sized_slices, where_
+from ._checks import check_flag, check_number, scalar_lr
+from ._common import TrustRatioOptimizer
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
@@ -61,11 +65,11 @@ class LARS(TrustRatioOptimizer):
         skip_nonfinite: skip (and count in :attr:`skipped_steps`) a step whose
             gradients or norms are not finite, instead of raising
             ``FloatingPointError``. The decision is taken on the device.
-        capturable: the step can be captured in a CUDA graph (``backend="triton"``,
-            ``skip_nonfinite=True``; take one eager step first, which creates the
-            state). Give ``lr`` as a one-element tensor on the device so that a
+        capturable: the step can be captured in a CUDA graph (``backend="triton"`` or
+            ``"cuda"``, ``skip_nonfinite=True``; take one eager step first, which creates
+            the state). Give ``lr`` as a one-element tensor on the device so that a
             scheduler's in-place updates reach the graph. Without this flag the
-            triton step is host-sync free as well; the flag adds the checks.
+            fused GPU steps are host-sync free as well; the flag adds the checks.
         maximize: maximize the objective (ascend the gradient), per group, as torch.optim.
         foreach, fused: torch.optim's implementation flags, as a way to choose the
             backend: ``foreach=True`` is ``"foreach"``, ``fused=True`` the fused backend
@@ -108,7 +112,17 @@ class LARS(TrustRatioOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
-        pass  # the momentum buffer starts as the first update direction (SGD's rule)
+        """The momentum buffer starts as the first update direction (SGD's rule): the
+        reference and foreach updates make it from d; the fused kernels write d into a
+        buffer that exists, made here (the plan's ``first`` flags that step)."""
+        if group["momentum"] != 0 and "momentum_buffer" not in state and backends.get(self.backend).fused:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    _group_row = staticmethod(_tables.lars_group_row)
+
+    def _first_steps(self, b: Bucket) -> list[bool]:
+        momentum = b.group["momentum"] != 0
+        return [momentum and "momentum_buffer" not in st for st in b.states]
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         step = _lars_reference if self.backend == "reference" else _lars_foreach
@@ -132,7 +146,7 @@ class LARS(TrustRatioOptimizer):
 @torch._disable_dynamo
 def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
                     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
-    """One parameter at a time, line by line as SPEC.md. The oracle of every other backend."""
+    """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend."""
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return
     for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):

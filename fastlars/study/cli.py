@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from .core import DATASETS, MODELS, RECIPES, load_data, train_run
-from .report import figures, markdown, summarise
+from .figures import figures
+from .report import markdown, summarise
 from .search import StudyPlan, canonical_cells, replay
 
 # Batches 16..1024 of 11,200 training samples cover ImageNet's 1.8K..117K by share of the training set per

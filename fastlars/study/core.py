@@ -144,17 +144,16 @@ def crossing(curve: list[tuple[int, float]], target: float) -> float | None:
 def _optimizer(model, recipe: Recipe, lrs: list[float]) -> torch.optim.Optimizer:
     """One pair of param groups per member: weights (decayed, trust ratio) and the rest."""
     groups = []
+    wd = LAMB_WEIGHT_DECAY if recipe.optimizer == "lamb" else WEIGHT_DECAY
     for k, lr in enumerate(lrs):
         params = model.member_parameters(k)
-        wd = LAMB_WEIGHT_DECAY if recipe.optimizer == "lamb" else WEIGHT_DECAY
         groups.append(dict(params=[p for p in params if p.ndim > 1], lr=lr, weight_decay=wd))
         groups.append(dict(params=[p for p in params if p.ndim <= 1], lr=lr, weight_decay=0.0))
         if recipe.optimizer != "sgd":
             groups[-1]["trust_ratio"] = False
-    if recipe.optimizer == "lars":
-        return fastlars.LARS(groups, lr=lrs[0], momentum=MOMENTUM, trust_coefficient=TRUST_COEFFICIENT)
-    if recipe.optimizer == "lamb":
-        return fastlars.LAMB(groups, lr=lrs[0])
+    if recipe.optimizer in ("lars", "lamb"):
+        lars = dict(momentum=MOMENTUM, trust_coefficient=TRUST_COEFFICIENT) if recipe.optimizer == "lars" else {}
+        return fastlars.make_optimizer(recipe.optimizer, groups, weight_decay=wd, lr=lrs[0], **lars)
     return torch.optim.SGD(groups, lr=lrs[0], momentum=MOMENTUM)
 
 

@@ -1,0 +1,82 @@
+"""The layouts of the tables the fused optimizer kernels read, defined once.
+
+The tables of a fused launch (see launch.py and multi_tensor.py for the Triton side,
+csrc/cuda_kernels.cu and csrc/cpu_kernels.cpp for the C++ side):
+
+- the per-tensor launch table (int64, one row per tensor: pointers and sizes) and its
+  chunk list (one row per chunk),
+- the per-group hyper-parameter table (float64, one row per param group; one layout
+  for LARS, one for LAMB),
+- the per-tensor sums of a norms pass (one row per tensor: sums of squares).
+
+The Triton kernels read these columns by name (constexpr copies of the values below);
+the C++ kernels read them through csrc/layouts.h, whose X-macro lists name the same
+columns in the same order and are exported by the extension
+(``fastlars._C.tensor_columns`` ...). tests/test_layouts.py checks that the two agree:
+a column read at the wrong index would read the wrong value with no error.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["TensorColumn", "ChunkColumn", "LarsColumn", "LambColumn", "SumColumn", "LAYOUTS"]
+
+
+def _layout(name: str, columns: str, doc: str) -> type[enum.IntEnum]:
+    """An IntEnum of ``columns`` (space-separated names) numbered from 0, in that order."""
+    layout = enum.IntEnum(name, columns.split(), start=0, module=__name__)
+    layout.__doc__ = doc
+    return layout
+
+
+TensorColumn = _layout("TensorColumn", "W P G S0 S1 STEP NUMEL GROUP CHUNK0 NCHUNKS FIRST", """
+    Per-tensor launch table (int64). W: the weights the update writes (fp32 master copies
+    or the parameters); P: the parameter (written too when it is not W: master weights);
+    G: the gradient, in the parameter's layout; S0, S1: state tensors (LARS momentum
+    buffer; LAMB exp_avg, exp_avg_sq); STEP: LAMB's 0-d float32 step counter; NUMEL;
+    GROUP: the tensor's row in the group table; CHUNK0, NCHUNKS: its first chunk and chunk
+    count; FIRST: 1 on the tensor's first LARS step (the buffer is set to d). Pointer
+    columns a launch does not use repeat W.""")
+
+ChunkColumn = _layout("ChunkColumn", "ROW START", """
+    The chunk list of a launch, one row per chunk (one program or block each): ROW, the
+    tensor's row in the launch table; START, the chunk's first element.""")
+
+LarsColumn = _layout("LarsColumn", "LR WEIGHT_DECAY TRUST_COEFFICIENT EPS TRUST_CLIP ADAPT MOMENTUM "
+                     "ONE_MINUS_DAMPENING NESTEROV", """
+    LARS group table (docs/contract.md, "LARS"), float64. ADAPT: the group's trust_ratio;
+    ONE_MINUS_DAMPENING is formed in double on the host; flags are 0.0 / 1.0.""")
+
+LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BETA1 LOG_BETA2 BIAS_CORRECTION EPS "
+                     "WEIGHT_DECAY MAX_GRAD_NORM TRUST_CLIP ADAPT", """
+    LAMB group table (docs/contract.md, "LAMB"), float64. BETA3: 1 - beta1, or 1 without
+    grad_averaging; LOG_BETA1/2: ln beta (-inf for 0), the kernels form 1 - beta^t as
+    1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0.""")
+
+SumColumn = _layout("SumColumn", "W2 G2 U2", """
+    Per-tensor sums of squares of a norms pass: W2 of w, G2 of the gradient as stored (a
+    scaled gradient is unscaled after), U2 of LAMB's direction u (LARS: W2 and G2 only).""")
+
+
+# name -> layout, as the extension exports them (test_layouts.py)
+LAYOUTS = {"tensor_columns": TensorColumn, "chunk_columns": ChunkColumn, "lars_columns": LarsColumn,
+           "lamb_columns": LambColumn, "sum_columns": SumColumn}
+
+
+def row_of(layout: type[enum.IntEnum], values: dict) -> list:
+    """A table row from ``{column: value}``, in the layout's order (KeyError for a column not given)."""
+    return [values[column] for column in _ORDER[layout]]
+
+
+_ORDER = {layout: tuple(layout) for layout in LAYOUTS.values()}
+
+
+def constexprs(layout: type[enum.IntEnum], prefix: str = "") -> dict:
+    """The layout's columns as Triton constexprs, ``{prefix + name: index}``, and its width
+    as ``prefix + "NCOL"``: a kernel module adds them to its globals, and its kernels read
+    the columns by those names (Triton kernels can read only constexpr globals)."""
+    import triton.language as tl  # only the Triton modules call this
+
+    return {f"{prefix}NCOL": tl.constexpr(len(layout)),
+            **{prefix + column.name: tl.constexpr(int(column)) for column in layout}}

@@ -1,0 +1,44 @@
+"""Argument checks of the optimizers: the messages start as torch.optim's, and name the
+parameter or the option."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+
+def describe(group_index: int, position: int, p: Tensor) -> str:
+    return f"param_groups[{group_index}]['params'][{position}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
+                 high_open: bool = False, where: str = "", label: str | None = None) -> None:
+    """Raise unless ``value`` is a finite number with ``low <= value <= high`` (``< high`` if high_open).
+
+    The message starts as torch.optim's (``Invalid <label>: <value>``; label defaults to
+    ``"<name> value"``) so that code matching torch's errors matches ours.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element{where}, got shape {tuple(value.shape)}")
+        value = value.item()  # argument check at construction / group validation, not per element
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
+    upper_ok = value < high if high_open else value <= high
+    if not math.isfinite(value) or not (value >= low and upper_ok):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"Invalid {label or name + ' value'}{where}: {value} "
+                         f"(expected {name} in [{low}, {high}{bracket})")
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A one-element lr tensor of any shape ((1,), (1, 1)) as a 0-d view of it, which
+    broadcasts like a number (a scheduler's in-place updates still reach it)."""
+    return lr.reshape(()) if isinstance(lr, Tensor) and lr.dim() else lr
+
+
+def check_flag(name: str, value: Any, where: str = "") -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}{where} must be a bool, got {type(value).__name__}")

@@ -1,0 +1,59 @@
+"""The fused kernels' table layouts: one definition (fastlars/ops/layouts.py), read by the
+Triton kernels by name and by the C++ kernels through csrc/layouts.h. A column that the
+two sides number differently would read the wrong hyper-parameter or pointer with no
+error, so the extension's exported layouts must equal the Python ones."""
+
+import math
+
+import pytest
+
+from fastlars import _extension
+from fastlars.ops import _tables, layouts
+
+
+@pytest.mark.parametrize("name", list(layouts.LAYOUTS))
+def test_cpp_layouts_agree_with_the_python_definition(name):
+    ext = _extension.load()
+    if ext is None:
+        pytest.skip(f"the C++ extension is unavailable: {_extension.why_unavailable('cpu')}")
+    python = {column.name: int(column) for column in layouts.LAYOUTS[name]}
+    assert dict(getattr(ext, name)) == python
+
+
+@pytest.mark.parametrize("layout", list(layouts.LAYOUTS.values()))
+def test_columns_number_a_dense_row(layout):
+    assert sorted(int(c) for c in layout) == list(range(len(layout)))
+
+
+def test_group_rows_put_each_value_in_its_named_column():
+    lars = {"lr": 0.1, "weight_decay": 0.2, "trust_coefficient": 0.3, "eps": 0.4, "trust_clip": True,
+            "trust_ratio": False, "momentum": 0.7, "dampening": 0.25, "nesterov": True}
+    row = _tables.lars_group_row(lars)
+    L = layouts.LarsColumn
+    assert len(row) == len(L)
+    assert (row[L.LR], row[L.WEIGHT_DECAY], row[L.TRUST_COEFFICIENT], row[L.EPS]) == (0.1, 0.2, 0.3, 0.4)
+    assert (row[L.TRUST_CLIP], row[L.ADAPT], row[L.NESTEROV]) == (True, False, True)
+    assert (row[L.MOMENTUM], row[L.ONE_MINUS_DAMPENING]) == (0.7, 0.75)
+
+    lamb = {"lr": 0.1, "betas": (0.5, 0.25), "eps": 0.3, "weight_decay": 0.4, "bias_correction": True,
+            "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True}
+    row = _tables.lamb_group_row(lamb)
+    B = layouts.LambColumn
+    assert len(row) == len(B)
+    assert (row[B.LR], row[B.BETA1], row[B.BETA2], row[B.ONE_MINUS_BETA2], row[B.BETA3]) == (0.1, 0.5, 0.25, 0.75, 1.0)
+    assert (row[B.LOG_BETA1], row[B.LOG_BETA2]) == (math.log(0.5), math.log(0.25))
+    assert (row[B.EPS], row[B.WEIGHT_DECAY], row[B.MAX_GRAD_NORM]) == (0.3, 0.4, 0.6)
+    assert (row[B.BIAS_CORRECTION], row[B.TRUST_CLIP], row[B.ADAPT]) == (True, False, True)
+
+
+def test_triton_constants_are_the_layouts():
+    pytest.importorskip("triton")
+    from fastlars.ops import lamb_step, lars_step, multi_tensor
+
+    for module, layout, prefix in ((multi_tensor, layouts.TensorColumn, "COL_"),
+                                   (multi_tensor, layouts.ChunkColumn, "CHUNK_"),
+                                   (multi_tensor, layouts.SumColumn, "SUM_"),
+                                   (lars_step, layouts.LarsColumn, ""), (lamb_step, layouts.LambColumn, "")):
+        assert getattr(module, f"{prefix}NCOL") == len(layout)
+        for column in layout:
+            assert getattr(module, prefix + column.name) == int(column)
