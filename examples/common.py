@@ -79,30 +79,16 @@ def init_distributed(timeout: float | None = None) -> tuple[int, int, torch.devi
         options["timeout"] = datetime.timedelta(seconds=timeout)
     if not torchrun:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        options.update(_restart_safe_store(options.get("timeout")))
+    elif int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and os.environ.get("RANK") == "0":
+        # torchrun's agent keeps one store for all the worker groups it starts, and the group's
+        # keys carry no attempt number: a restarted group can read the dead workers' addresses
+        # and fail (connection refused) or wait (issue 17). A fresh store per attempt avoids it.
+        print("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted "
+              "group can read the dead workers' addresses and fail or time out (see the README)",
+              file=sys.stderr, flush=True)
     dist.init_process_group(backend, **options)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _restart_safe_store(timeout: datetime.timedelta | None) -> dict:
-    """torchrun's agent keeps one store for all the worker groups it starts, and the process
-    group's keys carry no attempt number: a group restarted after a failure reads the addresses
-    of the dead workers before the new ones overwrite them, and gloo's set-up then fails
-    (connection refused) or waits for a peer that never answers (issue 17). With every rank
-    under one agent (one node), TORCHELASTIC_RESTART_COUNT numbers the attempts the same on
-    every rank: the group's keys go under it. Across nodes the agents count restarts
-    separately, so there the remedy is torchrun's own: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-    (a fresh store for each attempt); without it a stale read costs a --dist-timeout and a restart."""
-    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
-        if os.environ.get("RANK") == "0" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            print("warning: torchrun --max-restarts on several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                  "for torchrun, else a restarted group can read the dead workers' addresses and time out",
-                  file=sys.stderr, flush=True)
-        return {}
-    store, rank, world = next(dist.rendezvous("env://", **({} if timeout is None else {"timeout": timeout})))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dict(store=dist.PrefixStore(f"attempt-{attempt}", store), rank=rank, world_size=world)
 
 
 def finish() -> None:

@@ -48,7 +48,8 @@ def make_folder(root: Path, classes=("ant", "bee", "cat"), train=8, val=4) -> Pa
 def run(args, ranks=None, restarts=0):
     """The script in a subprocess (under torchrun when ``ranks``, which restarts the workers
     up to ``restarts`` times); its JSON lines."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU, even on a GPU host
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU, even on a GPU host
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # the README's recipe: a fresh store per torchrun attempt
     launcher = [sys.executable] if ranks is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                        f"--nproc_per_node={ranks}", f"--max-restarts={restarts}"]
     proc = subprocess.run([*launcher, str(EXAMPLES / "train_imagenet.py"), *map(str, args)], env=env,
