@@ -303,8 +303,9 @@ def test_a_tensor_lr_on_another_device_is_read_on_the_host():
 
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
 def test_cpp_backend_copies_a_tensor_lr_into_its_table(name):
-    """backend='cpu' (its host group table; 'cuda' reads the cached launch tables, test_fused_gpu.py) with a tensor lr that a scheduler
-    changes in place: the kernels see each new value, as with the same lr given as floats."""
+    """backend='cpu' (its host group table; 'cuda' reads the cached launch tables, see
+    test_fused_gpu.py) with a tensor lr that a scheduler changes in place: the kernels see
+    each new value, as with the same lr given as floats."""
     if "cpu" not in AVAILABLE:
         pytest.skip("the C++ extension is not available")
     runs = []
