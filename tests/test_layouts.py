@@ -27,7 +27,8 @@ def test_columns_number_a_dense_row(layout):
 
 def test_group_rows_put_each_value_in_its_named_column():
     lars = {"lr": 0.1, "weight_decay": 0.2, "trust_coefficient": 0.3, "eps": 0.4, "trust_clip": True,
-            "trust_ratio": False, "momentum": 0.7, "dampening": 0.25, "nesterov": True}
+            "trust_ratio": False, "momentum": 0.7, "dampening": 0.25, "nesterov": True,
+            "adapt_only_decayed": False}
     row = _tables.lars_group_row(lars)
     L = layouts.LarsColumn
     assert len(row) == len(L)
@@ -36,7 +37,8 @@ def test_group_rows_put_each_value_in_its_named_column():
     assert (row[L.MOMENTUM], row[L.ONE_MINUS_DAMPENING]) == (0.7, 0.75)
 
     lamb = {"lr": 0.1, "betas": (0.5, 0.25), "eps": 0.3, "weight_decay": 0.4, "bias_correction": True,
-            "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True}
+            "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True,
+            "adapt_only_decayed": True}
     row = _tables.lamb_group_row(lamb)
     B = layouts.LambColumn
     assert len(row) == len(B)
@@ -44,6 +46,8 @@ def test_group_rows_put_each_value_in_its_named_column():
     assert (row[B.LOG_BETA1], row[B.LOG_BETA2]) == (math.log(0.5), math.log(0.25))
     assert (row[B.EPS], row[B.WEIGHT_DECAY], row[B.MAX_GRAD_NORM]) == (0.3, 0.4, 0.6)
     assert (row[B.BIAS_CORRECTION], row[B.TRUST_CLIP], row[B.ADAPT]) == (True, False, True)
+    # adapt_only_decayed: the ADAPT column follows the group's weight decay at every step
+    assert _tables.lamb_group_row({**lamb, "weight_decay": 0.0})[B.ADAPT] is False
 
 
 def test_triton_constants_are_the_layouts():

@@ -80,6 +80,14 @@ def same_layout(g: Tensor, p: Tensor) -> Tensor:
     return out
 
 
+def adapts(group) -> bool:
+    """Whether a param group's tensors get a trust ratio (docs/contract.md, "Which parameters
+    adapt"): its ``trust_ratio`` flag, and with ``adapt_only_decayed`` only where its
+    weight decay is not 0 (timm ``Lars``/``Lamb``, apex ``FusedLAMB``, lightly). Read at
+    every step, so a group whose decay is changed later follows."""
+    return bool(group["trust_ratio"]) and (not group["adapt_only_decayed"] or group["weight_decay"] != 0)
+
+
 # Group-table rows, one per param group, in the layouts of layouts.py (LarsColumn,
 # LambColumn), which the Triton and C++ kernels read. Differences such as
 # 1 - dampening are formed here in double: 1 - float32(0.999) is 1.3e-5 off.
@@ -87,7 +95,7 @@ def lars_group_row(group) -> list:
     return row_of(LarsColumn, {
         LarsColumn.LR: group["lr"], LarsColumn.WEIGHT_DECAY: group["weight_decay"],
         LarsColumn.TRUST_COEFFICIENT: group["trust_coefficient"], LarsColumn.EPS: group["eps"],
-        LarsColumn.TRUST_CLIP: group["trust_clip"], LarsColumn.ADAPT: group["trust_ratio"],
+        LarsColumn.TRUST_CLIP: group["trust_clip"], LarsColumn.ADAPT: adapts(group),
         LarsColumn.MOMENTUM: group["momentum"], LarsColumn.ONE_MINUS_DAMPENING: 1.0 - group["dampening"],
         LarsColumn.NESTEROV: group["nesterov"]})
 
@@ -101,7 +109,7 @@ def lamb_group_row(group) -> list:
         LambColumn.LOG_BETA2: math.log(beta2) if beta2 > 0 else -math.inf,
         LambColumn.BIAS_CORRECTION: group["bias_correction"], LambColumn.EPS: group["eps"],
         LambColumn.WEIGHT_DECAY: group["weight_decay"], LambColumn.MAX_GRAD_NORM: group["max_grad_norm"],
-        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: group["trust_ratio"]})
+        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: adapts(group)})
 
 
 def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

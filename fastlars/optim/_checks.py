@@ -42,3 +42,23 @@ def scalar_lr(lr: float | Tensor) -> float | Tensor:
 def check_flag(name: str, value: Any, where: str = "") -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name}{where} must be a bool, got {type(value).__name__}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...], where: str = "") -> None:
+    """Raise unless ``value`` is one of the strings ``choices`` (a per-group mode option)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}{where} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_trust_bounds(value: Any, where: str = "") -> None:
+    """``trust_bounds``: None, or ``(low, high)`` with ``0 <= low <= high`` (high may be inf)."""
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"trust_bounds{where} must be None or a pair (low, high), got {value!r}")
+    low, high = value
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) or x < 0:
+            raise ValueError(f"trust_bounds[{i}]{where} must be a number >= 0, got {x!r}")
+    if not math.isfinite(low) or low > high:
+        raise ValueError(f"trust_bounds{where} must have a finite low <= high, got {value!r}")

@@ -353,7 +353,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         g_norm = norms(b.grads)
         if inv_scale is not None:
             g_norm = g_norm * inv_scale
-        if not b.group["trust_ratio"]:
+        if not _tables.adapts(b.group):
             return [g_norm]
         return [g_norm, norms(self._weights_for_norm(b))]
 

@@ -50,6 +50,8 @@ class LAMB(TrustRatioOptimizer):
             :math:`1/\max(1, \|g\|_{global}/\text{max\_grad\_norm})`, the global norm
             taken over every gradient of the step (all groups). ``p.grad`` is not modified.
         trust_clip: ``r = min(r, 1)``.
+        adapt_only_decayed: adapt only groups whose ``weight_decay`` is not 0 (apex
+            ``FusedLAMB`` without ``use_nvlamb``, timm ``Lamb`` without ``always_adapt``).
         maximize, backend, master_weights, skip_nonfinite, capturable, foreach, fused,
             differentiable: as :class:`fastlars.LARS`.
 
@@ -61,12 +63,13 @@ class LAMB(TrustRatioOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  grad_averaging: bool = True, max_grad_norm: float = 0.0, trust_clip: bool = False, *,
-                 maximize: bool = False, backend: str = "auto", master_weights: bool = False,
+                 adapt_only_decayed: bool = False, maximize: bool = False, backend: str = "auto", master_weights: bool = False,
                  skip_nonfinite: bool = False, capturable: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, differentiable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging,
-                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True, maximize=maximize)
+                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True,
+                        adapt_only_decayed=adapt_only_decayed, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
                          differentiable=differentiable)
@@ -84,7 +87,7 @@ class LAMB(TrustRatioOptimizer):
         check_number("eps", group["eps"], where=where)
         check_number("weight_decay", group["weight_decay"], where=where)
         check_number("max_grad_norm", group["max_grad_norm"], where=where)
-        for flag in ("bias_correction", "grad_averaging", "trust_clip", "trust_ratio"):
+        for flag in ("bias_correction", "grad_averaging", "trust_clip", "trust_ratio", "adapt_only_decayed"):
             check_flag(flag, group[flag], where=where)
 
     def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -114,7 +117,7 @@ class LAMB(TrustRatioOptimizer):
         global_norm = _global_grad_norm(buckets, norms) if clipping else None
         step = _lamb_reference if self.backend == "reference" else _lamb_foreach
         for b, bucket_norms in zip(buckets, norms):
-            if b.group["trust_ratio"]:
+            if _tables.adapts(b.group):
                 fresh = replace(b, weights=[w.to(b.compute_dtype) for w in self._weights_for_norm(b)],
                                 states=[self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)])
                 slices = [(fresh, None)] if self.backend == "reference" else cache_sized_slices(fresh, None)
@@ -141,7 +144,7 @@ class LAMB(TrustRatioOptimizer):
         step = _lamb_reference if self.backend == "reference" else _lamb_foreach
         for b, bucket_norms in zip(buckets, norms):
             # per adapted tensor: ||w||, and the global ||u|| when sharded (else computed in the step)
-            per_tensor = torch.stack(bucket_norms[1:], dim=1) if b.group["trust_ratio"] else None
+            per_tensor = torch.stack(bucket_norms[1:], dim=1) if _tables.adapts(b.group) else None
             slices = [(b, per_tensor)] if self.backend == "reference" else cache_sized_slices(b, per_tensor)
             for part, part_norms in slices:
                 step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))

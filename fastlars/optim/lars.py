@@ -56,6 +56,9 @@ class LARS(TrustRatioOptimizer):
         dampening: dampening of the momentum, in [0, 1]; not applied on the first step.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
         trust_clip: LARC "clip" mode, ``r = min(r / lr, 1)``.
+        adapt_only_decayed: adapt only groups whose ``weight_decay`` is not 0 (timm
+            ``Lars`` without ``always_adapt``, lightly); default: every group whose
+            ``trust_ratio`` is True.
         backend: ``"auto"`` (the fastest available for the parameters' device),
             ``"triton"`` / ``"cuda"`` (fused multi-tensor kernels, CUDA), ``"cpu"``
             (fused C++ kernels), ``"foreach"`` (multi-tensor ``torch._foreach_*``) or
@@ -83,13 +86,15 @@ class LARS(TrustRatioOptimizer):
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, dampening: float = 0.0,
-                 nesterov: bool = False, trust_clip: bool = False, *, maximize: bool = False,
+                 nesterov: bool = False, trust_clip: bool = False, *, adapt_only_decayed: bool = False,
+                 maximize: bool = False,
                  backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
                  capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
                  differentiable: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
-                        nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True, maximize=maximize)
+                        nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True, adapt_only_decayed=adapt_only_decayed,
+                        maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
                          differentiable=differentiable)
@@ -103,7 +108,7 @@ class LARS(TrustRatioOptimizer):
         check_number("weight_decay", group["weight_decay"], where=where)
         check_number("trust_coefficient", group["trust_coefficient"], where=where)
         check_number("eps", group["eps"], where=where)
-        for flag in ("nesterov", "trust_clip", "trust_ratio"):
+        for flag in ("nesterov", "trust_clip", "trust_ratio", "adapt_only_decayed"):
             check_flag(flag, group[flag], where=where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0")
@@ -130,7 +135,7 @@ class LARS(TrustRatioOptimizer):
             group = b.group
             lr = scalar_lr(group["lr"])
             r = None
-            if group["trust_ratio"]:
+            if _tables.adapts(group):
                 g_norm, w_norm = bucket_norms
                 r = lars_trust_ratio(w_norm, g_norm, lr=lr, trust_coefficient=group["trust_coefficient"],
                                      weight_decay=group["weight_decay"], eps=group["eps"],
