@@ -1,0 +1,225 @@
+"""Sanity checks of the peer oracles in tests/peer_optimizers.py.
+
+Each oracle is checked by one or two steps worked by hand here (the formulas written out
+again, on two- or three-element tensors), by agreement with a second peer where the two
+rules coincide (timm's Lars, installed; or another oracle), by a case where they must
+differ, and by its state names, its checkpoint layout and the peer's own errors.
+"""
+
+import math
+
+import pytest
+import torch
+from timm.optim import Lars as TimmLars
+
+import peer_optimizers as peers
+
+F64 = torch.float64
+
+
+def _param(values):
+    return torch.nn.Parameter(torch.tensor(values, dtype=F64))
+
+
+def _set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else torch.tensor(g, dtype=F64)
+
+
+def _close(actual, expected, rel=1e-12):
+    expected = torch.as_tensor(expected, dtype=F64)
+    assert torch.allclose(actual.detach(), expected, rtol=rel, atol=1e-15), (actual, expected)
+
+
+def _random_params(seed, shapes=((4, 3), (5,), (2, 2, 3))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=F64)) for s in shapes]
+
+
+def _random_grads(seed, params):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=F64) for p in params]
+
+
+def _lrs(n=20):
+    """A changing lr: warm-up then decay, distinct at every step."""
+    return [0.3 * (k + 1) / 5 if k < 5 else 0.3 * 0.9 ** (k - 4) for k in range(n)]
+
+
+def _run(make_opt, params, steps=20, lrs=None, seed=100):
+    """Steps an optimizer over the same gradient sequence; returns final params (cloned)."""
+    opt = make_opt(params)
+    lrs = lrs or _lrs(steps)
+    for k in range(steps):
+        for p, g in zip(params, _random_grads(seed + k, params)):
+            p.grad = g
+        for group in opt.param_groups:
+            group["lr"] = lrs[k]
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _assert_params_equal(a, b, rel=1e-12):
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=rel, atol=0), (x - y).abs().max()
+
+
+def _assert_params_differ(a, b, rel=1e-6):
+    assert any(not torch.allclose(x, y, rtol=rel, atol=0) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- apex LARC
+
+
+def test_larc_two_steps_by_hand():
+    w = _param([3.0, 4.0])  # ||w|| = 5
+    opt = peers.ApexLARC(torch.optim.SGD([w], lr=0.5, momentum=0.9, weight_decay=0.1))
+    _set_grads([w], [[0.6, 0.8]])  # ||g|| = 1
+    opt.step()
+    r1 = 0.02 * 5 / (1 + 0.1 * 5 + 1e-8)  # 0.0666..., below lr: clip keeps r1 / lr
+    d1 = [(0.6 + 0.3) * r1 / 0.5, (0.8 + 0.4) * r1 / 0.5]
+    w1 = [3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]
+    _close(w, w1)
+    _close(w.grad, d1)  # apex edits p.grad in place
+    assert opt.param_groups[0]["weight_decay"] == 0.1  # restored
+    # second step, lr now below the ratio: clip gives min(r / lr, 1) = 1
+    opt.param_groups[0]["lr"] = 0.01
+    _set_grads([w], [[0.0, -2.0]])
+    opt.step()
+    n1 = math.hypot(*w1)
+    r2 = 0.02 * n1 / (2 + 0.1 * n1 + 1e-8)
+    assert r2 / 0.01 > 1
+    d2 = [0.0 + 0.1 * w1[0], -2.0 + 0.1 * w1[1]]
+    buf = [0.9 * d1[0] + d2[0], 0.9 * d1[1] + d2[1]]
+    _close(w, [w1[0] - 0.01 * buf[0], w1[1] - 0.01 * buf[1]])
+
+
+def test_larc_scale_mode_and_zero_norms():
+    w, zero_w, zero_g = _param([3.0, 4.0]), _param([0.0, 0.0]), _param([1.0, 2.0])
+    opt = peers.ApexLARC(torch.optim.SGD([w, zero_w, zero_g], lr=0.5, weight_decay=0.1), clip=False)
+    _set_grads([w, zero_w, zero_g], [[0.6, 0.8], [1.0, -1.0], [0.0, 0.0]])
+    opt.step()
+    r = 0.02 * 5 / (1 + 0.5 + 1e-8)  # scale mode: lr * r
+    _close(w, [3 - 0.5 * r * 0.9, 4 - 0.5 * r * 1.2])
+    _close(zero_w, [-0.5, 0.5])  # zero weight: raw gradient, no adaptation
+    _close(zero_g, [1.0, 2.0])  # zero gradient: no weight decay either
+
+
+def test_larc_state_dict_is_the_inner_sgd():
+    params = _random_params(0)
+    opt = peers.ApexLARC(torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    for p, g in zip(params, _random_grads(1, params)):
+        p.grad = g
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert all(set(s) == {"momentum_buffer"} for s in sd["state"].values())
+    assert sd["param_groups"][0]["weight_decay"] == 1e-4
+    assert opt.state is opt.optim.state and opt.param_groups is opt.optim.param_groups
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_larc_equals_timm_lars_with_always_adapt(clip):
+    """timm's Lars is the LARC rule on torch SGD's momentum when it adapts every tensor."""
+    def larc(ps):
+        return peers.ApexLARC(torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4), clip=clip)
+
+    def timm(ps):
+        return TimmLars(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, trust_coeff=0.02, eps=1e-8,
+                        trust_clip=clip, always_adapt=True)
+
+    lrs = [lr * 0.1 for lr in _lrs()]  # lr around the ratio, so the clip switches
+    _assert_params_equal(_run(larc, _random_params(3), lrs=lrs), _run(timm, _random_params(3), lrs=lrs))
+
+
+# --------------------------------------------------------------------------- Barlow Twins / VICReg
+
+
+def test_barlowtwins_two_steps_by_hand():
+    w = _param([3.0, 4.0])
+    opt = peers.BarlowTwinsLARS([w], lr=0.5, weight_decay=0.1)
+    _set_grads([w], [[0.6, 0.8]])
+    opt.step()
+    d1 = [0.6 + 0.3, 0.8 + 0.4]  # ||d1|| = 1.5
+    r1 = 0.001 * 5 / 1.5
+    mu1 = [r1 * d1[0], r1 * d1[1]]  # mu from zeros: 0.9 * 0 + d
+    w1 = [3 - 0.5 * mu1[0], 4 - 0.5 * mu1[1]]
+    _close(w, w1)
+    _close(opt.state[w]["mu"], mu1)
+    _close(w.grad, [0.6, 0.8])  # p.grad untouched
+    opt.param_groups[0]["lr"] = 0.2
+    _set_grads([w], [[-1.0, 0.0]])
+    opt.step()
+    d2 = [-1.0 + 0.1 * w1[0], 0.1 * w1[1]]
+    r2 = 0.001 * math.hypot(*w1) / math.hypot(*d2)
+    mu2 = [0.9 * mu1[0] + r2 * d2[0], 0.9 * mu1[1] + r2 * d2[1]]
+    _close(w, [w1[0] - 0.2 * mu2[0], w1[1] - 0.2 * mu2[1]])
+
+
+def test_barlowtwins_zero_norm_still_decays():
+    zero_g = _param([1.0, 2.0])
+    opt = peers.BarlowTwinsLARS([zero_g], lr=0.5, weight_decay=0.1)
+    _set_grads([zero_g], [[-0.1, -0.2]])  # g + wd * w = 0: ratio 1, nothing moves
+    opt.step()
+    _close(zero_g, [1.0, 2.0])
+    _set_grads([zero_g], [[0.0, 0.0]])  # zero gradient: ||d|| = 0.1 * ||w|| > 0, adapts
+    opt.step()
+    _close(zero_g, [1.0 - 0.5 * 0.001 * 1.0, 2.0 - 0.5 * 0.001 * 2.0])
+
+
+@pytest.mark.parametrize("filters", [True, peers._exclude_ndim_1, lambda p: p.ndim == 1])
+def test_barlowtwins_filters_exclude_vectors(filters):
+    """Barlow Twins' True and VICReg's callable both leave 1-D tensors as plain momentum SGD."""
+    matrix, vector = _param([[3.0, 4.0]]), _param([3.0, 4.0])
+    opt = peers.BarlowTwinsLARS([matrix, vector], lr=0.5, weight_decay=0.1,
+                                weight_decay_filter=filters, lars_adaptation_filter=filters)
+    _set_grads([matrix, vector], [[[0.6, 0.8]], [0.6, 0.8]])
+    opt.step()
+    _close(vector, [3 - 0.5 * 0.6, 4 - 0.5 * 0.8])
+    r = 0.001 * 5 / 1.5
+    _close(matrix, [[3 - 0.5 * r * 0.9, 4 - 0.5 * r * 1.2]])
+
+
+def test_barlowtwins_vicreg_default_none_excludes_nothing():
+    a = [_param([3.0, 4.0])]
+    b = [_param([3.0, 4.0])]
+    opt_none = peers.BarlowTwinsLARS(a, lr=0.5, weight_decay=0.1, weight_decay_filter=None,
+                                     lars_adaptation_filter=None)
+    opt_false = peers.BarlowTwinsLARS(b, lr=0.5, weight_decay=0.1)
+    for ps, opt in ((a, opt_none), (b, opt_false)):
+        _set_grads(ps, [[0.6, 0.8]])
+        opt.step()
+    _close(a[0], b[0].detach())
+    _close(a[0], [3 - 0.5 * 0.001 * 5 / 1.5 * 0.9, 4 - 0.5 * 0.001 * 5 / 1.5 * 1.2])
+
+
+def test_barlowtwins_equals_timm_lars_without_decay():
+    """Without weight decay the two denominators (||g + wd w|| and ||g|| + wd ||w|| + eps) agree
+    once timm's eps is 0, and mu from zeros equals torch SGD's first buffer = g."""
+    def barlow(ps):
+        return peers.BarlowTwinsLARS(ps, lr=0.1, weight_decay=0.0)
+
+    def timm(ps):
+        return TimmLars(ps, lr=0.1, momentum=0.9, weight_decay=0.0, eps=0.0, always_adapt=True)
+
+    _assert_params_equal(_run(barlow, _random_params(4)), _run(timm, _random_params(4)))
+    # with decay the ratio denominators differ: the oracles must tell them apart
+    _assert_params_differ(
+        _run(lambda ps: peers.BarlowTwinsLARS(ps, lr=0.1, weight_decay=0.05), _random_params(4)),
+        _run(lambda ps: TimmLars(ps, lr=0.1, momentum=0.9, weight_decay=0.05, eps=0.0), _random_params(4)))
+
+
+def test_barlowtwins_state_dict_layout():
+    params = _random_params(5)
+    opt = peers.BarlowTwinsLARS(params, lr=0.1, weight_decay=1e-6, weight_decay_filter=True,
+                                lars_adaptation_filter=True)
+    for p, g in zip(params, _random_grads(6, params)):
+        p.grad = g
+    opt.step()
+    sd = opt.state_dict()
+    assert all(set(s) == {"mu"} for s in sd["state"].values())
+    assert set(sd["param_groups"][0]) == {"params", "lr", "weight_decay", "momentum", "eta",
+                                          "weight_decay_filter", "lars_adaptation_filter"}
+    fresh = peers.BarlowTwinsLARS(_random_params(5), lr=0.1)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["mu"], opt.state[params[0]]["mu"])
