@@ -223,3 +223,175 @@ def test_barlowtwins_state_dict_layout():
     fresh = peers.BarlowTwinsLARS(_random_params(5), lr=0.1)
     fresh.load_state_dict(sd)
     assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["mu"], opt.state[params[0]]["mu"])
+
+
+# --------------------------------------------------------------------------- SimCLR
+
+
+def _named(*pairs):
+    return [(name, _param(values)) for name, values in pairs]
+
+
+def test_simclr_classic_two_steps_by_hand():
+    named = _named(("conv/kernel", [3.0, 4.0]), ("conv/bias", [1.0, -1.0]))
+    (_, w), (_, b) = named
+    opt = peers.SimCLRLARS(named, lr=0.5, weight_decay=0.1, exclude_from_weight_decay=["bias"])
+    assert opt.param_groups[0]["exclude_from_layer_adaptation"] == ["bias"]  # the fallback
+    _set_grads([w, b], [[0.6, 0.8], [0.5, 0.5]])
+    opt.step()
+    d1 = [0.9, 1.2]
+    r1 = 0.001 * 5 / 1.5
+    v1 = [0.5 * r1 * d1[0], 0.5 * r1 * d1[1]]  # lr inside the slot, from zeros
+    w1 = [3 - v1[0], 4 - v1[1]]
+    _close(w, w1)
+    _close(opt.state[w]["Momentum"], v1)
+    _close(b, [1 - 0.5 * 0.5, -1 - 0.5 * 0.5])  # excluded: no decay, no ratio
+    opt.param_groups[0]["lr"] = 0.2
+    _set_grads([w, b], [[-1.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    d2 = [-1.0 + 0.1 * w1[0], 0.1 * w1[1]]
+    r2 = 0.001 * math.hypot(*w1) / math.hypot(*d2)
+    v2 = [0.9 * v1[0] + 0.2 * r2 * d2[0], 0.9 * v1[1] + 0.2 * r2 * d2[1]]
+    _close(w, [w1[0] - v2[0], w1[1] - v2[1]])
+    _close(b, [0.75 - 0.9 * 0.25, -1.25 - 0.9 * 0.25])
+
+
+def test_simclr_popular_momentum_and_nesterov_by_hand():
+    named = _named(("dense/kernel", [3.0, 4.0]))
+    w = named[0][1]
+    opt = peers.SimCLRLARS(named, lr=0.5, weight_decay=0.1, classic_momentum=False, use_nesterov=True)
+    _set_grads([w], [[0.6, 0.8]])
+    opt.step()
+    d = [0.9, 1.2]
+    u = [0.9 * d[0] + d[0], 0.9 * d[1] + d[1]]  # v = d; u = m v + d
+    r = 0.001 * 5 / math.hypot(*u)  # the ratio of the momentum update, not of d
+    _close(w, [3 - 0.5 * r * u[0], 4 - 0.5 * r * u[1]])
+    _close(opt.state[w]["Momentum"], d)
+
+    named = _named(("dense/kernel", [3.0, 4.0]))
+    w = named[0][1]
+    opt = peers.SimCLRLARS(named, lr=0.5, weight_decay=0.1, use_nesterov=True)
+    _set_grads([w], [[0.6, 0.8]])
+    opt.step()
+    r = 0.001 * 5 / 1.5
+    v = [0.5 * r * d[0], 0.5 * r * d[1]]
+    _close(w, [3 - (0.9 * v[0] + 0.5 * r * d[0]), 4 - (0.9 * v[1] + 0.5 * r * d[1])])
+
+
+def test_simclr_separate_adaptation_list_and_zero_decay_flag():
+    named = _named(("bn/gamma", [3.0, 4.0]), ("fc/bias", [3.0, 4.0]))
+    (_, gamma), (_, bias) = named
+    opt = peers.SimCLRLARS(named, lr=0.5, weight_decay=0.1, exclude_from_weight_decay=["bias"],
+                           exclude_from_layer_adaptation=["^bn/"])
+    _set_grads([gamma, bias], [[0.6, 0.8], [0.6, 0.8]])
+    opt.step()
+    _close(gamma, [3 - 0.5 * 0.9, 4 - 0.5 * 1.2])  # decayed, not adapted
+    r = 0.001 * 5 / 1.0
+    _close(bias, [3 - 0.5 * r * 0.6, 4 - 0.5 * r * 0.8])  # adapted, not decayed
+
+
+def test_simclr_classic_equals_lr_outside_form_only_at_constant_lr():
+    """At a constant lr, v = lr * mu: SimCLR's classic momentum is Barlow Twins' rule."""
+    def named(ps):
+        return [(f"layer{i}/kernel", p) for i, p in enumerate(ps)]
+
+    def simclr(ps):
+        return peers.SimCLRLARS(named(ps), lr=0.1, weight_decay=1e-3)
+
+    def barlow(ps):
+        return peers.BarlowTwinsLARS(ps, lr=0.1, weight_decay=1e-3)
+
+    constant = [0.25] * 20
+    _assert_params_equal(_run(simclr, _random_params(7), lrs=constant),
+                         _run(barlow, _random_params(7), lrs=constant))
+    _assert_params_differ(_run(simclr, _random_params(7)), _run(barlow, _random_params(7)))
+
+
+def test_simclr_needs_names_and_keeps_the_slot_name():
+    with pytest.raises(ValueError, match="named_params"):
+        peers.SimCLRLARS(_random_params(8), lr=0.1)
+    params = _random_params(8)
+    opt = peers.SimCLRLARS([(str(i), p) for i, p in enumerate(params)], lr=0.1)
+    for p, g in zip(params, _random_grads(9, params)):
+        p.grad = g
+    opt.step()
+    sd = opt.state_dict()
+    assert all(set(s) == {"Momentum"} for s in sd["state"].values())
+    assert sd["param_groups"][0]["param_names"] == ["0", "1", "2"]
+
+
+# --------------------------------------------------------------------------- MLPerf TF2
+
+
+def test_mlperf_two_steps_by_hand_with_the_keras_epsilon():
+    named = _named(("conv2d/kernel:0", [3.0, 4.0]), ("batch_normalization/gamma:0", [1.0, 2.0]))
+    (_, w), (_, gamma) = named
+    opt = peers.MLPerfLARS(named, lr=0.5, weight_decay=0.1, skip_list=["batch_normalization", "bias"])
+    assert opt.param_groups[0]["epsilon"] == 1e-7  # epsilon=0.0 becomes the Keras default
+    _set_grads([w, gamma], [[0.6, 0.8], [0.5, 0.5]])
+    opt.step()
+    r1 = 0.001 * 5 / (1 + 0.1 * 5 + 1e-7)  # raw-gradient norms, eps
+    d1 = [0.9, 1.2]
+    m1 = [-0.5 * r1 * d1[0], -0.5 * r1 * d1[1]]  # negative velocity
+    w1 = [3 + m1[0], 4 + m1[1]]
+    _close(w, w1)
+    _close(opt.state[w]["momentum"], m1)
+    _close(gamma, [1 - 0.25, 2 - 0.25])  # skipped: plain momentum SGD, no decay
+    opt.param_groups[0]["lr"] = 0.2
+    _set_grads([w, gamma], [[-1.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    n1 = math.hypot(*w1)
+    r2 = 0.001 * n1 / (1 + 0.1 * n1 + 1e-7)
+    d2 = [-1.0 + 0.1 * w1[0], 0.1 * w1[1]]
+    m2 = [0.9 * m1[0] - 0.2 * r2 * d2[0], 0.9 * m1[1] - 0.2 * r2 * d2[1]]
+    _close(w, [w1[0] + m2[0], w1[1] + m2[1]])
+    _close(gamma, [0.75 - 0.9 * 0.25, 1.75 - 0.9 * 0.25])
+
+
+def test_mlperf_nesterov_epsilon_and_zero_gradient_by_hand():
+    named = _named(("kernel", [3.0, 4.0]), ("zero_grad", [1.0, 2.0]))
+    (_, w), (_, z) = named
+    opt = peers.MLPerfLARS(named, lr=0.5, weight_decay=0.1, epsilon=0.25, use_nesterov=True)
+    _set_grads([w, z], [[0.6, 0.8], [0.0, 0.0]])
+    opt.step()
+    r = 0.001 * 5 / (1 + 0.5 + 0.25)
+    d = [0.9, 1.2]
+    m = [-0.5 * r * d[0], -0.5 * r * d[1]]
+    _close(w, [3 + 0.9 * m[0] - 0.5 * r * d[0], 4 + 0.9 * m[1] - 0.5 * r * d[1]])
+    # zero gradient: ratio 1, weight decay still applied at the full lr
+    _close(z, [1 - 1.9 * 0.5 * 0.1 * 1, 2 - 1.9 * 0.5 * 0.1 * 2])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_mlperf_equals_timm_lars_only_at_constant_lr(nesterov):
+    """At a constant lr the negative velocity is -lr times torch SGD's buffer."""
+    def named(ps):
+        return [(f"layer{i}/kernel:0", p) for i, p in enumerate(ps)]
+
+    def mlperf(ps):
+        return peers.MLPerfLARS(named(ps), lr=0.1, weight_decay=5e-4, use_nesterov=nesterov)
+
+    def timm(ps):
+        return TimmLars(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, eps=1e-7, nesterov=nesterov)
+
+    constant = [0.25] * 20
+    _assert_params_equal(_run(mlperf, _random_params(10), lrs=constant),
+                         _run(timm, _random_params(10), lrs=constant))
+    _assert_params_differ(_run(mlperf, _random_params(10)), _run(timm, _random_params(10)))
+
+
+def test_mlperf_errors_and_state_layout():
+    with pytest.raises(ValueError, match="momentum should be positive"):
+        peers.MLPerfLARS([("w", _param([1.0]))], lr=0.1, momentum=-0.1)
+    with pytest.raises(ValueError, match="weight_decay should be positive"):
+        peers.MLPerfLARS([("w", _param([1.0]))], lr=0.1, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="named_params"):
+        peers.MLPerfLARS(_random_params(11), lr=0.1)
+    params = _random_params(11)
+    opt = peers.MLPerfLARS([(str(i), p) for i, p in enumerate(params)], lr=0.1)
+    for p, g in zip(params, _random_grads(12, params)):
+        p.grad = g
+    opt.step()
+    sd = opt.state_dict()
+    assert all(set(s) == {"momentum"} for s in sd["state"].values())
+    assert {"param_names", "epsilon", "skip_list", "eeta"} <= set(sd["param_groups"][0])
