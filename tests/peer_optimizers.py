@@ -18,6 +18,7 @@ on sys.path).
 
 import math
 import re
+import types
 
 import torch
 
@@ -348,3 +349,267 @@ class MLPerfLARS(torch.optim.Optimizer):
                     p.copy_(p + m * momentum - grad * scaled_lr)
                 else:
                     p.add_(m)
+
+
+class ApexFusedLAMB(torch.optim.Optimizer):
+    """NVIDIA apex's FusedLAMB, transcribed from its Python driver and CUDA kernel.
+
+    Sources read: github.com/NVIDIA/apex at commit 6424da3b: ``apex/optimizers/fused_lamb.py``
+    (constructor lines 63-104, ``step`` lines 114-244) and ``csrc/multi_tensor_lamb.cu``
+    (stage 1 lines 38-192, stage 2 lines 196-267, host lines 269-319).
+
+    Per step, G = the L2 norm of every gradient of every group together (lines 125-159),
+    and clip = G / max_grad_norm if G > max_grad_norm else 1 (cu line 53-54), with
+    ``max_grad_norm`` read from the optimizer's defaults only (line 160): a group's own
+    value is ignored, and ``max_grad_norm=0`` divides every gradient by infinity (the step
+    then only decays) unless G is 0. Each group's ``step`` counter (kept in the group, not
+    the state: lines 169-172) advances, even if none of its parameters has a gradient. Then
+    per parameter with a gradient (lr, betas, eps, weight_decay from its group; beta3 =
+    1 - beta1 if grad_averaging else 1; bc_i = 1 - beta_i**step if bias_correction else 1;
+    ``w`` reads as 0 in stage 1 when weight_decay == 0):
+
+        s = g / clip  (+ weight_decay * w      when adam_w_mode=False: L2 on the moments)
+        m = beta1 * m + beta3 * s;   v = beta2 * v + (1 - beta2) * s**2
+        u = (m / bc1) / (sqrt(v / bc2) + eps)  (+ weight_decay * w  when adam_w_mode=True)
+        p.grad <- u                                  (stage 1 writes the update into p.grad)
+        ratio = ||w|| / ||u|| if (use_nvlamb or weight_decay != 0) and both norms != 0, else 1
+        w = w - lr * ratio * u
+
+    No trust coefficient and no ratio clipping. State: ``exp_avg``, ``exp_avg_sq``; the
+    param_groups carry ``step`` and ``max_grad_norm``, while ``adam_w_mode``, ``use_nvlamb``
+    and ``set_grad_none`` are attributes, not in the state_dict. ``amsgrad=True`` raises as
+    apex does. apex takes float16/float32 only; this transcription also takes float64.
+    ``zero_grad()`` is apex's (its ``set_grad_none=False`` branch calls torch's
+    ``zero_grad()``, whose default now sets the gradients to None too).
+    """
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
+                 weight_decay=0.01, amsgrad=False, adam_w_mode=True, grad_averaging=True,
+                 set_grad_none=True, max_grad_norm=1.0, use_nvlamb=False):
+        if amsgrad:
+            raise RuntimeError("FusedLAMB does not support the AMSGrad variant.")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                        weight_decay=weight_decay, grad_averaging=grad_averaging,
+                        max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+        self.adam_w_mode = 1 if adam_w_mode else 0
+        self.set_grad_none = set_grad_none
+        self.use_nvlamb = use_nvlamb
+
+    def zero_grad(self):
+        if self.set_grad_none:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        else:
+            super().zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        global_grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                            if grads else torch.zeros((), dtype=torch.float64))
+        max_grad_norm = self.defaults["max_grad_norm"]
+        clip = global_grad_norm / max_grad_norm if global_grad_norm > max_grad_norm else 1.0
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            group["step"] = group.get("step", 0) + 1
+            step = group["step"]
+            bc1, bc2 = (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
+            decay, eps = group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedLAMB does not support sparse gradients, please consider "
+                                       "SparseAdam instead")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                w_stage1 = p if decay != 0 else torch.zeros_like(p)
+                s = p.grad / clip
+                if self.adam_w_mode == 0:
+                    s = s + decay * w_stage1
+                m.mul_(beta1).add_(beta3 * s)
+                v.mul_(beta2).add_((1 - beta2) * s * s)
+                update = (m / bc1) / (torch.sqrt(v / bc2) + eps)
+                if self.adam_w_mode == 1:
+                    update = update + decay * w_stage1
+                p.grad.copy_(update)
+                ratio = group["lr"]
+                if self.use_nvlamb or decay != 0.0:
+                    w_norm = torch.linalg.vector_norm(p)
+                    u_norm = torch.linalg.vector_norm(update)
+                    if u_norm != 0 and w_norm != 0:
+                        ratio = group["lr"] * (w_norm / u_norm)
+                p.sub_(ratio * update)
+        return loss
+
+
+class DeepSpeedFusedLamb(torch.optim.Optimizer):
+    """DeepSpeed's FusedLamb, transcribed from its Python driver and CUDA kernel.
+
+    Sources read: github.com/deepspeedai/DeepSpeed at commit edaa7221 (v0.19.5-27):
+    ``deepspeed/ops/lamb/fused_lamb.py`` (constructor lines 41-67, ``step`` lines 69-170) and
+    ``csrc/lamb/fused_lamb_cuda_kernel.cu`` (part 1 lines 194-239, part 3 lines 260-319,
+    step size lines 363-370); its caller ``deepspeed/runtime/fp16/fused_optimizer.py``
+    lines 149-186 (one flat parameter per group, ``grad_norms`` = one norm per group).
+
+    ``step(closure, grads, output_params, scale, grad_norms)`` as the peer: ``grads`` and
+    ``output_params`` may replace p.grad and receive a half copy of the new weights (per
+    group lists, or one flat list or generator = one group); ``grad_norms`` is one entry per
+    group, each a list with one norm per parameter, or a bare number, which becomes a
+    one-element list, so that (the peer zips it with the group's parameters) ONLY THE
+    GROUP'S FIRST PARAMETER is stepped: a faithful quirk; see ``deepspeed_grad_norms_arg``.
+    Per parameter (lr, betas, eps, weight_decay, max_grad_norm, max_coeff, min_coeff from its
+    group; ``step`` counted per parameter, in its state):
+
+        combined = scale * c  if max_grad_norm > 0 and c = ((n / scale) + 1e-6) / max_grad_norm > 1,
+                   else scale                       (n: the norm the caller passed)
+        s = g / combined
+        m = beta1 * m + (1 - beta1) * s;   v = beta2 * v + (1 - beta2) * s**2   (no bias correction)
+        u = m / (sqrt(v) + eps)   (eps_inside_sqrt: m / sqrt(v + eps))   + weight_decay * w
+        coeff = clamp(||w|| / ||u||, min_coeff, max_coeff), exactly 1 if either norm is 0
+                (the kernel caps at max_coeff first, then raises to min_coeff)
+        step_size = lr * sqrt(1 - beta2**step) / (1 - beta1**step)   if bias_correction, else lr
+        w = w - step_size * coeff * u
+
+    so the bias correction, folded into the step size, scales the decay term too, and the
+    ratio is taken from the uncorrected moments. No trust coefficient; the coefficient is
+    bounded, not dropped, for parameters without decay. With max_grad_norm > 0 the caller must
+    pass grad_norms (a None norm raises TypeError, as in the peer). ``lamb_coeffs`` holds the
+    last step's coefficients (one-element tensors); ``get_lamb_coeffs()`` as floats. State:
+    ``step`` (int), ``exp_avg``, ``exp_avg_sq``. ``amsgrad=True`` raises as DeepSpeed does.
+    The peer's kernel rounds the denominator, the norms' square roots and the coefficient
+    to float32 even for float64 tensors; this transcription keeps float64.
+    """
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8,
+                 eps_inside_sqrt=False, weight_decay=0.0, max_grad_norm=0.0, max_coeff=10.0,
+                 min_coeff=0.01, amsgrad=False):
+        if amsgrad:
+            raise RuntimeError("FusedLamb does not support the AMSGrad variant.")
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                        max_coeff=max_coeff, min_coeff=min_coeff)
+        super().__init__(params, defaults)
+        self.eps_mode = 0 if eps_inside_sqrt else 1
+        self.lamb_coeffs = []
+
+    @staticmethod
+    def _per_group(value, n_groups):
+        """The peer's reading of `grads` / `output_params`: None, one flat list or generator
+        (a single group), or one list per group."""
+        if value is None:
+            return [None] * n_groups
+        if isinstance(value, types.GeneratorType) or type(value[0]) != list:
+            return [value]
+        return value
+
+    @torch.no_grad()
+    def step(self, closure=None, grads=None, output_params=None, scale=1.0, grad_norms=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        n_groups = len(self.param_groups)
+        grads_group = self._per_group(grads, n_groups)
+        output_params_group = self._per_group(output_params, n_groups)
+        if grad_norms is None:
+            grad_norms = [None] * n_groups
+        del self.lamb_coeffs[:]
+
+        for group, group_grads, group_outputs, group_norms in zip(
+                self.param_groups, grads_group, output_params_group, grad_norms):
+            if group_grads is None:
+                group_grads = [None] * len(group["params"])
+            if group_outputs is None:
+                group_outputs = [None] * len(group["params"])
+            if group_norms is None:
+                group_norms = [None] * len(group["params"])
+            elif not isinstance(group_norms, list):
+                group_norms = [group_norms]
+            for p, grad, output_param, grad_norm in zip(group["params"], group_grads, group_outputs,
+                                                        group_norms):
+                combined_scale = scale
+                if group["max_grad_norm"] > 0:
+                    clip = ((grad_norm / scale) + 1e-6) / group["max_grad_norm"]
+                    if clip > 1:
+                        combined_scale = clip * scale
+                if p.grad is None and grad is None:
+                    continue
+                if grad is None:
+                    grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("FusedLamb does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                self.lamb_coeffs.append(self._kernel(p, output_param, state, grad, group, combined_scale))
+        return loss
+
+    def _kernel(self, p, output_param, state, grad, group, grad_scale):
+        """fused_lamb_cuda: parts 1 (moments, norms), 2 (reduction) and 3 (coefficient, update)."""
+        beta1, beta2 = group["betas"]
+        lr, eps, decay, step = group["lr"], group["eps"], group["weight_decay"], state["step"]
+        if group["bias_correction"]:
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        else:
+            step_size = lr
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        s = grad.to(p.dtype) / grad_scale
+        m.mul_(beta1).add_((1 - beta1) * s)
+        v.mul_(beta2).add_((1 - beta2) * s * s)
+        denom = torch.sqrt(v + eps) if self.eps_mode == 0 else torch.sqrt(v) + eps
+        update = m / denom + decay * p
+        w_norm = torch.linalg.vector_norm(p)
+        u_norm = torch.linalg.vector_norm(update)
+        coeff = torch.ones((), dtype=p.dtype)
+        if w_norm != 0 and u_norm != 0:
+            coeff = w_norm / u_norm
+            coeff = torch.where(coeff > group["max_coeff"], torch.full_like(coeff, group["max_coeff"]), coeff)
+            coeff = torch.where(coeff < group["min_coeff"], torch.full_like(coeff, group["min_coeff"]), coeff)
+        p.sub_(step_size * coeff * update)
+        if output_param is not None and grad.dtype == torch.float16:
+            output_param.copy_(p)  # the kernel writes p_copy for half gradients only
+        return coeff.reshape(1)  # the kernel's one-element lamb_coeff_val
+
+    def get_lamb_coeffs(self):
+        return [lamb_coeff.item() for lamb_coeff in self.lamb_coeffs]
+
+
+def deepspeed_group_grad_norms(param_groups):
+    """The per-group gradient norms DeepSpeed's FP16_Optimizer passes as ``grad_norms``
+    (fused_optimizer.py lines 154-162 with runtime/utils.py ``get_weight_norm``, lines
+    537-590): the L2 norm of each group's gradients flattened together, a missing gradient
+    counting as zeros, and -1 where the norm is not finite. (DeepSpeed takes it in float32.)"""
+    norms = []
+    for group in param_groups:
+        flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                for p in group["params"]]
+        norm = torch.linalg.vector_norm(torch.cat(flat)).item() if flat else 0.0
+        norms.append(norm if math.isfinite(norm) else -1)
+    return norms
+
+
+def deepspeed_global_grad_norm(param_groups):
+    """The global gradient norm as DeepSpeed's caller computes it: ``get_global_norm``
+    (runtime/utils.py lines 349-356), sqrt of the sum of the squared per-group norms."""
+    return math.sqrt(sum(norm**2.0 for norm in deepspeed_group_grad_norms(param_groups)))
+
+
+def deepspeed_grad_norms_arg(param_groups, norm):
+    """The ``grad_norms`` argument of ``DeepSpeedFusedLamb.step`` that hands every parameter
+    the same norm (a bare number per group would reach only the group's first parameter)."""
+    return [[norm] * len(group["params"]) for group in param_groups]

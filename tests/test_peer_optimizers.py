@@ -395,3 +395,224 @@ def test_mlperf_errors_and_state_layout():
     sd = opt.state_dict()
     assert all(set(s) == {"momentum"} for s in sd["state"].values())
     assert {"param_names", "epsilon", "skip_list", "eeta"} <= set(sd["param_groups"][0])
+
+
+# --------------------------------------------------------------------------- apex FusedLAMB
+
+
+def test_apex_lamb_two_steps_by_hand():
+    w = _param([3.0, 4.0])
+    opt = peers.ApexFusedLAMB([w], lr=0.1)  # wd 0.01, eps 1e-6, max_grad_norm 1.0
+    _set_grads([w], [[0.6, 0.8]])  # G = 1: not above 1, no clipping
+    opt.step()
+    u1 = [0.6 / (0.6 + 1e-6) + 0.03, 0.8 / (0.8 + 1e-6) + 0.04]  # m_hat = g, sqrt(v_hat) = |g|
+    r1 = 5 / math.hypot(*u1)
+    w1 = [3 - 0.1 * r1 * u1[0], 4 - 0.1 * r1 * u1[1]]
+    _close(w, w1)
+    _close(w.grad, u1)  # stage 1 writes the update into p.grad
+    assert opt.param_groups[0]["step"] == 1
+    opt.param_groups[0]["lr"] = 0.05
+    _set_grads([w], [[-3.0, 0.0]])  # G = 3 > 1: divided by 3
+    opt.step()
+    s = [-1.0, 0.0]
+    m = [0.9 * 0.06 + 0.1 * s[0], 0.9 * 0.08]
+    v = [0.999 * 0.001 * 0.36 + 0.001 * 1.0, 0.999 * 0.001 * 0.64]
+    bc1, bc2 = 1 - 0.9**2, 1 - 0.999**2
+    u2 = [(m[i] / bc1) / (math.sqrt(v[i] / bc2) + 1e-6) + 0.01 * w1[i] for i in range(2)]
+    r2 = math.hypot(*w1) / math.hypot(*u2)
+    _close(w, [w1[i] - 0.05 * r2 * u2[i] for i in range(2)])
+    _close(opt.state[w]["exp_avg"], m)
+    _close(opt.state[w]["exp_avg_sq"], v)
+
+
+def test_apex_lamb_global_clipping_reads_the_defaults_only():
+    """Two groups share one G; a group's own max_grad_norm is ignored. A large eps makes the
+    first step depend on the gradient's scale."""
+    a, b = _param([3.0, 0.0]), _param([0.0, 4.0])
+    opt = peers.ApexFusedLAMB([{"params": [a]}, {"params": [b], "max_grad_norm": 100.0}],
+                              lr=0.1, eps=0.5, weight_decay=0.0, max_grad_norm=2.5)
+    _set_grads([a, b], [[3.0, 0.0], [0.0, 4.0]])  # G = 5: divided by 2
+    opt.step()
+    _close(a, [3 - 0.1 * 1.5 / (1.5 + 0.5), 0.0])  # no decay: ratio 1, lr * u
+    _close(b, [0.0, 4 - 0.1 * 2.0 / (2.0 + 0.5)])
+
+
+def test_apex_lamb_max_grad_norm_zero_throws_the_gradient_away():
+    w, still = _param([3.0, 4.0]), _param([1.0, 1.0])
+    opt = peers.ApexFusedLAMB([w, still], lr=0.1, max_grad_norm=0.0)
+    _set_grads([w, still], [[0.6, 0.8], [0.0, 0.0]])
+    opt.step()
+    # g / inf = 0: m = v = 0, u = wd * w, ratio = 1 / wd: w <- (1 - lr) w
+    _close(w, [2.7, 3.6])
+    _close(opt.state[w]["exp_avg"], [0.0, 0.0])
+    _close(still, [0.9, 0.9])
+    # G = 0 is not above 0: no division, and a zero gradient decays as before
+    _set_grads([w, still], [[0.0, 0.0], [0.0, 0.0]])
+    opt.step()
+    _close(still, [0.81, 0.81])
+
+
+def test_apex_lamb_l2_mode_nvlamb_and_no_grad_averaging():
+    w = _param([3.0, 4.0])
+    opt = peers.ApexFusedLAMB([w], lr=0.1, weight_decay=0.1, adam_w_mode=False, grad_averaging=False,
+                              eps=0.5, max_grad_norm=10.0)
+    _set_grads([w], [[0.6, 0.8]])
+    opt.step()
+    s = [0.6 + 0.3, 0.8 + 0.4]  # L2: decay enters the moments
+    u = [(s[i] / 0.1) / (abs(s[i]) + 0.5) for i in range(2)]  # beta3 = 1: m = s, m_hat = s / 0.1
+    r = 5 / math.hypot(*u)
+    _close(w, [3 - 0.1 * r * u[0], 4 - 0.1 * r * u[1]])
+    _close(opt.state[w]["exp_avg"], s)
+
+    a, b = _param([3.0, 4.0]), _param([3.0, 4.0])
+    plain = peers.ApexFusedLAMB([a], lr=0.1, weight_decay=0.0)
+    nvlamb = peers.ApexFusedLAMB([b], lr=0.1, weight_decay=0.0, use_nvlamb=True)
+    for p, opt in ((a, plain), (b, nvlamb)):
+        _set_grads([p], [[0.6, 0.8]])
+        opt.step()
+    u = [0.6 / (0.6 + 1e-6), 0.8 / (0.8 + 1e-6)]
+    _close(a, [3 - 0.1 * u[0], 4 - 0.1 * u[1]])  # no decay, no nvlamb: no ratio
+    r = 5 / math.hypot(*u)
+    _close(b, [3 - 0.1 * r * u[0], 4 - 0.1 * r * u[1]])
+
+
+def test_apex_lamb_step_per_group_layout_and_amsgrad():
+    with pytest.raises(RuntimeError, match="AMSGrad"):
+        peers.ApexFusedLAMB(_random_params(13), amsgrad=True)
+    params = _random_params(13)
+    opt = peers.ApexFusedLAMB([{"params": params[:2]}, {"params": params[2:]}], adam_w_mode=False)
+    for p, g in zip(params[:2], _random_grads(14, params)):
+        p.grad = g
+    opt.step()  # the second group has no gradient, and still counts a step
+    sd = opt.state_dict()
+    assert [g["step"] for g in sd["param_groups"]] == [1, 1]
+    assert all(set(s) == {"exp_avg", "exp_avg_sq"} for s in sd["state"].values())
+    assert set(sd["param_groups"][0]) == {"params", "lr", "bias_correction", "betas", "eps",
+                                          "weight_decay", "grad_averaging", "max_grad_norm", "step"}
+    opt.zero_grad()
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("wd, nvlamb", [(0.01, False), (0.0, True), (0.0, False)])
+def test_apex_lamb_equals_timm_lamb(wd, nvlamb):
+    """timm's Lamb (decoupled_decay=False) is apex's adam_w_mode rule; use_nvlamb is always_adapt."""
+    def apex(ps):
+        return peers.ApexFusedLAMB(ps, lr=0.01, weight_decay=wd, max_grad_norm=5.3, use_nvlamb=nvlamb)
+
+    def timm(ps):
+        from timm.optim import Lamb
+        return Lamb(ps, lr=0.01, weight_decay=wd, max_grad_norm=5.3, always_adapt=nvlamb)
+
+    _assert_params_equal(_run(apex, _random_params(15)), _run(timm, _random_params(15)), rel=1e-11)
+
+
+# --------------------------------------------------------------------------- DeepSpeed FusedLamb
+
+
+def test_deepspeed_lamb_two_steps_by_hand():
+    w = _param([3.0, 4.0])
+    opt = peers.DeepSpeedFusedLamb([w], lr=0.1, weight_decay=0.01)
+    _set_grads([w], [[0.6, 0.8]])
+    opt.step()
+    m = [0.06, 0.08]
+    v = [0.001 * 0.36, 0.001 * 0.64]
+    u1 = [m[i] / (math.sqrt(v[i]) + 1e-8) + 0.01 * [3.0, 4.0][i] for i in range(2)]  # uncorrected
+    c1 = min(max(5 / math.hypot(*u1), 0.01), 10.0)
+    step_size = 0.1 * math.sqrt(1 - 0.999) / (1 - 0.9)
+    w1 = [[3.0, 4.0][i] - step_size * c1 * u1[i] for i in range(2)]
+    _close(w, w1)
+    assert opt.state[w]["step"] == 1
+    assert opt.get_lamb_coeffs() == pytest.approx([c1], rel=1e-12)
+    _close(w.grad, [0.6, 0.8])  # p.grad untouched
+    opt.param_groups[0]["lr"] = 0.05
+    _set_grads([w], [[-1.0, 0.0]])
+    opt.step()
+    m = [0.9 * m[0] - 0.1, 0.9 * m[1]]
+    v = [0.999 * v[0] + 0.001, 0.999 * v[1]]
+    u2 = [m[i] / (math.sqrt(v[i]) + 1e-8) + 0.01 * w1[i] for i in range(2)]
+    c2 = min(max(math.hypot(*w1) / math.hypot(*u2), 0.01), 10.0)
+    step_size = 0.05 * math.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    _close(w, [w1[i] - step_size * c2 * u2[i] for i in range(2)])
+
+
+def test_deepspeed_lamb_coefficient_bounds_and_zero_norm():
+    tiny, huge, zero = _param([3e-4, 4e-4]), _param([3e4, 4e4]), _param([0.0, 0.0])
+    opt = peers.DeepSpeedFusedLamb([tiny, huge, zero], lr=0.1, bias_correction=False, eps=1e-8)
+    _set_grads([tiny, huge, zero], [[0.6, 0.8], [0.6, 0.8], [0.6, 0.8]])
+    opt.step()
+    u = [0.06 / (math.sqrt(0.001 * 0.36) + 1e-8), 0.08 / (math.sqrt(0.001 * 0.64) + 1e-8)]
+    _close(tiny, [3e-4 - 0.1 * 0.01 * u[0], 4e-4 - 0.1 * 0.01 * u[1]])  # min_coeff
+    _close(huge, [3e4 - 0.1 * 10.0 * u[0], 4e4 - 0.1 * 10.0 * u[1]])  # max_coeff
+    _close(zero, [-0.1 * u[0], -0.1 * u[1]])  # zero weight: coefficient exactly 1, unclamped
+    assert opt.get_lamb_coeffs() == pytest.approx([0.01, 10.0, 1.0], rel=1e-12)
+
+
+def test_deepspeed_lamb_clipping_from_the_callers_norms_and_eps_inside_sqrt():
+    w, x = _param([3.0, 4.0]), _param([1.0, 1.0])
+    opt = peers.DeepSpeedFusedLamb([w, x], lr=0.1, max_grad_norm=1.0, eps=0.25, eps_inside_sqrt=True)
+    _set_grads([w, x], [[0.6, 0.8], [2.0, 0.0]])
+    norms = peers.deepspeed_grad_norms_arg(opt.param_groups, 4.0)
+    assert norms == [[4.0, 4.0]]
+    opt.step(scale=2.0, grad_norms=norms)
+    combined = 2.0 * ((4.0 / 2.0) + 1e-6) / 1.0
+    _close(opt.state[w]["exp_avg"], [0.1 * 0.6 / combined, 0.1 * 0.8 / combined])
+    s = [2.0 / combined, 0.0]
+    u = [0.1 * s[i] / math.sqrt(0.001 * s[i] ** 2 + 0.25) for i in range(2)]  # eps inside
+    c = min(max(math.sqrt(2) / math.hypot(*u), 0.01), 10.0)
+    _close(x, [1 - 0.1 * math.sqrt(0.001) / 0.1 * c * u[0], 1.0])
+    # a norm below max_grad_norm: clip = (n / scale + 1e-6) / max <= 1, only the loss scale divides
+    opt2 = peers.DeepSpeedFusedLamb([_param([1.0])], max_grad_norm=1.0)
+    opt2.param_groups[0]["params"][0].grad = torch.tensor([3.0], dtype=F64)
+    opt2.step(scale=3.0, grad_norms=[[1.5]])
+    _close(opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"], [0.1])
+
+
+def test_deepspeed_lamb_bare_group_norm_steps_only_the_first_parameter():
+    a, b = _param([3.0, 4.0]), _param([3.0, 4.0])
+    opt = peers.DeepSpeedFusedLamb([a, b], max_grad_norm=1.0)
+    _set_grads([a, b], [[0.6, 0.8], [0.6, 0.8]])
+    opt.step(grad_norms=[1.0])  # the peer zips [1.0] with the group's parameters
+    assert not torch.equal(a.detach(), torch.tensor([3.0, 4.0], dtype=F64))
+    assert torch.equal(b.detach(), torch.tensor([3.0, 4.0], dtype=F64)) and b not in opt.state
+    with pytest.raises(TypeError):  # clipping on, no norms passed: None / scale, as the peer
+        opt.step()
+
+
+def test_deepspeed_lamb_explicit_grads_per_param_step_layout_and_amsgrad():
+    with pytest.raises(RuntimeError, match="AMSGrad"):
+        peers.DeepSpeedFusedLamb(_random_params(16), amsgrad=True)
+    params = _random_params(16)
+    opt = peers.DeepSpeedFusedLamb(params)
+    grads = _random_grads(17, params)
+    opt.step(grads=[g for g in grads[:2]] + [None])  # one flat list = one group; p.grad unused
+    assert [opt.state[p]["step"] for p in params[:2]] == [1, 1] and params[2] not in opt.state
+    sd = opt.state_dict()
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in sd["state"].values())
+    assert "step" not in sd["param_groups"][0]
+    assert set(sd["param_groups"][0]) == {"params", "lr", "bias_correction", "betas", "eps",
+                                          "weight_decay", "max_grad_norm", "max_coeff", "min_coeff"}
+
+
+def test_deepspeed_norm_helpers():
+    a, b, c = _param([1.0, 1.0]), _param([0.0]), _param([2.0])
+    _set_grads([a, b, c], [[3.0, 4.0], None, [12.0]])
+    groups = [{"params": [a, b]}, {"params": [c]}]
+    assert peers.deepspeed_group_grad_norms(groups) == pytest.approx([5.0, 12.0])
+    assert peers.deepspeed_global_grad_norm(groups) == pytest.approx(13.0)
+    c.grad = torch.tensor([math.inf], dtype=F64)
+    assert peers.deepspeed_group_grad_norms(groups)[1] == -1
+
+
+def test_deepspeed_lamb_equals_apex_without_bias_correction_or_bounds():
+    """With no bias correction, no clipping and unbounded coefficients, DeepSpeed's rule is
+    apex's adam_w_mode rule with use_nvlamb; the bias correction is where they part."""
+    def deepspeed(bias_correction):
+        return lambda ps: peers.DeepSpeedFusedLamb(ps, lr=0.01, bias_correction=bias_correction, eps=1e-6,
+                                                   weight_decay=0.01, max_coeff=1e30, min_coeff=0.0)
+
+    def apex(bias_correction):
+        return lambda ps: peers.ApexFusedLAMB(ps, lr=0.01, bias_correction=bias_correction,
+                                              max_grad_norm=1e30, use_nvlamb=True)
+
+    _assert_params_equal(_run(deepspeed(False), _random_params(18)), _run(apex(False), _random_params(18)))
+    _assert_params_differ(_run(deepspeed(True), _random_params(18)), _run(apex(True), _random_params(18)))
