@@ -469,6 +469,10 @@ class DeepSpeedFusedLamb(torch.optim.Optimizer):
     group, each a list with one norm per parameter, or a bare number, which becomes a
     one-element list, so that (the peer zips it with the group's parameters) ONLY THE
     GROUP'S FIRST PARAMETER is stepped: a faithful quirk; see ``deepspeed_grad_norms_arg``.
+    DeepSpeed's usual callers (the fp32 engine, FP16_Optimizer.step) clip outside the
+    optimizer, with the global norm (``deepspeed_global_grad_norm``,
+    ``deepspeed_combined_scale``), and call ``step()`` without norms; only the legacy-fusion
+    FP16 path (fused_optimizer.py lines 149-186) passes ``grad_norms``, one per group.
     Per parameter (lr, betas, eps, weight_decay, max_grad_norm, max_coeff, min_coeff from its
     group; ``step`` counted per parameter, in its state):
 
@@ -541,9 +545,7 @@ class DeepSpeedFusedLamb(torch.optim.Optimizer):
                                                         group_norms):
                 combined_scale = scale
                 if group["max_grad_norm"] > 0:
-                    clip = ((grad_norm / scale) + 1e-6) / group["max_grad_norm"]
-                    if clip > 1:
-                        combined_scale = clip * scale
+                    combined_scale = deepspeed_combined_scale(grad_norm, scale, group["max_grad_norm"])
                 if p.grad is None and grad is None:
                     continue
                 if grad is None:
@@ -607,6 +609,17 @@ def deepspeed_global_grad_norm(param_groups):
     """The global gradient norm as DeepSpeed's caller computes it: ``get_global_norm``
     (runtime/utils.py lines 349-356), sqrt of the sum of the squared per-group norms."""
     return math.sqrt(sum(norm**2.0 for norm in deepspeed_group_grad_norms(param_groups)))
+
+
+def deepspeed_combined_scale(norm, scale, max_norm):
+    """DeepSpeed's divisor of the (loss-scaled) gradients: ``scale * c`` where
+    ``c = ((norm / scale) + 1e-6) / max_norm`` exceeds 1, else ``scale`` (FusedLamb.step
+    lines 131-137 with its own max_grad_norm; FP16_Optimizer.unscale_and_clip_grads,
+    fused_optimizer.py lines 367-380, with the config's gradient_clipping and the global
+    norm). At scale 1 it equals the fp32 engine's clip_grad_norm_ (runtime/utils.py line
+    423: multiply by min(1, max_norm / (norm + 1e-6)))."""
+    clip = ((norm / scale) + 1e-6) / max_norm
+    return clip * scale if clip > 1 else scale
 
 
 def deepspeed_grad_norms_arg(param_groups, norm):

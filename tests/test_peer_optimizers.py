@@ -661,3 +661,10 @@ def test_state_dict_round_trip_resumes_exactly(name):
         second.step()
     for x, y in zip(params, straight):
         assert torch.equal(x.detach(), y)
+
+
+def test_deepspeed_combined_scale():
+    assert peers.deepspeed_combined_scale(4.0, 2.0, 1.0) == pytest.approx(2.0 * (2.0 + 1e-6))
+    assert peers.deepspeed_combined_scale(1.5, 3.0, 1.0) == 3.0  # (0.5 + 1e-6) / 1 <= 1
+    # at scale 1, the fp32 engine's clip_grad_norm_: multiply by min(1, max / (norm + 1e-6))
+    assert 1 / peers.deepspeed_combined_scale(7.0, 1.0, 2.0) == pytest.approx(2.0 / (7.0 + 1e-6), rel=1e-15)
