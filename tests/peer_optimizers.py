@@ -7,10 +7,11 @@ defaults, state names and ``state_dict`` layout, so that a test can check a
 the other. They are written for float64 on the CPU and favour legibility over speed; every
 step reads ``group["lr"]`` afresh, so a scheduler that changes it acts on the next step.
 
-The peers compute in the precision of their own kernels (apex and the TensorFlow ones in
-float32, DeepSpeed's kernel rounds its denominator and coefficient to float32 even for
-double tensors). These classes compute the same formulas in the tensors' dtype; the rule,
-not its rounding, is what they reproduce.
+The peers compute in the precision of their own kernels (apex's LAMB kernel in float32
+arithmetic; the TensorFlow ones in the variables' dtype, float32 in their training scripts;
+DeepSpeed's kernel rounds its denominator and coefficient to float32 even for double
+tensors). These classes compute the same formulas in the tensors' dtype; the rule, not its
+rounding, is what they reproduce.
 
 Import from a test as ``import peer_optimizers`` (pytest's default import mode puts tests/
 on sys.path).
