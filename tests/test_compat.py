@@ -219,3 +219,118 @@ def test_name_rules_need_names():
 def test_load_peer_state_dict_needs_a_compat_optimizer():
     with pytest.raises(ValueError, match="compat constructor"):
         compat.load_peer_state_dict(fastlars.LARS(Net().parameters()), {"state": {}, "param_groups": []})
+
+
+# -- the transcribed peers (tests/peer_optimizers.py) -----------------------------------
+
+peers = pytest.importorskip("peer_optimizers")
+
+
+def _exclude_1d(p):
+    return p.ndim == 1
+
+
+def _deepspeed_step(opt):
+    """DeepSpeed's FusedLamb clips with the norm its caller passes: the global norm, as the
+    engine computes it (fastlars.compat.deepspeed_lamb computes the same norm itself)."""
+    if opt.defaults["max_grad_norm"] > 0:
+        norm = peers.deepspeed_global_grad_norm(opt.param_groups)
+        return opt.step(grad_norms=peers.deepspeed_grad_norms_arg(opt.param_groups, norm))
+    return opt.step()
+
+
+def _sgd_larc(groups, lr, momentum=0, dampening=0, weight_decay=0, nesterov=False, **larc):
+    return peers.ApexLARC(torch.optim.SGD(groups, lr=lr, momentum=momentum, dampening=dampening,
+                                          weight_decay=weight_decay, nesterov=nesterov), **larc)
+
+
+# name -> (peer(model, **args), compat(model, **args), args, base lr, named groups, peer step)
+PEERS = {
+    "larc-clip": (lambda m, **a: _sgd_larc(_groups(m, a["weight_decay"]), **a),
+                  lambda m, **a: compat.larc(_groups(m, a["weight_decay"]), **a),
+                  dict(lr=0.5, momentum=0.9, weight_decay=1e-3), 0.5),
+    "larc-noclip-nesterov": (lambda m, **a: _sgd_larc(_groups(m, a["weight_decay"]), **a),
+                             lambda m, **a: compat.larc(_groups(m, a["weight_decay"]), **a),
+                             dict(lr=0.5, momentum=0.9, weight_decay=1e-3, nesterov=True, clip=False,
+                                  trust_coefficient=0.01), 0.5),
+    "barlowtwins": (lambda m, **a: peers.BarlowTwinsLARS(_groups(m, a["weight_decay"]), **a),
+                    lambda m, **a: compat.ssl_lars(_groups(m, a["weight_decay"]), **a),
+                    dict(lr=0.5, weight_decay=1e-3, weight_decay_filter=True, lars_adaptation_filter=True), 0.5),
+    "vicreg": (lambda m, **a: peers.BarlowTwinsLARS(m.parameters(), **a),
+               lambda m, **a: compat.ssl_lars(m.parameters(), **a),
+               dict(lr=0.5, weight_decay=1e-3, eta=0.01, weight_decay_filter=_exclude_1d,
+                    lars_adaptation_filter=_exclude_1d), 0.5),
+    "simclr-classic": (lambda m, **a: peers.SimCLRLARS(list(m.named_parameters()), **a),
+                       lambda m, **a: compat.simclr_lars(list(m.named_parameters()), **a),
+                       dict(lr=0.5, weight_decay=1e-3, exclude_from_weight_decay=["bias", "scale"]), 0.5),
+    "simclr-classic-nesterov": (lambda m, **a: peers.SimCLRLARS(list(m.named_parameters()), **a),
+                                lambda m, **a: compat.simclr_lars(list(m.named_parameters()), **a),
+                                dict(lr=0.5, weight_decay=1e-3, use_nesterov=True, exclude_from_weight_decay=["bias"],
+                                     exclude_from_layer_adaptation=["scale"]), 0.5),
+    "simclr-momentum-update": (lambda m, **a: peers.SimCLRLARS(list(m.named_parameters()), **a),
+                               lambda m, **a: compat.simclr_lars(list(m.named_parameters()), **a),
+                               dict(lr=0.5, weight_decay=1e-3, classic_momentum=False,
+                                    exclude_from_weight_decay=["bias"]), 0.5),
+    "mlperf": (lambda m, **a: peers.MLPerfLARS(list(m.named_parameters()), **a),
+               lambda m, **a: compat.mlperf_lars(list(m.named_parameters()), **a),
+               dict(lr=0.5, weight_decay=1e-3, skip_list=["bias", "scale"]), 0.5),
+    "mlperf-nesterov-eps": (lambda m, **a: peers.MLPerfLARS(list(m.named_parameters()), **a),
+                            lambda m, **a: compat.mlperf_lars(list(m.named_parameters()), **a),
+                            dict(lr=0.5, weight_decay=1e-3, use_nesterov=True, epsilon=1e-3, skip_list=["bias"]), 0.5),
+    "apex-lamb": (lambda m, **a: peers.ApexFusedLAMB(_groups(m, a["weight_decay"]), **a),
+                  lambda m, **a: compat.apex_fused_lamb(_groups(m, a["weight_decay"]), **a),
+                  dict(lr=0.01, weight_decay=0.01, max_grad_norm=0.1), 0.02),
+    "apex-lamb-l2-nvlamb": (lambda m, **a: peers.ApexFusedLAMB(_groups(m, a["weight_decay"]), **a),
+                            lambda m, **a: compat.apex_fused_lamb(_groups(m, a["weight_decay"]), **a),
+                            dict(lr=0.01, weight_decay=0.01, adam_w_mode=False, use_nvlamb=True), 0.02),
+    "apex-lamb-plain": (lambda m, **a: peers.ApexFusedLAMB(_groups(m, a["weight_decay"]), **a),
+                        lambda m, **a: compat.apex_fused_lamb(_groups(m, a["weight_decay"]), **a),
+                        dict(lr=0.01, weight_decay=0.02, grad_averaging=False, bias_correction=False,
+                             max_grad_norm=10.0), 0.02),
+    "deepspeed-lamb": (lambda m, **a: peers.DeepSpeedFusedLamb(m.parameters(), **a),
+                       lambda m, **a: compat.deepspeed_lamb(m.parameters(), **a),
+                       dict(lr=0.01), 0.02),
+    "deepspeed-lamb-clip-bounds": (lambda m, **a: peers.DeepSpeedFusedLamb(_groups(m, a["weight_decay"]), **a),
+                                   lambda m, **a: compat.deepspeed_lamb(_groups(m, a["weight_decay"]), **a),
+                                   dict(lr=0.01, weight_decay=0.01, max_grad_norm=0.1, eps_inside_sqrt=True,
+                                        min_coeff=0.9, max_coeff=1.1), 0.02),
+    "deepspeed-lamb-no-bias-correction": (lambda m, **a: peers.DeepSpeedFusedLamb(m.parameters(), **a),
+                                          lambda m, **a: compat.deepspeed_lamb(m.parameters(), **a),
+                                          dict(lr=0.01, weight_decay=0.01, bias_correction=False), 0.02),
+}
+
+
+def _peer_step(name):
+    return _deepspeed_step if name.startswith("deepspeed") else None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_compat_equals_the_peer(name, backend):
+    make_peer, make_ours, args, base_lr = PEERS[name]
+    peer_model, model = _models()
+    peer = make_peer(peer_model, **args)
+    ours = make_ours(model, backend=backend, **args)
+    _train(peer_model, peer, STEPS, base_lr, step_fn=_peer_step(name))
+    _train(model, ours, STEPS, base_lr)
+    _assert_equal_params(model, peer_model)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["larc-clip", "barlowtwins", "simclr-classic-nesterov", "mlperf", "apex-lamb",
+                                  "deepspeed-lamb-clip-bounds"])
+def test_peer_checkpoints_resume_on_the_peers_trajectory(name, backend):
+    """Step the peer, save its state_dict, load it into the compat optimizer with
+    load_peer_state_dict, and continue: equal to the peer continuing (mu, Momentum, the
+    negated MLPerf velocity, group-level and per-parameter LAMB steps)."""
+    make_peer, make_ours, args, base_lr = PEERS[name]
+    peer_model, _ = _models()
+    peer = make_peer(peer_model, **args)
+    _train(peer_model, peer, 7, base_lr, step_fn=_peer_step(name))
+    saved = copy.deepcopy(peer.state_dict())
+    model = copy.deepcopy(peer_model)
+    ours = make_ours(model, backend=backend, **args)
+    compat.load_peer_state_dict(ours, saved)
+    _train(peer_model, peer, 8, base_lr, start=7, step_fn=_peer_step(name))
+    _train(model, ours, 8, base_lr, start=7)
+    _assert_equal_params(model, peer_model)

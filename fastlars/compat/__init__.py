@@ -19,7 +19,6 @@ treatment; :func:`load_peer_state_dict` maps the peer's checkpoint onto them.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -243,8 +242,8 @@ def apex_fused_lamb(params, lr: float = 1e-3, bias_correction: bool = True, beta
     opt = LAMB(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, adapt_only_decayed=not use_nvlamb,
                decay_mode="update" if adam_w_mode else "l2", **_options("apex_fused_lamb", fastlars_options))
-    if not set_grad_none:  # apex's zero_grad then fills the gradients with zeros
-        opt.zero_grad = functools.partial(type(opt).zero_grad, opt, set_to_none=False)
+    # set_grad_none: apex's zero_grad then calls torch's, whose default (torch >= 2.0) sets
+    # gradients to None as well, so both values behave as fastlars's zero_grad does
     return _attach(opt, "apex_fused_lamb", groups, _unsplit(groups))
 
 
