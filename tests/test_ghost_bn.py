@@ -84,29 +84,39 @@ def test_matches_reference(backend, shape, channels_last, vbs, dtype, device, tr
     assert got[1].dtype == torch.float32  # fp32 statistics whatever the input dtype
 
 
-STRIDED = {  # inputs neither contiguous nor channels_last
-    "(N, C, L) transposed from (N, L, C)": lambda g: torch.randn(9, 5, 4, generator=g).transpose(1, 2),
-    "(N, C) transposed": lambda g: torch.randn(4, 9, generator=g).t(),
-    "(N, C, L) sliced": lambda g: torch.randn(9, 4, 10, generator=g)[:, :, ::2],
-    "(N, C, H, W) sliced": lambda g: torch.randn(9, 4, 3, 6, generator=g)[..., ::2],
-    "(N, C, D, H, W) permuted": lambda g: torch.randn(9, 2, 3, 2, 4, generator=g).permute(0, 4, 1, 2, 3),
+STRIDED = {  # (a base tensor's shape, the view of it that is the input): neither contiguous nor channels_last
+    "(N, C, L) transposed from (N, L, C)": ((9, 5, 4), lambda t: t.transpose(1, 2)),
+    "(N, C) transposed": ((4, 9), lambda t: t.t()),
+    "(N, C, L) sliced": ((9, 4, 10), lambda t: t[:, :, ::2]),
+    "(N, C, H, W) sliced": ((9, 4, 3, 6), lambda t: t[..., ::2]),
+    "(N, C, D, H, W) permuted": ((9, 2, 3, 2, 4), lambda t: t.permute(0, 4, 1, 2, 3)),
 }
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("layout", STRIDED)
-def test_strided_input_matches_reference(backend, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_input_matches_reference(backend, layout, device):
     """Regression: the native backend gave wrong output and statistics for a transposed
     (N, C, L) input (a BatchNorm1d after a (N, L, C) layer), torch's out= kernels
     misreading the strides."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors needs the interpreter")
     g = torch.Generator().manual_seed(0)
-    x = STRIDED[layout](g) * 3 + 1
-    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
-    dy = torch.randn(x.shape, generator=g)
-    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], run(backend, x, weight, bias, 4, dy),
-                          run("reference", x, weight, bias, 4, dy)):
+    shape, view = STRIDED[layout]
+    base = (torch.randn(shape, generator=g) * 3 + 1).to(device)
+    weight, bias = (torch.rand(4, generator=g) + 0.5).to(device), torch.randn(4, generator=g).to(device)
+    dy = torch.randn(view(base).shape, generator=g).to(device)
+
+    def run_on_view(backend):  # run() clones its input, which would make the sliced views contiguous
+        x = view(base.clone().requires_grad_())
+        assert not x.is_contiguous()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y, mean, var, _ = ghost_batch_norm(x, w, b, 4, 1e-5, backend)
+        return (y, mean, var, *torch.autograd.grad(y, (x, w, b), dy))
+
+    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], run_on_view(backend),
+                          run_on_view("reference")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
