@@ -6,7 +6,6 @@ once per batch and change nothing else. Tiny synthetic data on the CPU; no downl
 
 import copy
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -63,7 +62,6 @@ def test_lightning_lars_equals_plain_loop(tmp_path):
 def test_hf_trainer_lamb_equals_plain_loop(tmp_path, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # the Trainer needs it (transformers' "torch" extra)
     example = load("hf_trainer_lamb")
