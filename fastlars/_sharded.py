@@ -114,8 +114,8 @@ FSDP1_FLAT_PARAM, FSDP1_FLATTENED = "_is_flat_param", "_fsdp_flattened"
 def check_not_flattened(name: str, p: Tensor) -> None:
     """Refuse the parameters of FSDP1, whose norms are not any layer's: a trust ratio per
     layer would silently become one per flat buffer (several layers) or per rank's fragment.
-    DeepSpeed ZeRO-1/2 swap flat fp32 partitions into ``param_groups`` after the optimizer
-    is built, unmarked: that cannot be seen here (README, "Sharded training")."""
+    DeepSpeed ZeRO swaps flat fp32 partitions into ``param_groups`` directly, unmarked and not
+    through add_param_group: that cannot be seen here (README, "Sharded training: what works")."""
     if getattr(p, FSDP1_FLAT_PARAM, False):
         what = "an FSDP1 FlatParameter (FullyShardedDataParallel with use_orig_params=False): several layers " \
                "flattened into one buffer"
