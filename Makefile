@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py $(wildcard cs
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)
-	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	$(PYTHON) -m pip install --quiet --no-build-isolation -e ".[dev,integrations]"
 	touch $@
 
 test: setup

@@ -102,3 +102,28 @@ def reduce_norms(norms: list[Tensor], sharded: list[Tensor], mesh) -> list[Tenso
 
 def is_shard_placed(p: Tensor) -> bool:
     return is_sharded(p) and any(isinstance(pl, Shard) for pl in p.placements)
+
+
+# FSDP1 (FullyShardedDataParallel) marks what it flattens with these attributes: its
+# FlatParameter (``isinstance(t, FlatParameter)`` tests exactly ``_is_flat_param``) and,
+# with ``use_orig_params=True``, every original parameter, which FULL_SHARD and SHARD_GRAD_OP
+# turn into a 1-D view of this rank's fragment of the FlatParameter (possibly empty).
+FSDP1_FLAT_PARAM, FSDP1_FLATTENED = "_is_flat_param", "_fsdp_flattened"
+
+
+def check_not_flattened(name: str, p: Tensor) -> None:
+    """Refuse the parameters of FSDP1, whose norms are not any layer's: a trust ratio per
+    layer would silently become one per flat buffer (several layers) or per rank's fragment.
+    DeepSpeed ZeRO swaps flat fp32 partitions into ``param_groups`` directly, unmarked and not
+    through add_param_group: that cannot be seen here (README, "Sharded training: what works")."""
+    if getattr(p, FSDP1_FLAT_PARAM, False):
+        what = "an FSDP1 FlatParameter (FullyShardedDataParallel with use_orig_params=False): several layers " \
+               "flattened into one buffer"
+    elif getattr(p, FSDP1_FLATTENED, False):
+        what = "a parameter of an FSDP1 FullyShardedDataParallel module (use_orig_params=True): when sharded, " \
+               "each rank holds a flat 1-D fragment of it"
+    else:
+        return
+    raise ValueError(f"{name} is {what}, so a per-layer trust ratio would be computed per buffer or fragment. "
+                     "Shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor parameters get "
+                     "per-layer norms (one all-reduce per step), or replicate with DistributedDataParallel")

@@ -44,6 +44,7 @@ SHAPES = [  # (shape, channels_last, virtual_batch_size)
     ((9, 3, 5, 3), False, 4),
     ((11, 3, 4, 5), True, 4),
     ((6, 5, 3, 3), True, 8),  # batch below one ghost: plain batch norm
+    ((9, 3, 2, 3, 2), False, 4),  # 5-D: the (N, C, L) path on a view
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -81,6 +82,42 @@ def test_matches_reference(backend, shape, channels_last, vbs, dtype, device, tr
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
     assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last or x.ndim != 4
     assert got[1].dtype == torch.float32  # fp32 statistics whatever the input dtype
+
+
+STRIDED = {  # (a base tensor's shape, the view of it that is the input): neither contiguous nor channels_last
+    "(N, C, L) transposed from (N, L, C)": ((9, 5, 4), lambda t: t.transpose(1, 2)),
+    "(N, C) transposed": ((4, 9), lambda t: t.t()),
+    "(N, C, L) sliced": ((9, 4, 10), lambda t: t[:, :, ::2]),
+    "(N, C, H, W) sliced": ((9, 4, 3, 6), lambda t: t[..., ::2]),
+    "(N, C, D, H, W) permuted": ((9, 2, 3, 2, 4), lambda t: t.permute(0, 4, 1, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("layout", STRIDED)
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_input_matches_reference(backend, layout, device):
+    """Regression: the native backend gave wrong output and statistics for a transposed
+    (N, C, L) input (a BatchNorm1d after a (N, L, C) layer), torch's out= kernels
+    misreading the strides."""
+    if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    g = torch.Generator().manual_seed(0)
+    shape, view = STRIDED[layout]
+    base = (torch.randn(shape, generator=g) * 3 + 1).to(device)
+    weight, bias = (torch.rand(4, generator=g) + 0.5).to(device), torch.randn(4, generator=g).to(device)
+    dy = torch.randn(view(base).shape, generator=g).to(device)
+
+    def run_on_view(backend):  # run() clones its input, which would make the sliced views contiguous
+        x = view(base.clone().requires_grad_())
+        assert not x.is_contiguous()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        y, mean, var, _ = ghost_batch_norm(x, w, b, 4, 1e-5, backend)
+        return (y, mean, var, *torch.autograd.grad(y, (x, w, b), dy))
+
+    for name, a, b in zip(["y", "mean", "var", "dx", "dweight", "dbias"], run_on_view(backend),
+                          run_on_view("reference")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -208,6 +245,84 @@ def test_convert_resnet18():
     assert not converted.training
     torch.testing.assert_close(converted(x), before, rtol=0, atol=0)
     assert fastlars.convert_ghost_batchnorm(torch.nn.BatchNorm1d(3), 2).virtual_batch_size == 2
+
+
+def ghost_loop(x, module, sizes):
+    """The contract's oracle on a module's own weight and bias: F.batch_norm per ghost."""
+    return torch.cat([F.batch_norm(c, None, None, module.weight, module.bias, True, 0.0, module.eps)
+                      for c in x.split(sizes)])
+
+
+SYNC_INPUTS = [  # (shape, memory format): every dimensionality nn.SyncBatchNorm accepts
+    ((10, 4), torch.contiguous_format),  # a projector head's BatchNorm1d under DDP (SimCLR, BYOL)
+    ((10, 4, 5), torch.contiguous_format),
+    ((10, 4, 3, 2), torch.channels_last),
+    ((10, 4, 2, 3, 2), torch.contiguous_format),
+    ((10, 4, 2, 3, 2), torch.channels_last_3d),
+]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("shape, memory_format", SYNC_INPUTS)
+def test_convert_sync_batchnorm(backend, shape, memory_format):
+    """convert_ghost_batchnorm(include_sync=True) of an nn.SyncBatchNorm (here from
+    convert_sync_batchnorm of a BatchNorm1d/2d/3d) runs on whatever input the SyncBatchNorm
+    took: training equals F.batch_norm per ghost (forward, backward, running statistics),
+    eval equals nn.BatchNorm, and the Parameters and buffers are the SyncBatchNorm's."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    plain = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+    torch.manual_seed(len(shape))
+    bn = plain[len(shape)](4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(bn)
+    sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(bn))
+    weight, bias = sync[0].weight, sync[0].bias
+    model = fastlars.convert_ghost_batchnorm(sync, 3, include_sync=True, backend=backend)
+    gbn = model[0]
+    assert type(gbn) is fastlars.GhostBatchNorm and gbn.virtual_batch_size == 3
+    assert gbn.weight is weight and gbn.bias is bias
+    torch.testing.assert_close(gbn.running_mean, reference.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(gbn.running_var, reference.running_var, rtol=0, atol=0)
+
+    sizes = ghost_sizes(shape[0], 3)  # 3, 3, 4: the one-sample remainder joins the last ghost
+    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(shape)
+    y = model(x)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=memory_format)
+    dx, dw, db = torch.autograd.grad(y, (x, weight, bias), dy)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = ghost_loop(x_ref, reference, sizes)
+    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (x_ref, reference.weight, reference.bias), dy)
+    for name, a, b in [("y", y, y_ref), ("dx", dx, dx_ref), ("dweight", dw, dw_ref), ("dbias", db, db_ref)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+    dims = (0,) + tuple(range(2, len(shape)))
+    ghosts = x.detach().split(sizes)
+    mean = torch.stack([c.mean(dims) for c in ghosts]).mean(0)
+    var = torch.stack([c.var(dims, unbiased=True) for c in ghosts]).mean(0)
+    torch.testing.assert_close(gbn.running_mean, reference.running_mean.lerp(mean, 0.1))
+    torch.testing.assert_close(gbn.running_var, reference.running_var.lerp(var, 0.1))
+    assert gbn.num_batches_tracked.item() == 1
+
+    model.eval()
+    reference.load_state_dict(gbn.state_dict())  # the ghost module's state loads into the plain one
+    reference.eval()
+    x_eval = torch.randn((5,) + shape[1:])
+    torch.testing.assert_close(model(x_eval), reference(x_eval), rtol=0, atol=0)
+
+
+def test_convert_sync_batchnorm_keeps_mode_and_refuses_1d_input():
+    sync = torch.nn.SyncBatchNorm(4, momentum=None, affine=False, track_running_stats=False).eval()
+    gbn = fastlars.convert_ghost_batchnorm(sync, 2, include_sync=True)
+    assert type(gbn) is fastlars.GhostBatchNorm and not gbn.training and gbn.momentum is None and not gbn.affine
+    assert type(fastlars.convert_ghost_batchnorm(sync, 2)) is torch.nn.SyncBatchNorm  # include_sync=False
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        gbn(torch.randn(4))
 
 
 @pytest.mark.parametrize("make, x, match", [

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import backends
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "convert_ghost_batchnorm", "ghost_sizes"]
+__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "convert_ghost_batchnorm", "ghost_sizes"]
 
 BACKENDS = ("auto", "triton", "native", "vectorized", "reference")
 
@@ -137,6 +137,10 @@ class _GhostBNNative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, sizes, eps):
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            # native_batch_norm.out reads other strides wrongly (torch 2.14 on the CPU: a transposed
+            # (N, C, L) input gives wrong y and garbage statistics); its backward handles any dy
+            x = x.contiguous()
         acc = _acc_dtype(x)
         C = x.shape[1]
         # fp32 (fp64) affine parameters select the kernels' mixed-precision path: fp32 statistics
@@ -182,6 +186,12 @@ def ghost_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, virt
                      eps: float, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """Training-mode Ghost BN: y, the (G, C) fp32 ghost means and biased variances, and
     the ghost sizes (in samples)."""
+    if x.ndim > 4:
+        # (N, C, D, H, W): the statistics are per (ghost, channel) whatever the spatial shape, so
+        # the 2d path runs on (N, C, D, H*W): a view, NCHW for contiguous input and channels_last
+        # for channels_last_3d
+        y, mean, var, sizes = ghost_batch_norm(x.flatten(3), weight, bias, virtual_batch_size, eps, backend)
+        return y.unflatten(3, x.shape[3:]), mean, var, sizes
     sizes = ghost_sizes(x.shape[0], virtual_batch_size)
     backend = _resolve(backend, x)
     if backend == "reference":
@@ -282,17 +292,36 @@ class GhostBatchNorm2d(_GhostBatchNormMixin, nn.BatchNorm2d):
         self._init_ghost(virtual_batch_size, backend)
 
 
+class GhostBatchNorm(_GhostBatchNormMixin, nn.modules.batchnorm._BatchNorm):
+    """Ghost BN over any (N, C, *) input (2-D to 5-D and beyond), as ``nn.SyncBatchNorm``
+    accepts: what ``convert_ghost_batchnorm(..., include_sync=True)`` makes of an
+    ``nn.SyncBatchNorm``, whose input dimensionality is not known until it runs. Input of
+    more than 4 dimensions is normalised as its (N, C, L) view. The ghosts are cut from
+    each process's own batch; nothing is synchronised across processes."""
+
+    def __init__(self, num_features: int, virtual_batch_size: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 backend: str = "auto") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_ghost(virtual_batch_size, backend)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+
 def convert_ghost_batchnorm(module: nn.Module, virtual_batch_size: int, *, include_sync: bool = False,
                             backend: str = "auto") -> nn.Module:
-    """Swap every ``nn.BatchNorm1d/2d`` (and ``nn.SyncBatchNorm`` when ``include_sync``)
-    for the ghost version, keeping weights, buffers, device, dtype and training mode.
+    """Swap every ``nn.BatchNorm1d/2d`` (and ``nn.SyncBatchNorm`` when ``include_sync``: for a
+    ``GhostBatchNorm``, which accepts any input the SyncBatchNorm did) for the ghost version,
+    keeping weights, buffers, device, dtype and training mode.
     Returns the converted module (a new one if ``module`` itself is a BatchNorm), like
     ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
     converted = module
     kinds = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d}
     target = kinds.get(type(module))
     if target is None and include_sync and type(module) is nn.SyncBatchNorm:
-        target = GhostBatchNorm2d
+        target = GhostBatchNorm
     if target is not None:
         ref = module.weight if module.affine else module.running_mean
         converted = target(module.num_features, virtual_batch_size, module.eps, module.momentum, module.affine,

@@ -110,6 +110,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"{describe(index, position, p)} must be a real floating-point tensor "
                                 "(complex parameters are not supported)")
+            _sharded.check_not_flattened(describe(index, position, p), p)
             devices.add(p.device)
             if self._mesh is None and _sharded.is_sharded(p):
                 self._mesh = p.device_mesh  # known before the first step, which checks the placements
