@@ -35,8 +35,24 @@ VARIANTS = {
     "lr_in_momentum-nesterov": dict(lr_in_momentum=True, nesterov=True),
     "lr_in_momentum-no-momentum": dict(lr_in_momentum=True, momentum=0.0, zero_norm="plain_sgd"),
 }
-BACKENDS = ["foreach"]  # the fused backends join as they implement the options
+BACKENDS = [b for b in fastlars.available_backends() if b != "reference"]
 STEPS = 20
+# Triton's interpreter takes ~8 s a run: by default it runs the peers' combinations in fp64,
+# the other variants and fp32 under -m slow
+TRITON_DEFAULT = {"norm_of_sum-eps0", "momentum_update-nesterov", "plain_sgd-trust_clip", "bounds",
+                  "lr_in_momentum-norm_of_sum", "lr_in_momentum-nesterov"}
+
+
+def cases(variants, dtypes):
+    """(backend, variant, dtype) parameters, the Triton ones outside TRITON_DEFAULT (and not fp64) slow."""
+    out = []
+    for backend in BACKENDS:
+        for variant in variants:
+            for dtype in dtypes:
+                slow = backend == "triton" and (variant not in TRITON_DEFAULT or dtype != torch.float64)
+                out.append(pytest.param(backend, variant, dtype, marks=[pytest.mark.slow] if slow else [],
+                                        id=f"{backend}-{variant}-{str(dtype)[6:]}"))
+    return out
 
 
 def make_params(dtype, device="cpu"):
@@ -86,9 +102,7 @@ def run(backend, options, dtype, device="cpu", master_weights=False):
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, variant, dtype", cases(sorted(VARIANTS), [torch.float64, torch.float32]))
 def test_backend_matches_reference(backend, variant, dtype, monkeypatch):
     use_chunks(monkeypatch, 64, 16, 2)  # Triton: several chunks per tensor, partial blocks
     options = VARIANTS[variant]
@@ -100,16 +114,31 @@ def test_backend_matches_reference(backend, variant, dtype, monkeypatch):
             assert rel_err(opt.state[p][key], value) <= 10 * TOLERANCE[dtype], (i, key)
 
 
-@pytest.mark.parametrize("variant", ["norm_of_sum", "momentum_update-nesterov", "lr_in_momentum-nesterov",
-                                     "plain_sgd-trust_clip"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_master_weights_match_reference(backend, variant, monkeypatch):
+@pytest.mark.parametrize("backend, variant, dtype", cases(["norm_of_sum", "momentum_update-nesterov",
+                                                           "lr_in_momentum-nesterov", "plain_sgd-trust_clip"],
+                                                          [torch.bfloat16]))
+def test_bf16_master_weights_match_reference(backend, variant, dtype, monkeypatch):
     use_chunks(monkeypatch, 64, 16, 2)
-    params, opt = run(backend, VARIANTS[variant], torch.bfloat16, master_weights=True)
-    oracle, oracle_opt = run("reference", VARIANTS[variant], torch.bfloat16, master_weights=True)
+    params, opt = run(backend, VARIANTS[variant], dtype, master_weights=True)
+    oracle, oracle_opt = run("reference", VARIANTS[variant], dtype, master_weights=True)
     for i, (p, q) in enumerate(zip(params, oracle)):
         assert rel_err(opt.state[p]["master_param"], oracle_opt.state[q]["master_param"]) <= 2e-5, i
         torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in BACKENDS])
+def test_gpu_backend_matches_reference(backend, variant, dtype):
+    """The compiled kernels (IEEE sqrt and division, the device-side flags) on CUDA tensors,
+    against the reference on the same device."""
+    params, opt = run(backend, VARIANTS[variant], dtype, device="cuda")
+    oracle, oracle_opt = run("reference", VARIANTS[variant], dtype, device="cuda")
+    for i, (p, q) in enumerate(zip(params, oracle)):
+        assert rel_err(p, q) <= TOLERANCE[dtype], (i, rel_err(p, q))
+        for key, value in oracle_opt.state[q].items():
+            assert rel_err(opt.state[p][key], value) <= 10 * TOLERANCE[dtype], (i, key)
 
 
 def test_variants_change_the_steps():
@@ -268,3 +297,34 @@ def test_defaults_are_today():
     group = opt.param_groups[0]
     assert (group["ratio_denominator"], group["zero_norm"], group["trust_bounds"], group["lr_in_momentum"]) == (
         "sum_of_norms", "ratio_one", None, False)
+
+
+@pytest.mark.skipif("cpu" not in fastlars.available_backends(), reason="needs the C++ extension")
+def test_cuda_driver_sums_the_variants_only_where_a_group_needs_them(monkeypatch):
+    """backend="cuda" (its driver on the CPU, the entry points recorded): the norms pass gets
+    the group table (the kernels then sum w g and the buffers' products) only when a group
+    divides by ||g + wd w|| or ||u||; FIRST marks, in the norms tables too, the tensors whose
+    buffer this step creates (the kernel must not read their S0, which is W)."""
+    from test_cuda_tables import RecordingCuda
+
+    from fastlars.ops import cpp_step
+    from fastlars.ops.layouts import LarsColumn, TensorColumn
+
+    fake = RecordingCuda()
+    monkeypatch.setattr(cpp_step, "_C", fake)
+    monkeypatch.setattr(cpp_step, "_on_cuda", lambda lp: True)
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    opt = fastlars.LARS([{"params": params[:1]}, {"params": params[1:], "ratio_denominator": "momentum_update"}],
+                        lr=0.1, backend="cpu")
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        fake.calls.clear()
+        opt.step()
+        (_, table, groups), = [c for c in fake.calls if c[0] == "sumsq"]
+        assert groups is not None and groups[:, LarsColumn.AFTER_MOMENTUM].tolist() == [0.0, 1.0]
+        assert table[:, TensorColumn.FIRST].tolist() == ([1, 1] if step == 0 else [0, 0])
+    opt.param_groups[1]["ratio_denominator"] = "sum_of_norms"
+    fake.calls.clear()
+    opt.step()
+    assert [c[2] for c in fake.calls if c[0] == "sumsq"] == [None]

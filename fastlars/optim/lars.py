@@ -30,9 +30,6 @@ __all__ = ["LARS", "lars_trust_ratio"]
 
 RATIO_DENOMINATORS = ("sum_of_norms", "norm_of_sum", "momentum_update")
 ZERO_NORM_RULES = ("ratio_one", "plain_sgd")
-# what the fused backends (triton, cuda, cpu) do not implement yet: {option: refused values}
-FUSED_REFUSED = {"ratio_denominator": ("norm_of_sum", "momentum_update"), "zero_norm": ("plain_sgd",),
-                 "lr_in_momentum": (True,), "trust_bounds": ()}  # trust_bounds: any pair
 
 
 def lars_ratio_computed(w_norm: Tensor, x_norm: Tensor) -> Tensor:
@@ -177,23 +174,6 @@ class LARS(TrustRatioOptimizer):
         if group["lr_in_momentum"] and group["ratio_denominator"] == "momentum_update":
             raise ValueError(f"lr_in_momentum=True{where} cannot be combined with ratio_denominator="
                              "'momentum_update' (the ratio of the update would scale a buffer holding lr)")
-        self._check_backend_implements(group, where)
-
-    def _check_backend_implements(self, group: dict[str, Any], where: str) -> None:
-        """Refuse an option value the chosen fused backend does not implement (FUSED_REFUSED),
-        when the group is added, the backend chosen or the step begins: before any tensor changes."""
-        backend = getattr(self, "backend", None)  # not chosen yet while the constructor adds the groups
-        if backend is None or not backends.get(backend).fused:
-            return
-        for option, refused in FUSED_REFUSED.items():
-            if group[option] in refused or (option == "trust_bounds" and group[option] is not None):
-                raise ValueError(f"{option}={group[option]!r}{where} is not implemented by backend={backend!r}; "
-                                 "use backend='foreach' or 'reference'")
-
-    def _use_device(self, device) -> None:
-        super()._use_device(device)
-        for i, group in enumerate(self.param_groups):
-            self._check_backend_implements(group, f" in param_groups[{i}]")
 
     def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
