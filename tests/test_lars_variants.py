@@ -76,17 +76,23 @@ def grads_for(step, params):
 
 
 def run(backend, options, dtype, device="cpu", master_weights=False):
-    """STEPS steps with a changing lr; the late parameter joins at step 5, and the
-    optimizer is rebuilt from its state_dict at step 10. Returns the parameters."""
+    """STEPS steps with a changing lr; the 1-element parameter in a group that does not
+    adapt (trust_ratio=False: the variants' other parts still apply), the late parameter
+    joins at step 5, and the optimizer is rebuilt from its state_dict at step 10."""
     params = make_params(dtype, device)
     kwargs = {**BASE, **options}
-    opt = fastlars.LARS([{"params": params[:-1]}], backend=backend, master_weights=master_weights, **kwargs)
+
+    def groups():
+        return [{"params": [p for i, p in enumerate(params[:-1]) if i != 1]},
+                {"params": [params[1]], "trust_ratio": False}]
+
+    opt = fastlars.LARS(groups(), backend=backend, master_weights=master_weights, **kwargs)
     for step in range(STEPS):
         if step == 5:
             opt.add_param_group({"params": [params[-1]], "weight_decay": 0.02})
         if step == 10:
             state = opt.state_dict()
-            opt = fastlars.LARS([{"params": params[:-1]}, {"params": [params[-1]]}], backend=backend,
+            opt = fastlars.LARS([*groups(), {"params": [params[-1]]}], backend=backend,
                                 master_weights=master_weights, **kwargs)
             opt.load_state_dict(state)
         lr = kwargs["lr"] * (1.0 + 0.5 * math.sin(step))
