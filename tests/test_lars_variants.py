@@ -334,3 +334,21 @@ def test_cuda_driver_sums_the_variants_only_where_a_group_needs_them(monkeypatch
     fake.calls.clear()
     opt.step()
     assert [c[2] for c in fake.calls if c[0] == "sumsq"] == [None]
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("options", [dict(ratio_denominator="momentum_update", nesterov=True),
+                                     dict(ratio_denominator="norm_of_sum", lr_in_momentum=True,
+                                          trust_bounds=(0.0, 0.1), zero_norm="plain_sgd")],
+                         ids=["momentum_update", "norm_of_sum-lr_in_momentum"])
+def test_variants_keep_one_eager_step_then_a_capture(options, monkeypatch):
+    """capturable=True with the variants (test_gpu_readiness's recipe checks on the CPU): the
+    state-creating step launches every later kernel variant (lars_sums_kernel, VARIANTS)
+    and builds the next step's tables (whose norms tables read the buffers just made)."""
+    import test_gpu_readiness as readiness
+
+    monkeypatch.setitem(readiness.CAPTURABLE, "LARS", {**readiness.CAPTURABLE["LARS"], **options})
+    readiness.test_state_creating_step_launches_every_later_variant("LARS", monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.setitem(readiness.CAPTURABLE, "LARS", {**readiness.CAPTURABLE["LARS"], **options})
+    readiness.test_one_eager_step_then_a_capture("LARS", monkeypatch)

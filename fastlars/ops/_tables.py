@@ -194,15 +194,21 @@ def lars_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, chunk_size: in
     """LARS's tables: the norms pass's (before the gate; they hold the momentum buffers that
     exist, so that the update can reuse them), or the update's after this step created
     state. Returns the launch and the tensors it points to (alive until the kernels ran).
-    FIRST marks the tensors whose buffer this step creates (their S0 is W: the norms pass
-    of "momentum_update" must not read it)."""
+    FIRST marks the tensors whose buffer this step creates (the update sets it to d); in the
+    norms tables, those whose buffer does not exist yet (their S0 is W: the norms pass of
+    "momentum_update" must not read it), which is none in the next step's tables that a
+    state-creating capturable step builds (update_launch)."""
     params, grads, weights = operands(lp, for_update)
     n = len(params)
+    bufs = momentum_buffers(lp)
     validate = None
-    if not for_update:
+    if for_update:
+        first = lp.first
+    else:
         validate = lambda: check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-    launch = build_launch(weights, params, grads, momentum_buffers(lp), [None] * n, [None] * n, lp.group_of,
-                          lp.first, lp.rows, lp.compute_dtype, plan.cache, chunk_size, validate)
+        first = [buf is None and lp.rows[gi][LarsColumn.MOMENTUM] != 0 for buf, gi in zip(bufs, lp.group_of)]
+    launch = build_launch(weights, params, grads, bufs, [None] * n, [None] * n, lp.group_of,
+                          first, lp.rows, lp.compute_dtype, plan.cache, chunk_size, validate)
     return launch, (grads, weights)
 
 
