@@ -97,8 +97,9 @@ void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
 
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
                      const std::vector<bool>& products) {
-  TORCH_CHECK(bufs.size() == grads.size() && products.size() == grads.size(),
-              "fastlars: sumsq_cpu needs one buffer (or None) and one products flag per tensor");
+  const bool variants = !products.empty();  // empty lists: w^2 and g^2 only (no per-step list to convert)
+  TORCH_CHECK(!variants || (bufs.size() == grads.size() && products.size() == grads.size()),
+              "fastlars: sumsq_cpu needs one buffer (or None) and one products flag per tensor, or two empty lists");
   const auto items = chunk_items(grads);
   std::vector<double> partials(items.size() * kLarsSums);  // columns not summed stay 0
   if (!items.empty()) {
@@ -111,6 +112,7 @@ at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const O
         double* sums = partials.data() + kLarsSums * k;
         sums[S_W2] = sum_squares(w, n);
         sums[S_G2] = sum_squares(g, n);
+        if (!variants) return;
         if (products[it.tensor]) sums[S_WG] = sum_products(w, g, n);
         if (bufs[it.tensor].has_value()) {
           const acc_t* buf = bufs[it.tensor]->data_ptr<acc_t>() + it.begin;

@@ -23,6 +23,7 @@ constexpr int64_t kChunk = 16384;
 
 // (n, SumColumn) per tensor: sum w^2, sum g^2 (U2 0); where products[i]: sum w g; where bufs[i] is
 // given: sums buf^2, buf g, buf w (the LARS variants, fastlars_math.h lars_denominator_norm); else 0.
+// Two empty lists: neither, for every tensor.
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
                      const std::vector<bool>& products);
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,

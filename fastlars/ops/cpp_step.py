@@ -45,10 +45,9 @@ def _host_group_table(lp):
     return torch.tensor([[float(x) for x in row] for row in lp.rows], dtype=torch.float64)
 
 
-def _sumsq_cpu(weights, grads, bufs=None, products=None):
+def _sumsq_cpu(weights, grads, bufs=(), products=()):
     """(n, SumColumn) per-tensor sums of w^2 and g^2 (and the LARS variants', tb.lars_variant_sums)."""
-    n = len(grads)
-    return _C.sumsq_cpu(weights, grads, bufs or [None] * n, products or [False] * n)
+    return _C.sumsq_cpu(weights, grads, list(bufs), list(products))
 
 
 def _sumsq_cuda(launch, keep_alive, lp, lars_groups=None):
@@ -67,7 +66,7 @@ def lars_norms(plan, inv_scale):
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-        products, bufs = tb.lars_variant_sums(lp)
+        products, bufs = tb.lars_variant_sums(lp) if tb.lars_variants(lp) else ((), ())
         contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads, bufs, products)))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
