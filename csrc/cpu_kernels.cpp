@@ -73,6 +73,20 @@ double sum_squares<double>(const double* p, int64_t n) {
   return total;
 }
 
+// sum a b (the LARS variants' sums WG, BG, BW), accumulated as sum_squares.
+template <typename A, typename B>
+double sum_products(const A* a, const B* b, int64_t n) {
+  using lane_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
+  lane_t lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<lane_t>(a[i + l]) * static_cast<lane_t>(b[i + l]);
+  double total = 0;
+  for (; i < n; ++i) total += static_cast<double>(static_cast<lane_t>(a[i])) * static_cast<lane_t>(b[i]);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 template <typename acc_t, typename weight_t, typename param_t>
 void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
   w[i] = static_cast<weight_t>(value);
@@ -81,16 +95,31 @@ void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
 
 }  // namespace
 
-at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads) {
+at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
+                     const std::vector<bool>& products) {
+  const bool variants = !products.empty();  // empty lists: w^2 and g^2 only (no per-step list to convert)
+  TORCH_CHECK(!variants || (bufs.size() == grads.size() && products.size() == grads.size()),
+              "fastlars: sumsq_cpu needs one buffer (or None) and one products flag per tensor, or two empty lists");
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * kLarsSums);
+  std::vector<double> partials(items.size() * kLarsSums);  // columns not summed stay 0
   if (!items.empty()) {
     FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cpu", [&] {
       for_items(items, [&](int64_t k) {
         const auto& it = items[k];
         const int64_t n = it.end - it.begin;
-        partials[kLarsSums * k + S_W2] = sum_squares(weights[it.tensor].data_ptr<weight_t>() + it.begin, n);
-        partials[kLarsSums * k + S_G2] = sum_squares(grads[it.tensor].data_ptr<param_t>() + it.begin, n);
+        const weight_t* w = weights[it.tensor].data_ptr<weight_t>() + it.begin;
+        const param_t* g = grads[it.tensor].data_ptr<param_t>() + it.begin;
+        double* sums = partials.data() + kLarsSums * k;
+        sums[S_W2] = sum_squares(w, n);
+        sums[S_G2] = sum_squares(g, n);
+        if (!variants) return;
+        if (products[it.tensor]) sums[S_WG] = sum_products(w, g, n);
+        if (bufs[it.tensor].has_value()) {
+          const acc_t* buf = bufs[it.tensor]->data_ptr<acc_t>() + it.begin;
+          sums[S_B2] = sum_squares(buf, n);
+          sums[S_BG] = sum_products(buf, g, n);
+          sums[S_BW] = sum_products(buf, w, n);
+        }
       });
     });
   }
@@ -110,26 +139,29 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
       const auto& it = items[k];
       const int64_t i = it.tensor;
       const auto h = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
-      const acc_t ratio = lars_trust_ratio<acc_t>(acc_t(std::sqrt(norms[kLarsSums * i + S_W2])),
-                                                  acc_t(std::sqrt(norms[kLarsSums * i + S_G2]) * inv_scale), h);
+      const double* sums = norms + kLarsSums * i;
+      const acc_t w_norm = acc_t(std::sqrt(sums[S_W2]));
+      const bool is_first = first[i];
+      const acc_t x_norm = lars_denominator_norm<acc_t>(sums, acc_t(std::sqrt(sums[S_G2]) * inv_scale),
+                                                        acc_t(inv_scale), is_first, h);
+      const auto factors = lars_factors<acc_t>(w_norm, x_norm, h);
       weight_t* w = weights[i].data_ptr<weight_t>();
       param_t* p = params[i].data_ptr<param_t>();
       const param_t* g = grads[i].data_ptr<param_t>();
       const acc_t scale = acc_t(inv_scale);
-      const bool is_first = first[i];
       const bool master = static_cast<void*>(w) != static_cast<void*>(p);
       // loop-invariant choices outside the element loops, so that they vectorise
       if (bufs[i].has_value()) {
         acc_t* buf = bufs[i]->data_ptr<acc_t>();
         for (int64_t e = it.begin; e < it.end; ++e) {
-          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, buf[e], is_first, ratio, h);
+          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, buf[e], is_first, factors, h);
           w[e] = static_cast<weight_t>(updated);
           if (master) p[e] = static_cast<param_t>(updated);
         }
       } else {
         for (int64_t e = it.begin; e < it.end; ++e) {
           acc_t unused = 0;
-          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, unused, false, ratio, h);
+          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, unused, false, factors, h);
           w[e] = static_cast<weight_t>(updated);
           if (master) p[e] = static_cast<param_t>(updated);
         }

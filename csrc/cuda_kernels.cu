@@ -73,22 +73,56 @@ __device__ T* column_ptr(const int64_t* row, int column) {
   return reinterpret_cast<T*>(row[column]);
 }
 
+// Every column of a chunk's partials is written (0 for the sums not asked for): the
+// finalize sums them all. With the LARS group table (lars_groups, else nullptr), the LARS
+// variants' sums of a tensor whose group needs them (fastlars_math.h, lars_denominator_norm):
+// sum w g ("norm_of_sum", "momentum_update"), and sums of buf^2, buf g, buf w, buf the
+// table's S0, where the group has "momentum_update" with momentum and the buffer exists
+// (FIRST 0; a tensor without one has S0 = W, of another dtype, which is never read).
 template <typename param_t, typename weight_t, typename acc_t>
-__global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials) {
+__global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials,
+                             const double* lars_groups) {
   const Chunk ch = chunk_of(table, chunks, false);
   const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
   const param_t* g = column_ptr<const param_t>(ch.row, C_G);
-  acc_t sw = 0, sg = 0;
+  const acc_t* buf = column_ptr<const acc_t>(ch.row, C_S0);
+  bool with_products = false, with_buffers = false;  // the same for the whole block: one tensor
+  if (lars_groups != nullptr) {
+    const double* row = lars_groups + ch.row[C_GROUP] * L_NCOL;
+    const bool after = row[L_AFTER_MOMENTUM] != 0;
+    with_products = after || row[L_NORM_OF_SUM] != 0;
+    with_buffers = after && row[L_MOMENTUM] != 0 && ch.row[C_FIRST] == 0;
+  }
+  acc_t sw = 0, sg = 0, swg = 0, sb = 0, sbg = 0, sbw = 0;
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
     sw += we * we;
     sg += ge * ge;
+    if (with_products) swg += we * ge;
+    if (with_buffers) {
+      const acc_t be = buf[e];
+      sb += be * be;
+      sbg += be * ge;
+      sbw += be * we;
+    }
   }
   sw = block_sum(sw);
   sg = block_sum(sg);
+  if (with_products) swg = block_sum(swg);
+  if (with_buffers) {
+    sb = block_sum(sb);
+    sbg = block_sum(sbg);
+    sbw = block_sum(sbw);
+  }
   if (threadIdx.x == 0) {
-    partials[kLarsSums * blockIdx.x + S_W2] = sw;
-    partials[kLarsSums * blockIdx.x + S_G2] = sg;
+    acc_t* out = partials + kLarsSums * blockIdx.x;
+    out[S_W2] = sw;
+    out[S_G2] = sg;
+    out[S_U2] = 0;
+    out[S_WG] = swg;
+    out[S_B2] = sb;
+    out[S_BG] = sbg;
+    out[S_BW] = sbw;
   }
 }
 
@@ -109,19 +143,20 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
   const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
-  const acc_t w_norm = sqrt(totals[kLarsSums * ch.index + S_W2]);
-  const acc_t g_norm = sqrt(totals[kLarsSums * ch.index + S_G2]) * inv_scale;
-  const acc_t ratio = lars_trust_ratio<acc_t>(w_norm, g_norm, h);
+  const acc_t* sums = totals + kLarsSums * ch.index;
+  const bool first = ch.row[C_FIRST] != 0;
+  const acc_t w_norm = sqrt(sums[S_W2]);
+  const acc_t x_norm = lars_denominator_norm<acc_t>(sums, sqrt(sums[S_G2]) * inv_scale, inv_scale, first, h);
+  const auto factors = lars_factors<acc_t>(w_norm, x_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
   const param_t* g = column_ptr<const param_t>(ch.row, C_G);
   acc_t* buf = column_ptr<acc_t>(ch.row, C_S0);
-  const bool first = ch.row[C_FIRST] != 0;
   const bool master = static_cast<void*>(w) != static_cast<void*>(p);
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     acc_t b = h.momentum != 0 ? buf[e] : acc_t(0);
     const acc_t updated = lars_element<acc_t>(static_cast<acc_t>(w[e]), static_cast<acc_t>(g[e]) * inv_scale, b,
-                                              first, ratio, h);
+                                              first, factors, h);
     if (h.momentum != 0) buf[e] = b;
     w[e] = static_cast<weight_t>(updated);
     if (master) p[e] = static_cast<param_t>(updated);
@@ -238,15 +273,16 @@ at::ScalarType acc_type(const at::Tensor& param) {
 }  // namespace
 
 at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
-                      const at::Tensor& param) {
+                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups) {
   const at::cuda::CUDAGuard guard(param.device());
   const Launch launch = launch_of(table, chunks, param);
+  const double* rows = lars_groups.has_value() ? group_rows(*lars_groups, param, L_NCOL) : nullptr;
   at::Tensor partials = at::empty({launch.n_chunks, kLarsSums}, param.options().dtype(acc_type(param)));
   if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLarsSums);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
-        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>());
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(), rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return tensor_totals(launch, partials, kLarsSums);

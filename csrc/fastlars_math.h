@@ -18,10 +18,15 @@ namespace fastlars {
 
 // Hyper-parameters of one param group, as the kernels use them. Differences such as
 // 1 - dampening are formed in double on the host: 1 - float(0.999) is 1e-5 off.
+// The variants' values (docs/contract.md, "LARS variants") are the effective ones formed on
+// the host (fastlars/ops/_tables.py, lars_variant_columns): denominator_decay is wd for
+// "sum_of_norms" and 0 otherwise; the mode flags are set only where the group adapts.
 template <typename acc_t>
 struct LarsHyper {
   acc_t lr, weight_decay, trust_coefficient, eps, momentum, one_minus_dampening;
   bool trust_clip, adapt, nesterov;
+  acc_t denominator_decay, ratio_min, ratio_max;
+  bool norm_of_sum, after_momentum, plain_sgd, lr_in_momentum;
 };
 
 template <typename acc_t>
@@ -30,27 +35,71 @@ struct LambHyper {
   bool trust_clip, adapt;
 };
 
-// r = eta ||w|| / (||g|| + wd ||w|| + eps), 1 for a zero norm or a group without
-// trust ratio; LARC clip: min(r / lr, 1), whose limit at lr = 0 is 1.
+// The norm x the ratio's denominator holds, from a tensor's sums (SumColumn) and g_norm =
+// ||g|| s (s: the inverse grad scale): ||g|| ("sum_of_norms"), ||s g + wd w|| ("norm_of_sum")
+// or ||u|| ("momentum_update"), u = a buf + b d the update after momentum of d = s g + wd w,
+// as quadratic forms of the norms pass's sums (no third pass), clamped at 0 against rounding.
+template <typename acc_t, typename sum_t>
+FASTLARS_HD acc_t lars_denominator_norm(const sum_t* sums, acc_t g_norm, acc_t s, bool first,
+                                        const LarsHyper<acc_t>& h) {
+  if (!h.norm_of_sum && !h.after_momentum) return g_norm;
+  const acc_t wd = h.weight_decay;
+  const acc_t d2 = s * s * acc_t(sums[S_G2]) + acc_t(2) * wd * s * acc_t(sums[S_WG]) + wd * wd * acc_t(sums[S_W2]);
+  acc_t x2 = d2;
+  if (h.after_momentum && h.momentum != 0) {
+    // buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
+    const acc_t a = first ? acc_t(0) : h.nesterov ? h.momentum * h.momentum : h.momentum;
+    const acc_t b = h.nesterov ? acc_t(1) + h.momentum * (first ? acc_t(1) : h.one_minus_dampening)
+                               : first ? acc_t(1) : h.one_minus_dampening;
+    const acc_t buf_d = s * acc_t(sums[S_BG]) + wd * acc_t(sums[S_BW]);
+    x2 = a * a * acc_t(sums[S_B2]) + acc_t(2) * a * b * buf_d + b * b * d2;
+  }
+  return std::sqrt(x2 < 0 ? acc_t(0) : x2);  // a NaN stays NaN (the gate has caught it)
+}
+
+// r = eta ||w|| / (x + wd' ||w|| + eps) (x: lars_denominator_norm, wd': denominator_decay),
+// 1 for a zero norm or a group without trust ratio; LARC clip: min(r / lr, 1), whose limit
+// at lr = 0 is 1; trust_bounds clamp a computed ratio; plain_sgd: 1 where a norm is 0.
 template <typename acc_t>
-FASTLARS_HD acc_t lars_trust_ratio(acc_t w_norm, acc_t g_norm, const LarsHyper<acc_t>& h) {
+FASTLARS_HD acc_t lars_trust_ratio(acc_t w_norm, acc_t x_norm, const LarsHyper<acc_t>& h) {
   if (!h.adapt) return acc_t(1);
-  acc_t r = (w_norm > 0 && g_norm > 0) ? h.trust_coefficient * w_norm / (g_norm + h.weight_decay * w_norm + h.eps)
-                                       : acc_t(1);
+  const bool computed = w_norm > 0 && x_norm > 0;
+  acc_t r = computed ? h.trust_coefficient * w_norm / (x_norm + h.denominator_decay * w_norm + h.eps) : acc_t(1);
   if (h.trust_clip) r = h.lr > 0 ? (r / h.lr < acc_t(1) ? r / h.lr : acc_t(1)) : acc_t(1);
+  if (computed) r = r < h.ratio_min ? h.ratio_min : (r > h.ratio_max ? h.ratio_max : r);
+  if (h.plain_sgd && !computed) r = acc_t(1);
   return r;
 }
 
-// One element: d = r (g + wd w); buf = d (first step) or mu buf + (1 - dampening) d;
-// d = d + mu buf (nesterov) or buf; returns the new w. buf is untouched when mu = 0.
+// A tensor's factors of the update: d = pre (g + decay w), then momentum (lars_element),
+// then w = w - step u. Default: pre = r, decay = wd, step = lr. "momentum_update": pre = 1,
+// step = lr r; lr_in_momentum: pre = lr r, step = 1; plain_sgd at a zero norm: decay 0.
 template <typename acc_t>
-FASTLARS_HD acc_t lars_element(acc_t w, acc_t g, acc_t& buf, bool first, acc_t ratio, const LarsHyper<acc_t>& h) {
-  acc_t d = ratio * (g + h.weight_decay * w);
+struct LarsFactors {
+  acc_t pre, decay, step;
+};
+
+template <typename acc_t>
+FASTLARS_HD LarsFactors<acc_t> lars_factors(acc_t w_norm, acc_t x_norm, const LarsHyper<acc_t>& h) {
+  const acc_t r = lars_trust_ratio<acc_t>(w_norm, x_norm, h);
+  const bool zero_norm = !(w_norm > 0 && x_norm > 0);
+  const acc_t decay = h.plain_sgd && zero_norm ? acc_t(0) : h.weight_decay;
+  const acc_t pre = h.after_momentum ? acc_t(1) : r;
+  if (h.lr_in_momentum) return {h.lr * pre, decay, acc_t(1)};
+  return {pre, decay, h.after_momentum ? h.lr * r : h.lr};
+}
+
+// One element: d = pre (g + decay w); buf = d (first step) or mu buf + (1 - dampening) d;
+// u = d + mu buf (nesterov) or buf (d when mu = 0); returns w - step u. buf is untouched when mu = 0.
+template <typename acc_t>
+FASTLARS_HD acc_t lars_element(acc_t w, acc_t g, acc_t& buf, bool first, const LarsFactors<acc_t>& f,
+                               const LarsHyper<acc_t>& h) {
+  acc_t d = f.pre * (g + f.decay * w);
   if (h.momentum != 0) {
     buf = first ? d : h.momentum * buf + h.one_minus_dampening * d;
     d = h.nesterov ? d + h.momentum * buf : buf;
   }
-  return w - h.lr * d;
+  return w - f.step * d;
 }
 
 // New moments and the direction u = m_hat / (sqrt(v_hat) + eps) + wd w.
@@ -72,7 +121,10 @@ template <typename acc_t>
 FASTLARS_HD LarsHyper<acc_t> lars_hyper(const double* row) {
   return {acc_t(row[L_LR]),       acc_t(row[L_WEIGHT_DECAY]),        acc_t(row[L_TRUST_COEFFICIENT]),
           acc_t(row[L_EPS]),      acc_t(row[L_MOMENTUM]),            acc_t(row[L_ONE_MINUS_DAMPENING]),
-          row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0,                 row[L_NESTEROV] != 0};
+          row[L_TRUST_CLIP] != 0, row[L_ADAPT] != 0,                 row[L_NESTEROV] != 0,
+          acc_t(row[L_DENOMINATOR_DECAY]), acc_t(row[L_RATIO_MIN]),  acc_t(row[L_RATIO_MAX]),
+          row[L_NORM_OF_SUM] != 0, row[L_AFTER_MOMENTUM] != 0,       row[L_PLAIN_SGD] != 0,
+          row[L_LR_IN_MOMENTUM] != 0};
 }
 
 // LAMB hyper-parameters for a tensor whose state step is `step` (this update makes

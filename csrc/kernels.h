@@ -21,8 +21,11 @@ using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 // Norms come back as one row of sums per tensor on both.
 constexpr int64_t kChunk = 16384;
 
-// (n, 2): sum w^2, sum g^2 per tensor.
-at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads);
+// (n, SumColumn) per tensor: sum w^2, sum g^2 (U2 0); where products[i]: sum w g; where bufs[i] is
+// given: sums buf^2, buf g, buf w (the LARS variants, fastlars_math.h lars_denominator_norm); else 0.
+// Two empty lists: neither, for every tensor.
+at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
+                     const std::vector<bool>& products);
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
                      const OptionalTensorList& bufs, const std::vector<bool>& first,
                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
@@ -47,9 +50,10 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
 // device). Scalars that live on the device (inverse grad scale, global norm, skip flag)
 // come as optional 0-d tensors. Per-tensor sums: per-chunk partials, then a finalize
 // launch summing each tensor's in a fixed order (the update reads one row per tensor).
-// (n, 2): sum w^2, sum g^2 per tensor.
+// (n, SumColumn) per tensor, as sumsq_cpu; given the LARS group table, the variants' sums of
+// the tensors whose group needs them (the buffers: the table's S0; FIRST marks one not made yet).
 at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
-                      const at::Tensor& param);
+                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups);
 void lars_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
                       const at::Tensor& sumsq, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok);

@@ -9,14 +9,15 @@
   X(W) X(P) X(G) X(S0) X(S1) X(STEP) X(NUMEL) X(GROUP) X(CHUNK0) X(NCHUNKS) X(FIRST)
 // Per-group hyper-parameter tables (double, one row per param group): LarsColumn, LambColumn.
 #define FASTLARS_LARS_COLUMNS(X) \
-  X(LR) X(WEIGHT_DECAY) X(TRUST_COEFFICIENT) X(EPS) X(TRUST_CLIP) X(ADAPT) X(MOMENTUM) X(ONE_MINUS_DAMPENING) X(NESTEROV)
+  X(LR) X(WEIGHT_DECAY) X(TRUST_COEFFICIENT) X(EPS) X(TRUST_CLIP) X(ADAPT) X(MOMENTUM) X(ONE_MINUS_DAMPENING) X(NESTEROV) \
+  X(DENOMINATOR_DECAY) X(NORM_OF_SUM) X(AFTER_MOMENTUM) X(PLAIN_SGD) X(RATIO_MIN) X(RATIO_MAX) X(LR_IN_MOMENTUM)
 #define FASTLARS_LAMB_COLUMNS(X)                                                                          \
   X(LR) X(BETA1) X(BETA2) X(ONE_MINUS_BETA2) X(BETA3) X(LOG_BETA1) X(LOG_BETA2) X(BIAS_CORRECTION) X(EPS) \
   X(WEIGHT_DECAY) X(MAX_GRAD_NORM) X(TRUST_CLIP) X(ADAPT)
 // The chunk list of a launch (int64, one row per chunk): ChunkColumn.
 #define FASTLARS_CHUNK_COLUMNS(X) X(ROW) X(START)
-// Per-tensor sums of squares of a norms pass: SumColumn (LARS uses the first two).
-#define FASTLARS_SUM_COLUMNS(X) X(W2) X(G2) X(U2)
+// Per-tensor sums of a norms pass: SumColumn (LAMB writes the first three, LARS all but U2).
+#define FASTLARS_SUM_COLUMNS(X) X(W2) X(G2) X(U2) X(WG) X(B2) X(BG) X(BW)
 
 namespace fastlars {
 
@@ -38,8 +39,8 @@ enum ChunkColumn { FASTLARS_CHUNK_COLUMNS(FASTLARS_K) K_NCOL };
 #undef FASTLARS_K
 #undef FASTLARS_ENUMERATOR
 
-// Sums per tensor that each norms pass returns (columns W2, G2 for LARS; all three for LAMB).
-constexpr int kLarsSums = S_U2;
-constexpr int kLambSums = S_NCOL;
+// Sums per tensor that each norms pass returns (LARS: every column, U2 0; LAMB: W2, G2, U2).
+constexpr int kLarsSums = S_NCOL;
+constexpr int kLambSums = S_U2 + 1;
 
 }  // namespace fastlars

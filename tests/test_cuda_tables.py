@@ -24,9 +24,9 @@ class RecordingCuda:
     def _sums(self, table):
         return torch.zeros(table.shape[0], len(SumColumn), dtype=torch.float32)
 
-    def sumsq_cuda(self, table, chunks, weight, param):
-        self.calls.append(("sumsq", table, None))
-        return self._sums(table)[:, :SumColumn.G2 + 1]
+    def sumsq_cuda(self, table, chunks, weight, param, lars_groups):
+        self.calls.append(("sumsq", table, None if lars_groups is None else lars_groups.clone()))
+        return self._sums(table)
 
     def lars_update_cuda(self, table, chunks, groups, sums, weight, param, inv_scale, ok):
         self.calls.append(("lars_update", table, groups.clone()))

@@ -19,7 +19,10 @@ KWARGS = dict(lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02, t
 LAMB_KWARGS = dict(lr=0.02, weight_decay=0.01, trust_clip=True)
 OPTIMIZERS = {"LARS": (fastlars.LARS, KWARGS, 1),  # (class, kwargs, all-reduces per step)
               "LAMB": (fastlars.LAMB, LAMB_KWARGS, 1),
-              "LAMB-clip": (fastlars.LAMB, dict(LAMB_KWARGS, max_grad_norm=0.5), 2)}
+              "LAMB-clip": (fastlars.LAMB, dict(LAMB_KWARGS, max_grad_norm=0.5), 2),
+              # the LARS variant that needs every extra sum (w g, buf^2, buf g, buf w: docs/contract.md, "LARS variants")
+              "LARS-momentum_update": (fastlars.LARS, dict(KWARGS, trust_clip=False, ratio_denominator="momentum_update",
+                                                           zero_norm="plain_sgd", trust_bounds=(0.0, 0.5)), 1)}
 BACKENDS = [b for b in ("reference", "foreach", "cpu", "triton") if b in fastlars.available_backends()]
 
 

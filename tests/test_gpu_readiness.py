@@ -293,8 +293,9 @@ def test_a_tensor_lr_on_another_device_is_read_on_the_host():
     from fastlars.ops.layouts import LarsColumn
 
     lr = torch.tensor(0.25)
-    group = dict(lr=lr, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, trust_clip=False, trust_ratio=True,
-                 momentum=0.9, dampening=0.0, nesterov=False)
+    defaults = fastlars.LARS([torch.nn.Parameter(torch.ones(1))]).defaults  # every option the row reads
+    group = dict(defaults, lr=lr, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, trust_clip=False,
+                 trust_ratio=True, momentum=0.9, dampening=0.0, nesterov=False)
     [on_cpu] = tb.group_rows([group], torch.device("cpu"), tb.lars_group_row)
     [on_cuda] = tb.group_rows([group], torch.device("cuda", 0), tb.lars_group_row)
     assert on_cpu[LarsColumn.LR] is lr

@@ -28,13 +28,24 @@ def test_columns_number_a_dense_row(layout):
 def test_group_rows_put_each_value_in_its_named_column():
     lars = {"lr": 0.1, "weight_decay": 0.2, "trust_coefficient": 0.3, "eps": 0.4, "trust_clip": True,
             "trust_ratio": False, "momentum": 0.7, "dampening": 0.25, "nesterov": True,
-            "adapt_only_decayed": False}
+            "adapt_only_decayed": False, "ratio_denominator": "norm_of_sum", "zero_norm": "plain_sgd",
+            "trust_bounds": (0.5, 2.0), "lr_in_momentum": True}
     row = _tables.lars_group_row(lars)
     L = layouts.LarsColumn
     assert len(row) == len(L)
     assert (row[L.LR], row[L.WEIGHT_DECAY], row[L.TRUST_COEFFICIENT], row[L.EPS]) == (0.1, 0.2, 0.3, 0.4)
     assert (row[L.TRUST_CLIP], row[L.ADAPT], row[L.NESTEROV]) == (True, False, True)
     assert (row[L.MOMENTUM], row[L.ONE_MINUS_DAMPENING]) == (0.7, 0.75)
+    # the variants' effective values: the mode flags only where the group adapts (it does not here)
+    assert (row[L.DENOMINATOR_DECAY], row[L.RATIO_MIN], row[L.RATIO_MAX], row[L.LR_IN_MOMENTUM]) == (0.0, 0.5, 2.0, True)
+    assert (row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM], row[L.PLAIN_SGD]) == (False, False, False)
+    row = _tables.lars_group_row({**lars, "trust_ratio": True, "trust_bounds": None})
+    assert (row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM], row[L.PLAIN_SGD]) == (True, False, True)
+    assert (row[L.RATIO_MIN], row[L.RATIO_MAX]) == (0.0, math.inf)
+    row = _tables.lars_group_row({**lars, "trust_ratio": True, "ratio_denominator": "sum_of_norms"})
+    assert (row[L.DENOMINATOR_DECAY], row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM]) == (0.2, False, False)
+    assert _tables.lars_group_row({**lars, "trust_ratio": True, "ratio_denominator": "momentum_update"})[
+        L.AFTER_MOMENTUM] is True
 
     lamb = {"lr": 0.1, "betas": (0.5, 0.25), "eps": 0.3, "weight_decay": 0.4, "bias_correction": True,
             "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True,

@@ -43,15 +43,18 @@ def variants(ghost_bn_warps=None):
         for aligned in (False, True):
             yield (multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
                    {})
-        if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column count
-            for columns in (2, 3):
+            yield (lars_step.lars_sums_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
+                   {})
+        if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column mask (LARS, LAMB, LARS variants)
+            for columns in (0b11, 0b111, 0b1111011):
                 yield (multi_tensor.tensor_totals_kernel, {"table": "*i64", "partials": pointer(acc),
                                                            "totals": pointer(acc)},
                        dict(COLUMNS=columns, ACC=acc, PARTIAL_BLOCK=128), {})
         for has_ok, has_scale, has_clip in itertools.product([False, True], repeat=3):
             flags = dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, WRITE_P=write_p, HAS_SCALE=has_scale, **chunk)
-            yield (lars_step.lars_update_kernel, {**common, "ok_ptr": "*i32", "inv_scale_ptr": "*fp32"},
-                   dict(flags, HAS_OK=has_ok, ALIGNED=has_clip), {})  # LARS has no HAS_CLIP: both ALIGNED values
+            for lars_variants in (False, True) if has_clip else (False,):  # the variants' sums: aligned only
+                yield (lars_step.lars_update_kernel, {**common, "ok_ptr": "*i32", "inv_scale_ptr": "*fp32"},
+                       dict(flags, HAS_OK=has_ok, ALIGNED=has_clip, VARIANTS=lars_variants), {})  # both ALIGNED values
             yield (lamb_step.lamb_norms_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32"},
                    dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, ALIGNED=has_ok,
                         **chunk), {})

@@ -97,7 +97,21 @@ def lars_group_row(group) -> list:
         LarsColumn.TRUST_COEFFICIENT: group["trust_coefficient"], LarsColumn.EPS: group["eps"],
         LarsColumn.TRUST_CLIP: group["trust_clip"], LarsColumn.ADAPT: adapts(group),
         LarsColumn.MOMENTUM: group["momentum"], LarsColumn.ONE_MINUS_DAMPENING: 1.0 - group["dampening"],
-        LarsColumn.NESTEROV: group["nesterov"]})
+        LarsColumn.NESTEROV: group["nesterov"], **lars_variant_columns(group)})
+
+
+def lars_variant_columns(group) -> dict:
+    """The LARS variants' columns (docs/contract.md, "LARS variants") as the kernels use
+    them: the denominator's decay and the mode flags of a group that adapts (one that does
+    not steps as the default, r = 1), the bounds as numbers."""
+    adapt = adapts(group)
+    denominator = group["ratio_denominator"]
+    low, high = group["trust_bounds"] or (0.0, math.inf)
+    return {LarsColumn.DENOMINATOR_DECAY: group["weight_decay"] if denominator == "sum_of_norms" else 0.0,
+            LarsColumn.NORM_OF_SUM: adapt and denominator == "norm_of_sum",
+            LarsColumn.AFTER_MOMENTUM: adapt and denominator == "momentum_update",
+            LarsColumn.PLAIN_SGD: adapt and group["zero_norm"] == "plain_sgd",
+            LarsColumn.RATIO_MIN: low, LarsColumn.RATIO_MAX: high, LarsColumn.LR_IN_MOMENTUM: group["lr_in_momentum"]}
 
 
 def lamb_group_row(group) -> list:
@@ -132,6 +146,25 @@ def momentum_buffers(lp: LaunchPlan) -> list[Tensor | None]:
             for st, gi in zip(lp.states, lp.group_of)]
 
 
+def lars_variant_sums(lp: LaunchPlan) -> tuple[list[bool], list[Tensor | None]]:
+    """Per tensor of a LARS launch, what its norms pass sums besides w^2 and g^2 (SumColumn,
+    csrc/fastlars_math.h lars_denominator_norm): w g where its group's ratio divides by
+    ||g + wd w|| or ||u||, and the momentum buffer (buf^2, buf g, buf w) where it divides
+    by ||u|| and the buffer exists (None: not summed)."""
+    products, bufs = [], []
+    for st, gi in zip(lp.states, lp.group_of):
+        row = lp.rows[gi]
+        after = bool(row[LarsColumn.AFTER_MOMENTUM])
+        products.append(after or bool(row[LarsColumn.NORM_OF_SUM]))
+        bufs.append(st.get("momentum_buffer") if after and row[LarsColumn.MOMENTUM] != 0 else None)
+    return products, bufs
+
+
+def lars_variants(lp: LaunchPlan) -> bool:
+    """Whether some group of a LARS launch needs the variants' sums (lars_variant_sums)."""
+    return any(row[LarsColumn.NORM_OF_SUM] or row[LarsColumn.AFTER_MOMENTUM] for row in lp.rows)
+
+
 def lamb_moments(states: list) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """exp_avg, exp_avg_sq and step of each parameter's LAMB state (``lp.states``, or
     before the gate ``lp.norm_states``, where a state not created yet is fresh zeros)."""
@@ -160,15 +193,22 @@ def names(lp: LaunchPlan) -> list[str]:
 def lars_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, chunk_size: int):
     """LARS's tables: the norms pass's (before the gate; they hold the momentum buffers that
     exist, so that the update can reuse them), or the update's after this step created
-    state. Returns the launch and the tensors it points to (alive until the kernels ran)."""
+    state. Returns the launch and the tensors it points to (alive until the kernels ran).
+    FIRST marks the tensors whose buffer this step creates (the update sets it to d); in the
+    norms tables, those whose buffer does not exist yet (their S0 is W: the norms pass of
+    "momentum_update" must not read it), which is none in the next step's tables that a
+    state-creating capturable step builds (update_launch)."""
     params, grads, weights = operands(lp, for_update)
     n = len(params)
+    bufs = momentum_buffers(lp)
     validate = None
-    if not for_update:
+    if for_update:
+        first = lp.first
+    else:
         validate = lambda: check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-    launch = build_launch(weights, params, grads, momentum_buffers(lp), [None] * n, [None] * n, lp.group_of,
-                          lp.first if for_update else [False] * n, lp.rows, lp.compute_dtype, plan.cache,
-                          chunk_size, validate)
+        first = [buf is None and lp.rows[gi][LarsColumn.MOMENTUM] != 0 for buf, gi in zip(bufs, lp.group_of)]
+    launch = build_launch(weights, params, grads, bufs, [None] * n, [None] * n, lp.group_of,
+                          first, lp.rows, lp.compute_dtype, plan.cache, chunk_size, validate)
     return launch, (grads, weights)
 
 

@@ -45,14 +45,15 @@ def _host_group_table(lp):
     return torch.tensor([[float(x) for x in row] for row in lp.rows], dtype=torch.float64)
 
 
-def _sumsq_cpu(weights, grads):
-    """(n, 2) per-tensor sums of w^2 and g^2."""
-    return _C.sumsq_cpu(weights, grads)
+def _sumsq_cpu(weights, grads, bufs=(), products=()):
+    """(n, SumColumn) per-tensor sums of w^2 and g^2 (and the LARS variants', tb.lars_variant_sums)."""
+    return _C.sumsq_cpu(weights, grads, list(bufs), list(products))
 
 
-def _sumsq_cuda(launch, keep_alive, lp):
-    """(n, 2) per-tensor sums of w^2 and g^2 over a launch's tables (weights: keep_alive[1])."""
-    return _C.sumsq_cuda(launch.table, launch.chunks, keep_alive[1][0], lp.params[0])
+def _sumsq_cuda(launch, keep_alive, lp, lars_groups=None):
+    """(n, SumColumn) per-tensor sums of w^2 and g^2 over a launch's tables (weights: keep_alive[1]);
+    given the LARS group table, the variants' sums too (tb.lars_variant_sums, on the device)."""
+    return _C.sumsq_cuda(launch.table, launch.chunks, keep_alive[1][0], lp.params[0], lars_groups)
 
 
 def lars_norms(plan, inv_scale):
@@ -60,11 +61,13 @@ def lars_norms(plan, inv_scale):
     for lp in plan.launches:
         if _on_cuda(lp):  # the launch tables the Triton kernels read, cached (tb.lars_launch)
             launch, keep_alive = tb.lars_launch(plan, lp, False, _C.chunk_elements)
-            contexts.append(tb.Merged(lp, _sumsq_cuda(launch, keep_alive, lp), launch, keep_alive))
+            sums = _sumsq_cuda(launch, keep_alive, lp, launch.groups if tb.lars_variants(lp) else None)
+            contexts.append(tb.Merged(lp, sums, launch, keep_alive))
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-        contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads)))
+        products, bufs = tb.lars_variant_sums(lp) if tb.lars_variants(lp) else ((), ())
+        contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads, bufs, products)))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
     return contexts, [c.partials for c in contexts]

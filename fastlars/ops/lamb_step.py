@@ -197,7 +197,7 @@ def lamb_norms(plan, inv_scale):
                     W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(lp, mt.tensor_totals(launch, partials, len(SumColumn)), launch, keep_alive))
+        contexts.append(tb.Merged(lp, mt.tensor_totals(launch, partials, SumColumn.U2 + 1), launch, keep_alive))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(plan, contexts)
     return (contexts, global_norm), [c.partials for c in contexts]

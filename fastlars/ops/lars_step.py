@@ -6,6 +6,10 @@ the number of tensors or param groups.
     launch 2  lars_update_kernel  per chunk: tensor norms -> r, update   reads w, g, buf;
                                                                       writes w, buf      20 B/elem
 
+(A group whose ratio divides by ||g + wd w|| or ||u|| (docs/contract.md, "LARS variants")
+makes launch 1 lars_sums_kernel, which also sums w g, and buf^2, buf g, buf w for
+"momentum_update": +4 B/elem for the buffer, still two passes.)
+
 28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
 and g); see bench/NOTES.md. The maths is fastlars.optim.lars (reference backend),
 written again here element-wise; tests hold the two together.
@@ -28,19 +32,83 @@ globals().update(constexprs(LarsColumn))
 
 
 @triton.jit
-def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, ratio, inv_scale, lr, weight_decay, momentum,
+def lars_sums_kernel(table, chunks, partials, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                     ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The norms pass of a launch where some group uses a LARS variant that needs more than
+    ||w|| and ||g|| (tb.lars_variants), in place of mt.sumsq_kernel: per chunk, sums of w^2,
+    g^2, w g, and of buf^2, buf g, buf w where the tensor's group has "momentum_update" with
+    momentum and its buffer exists (FIRST 0; else 0: S0 is then W, never read). The update
+    forms the ratio's norm from them (csrc/fastlars_math.h, lars_denominator_norm)."""
+    chunk = tl.program_id(0)
+    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, False, CHUNK)
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, G_DTYPE, ALIGNED)
+    buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
+    hp = groups + group * NCOL
+    with_buf = (tl.load(hp + AFTER_MOMENTUM) != 0) & (tl.load(hp + MOMENTUM) != 0) & (first == 0)
+    buf_numel = tl.where(with_buf, numel, 0)  # buf is read below buf_numel only
+    acc_w = tl.zeros([BLOCK], dtype=ACC)
+    acc_g = tl.zeros([BLOCK], dtype=ACC)
+    acc_wg = tl.zeros([BLOCK], dtype=ACC)
+    acc_b = tl.zeros([BLOCK], dtype=ACC)
+    acc_bg = tl.zeros([BLOCK], dtype=ACC)
+    acc_bw = tl.zeros([BLOCK], dtype=ACC)
+    n = tl.minimum(numel - start, CHUNK)
+    for offset in range(0, n, BLOCK):
+        idx = start + offset + tl.arange(0, BLOCK)
+        w = mt.load_block(w_ptr, idx, numel, True).to(ACC)
+        g = mt.load_block(g_ptr, idx, numel, True).to(ACC)
+        buf = tl.load(buf_ptr + idx, mask=idx < buf_numel, other=0.0).to(ACC)
+        acc_w += w * w
+        acc_g += g * g
+        acc_wg += w * g
+        acc_b += buf * buf
+        acc_bg += buf * g
+        acc_bw += buf * w
+    out = partials + mt.SUM_NCOL * chunk
+    tl.store(out + mt.SUM_W2, tl.sum(acc_w, axis=0))
+    tl.store(out + mt.SUM_G2, tl.sum(acc_g, axis=0))
+    tl.store(out + mt.SUM_WG, tl.sum(acc_wg, axis=0))
+    tl.store(out + mt.SUM_B2, tl.sum(acc_b, axis=0))
+    tl.store(out + mt.SUM_BG, tl.sum(acc_bg, axis=0))
+    tl.store(out + mt.SUM_BW, tl.sum(acc_bw, axis=0))
+
+
+@triton.jit
+def _denominator_norm(totals, row, g_norm, s, first, weight_decay, momentum, one_minus_dampening, nesterov,
+                      norm_of_sum, after, ACC: tl.constexpr):
+    """The norm the ratio's denominator holds (csrc/fastlars_math.h, lars_denominator_norm):
+    ||g|| s; ||s g + wd w||; or ||u||, u = a buf + b d the update after momentum, as
+    quadratic forms of the norms pass's sums, clamped at 0 against rounding."""
+    sums = totals + mt.SUM_NCOL * row
+    d2 = (s * s * tl.load(sums + mt.SUM_G2).to(ACC) + 2.0 * weight_decay * s * tl.load(sums + mt.SUM_WG).to(ACC)
+          + weight_decay * weight_decay * tl.load(sums + mt.SUM_W2).to(ACC))
+    # buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
+    a = tl.where(first != 0, 0.0, tl.where(nesterov != 0, momentum * momentum, momentum))
+    b = tl.where(nesterov != 0, 1.0 + momentum * tl.where(first != 0, 1.0, one_minus_dampening),
+                 tl.where(first != 0, 1.0, one_minus_dampening))
+    buf_d = s * tl.load(sums + mt.SUM_BG).to(ACC) + weight_decay * tl.load(sums + mt.SUM_BW).to(ACC)
+    u2 = a * a * tl.load(sums + mt.SUM_B2).to(ACC) + 2.0 * a * b * buf_d + b * b * d2
+    x2 = tl.where(after & (momentum != 0), u2, d2)
+    x = mt.sqrt_ieee(tl.where(x2 < 0, 0.0, x2).to(ACC), ACC)
+    return tl.where(norm_of_sum | after, x, g_norm)
+
+
+@triton.jit
+def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, pre, inv_scale, step, decay, momentum,
                 one_minus_dampening, nesterov, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                 WRITE_P: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block of elements (docs/contract.md, "LARS")."""
+    """The update of one block of elements (docs/contract.md, "LARS"): d = pre (g + decay w),
+    momentum, w - step u (pre, decay, step: csrc/fastlars_math.h, lars_factors)."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * inv_scale
-    d = ratio * (g + weight_decay * w)
+    d = pre * (g + decay * w)
     if momentum != 0:
         buf = mt.load_block(buf_ptr, idx, numel, MASKED)
         buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
         mt.store_block(buf_ptr, idx, buf, numel, MASKED)
         d = tl.where(nesterov != 0, d + momentum * buf, buf)
-    w = w - lr * d
+    w = w - step * d
     mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
     if WRITE_P:
         mt.store_block(p_ptr, idx, mt.cast_rne(w, P_DTYPE), numel, MASKED)
@@ -50,7 +118,7 @@ def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, ratio, inv_scal
 def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                        W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
                        WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                       VARIANTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
     w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
     p_ptr = mt.row_pointer(table, row, mt.COL_P, P_DTYPE, ALIGNED)
@@ -67,6 +135,9 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     momentum = tl.load(hp + MOMENTUM).to(ACC)
     one_minus_dampening = tl.load(hp + ONE_MINUS_DAMPENING).to(ACC)
     nesterov = tl.load(hp + NESTEROV)
+    denominator_decay = tl.load(hp + DENOMINATOR_DECAY).to(ACC)
+    plain_sgd = tl.load(hp + PLAIN_SGD) != 0
+    after = tl.load(hp + AFTER_MOMENTUM) != 0
 
     inv_scale = 1.0
     if HAS_SCALE:
@@ -75,13 +146,26 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
     w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
     g_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_G2), ACC) * inv_scale
+    x_norm = g_norm  # the norm the ratio's denominator holds
+    if VARIANTS:  # some group of the launch divides by ||g + wd w|| or ||u|| (lars_sums_kernel ran)
+        x_norm = _denominator_norm(totals, row, g_norm, inv_scale, first, weight_decay, momentum,
+                                   one_minus_dampening, nesterov, tl.load(hp + NORM_OF_SUM) != 0, after, ACC)
 
-    # trust ratio: fastlars.optim.lars.lars_trust_ratio
-    ratio = mt.div_ieee(eta * w_norm, g_norm + weight_decay * w_norm + eps, ACC)
-    ratio = tl.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+    # trust ratio and factors: fastlars.optim.lars.lars_trust_ratio, csrc/fastlars_math.h lars_factors
+    computed = (w_norm > 0) & (x_norm > 0)
+    ratio = mt.div_ieee(eta * w_norm, x_norm + denominator_decay * w_norm + eps, ACC)
+    ratio = tl.where(computed, ratio, 1.0)
     clipped = tl.where(lr > 0, tl.minimum(mt.div_ieee(ratio, tl.where(lr > 0, lr, 1.0), ACC), 1.0), 1.0)
     ratio = tl.where(trust_clip != 0, clipped, ratio)
+    bounded = tl.minimum(tl.maximum(ratio, tl.load(hp + RATIO_MIN).to(ACC)), tl.load(hp + RATIO_MAX).to(ACC))
+    ratio = tl.where(computed, bounded, ratio)
+    ratio = tl.where(plain_sgd & ~computed, 1.0, ratio)
     ratio = tl.where(adapt != 0, ratio, 1.0)
+    decay = tl.where(plain_sgd & ~computed, 0.0, weight_decay)
+    pre = tl.where(after, 1.0, ratio)
+    lr_in_momentum = tl.load(hp + LR_IN_MOMENTUM) != 0
+    step = tl.where(lr_in_momentum, 1.0, tl.where(after, lr * ratio, lr))
+    pre = tl.where(lr_in_momentum, lr * pre, pre)
 
     go = True
     if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): nothing loaded or stored
@@ -89,12 +173,12 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     if go:
         full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
         for offset in range(0, full, BLOCK):
-            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, first, ratio,
-                        inv_scale, lr, weight_decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
+            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, first, pre,
+                        inv_scale, step, decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
                         WRITE_P, False)
         if full < n:
-            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, first, ratio,
-                        inv_scale, lr, weight_decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
+            _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, first, pre,
+                        inv_scale, step, decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
                         WRITE_P, True)
 
 
@@ -103,10 +187,24 @@ def lars_norms(plan, inv_scale):
     contexts = []
     for lp in plan.launches:
         launch, keep_alive = tb.lars_launch(plan, lp, False, mt.CHUNK)
-        contexts.append(tb.Merged(lp, mt.launch_sumsq(launch), launch, keep_alive))
+        sums = _variant_sums(launch) if tb.lars_variants(lp) else mt.launch_sumsq(launch)
+        contexts.append(tb.Merged(lp, sums, launch, keep_alive))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
-    return contexts, [c.partials[:, :SumColumn.G2 + 1] for c in contexts]  # sums of w^2 and g^2
+    return contexts, [c.partials for c in contexts]  # the sums (0 in the columns not summed)
+
+
+def _variant_sums(launch):
+    """Launch 1 where a LARS variant needs more sums than w^2 and g^2 (lars_sums_kernel)."""
+    partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
+    if launch.n_chunks:
+        with tb.on_device(launch.table.device):
+            lars_sums_kernel[(launch.n_chunks,)](
+                launch.table, launch.chunks, partials, launch.groups, W_DTYPE=mt.TL_DTYPES[launch.weights_dtype],
+                G_DTYPE=mt.TL_DTYPES[launch.param_dtype], ACC=mt.TL_DTYPES[launch.acc_dtype],
+                ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+    columns = (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2, SumColumn.BG, SumColumn.BW)
+    return mt.tensor_totals(launch, partials, columns)
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:
@@ -123,4 +221,5 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
                 tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
                 W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
                 ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-                HAS_SCALE=inv_scale is not None, ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+                HAS_SCALE=inv_scale is not None, VARIANTS=tb.lars_variants(ctx.plan), ALIGNED=launch.aligned,
+                CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)

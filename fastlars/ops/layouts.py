@@ -44,9 +44,14 @@ ChunkColumn = _layout("ChunkColumn", "ROW START", """
     tensor's row in the launch table; START, the chunk's first element.""")
 
 LarsColumn = _layout("LarsColumn", "LR WEIGHT_DECAY TRUST_COEFFICIENT EPS TRUST_CLIP ADAPT MOMENTUM "
-                     "ONE_MINUS_DAMPENING NESTEROV", """
-    LARS group table (docs/contract.md, "LARS"), float64. ADAPT: the group's trust_ratio;
-    ONE_MINUS_DAMPENING is formed in double on the host; flags are 0.0 / 1.0.""")
+                     "ONE_MINUS_DAMPENING NESTEROV DENOMINATOR_DECAY NORM_OF_SUM AFTER_MOMENTUM PLAIN_SGD "
+                     "RATIO_MIN RATIO_MAX LR_IN_MOMENTUM", """
+    LARS group table (docs/contract.md, "LARS" and "LARS variants"), float64. ADAPT: the
+    group's trust_ratio; ONE_MINUS_DAMPENING is formed in double on the host; flags are
+    0.0 / 1.0. The variants' effective values, formed on the host (_tables.lars_group_row):
+    DENOMINATOR_DECAY, the wd of the ratio's denominator (0 unless "sum_of_norms");
+    NORM_OF_SUM, AFTER_MOMENTUM ("momentum_update"), PLAIN_SGD (zero_norm): only where the
+    group adapts; RATIO_MIN, RATIO_MAX: trust_bounds (0, inf without); LR_IN_MOMENTUM.""")
 
 LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BETA1 LOG_BETA2 BIAS_CORRECTION EPS "
                      "WEIGHT_DECAY MAX_GRAD_NORM TRUST_CLIP ADAPT", """
@@ -54,9 +59,11 @@ LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BET
     grad_averaging; LOG_BETA1/2: ln beta (-inf for 0), the kernels form 1 - beta^t as
     1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0.""")
 
-SumColumn = _layout("SumColumn", "W2 G2 U2", """
-    Per-tensor sums of squares of a norms pass: W2 of w, G2 of the gradient as stored (a
-    scaled gradient is unscaled after), U2 of LAMB's direction u (LARS: W2 and G2 only).""")
+SumColumn = _layout("SumColumn", "W2 G2 U2 WG B2 BG BW", """
+    Per-tensor sums of a norms pass: W2 of w^2, G2 of the gradient's squares as stored (a
+    scaled gradient is unscaled after), U2 of LAMB's direction u; LARS (not U2): WG of w g
+    (ratio_denominator "norm_of_sum", "momentum_update"), B2, BG, BW of buf^2, buf g, buf w
+    with buf the momentum buffer ("momentum_update"), 0 where no group needs them.""")
 
 
 # name -> layout, as the extension exports them (test_layouts.py)

@@ -24,7 +24,7 @@ from .layouts import ChunkColumn, SumColumn, TensorColumn, constexprs
 
 # The tables' columns (layouts.py, the one definition) as constexprs the kernels read by
 # name: COL_W ... COL_FIRST and COL_NCOL (TensorColumn), CHUNK_ROW, CHUNK_START, CHUNK_NCOL,
-# SUM_W2, SUM_G2, SUM_U2, SUM_NCOL.
+# SUM_W2, SUM_G2, SUM_U2, ..., SUM_NCOL (SumColumn).
 globals().update(constexprs(TensorColumn, "COL_"), **constexprs(ChunkColumn, "CHUNK_"),
                  **constexprs(SumColumn, "SUM_"))
 
@@ -191,7 +191,7 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
 def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
                          PARTIAL_BLOCK: tl.constexpr):
     """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
-    its chunks' partials (first COLUMNS columns of SUM_NCOL; the others 0), in a fixed order.
+    its chunks' partials (the columns of the bit mask COLUMNS; the others 0), in a fixed order.
 
     Programs of one launch run concurrently with no ordering between them, so a tensor's
     total cannot be formed by the norms pass itself without atomics; a launch of its own
@@ -203,22 +203,24 @@ def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl
     chunk0 = tl.load(fields + COL_CHUNK0)
     n_chunks = tl.load(fields + COL_NCHUNKS)
     for column in tl.static_range(SUM_NCOL):
-        if column < COLUMNS:
+        if (COLUMNS >> column) & 1:
             tl.store(totals + SUM_NCOL * row + column,
                      tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
         else:
             tl.store(totals + SUM_NCOL * row + column, 0.0)
 
 
-def tensor_totals(launch: Launch, partials: Tensor, columns: int) -> Tensor:
+def tensor_totals(launch: Launch, partials: Tensor, columns: int | tuple[SumColumn, ...]) -> Tensor:
     """(n_tensors, SUM_NCOL) per-tensor sums of a norms pass's (n_chunks, SUM_NCOL) partials
-    (see tensor_totals_kernel)."""
+    (see tensor_totals_kernel): of the columns the pass wrote, the first ``columns`` or
+    those named; the others are 0 (partials holds garbage there)."""
+    mask = (1 << columns) - 1 if isinstance(columns, int) else sum(1 << int(c) for c in columns)
     device = launch.table.device
     if not launch.n_chunks:  # only empty tensors: every norm is 0
         return torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=device)
     totals = torch.empty(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=device)
     with tb.on_device(device):
-        tensor_totals_kernel[(launch.n_tensors,)](launch.table, partials, totals, COLUMNS=columns,
+        tensor_totals_kernel[(launch.n_tensors,)](launch.table, partials, totals, COLUMNS=mask,
                                                   ACC=TL_DTYPES[launch.acc_dtype], PARTIAL_BLOCK=PARTIAL_BLOCK)
     return totals
 

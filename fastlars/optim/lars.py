@@ -8,6 +8,9 @@ Layout as timm ``Lars`` / apex ``LARC``; the contract is docs/contract.md, "LARS
     buf = d  (first step),  mu * buf + (1 - dampening) * d  (afterwards)
     d   = d + mu * buf  if nesterov  else buf
     w   = w - lr * d
+
+and the variants of the options ratio_denominator, zero_norm, trust_bounds and
+lr_in_momentum (the class docstring; docs/contract.md, "LARS variants").
 """
 
 from __future__ import annotations
@@ -20,24 +23,53 @@ from torch import Tensor
 from .. import backends
 from ..ops import _tables
 from ._buckets import Bucket, cache_sized_slices, where_
-from ._checks import check_flag, check_number, scalar_lr
+from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
+RATIO_DENOMINATORS = ("sum_of_norms", "norm_of_sum", "momentum_update")
+ZERO_NORM_RULES = ("ratio_one", "plain_sgd")
+
+
+def lars_ratio_computed(w_norm: Tensor, x_norm: Tensor) -> Tensor:
+    """Where the trust ratio is computed: both norms of its test are > 0 (elsewhere the
+    zero-norm rule applies). ``x_norm``: the norm of the ratio's denominator (see lars_trust_ratio)."""
+    return (w_norm > 0) & (x_norm > 0)
+
 
 def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float, trust_coefficient: float,
-                     weight_decay: float, eps: float, trust_clip: bool) -> Tensor:
+                     weight_decay: float, eps: float, trust_clip: bool, ratio_denominator: str = "sum_of_norms",
+                     zero_norm: str = "ratio_one", trust_bounds: tuple[float, float] | None = None) -> Tensor:
     """Trust ratio of each layer from its norms (tensors of any matching shape).
 
-    The single definition every LARS backend uses.
+    The single definition every LARS backend uses. ``g_norm`` is the norm the denominator
+    holds: ||g|| ("sum_of_norms", which adds wd ||w||), ||g + wd w|| ("norm_of_sum") or
+    ||u||, the update after momentum ("momentum_update"). Where a norm is 0 the ratio
+    is 1 ("ratio_one": still clipped by trust_clip; "plain_sgd": exactly 1, the caller
+    also drops the decay, see lars_decay). trust_bounds clamps a computed ratio only.
     """
-    r = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
-    r = torch.where((w_norm > 0) & (g_norm > 0), r, torch.ones_like(r))
+    denominator_decay = weight_decay if ratio_denominator == "sum_of_norms" else 0.0
+    r = trust_coefficient * w_norm / (g_norm + denominator_decay * w_norm + eps)
+    computed = lars_ratio_computed(w_norm, g_norm)
+    r = torch.where(computed, r, torch.ones_like(r))
     if trust_clip:
         # min(r / lr, 1); as lr -> 0 the limit is 1, which also avoids 0/0.
         r = torch.clamp(r / lr, max=1.0) if lr > 0 else torch.ones_like(r)
+    if trust_bounds is not None:
+        r = torch.where(computed, torch.clamp(r, *trust_bounds), r)
+    if zero_norm == "plain_sgd" and trust_clip:
+        r = torch.where(computed, r, torch.ones_like(r))
     return r
+
+
+def lars_decay(group: dict[str, Any], w_norm: Tensor | None, x_norm: Tensor | None) -> float | Tensor:
+    """The weight decay added to the gradient: the group's, or per tensor 0 where
+    zero_norm="plain_sgd" finds a zero norm (that tensor steps as plain SGD on g)."""
+    weight_decay = group["weight_decay"]
+    if w_norm is None or group["zero_norm"] != "plain_sgd":
+        return weight_decay
+    return lars_ratio_computed(w_norm, x_norm).to(w_norm.dtype) * weight_decay  # wd or 0, exactly
 
 
 class LARS(TrustRatioOptimizer):
@@ -59,6 +91,27 @@ class LARS(TrustRatioOptimizer):
         adapt_only_decayed: adapt only groups whose ``weight_decay`` is not 0 (timm
             ``Lars`` without ``always_adapt``, lightly); default: every group whose
             ``trust_ratio`` is True.
+        ratio_denominator: what the trust ratio divides by. ``"sum_of_norms"``
+            (default, the paper, timm, apex LARC): ``||g|| + wd ||w|| + eps``;
+            ``"norm_of_sum"`` (Barlow Twins, VICReg, SimCLR): ``||g + wd w|| + eps``;
+            ``"momentum_update"`` (SimCLR ``classic_momentum=False``): the ratio is applied
+            after momentum, ``d = g + wd w`` goes into the buffer unscaled, ``u`` is the
+            buffer (or ``d + mu buf`` with nesterov, ``d`` without momentum),
+            ``r = eta ||w|| / (||u|| + eps)`` and ``w -= lr r u``. The zero-norm test
+            reads the same norm (``||g||``, ``||g + wd w||``, ``||u||``).
+        zero_norm: where the ratio's test finds a zero norm: ``"ratio_one"`` (default):
+            ``r = 1``, the decay is still applied (and trust_clip still clips it);
+            ``"plain_sgd"`` (apex LARC): the tensor steps with ``d = g``, neither
+            adapted nor decayed (momentum as usual). Only adapted groups are concerned.
+        trust_bounds: ``(low, high)`` with ``0 <= low <= high`` (high may be inf): a
+            computed ratio is clamped to it, after trust_clip; the ratio 1 of the
+            zero-norm rule and groups that do not adapt are left alone. None: no clamp.
+        lr_in_momentum: the learning rate goes into the momentum buffer (SimCLR
+            ``classic_momentum=True``, MLPerf ResNet-50): ``d = lr r (g + wd w)``,
+            ``buf = d`` then ``mu buf + (1 - dampening) d``, ``w -= buf`` (``d + mu buf``
+            with nesterov, ``d`` without momentum). The same steps as the default only
+            at a constant lr; the buffer then holds lr times SGD's. Not combinable with
+            ``ratio_denominator="momentum_update"``.
         backend: ``"auto"`` (the fastest available for the parameters' device),
             ``"triton"`` / ``"cuda"`` (fused multi-tensor kernels, CUDA), ``"cpu"``
             (fused C++ kernels), ``"foreach"`` (multi-tensor ``torch._foreach_*``) or
@@ -87,6 +140,8 @@ class LARS(TrustRatioOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001, eps: float = 1e-8, dampening: float = 0.0,
                  nesterov: bool = False, trust_clip: bool = False, *, adapt_only_decayed: bool = False,
+                 ratio_denominator: str = "sum_of_norms", zero_norm: str = "ratio_one",
+                 trust_bounds: tuple[float, float] | None = None, lr_in_momentum: bool = False,
                  maximize: bool = False,
                  backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
                  capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
@@ -94,7 +149,8 @@ class LARS(TrustRatioOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
                         nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True, adapt_only_decayed=adapt_only_decayed,
-                        maximize=maximize)
+                        ratio_denominator=ratio_denominator, zero_norm=zero_norm, trust_bounds=trust_bounds,
+                        lr_in_momentum=lr_in_momentum, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
                          differentiable=differentiable)
@@ -108,10 +164,16 @@ class LARS(TrustRatioOptimizer):
         check_number("weight_decay", group["weight_decay"], where=where)
         check_number("trust_coefficient", group["trust_coefficient"], where=where)
         check_number("eps", group["eps"], where=where)
-        for flag in ("nesterov", "trust_clip", "trust_ratio", "adapt_only_decayed"):
+        for flag in ("nesterov", "trust_clip", "trust_ratio", "adapt_only_decayed", "lr_in_momentum"):
             check_flag(flag, group[flag], where=where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0")
+        check_choice("ratio_denominator", group["ratio_denominator"], RATIO_DENOMINATORS, where=where)
+        check_choice("zero_norm", group["zero_norm"], ZERO_NORM_RULES, where=where)
+        check_trust_bounds(group["trust_bounds"], where=where)
+        if group["lr_in_momentum"] and group["ratio_denominator"] == "momentum_update":
+            raise ValueError(f"lr_in_momentum=True{where} cannot be combined with ratio_denominator="
+                             "'momentum_update' (the ratio of the update would scale a buffer holding lr)")
 
     def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -129,37 +191,89 @@ class LARS(TrustRatioOptimizer):
         momentum = b.group["momentum"] != 0
         return [momentum and "momentum_buffer" not in st for st in b.states]
 
+    def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
+        """[||g||, ||w||] (see TrustRatioOptimizer._norms), and for an adapted group whose
+        ratio_denominator is not "sum_of_norms" the norm its ratio divides by: ||g + wd w||
+        or ||u||, the update after momentum (read-only: the buffers are not written)."""
+        norms = super()._norms(b, inv_scale)
+        group = b.group
+        if len(norms) == 1 or group["ratio_denominator"] == "sum_of_norms":
+            return norms
+        grads = [g.to(b.compute_dtype) for g in b.grads]
+        if inv_scale is not None:
+            grads = torch._foreach_mul(grads, inv_scale)
+        d = torch._foreach_add(grads, self._weights_for_norm(b), alpha=group["weight_decay"])
+        if group["ratio_denominator"] == "momentum_update" and group["momentum"] != 0:
+            d = _momentum_direction(d, [st.get("momentum_buffer") for st in b.states], group)
+        if self.backend == "reference":
+            x_norm = torch.stack([torch.linalg.vector_norm(t, dtype=b.compute_dtype) for t in d])
+        else:
+            x_norm = torch.stack(torch._foreach_norm(d, 2, dtype=b.compute_dtype))
+        return [*norms, x_norm]
+
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         step = _lars_reference if self.backend == "reference" else _lars_foreach
         for b, bucket_norms in zip(buckets, norms):
             group = b.group
             lr = scalar_lr(group["lr"])
-            r = None
+            r = w_norm = x_norm = None
             if _tables.adapts(group):
-                g_norm, w_norm = bucket_norms
-                r = lars_trust_ratio(w_norm, g_norm, lr=lr, trust_coefficient=group["trust_coefficient"],
+                g_norm, w_norm = bucket_norms[:2]
+                x_norm = bucket_norms[2] if len(bucket_norms) > 2 else g_norm  # the denominator's norm
+                r = lars_trust_ratio(w_norm, x_norm, lr=lr, trust_coefficient=group["trust_coefficient"],
                                      weight_decay=group["weight_decay"], eps=group["eps"],
-                                     trust_clip=group["trust_clip"])
-            slices = [(b, r)] if self.backend == "reference" else cache_sized_slices(b, r)
-            for part, r_part in slices:
-                step(part, r_part, inv_scale, ok, lr=lr, momentum=group["momentum"],
-                     dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+                                     trust_clip=group["trust_clip"], ratio_denominator=group["ratio_denominator"],
+                                     zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
+            decay = lars_decay(group, w_norm, x_norm)
+            # the ratio scales d before momentum, or the update after it ("momentum_update")
+            after = group["ratio_denominator"] == "momentum_update"
+            pre, post = (None, r) if after else (r, None)
+            if group["lr_in_momentum"]:  # d = (lr r) (g + wd w), w -= buf
+                pre = lr if pre is None else lr * pre
+            factors = (pre, post, decay)
+            vectors = [x for x in factors if _per_tensor(x)]  # sliced with the bucket
+            packed = None if not vectors else vectors[0] if len(vectors) == 1 else torch.stack(vectors, 1)
+            slices = [(b, packed)] if self.backend == "reference" else cache_sized_slices(b, packed)
+            for part, packed_part in slices:
+                parts = iter([packed_part] if len(vectors) == 1 else packed_part.unbind(1) if vectors else ())
+                pre_p, post_p, decay_p = (next(parts) if _per_tensor(x) else x for x in factors)
+                step(part, pre_p, post_p, decay_p, inv_scale, ok, lr=lr, momentum=group["momentum"],
+                     dampening=group["dampening"], nesterov=group["nesterov"],
+                     lr_in_momentum=group["lr_in_momentum"])
+
+
+def _per_tensor(x) -> bool:
+    """A factor with one value per tensor (a 1-D tensor), not one for the bucket."""
+    return isinstance(x, Tensor) and x.dim() == 1
+
+
+def _momentum_direction(d: list[Tensor], bufs: list[Tensor | None], group: dict[str, Any]) -> list[Tensor]:
+    """The update after momentum, u, as the step will form it from d, without writing the
+    buffers (the norms phase of ratio_denominator="momentum_update"): buf' = d on the
+    first step, else mu buf + (1 - dampening) d; u = d + mu buf' (nesterov) or buf'."""
+    momentum = group["momentum"]
+    new = [di if buf is None else buf * momentum + (1 - group["dampening"]) * di for di, buf in zip(d, bufs)]
+    return torch._foreach_add(d, new, alpha=momentum) if group["nesterov"] else new
 
 
 # the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
 # rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
 @torch._disable_dynamo
-def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
-                    lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
-    """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend."""
+def _lars_reference(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None, *,
+                    lr: float, momentum: float, dampening: float, nesterov: bool, lr_in_momentum: bool) -> None:
+    """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend.
+
+    ``pre``: the ratio applied to d (lr r with lr_in_momentum), per tensor, one number or
+    None (1); ``post``: the ratio applied after momentum ("momentum_update") or None;
+    ``decay``: the weight decay, one number or per tensor (zero_norm="plain_sgd")."""
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return
     for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):
         g = g.to(b.compute_dtype)
         if inv_scale is not None:
             g = g * inv_scale
-        ratio = r[i] if r is not None else 1.0
-        d = ratio * (g + weight_decay * w)
+        ratio = 1.0 if pre is None else pre[i] if _per_tensor(pre) else pre
+        d = ratio * (g + (decay[i] if _per_tensor(decay) else decay) * w)
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -167,25 +281,37 @@ def _lars_reference(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: T
             else:
                 buf.mul_(momentum).add_(d, alpha=1 - dampening)
             d = d + momentum * buf if nesterov else buf
-        w.add_(d, alpha=-lr)
+        if post is not None:
+            d = post[i] * d
+        if lr_in_momentum:
+            w.sub_(d)
+        else:
+            w.add_(d, alpha=-lr)
 
 
-def _lars_foreach(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Tensor | None, *,
-                  lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool) -> None:
+def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None, *,
+                  lr: float, momentum: float, dampening: float, nesterov: bool, lr_in_momentum: bool) -> None:
     """Multi-tensor LARS on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
-    no host reads. ``ok`` (a 0-d bool tensor) makes the writes conditional."""
+    no host reads. ``ok`` (a 0-d bool tensor) makes the writes conditional. ``pre``,
+    ``post``, ``decay``: as _lars_reference."""
     weights = b.weights
     grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
     if inv_scale is not None:
         grads = torch._foreach_mul(grads, inv_scale)
+    if pre is not None:
+        pre = pre.unbind() if _per_tensor(pre) else pre
 
     # d = r * (g + wd * w); never written into p.grad
-    if weight_decay != 0:
-        d = torch._foreach_add(grads, weights, alpha=weight_decay)
-        if r is not None:
-            torch._foreach_mul_(d, r.unbind())
-    elif r is not None:
-        d = torch._foreach_mul(grads, r.unbind())
+    if _per_tensor(decay):  # zero_norm="plain_sgd": 0 for the tensors that step as plain SGD
+        d = torch._foreach_add(grads, torch._foreach_mul(weights, decay.unbind()))
+        if pre is not None:
+            torch._foreach_mul_(d, pre)
+    elif decay != 0:
+        d = torch._foreach_add(grads, weights, alpha=decay)
+        if pre is not None:
+            torch._foreach_mul_(d, pre)
+    elif pre is not None:
+        d = torch._foreach_mul(grads, pre)
     else:
         d = grads  # read-only from here on
 
@@ -213,9 +339,12 @@ def _lars_foreach(b: Bucket, r: Tensor | None, inv_scale: Tensor | None, ok: Ten
             d = torch._foreach_add(d, bufs, alpha=momentum)
         else:
             d = bufs
+    if post is not None:  # ratio_denominator="momentum_update"
+        d = torch._foreach_mul(d, post.unbind())
 
+    step_lr = 1.0 if lr_in_momentum else lr  # lr_in_momentum: w -= buf, which holds lr
     if ok is None:
-        torch._foreach_add_(weights, d, alpha=-lr)
+        torch._foreach_add_(weights, d, alpha=-step_lr)
     else:
-        where_(ok, torch._foreach_add(weights, d, alpha=-lr), weights)
+        where_(ok, torch._foreach_add(weights, d, alpha=-step_lr), weights)
 
