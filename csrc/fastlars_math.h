@@ -85,10 +85,13 @@ FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<a
   return r * h.step_scale;
 }
 
-// The new weight: w (1 - lr direct_decay) - lr (r u), ratio from lamb_trust_ratio.
+// The new weight: w (1 - lr direct_decay) - lr (r u), ratio from lamb_trust_ratio. The
+// scaling is skipped when it is 1, so that the default step is the expression it always
+// was: nvcc contracts a * b - c into an fma, which would round w - lr (r u) differently.
 template <typename acc_t>
 FASTLARS_HD acc_t lamb_weight(acc_t w, acc_t u, acc_t ratio, const LambHyper<acc_t>& h) {
-  return w * h.weight_scale - h.lr * (ratio * u);
+  if (h.weight_scale != acc_t(1)) w = w * h.weight_scale;
+  return w - h.lr * (ratio * u);
 }
 
 template <typename acc_t>

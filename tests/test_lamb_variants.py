@@ -164,6 +164,23 @@ def test_defaults_are_the_plain_lamb(oracles):
         assert max_rel_err(oracles(name, torch.float64), plain) > 1e-6, f"{name} changed nothing"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_changed_between_steps(backend):
+    """Options changed in a group mid-run reach the kernels: the cached launch tables get the
+    new group rows (launch.set_group_rows), as the reference reads the group."""
+    runs = {}
+    for b in ("reference", backend):
+        params = make_params(torch.float32)
+        opt = fastlars.LAMB(groups_of(params, False), lr=0.02, backend=b, max_grad_norm=1.0)
+        for step, change in enumerate([{}, {}, OPTIONS["deepspeed"], {}, OPTIONS["timm-direct"], {}]):
+            for group in opt.param_groups:
+                group.update(change)
+            set_grads(params, step, torch.float32, 0, 99)
+            opt.step()
+        runs[b] = params
+    assert max_rel_err(runs[backend], runs["reference"]) <= FP32_TOL
+
+
 # ---------------------------------------------------------------------------
 # the reference against the formulas of docs/contract.md, "LAMB", in float64 numpy
 

@@ -145,7 +145,10 @@ def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, weight
                               grad_decay, eps_inside_sqrt, ACC)
     mt.store_block(m_ptr, idx, m, numel, MASKED)
     mt.store_block(v_ptr, idx, v, numel, MASKED)
-    w = w * weight_scale - lr * (ratio * u)
+    # a select, not w * 1: the default step stays w - lr (r u), which the compiler would
+    # otherwise contract with the scaling into an fma of another rounding
+    w = tl.where(weight_scale != 1.0, w * weight_scale, w)
+    w = w - lr * (ratio * u)
     mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
     if WRITE_P:
         mt.store_block(p_ptr, idx, mt.cast_rne(w, P_DTYPE), numel, MASKED)
