@@ -47,9 +47,9 @@ SHAPES = {"w": ((7, 13), 0.05), "zero_w": ((5,), 0.0), "zero_g": ((11,), 1.0), "
           "prime": ((31,), 4.0), "late": ((3, 3), 0.5), "leaves": ((6,), 0.5), "bias": ((13,), 0.1)}
 
 
-def make_params(dtype):
+def make_params(dtype, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    return {name: torch.nn.Parameter((scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype))
+    return {name: torch.nn.Parameter((scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device, dtype))
             for name, (shape, scale) in SHAPES.items()}
 
 
@@ -67,14 +67,14 @@ def set_grads(params, step, dtype, joins_at, leaves_at):
         g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * (1.0 + 0.3 * math.cos(step))
         if name == "zero_g":
             g = torch.zeros_like(g)
-        p.grad = g.to(dtype)
+        p.grad = g.to(p.device, dtype)
         if (name == "late" and step < joins_at) or (name == "leaves" and step >= leaves_at):
             p.grad = None
 
 
-def run(backend, options, dtype, reload=True, master_weights=False, schedule="full"):
+def run(backend, options, dtype, reload=True, master_weights=False, schedule="full", device="cpu"):
     steps, reload_at, joins_at, leaves_at = SCHEDULES[schedule]
-    params = make_params(dtype)
+    params = make_params(dtype, device)
     kwargs = dict(lr=0.02, backend=backend, master_weights=master_weights, **options)
     opt = fastlars.LAMB(groups_of(params, options.get("adapt_only_decayed", False)), **kwargs)
     for step in range(steps):
@@ -131,6 +131,20 @@ def test_backends_match_reference(backend, name, oracles, small_triton_chunks):
         params, _ = run(backend, OPTIONS[name], dtype, schedule=schedule)
         tol = FP64_TOL[backend] if dtype == torch.float64 else FP32_TOL
         assert max_rel_err(params, oracles(name, dtype, schedule)) <= tol, (backend, name, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])  # not "backend": conftest skips triton on CPU tensors by it
+def test_gpu_backends_match_reference(gpu_backend, oracles):
+    """The compiled kernels (IEEE sqrt and division, fma contraction) against the CPU reference."""
+    backend = gpu_backend
+    if backend not in fastlars.available_backends():
+        pytest.skip(f"{backend} is not available")
+    for name in OPTIONS:
+        for dtype in (torch.float64, torch.float32):
+            params, _ = run(backend, OPTIONS[name], dtype, device="cuda")
+            tol = 1e-12 if dtype == torch.float64 else FP32_TOL
+            assert max_rel_err({n: p.cpu() for n, p in params.items()}, oracles(name, dtype)) <= tol, (name, dtype)
 
 
 @pytest.mark.parametrize("backend", ["foreach", *[b for b in FUSED if b != "triton"]])
