@@ -289,6 +289,27 @@ def test_direct_takes_the_norm_after_the_decay():
     np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("decoupled_decay", [False, True])
+def test_reference_equals_timm_lamb(decoupled_decay):
+    """timm.optim.Lamb (max_grad_norm=1, no always_adapt) and LAMB(adapt_only_decayed=True,
+    decay_mode "update" / "direct") agree to fp64 rounding: the same maths, another order."""
+    timm_lamb = pytest.importorskip("timm.optim.lamb")
+    runs = []
+    for make in (lambda groups: timm_lamb.Lamb(groups, lr=0.02, max_grad_norm=1.0, decoupled_decay=decoupled_decay),
+                 lambda groups: fastlars.LAMB(groups, lr=0.02, max_grad_norm=1.0, adapt_only_decayed=True,
+                                              decay_mode="direct" if decoupled_decay else "update",
+                                              backend="reference")):
+        params = make_params(torch.float64)
+        groups = groups_of(params, adapt_only_decayed=True)
+        groups[1]["params"] += [groups[0]["params"].pop(1)]  # the zero-norm weight, undecayed
+        opt = make(groups)
+        for step in range(15):
+            set_grads(params, step, torch.float64, 0, 99)
+            opt.step()
+        runs.append(params)
+    assert max_rel_err(runs[1], runs[0]) <= 1e-14
+
+
 # ---------------------------------------------------------------------------
 # bad values: a clear error naming the option, before anything changes
 
