@@ -241,7 +241,7 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
       for (int64_t e = it.begin; e < it.end; ++e) {
         const acc_t we = acc_t(w[e]);
         const acc_t u = lamb_direction<acc_t>(we, acc_t(g[e]) * factor, m[e], v[e], h);
-        write_weight<acc_t>(w, p, e, we - h.lr * (ratio * u));
+        write_weight<acc_t>(w, p, e, lamb_weight<acc_t>(we, u, ratio, h));
       }
     });
   });

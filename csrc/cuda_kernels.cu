@@ -219,7 +219,7 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     const acc_t we = static_cast<acc_t>(w[e]);
     const acc_t u = lamb_direction<acc_t>(we, static_cast<acc_t>(g[e]) * factor, m[e], v[e], h);
-    const acc_t updated = we - h.lr * (ratio * u);
+    const acc_t updated = lamb_weight<acc_t>(we, u, ratio, h);
     w[e] = static_cast<weight_t>(updated);
     if (master) p[e] = static_cast<param_t>(updated);
   }

@@ -29,10 +29,15 @@ struct LarsHyper {
   bool norm_of_sum, after_momentum, plain_sgd, lr_in_momentum;
 };
 
+// LAMB: weight_decay is the decay added to u, grad_decay to the gradient, and w is
+// multiplied by weight_scale = 1 - lr direct_decay (the group's decay_mode, docs/contract.md
+// "LAMB"); norm_scale = |weight_scale| scales ||w|| in the trust ratio; step_scale (1, or
+// sqrt(bc2) / bc1 with bias_correction_in_lr, bc1 = bc2 = 1 then) scales the step.
 template <typename acc_t>
 struct LambHyper {
-  acc_t lr, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay;
-  bool trust_clip, adapt;
+  acc_t lr, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay, weight_scale, norm_scale,
+      step_scale, trust_low, trust_high;
+  bool trust_clip, adapt, eps_inside_sqrt;
 };
 
 // The norm x the ratio's denominator holds, from a tensor's sums (SumColumn) and g_norm =
@@ -102,19 +107,40 @@ FASTLARS_HD acc_t lars_element(acc_t w, acc_t g, acc_t& buf, bool first, const L
   return w - f.step * d;
 }
 
-// New moments and the direction u = m_hat / (sqrt(v_hat) + eps) + wd w.
+// New moments and the direction u = m_hat / (sqrt(v_hat) + eps) + wd w, the gradient
+// first decayed (decay_mode "l2"), sqrt(v_hat + eps) with eps_inside_sqrt.
 template <typename acc_t>
 FASTLARS_HD acc_t lamb_direction(acc_t w, acc_t g, acc_t& m, acc_t& v, const LambHyper<acc_t>& h) {
+  if (h.grad_decay != 0) g = g + h.grad_decay * w;  // a branch, not + 0 * w: a non-finite w would poison g
   m = h.beta1 * m + h.beta3 * g;
   v = h.beta2 * v + h.one_minus_beta2 * (g * g);
-  return (m / h.bc1) / (std::sqrt(v / h.bc2) + h.eps) + h.weight_decay * w;
+  const acc_t v_hat = v / h.bc2;
+  const acc_t denom = h.eps_inside_sqrt ? std::sqrt(v_hat + h.eps) : std::sqrt(v_hat) + h.eps;
+  return (m / h.bc1) / denom + h.weight_decay * w;
 }
 
-// r = ||w|| / ||u||, 1 for a zero norm or a group without trust ratio; clip: min(r, 1).
+// What u is multiplied by (with lr) in the step: the trust ratio r = ||w|| / ||u|| (||w||
+// of the decayed weights in decay_mode "direct"), 1 for a zero norm or a group without trust
+// ratio; clip: min(r, 1); a computed r clamped to the trust bounds; times step_scale.
 template <typename acc_t>
 FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<acc_t>& h) {
-  acc_t r = (h.adapt && w_norm > 0 && u_norm > 0) ? w_norm / u_norm : acc_t(1);
-  return (h.trust_clip && r > acc_t(1)) ? acc_t(1) : r;
+  w_norm = w_norm * h.norm_scale;
+  acc_t r = acc_t(1);
+  if (h.adapt && w_norm > 0 && u_norm > 0) {
+    r = w_norm / u_norm;
+    if (h.trust_clip && r > acc_t(1)) r = acc_t(1);
+    r = r < h.trust_low ? h.trust_low : (r > h.trust_high ? h.trust_high : r);
+  }
+  return r * h.step_scale;
+}
+
+// The new weight: w (1 - lr direct_decay) - lr (r u), ratio from lamb_trust_ratio. The
+// scaling is skipped when it is 1, so that the default step is the expression it always
+// was: nvcc contracts a * b - c into an fma, which would round w - lr (r u) differently.
+template <typename acc_t>
+FASTLARS_HD acc_t lamb_weight(acc_t w, acc_t u, acc_t ratio, const LambHyper<acc_t>& h) {
+  if (h.weight_scale != acc_t(1)) w = w * h.weight_scale;
+  return w - h.lr * (ratio * u);
 }
 
 template <typename acc_t>
@@ -128,23 +154,46 @@ FASTLARS_HD LarsHyper<acc_t> lars_hyper(const double* row) {
 }
 
 // LAMB hyper-parameters for a tensor whose state step is `step` (this update makes
-// step + 1); bias corrections 1 - beta^t in double.
+// step + 1); bias corrections 1 - beta^t, the step scale and the weight scale in double.
 template <typename acc_t>
 FASTLARS_HD LambHyper<acc_t> lamb_hyper(const double* row, double step) {
   const double t = step + 1.0;
   const bool bc = row[B_BIAS_CORRECTION] != 0;
-  return {acc_t(row[B_LR]), acc_t(row[B_BETA1]), acc_t(row[B_BETA2]), acc_t(row[B_ONE_MINUS_BETA2]),
-          acc_t(row[B_BETA3]), acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA1]) : 1.0),
-          acc_t(bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0), acc_t(row[B_EPS]), acc_t(row[B_WEIGHT_DECAY]),
-          row[B_TRUST_CLIP] != 0, row[B_ADAPT] != 0};
+  double bc1 = bc ? 1.0 - std::exp(t * row[B_LOG_BETA1]) : 1.0;
+  double bc2 = bc ? 1.0 - std::exp(t * row[B_LOG_BETA2]) : 1.0;
+  double step_scale = 1.0;
+  if (row[B_BIAS_CORRECTION_IN_LR] != 0) {  // DeepSpeed fused_lamb_cuda: step_size = lr sqrt(bc2) / bc1
+    step_scale = std::sqrt(bc2) / bc1;
+    bc1 = bc2 = 1.0;
+  }
+  const double weight_scale = 1.0 - row[B_LR] * row[B_DIRECT_DECAY];
+  return {acc_t(row[B_LR]),
+          acc_t(row[B_BETA1]),
+          acc_t(row[B_BETA2]),
+          acc_t(row[B_ONE_MINUS_BETA2]),
+          acc_t(row[B_BETA3]),
+          acc_t(bc1),
+          acc_t(bc2),
+          acc_t(row[B_EPS]),
+          acc_t(row[B_WEIGHT_DECAY]),
+          acc_t(row[B_GRAD_DECAY]),
+          acc_t(weight_scale),
+          acc_t(weight_scale < 0 ? -weight_scale : weight_scale),
+          acc_t(step_scale),
+          acc_t(row[B_TRUST_LOW]),
+          acc_t(row[B_TRUST_HIGH]),
+          row[B_TRUST_CLIP] != 0,
+          row[B_ADAPT] != 0,
+          row[B_EPS_INSIDE_SQRT] != 0};
 }
 
-// Gradient factor: unscale (GradScaler) and global-norm clipping, 1/max(1, ||g|| / max_norm).
+// Gradient factor: unscale (GradScaler) and global-norm clipping,
+// 1/max(1, (||g|| + grad_norm_eps) / max_norm).
 FASTLARS_HD double grad_factor(const double* row, double inv_scale, double global_norm) {
   const double max_norm = row[B_MAX_GRAD_NORM];
   double f = inv_scale;
   if (max_norm > 0 && global_norm >= 0) {
-    const double ratio = global_norm * inv_scale / max_norm;
+    const double ratio = (global_norm * inv_scale + row[B_GRAD_NORM_EPS]) / max_norm;
     f /= ratio > 1.0 ? ratio : 1.0;
   }
   return f;

@@ -13,7 +13,8 @@
   X(DENOMINATOR_DECAY) X(NORM_OF_SUM) X(AFTER_MOMENTUM) X(PLAIN_SGD) X(RATIO_MIN) X(RATIO_MAX) X(LR_IN_MOMENTUM)
 #define FASTLARS_LAMB_COLUMNS(X)                                                                          \
   X(LR) X(BETA1) X(BETA2) X(ONE_MINUS_BETA2) X(BETA3) X(LOG_BETA1) X(LOG_BETA2) X(BIAS_CORRECTION) X(EPS) \
-  X(WEIGHT_DECAY) X(MAX_GRAD_NORM) X(TRUST_CLIP) X(ADAPT)
+  X(WEIGHT_DECAY) X(MAX_GRAD_NORM) X(TRUST_CLIP) X(ADAPT) X(GRAD_DECAY) X(DIRECT_DECAY) X(EPS_INSIDE_SQRT)   \
+  X(BIAS_CORRECTION_IN_LR) X(TRUST_LOW) X(TRUST_HIGH) X(GRAD_NORM_EPS)
 // The chunk list of a launch (int64, one row per chunk): ChunkColumn.
 #define FASTLARS_CHUNK_COLUMNS(X) X(ROW) X(START)
 // Per-tensor sums of a norms pass: SumColumn (LAMB writes the first three, LARS all but U2).

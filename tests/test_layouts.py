@@ -49,7 +49,8 @@ def test_group_rows_put_each_value_in_its_named_column():
 
     lamb = {"lr": 0.1, "betas": (0.5, 0.25), "eps": 0.3, "weight_decay": 0.4, "bias_correction": True,
             "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True,
-            "adapt_only_decayed": True}
+            "adapt_only_decayed": True, "decay_mode": "update", "eps_inside_sqrt": True, "trust_bounds": (0.01, 10.0),
+            "bias_correction_in_lr": True, "grad_norm_eps": 1e-6}
     row = _tables.lamb_group_row(lamb)
     B = layouts.LambColumn
     assert len(row) == len(B)
@@ -59,6 +60,14 @@ def test_group_rows_put_each_value_in_its_named_column():
     assert (row[B.BIAS_CORRECTION], row[B.TRUST_CLIP], row[B.ADAPT]) == (True, False, True)
     # adapt_only_decayed: the ADAPT column follows the group's weight decay at every step
     assert _tables.lamb_group_row({**lamb, "weight_decay": 0.0})[B.ADAPT] is False
+    assert (row[B.EPS_INSIDE_SQRT], row[B.BIAS_CORRECTION_IN_LR]) == (True, True)
+    assert (row[B.TRUST_LOW], row[B.TRUST_HIGH], row[B.GRAD_NORM_EPS]) == (0.01, 10.0, 1e-6)
+    # the group's weight decay sits in the column of its decay_mode, 0 in the others
+    for mode, column in (("update", B.WEIGHT_DECAY), ("l2", B.GRAD_DECAY), ("direct", B.DIRECT_DECAY)):
+        moded = _tables.lamb_group_row({**lamb, "decay_mode": mode})
+        assert [moded[c] for c in (B.WEIGHT_DECAY, B.GRAD_DECAY, B.DIRECT_DECAY)] == [
+            0.4 if c == column else 0.0 for c in (B.WEIGHT_DECAY, B.GRAD_DECAY, B.DIRECT_DECAY)]
+    assert _tables.lamb_group_row({**lamb, "trust_bounds": None})[B.TRUST_HIGH] == math.inf
 
 
 def test_triton_constants_are_the_layouts():

@@ -114,16 +114,37 @@ def lars_variant_columns(group) -> dict:
             LarsColumn.RATIO_MIN: low, LarsColumn.RATIO_MAX: high, LarsColumn.LR_IN_MOMENTUM: group["lr_in_momentum"]}
 
 
+def lamb_decays(group) -> tuple[float, float, float]:
+    """(added to u, added to the gradient, applied to w directly): the group's weight decay
+    in the place its ``decay_mode`` puts it, 0 in the others (docs/contract.md, "LAMB"). The
+    one reading of decay_mode, for the Python backends and the kernels' group table alike."""
+    decay, mode = group["weight_decay"], group["decay_mode"]
+    return (decay if mode == "update" else 0.0, decay if mode == "l2" else 0.0, decay if mode == "direct" else 0.0)
+
+
+def lamb_trust_bounds(group) -> tuple[float, float]:
+    """``trust_bounds`` as (low, high); (0, inf), which bound no ratio, without."""
+    bounds = group["trust_bounds"]
+    return (0.0, math.inf) if bounds is None else (float(bounds[0]), float(bounds[1]))
+
+
 def lamb_group_row(group) -> list:
     beta1, beta2 = group["betas"]
+    update_decay, grad_decay, direct_decay = lamb_decays(group)
+    trust_low, trust_high = lamb_trust_bounds(group)
     return row_of(LambColumn, {
         LambColumn.LR: group["lr"], LambColumn.BETA1: beta1, LambColumn.BETA2: beta2,
         LambColumn.ONE_MINUS_BETA2: 1.0 - beta2, LambColumn.BETA3: 1.0 - beta1 if group["grad_averaging"] else 1.0,
         LambColumn.LOG_BETA1: math.log(beta1) if beta1 > 0 else -math.inf,
         LambColumn.LOG_BETA2: math.log(beta2) if beta2 > 0 else -math.inf,
         LambColumn.BIAS_CORRECTION: group["bias_correction"], LambColumn.EPS: group["eps"],
-        LambColumn.WEIGHT_DECAY: group["weight_decay"], LambColumn.MAX_GRAD_NORM: group["max_grad_norm"],
-        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: adapts(group)})
+        LambColumn.WEIGHT_DECAY: update_decay, LambColumn.MAX_GRAD_NORM: group["max_grad_norm"],
+        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: adapts(group),
+        LambColumn.GRAD_DECAY: grad_decay, LambColumn.DIRECT_DECAY: direct_decay,
+        LambColumn.EPS_INSIDE_SQRT: group["eps_inside_sqrt"],
+        LambColumn.BIAS_CORRECTION_IN_LR: group["bias_correction_in_lr"],
+        LambColumn.TRUST_LOW: trust_low, LambColumn.TRUST_HIGH: trust_high,
+        LambColumn.GRAD_NORM_EPS: group["grad_norm_eps"]})
 
 
 def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:

@@ -32,7 +32,8 @@ globals().update(constexprs(LambColumn))
 @triton.jit
 def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl.constexpr,
                 HAS_CLIP: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..."""
+    """This tensor's scalars: gradient factor (unscale, clip), bias corrections, ..., the step
+    scale (sqrt(bc2) / bc1 with bias_correction_in_lr, the corrections then 1; else 1)."""
     hp = groups + group * NCOL
     beta1 = tl.load(hp + BETA1).to(ACC)
     beta2 = tl.load(hp + BETA2).to(ACC)
@@ -40,6 +41,8 @@ def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl
     beta3 = tl.load(hp + BETA3).to(ACC)
     eps = tl.load(hp + EPS).to(ACC)
     weight_decay = tl.load(hp + WEIGHT_DECAY).to(ACC)
+    grad_decay = tl.load(hp + GRAD_DECAY).to(ACC)
+    eps_inside_sqrt = tl.load(hp + EPS_INSIDE_SQRT) != 0
     grad_factor = 1.0
     if HAS_SCALE:
         grad_factor = tl.load(inv_scale_ptr).to(tl.float64)
@@ -47,37 +50,48 @@ def _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC: tl
         # global norm over every gradient of the step (scaled grads: unscale it too)
         max_norm = tl.load(hp + MAX_GRAD_NORM)
         global_norm = tl.load(global_norm_ptr).to(tl.float64) * grad_factor
+        global_norm = global_norm + tl.load(hp + GRAD_NORM_EPS)
         clip = tl.where(max_norm > 0, 1.0 / tl.maximum(global_norm / max_norm, 1.0), 1.0)
         grad_factor = grad_factor * clip
     # 1 - beta^t in fp64 for the step t this update makes (state step + 1)
     t = tl.load(step_ptr).to(tl.float64) + 1.0
     bias_correction = tl.load(hp + BIAS_CORRECTION) != 0
-    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA1)), 1.0).to(ACC)
-    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA2)), 1.0).to(ACC)
-    return grad_factor.to(ACC), beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay
+    bc1 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA1)), 1.0)
+    bc2 = tl.where(bias_correction, 1.0 - tl.exp(t * tl.load(hp + LOG_BETA2)), 1.0)
+    in_lr = tl.load(hp + BIAS_CORRECTION_IN_LR) != 0  # fp64 sqrt and division are IEEE-rounded
+    step_scale = tl.where(in_lr, tl.sqrt(bc2) / bc1, 1.0).to(ACC)
+    bc1 = tl.where(in_lr, 1.0, bc1).to(ACC)
+    bc2 = tl.where(in_lr, 1.0, bc2).to(ACC)
+    return (grad_factor.to(ACC), beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay,
+            eps_inside_sqrt, step_scale)
 
 
 @triton.jit
-def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay,
-                    ACC: tl.constexpr):
+def _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay,
+                    eps_inside_sqrt, ACC: tl.constexpr):
     """New moments and the update direction u (fastlars.optim.lamb, per element), with
     IEEE-rounded sqrt and division as torch computes them (mt.sqrt_ieee: a subnormal v
-    would otherwise be flushed to 0)."""
+    would otherwise be flushed to 0). decay_mode "l2" decays g first (a select, not
+    + 0 * w: a non-finite w would poison g); eps_inside_sqrt: sqrt(v_hat + eps)."""
+    g = tl.where(grad_decay != 0, g + grad_decay * w, g)
     m = beta1 * m + beta3 * g
     v = beta2 * v + one_minus_beta2 * (g * g)
-    u = mt.div_ieee(mt.div_ieee(m, bc1, ACC), mt.sqrt_ieee(mt.div_ieee(v, bc2, ACC), ACC) + eps, ACC) + weight_decay * w
+    v_hat = mt.div_ieee(v, bc2, ACC)
+    denom = tl.where(eps_inside_sqrt, mt.sqrt_ieee(v_hat + eps, ACC), mt.sqrt_ieee(v_hat, ACC) + eps)
+    u = mt.div_ieee(mt.div_ieee(m, bc1, ACC), denom, ACC) + weight_decay * w
     return m, v, u
 
 
 @triton.jit
 def _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, idx, numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
-                      one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC: tl.constexpr, MASKED: tl.constexpr):
+                      one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay, eps_inside_sqrt,
+                      ACC: tl.constexpr, MASKED: tl.constexpr):
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC)
     m = mt.load_block(m_ptr, idx, numel, MASKED)
     v = mt.load_block(v_ptr, idx, numel, MASKED)
     _, _, u = _lamb_direction(w, g * grad_factor, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps,
-                              weight_decay, ACC)
+                              weight_decay, grad_decay, eps_inside_sqrt, ACC)
     if MASKED:
         u = tl.where(idx < numel, u, 0.0)
     return acc_w + w * w, acc_g + g * g, acc_u + u * u
@@ -95,8 +109,8 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
     m_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
     v_ptr = mt.row_pointer(table, row, mt.COL_S1, ACC, ALIGNED)
     step_ptr = mt.row_pointer(table, row, mt.COL_STEP, tl.float32, False)
-    grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
-        groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
+    grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay, eps_inside_sqrt, _ = \
+        _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     acc_u = tl.zeros([BLOCK], dtype=ACC)
@@ -104,28 +118,36 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
     for offset in range(0, full, BLOCK):
         acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + offset + tl.arange(0, BLOCK),
                                                 numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
-                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, False)
+                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay,
+                                                eps_inside_sqrt, ACC, False)
     if full < n:
         acc_w, acc_g, acc_u = _lamb_norms_block(w_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK),
                                                 numel, acc_w, acc_g, acc_u, grad_factor, beta1, beta2,
-                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC, True)
+                                                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay,
+                                                eps_inside_sqrt, ACC, True)
     tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, tl.sum(acc_w, axis=0))
     tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, tl.sum(acc_g, axis=0))
     tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_U2, tl.sum(acc_u, axis=0))
 
 
 @triton.jit
-def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, grad_factor, beta1, beta2,
-                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr,
-                ACC: tl.constexpr, WRITE_P: tl.constexpr, MASKED: tl.constexpr):
-    """The update of one block of elements (docs/contract.md, "LAMB")."""
+def _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, idx, numel, ratio, lr, weight_scale, grad_factor, beta1, beta2,
+                one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay, eps_inside_sqrt,
+                W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The update of one block of elements (docs/contract.md, "LAMB"); weight_scale: 1 - lr wd
+    in decay_mode "direct", else 1."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * grad_factor
     m = mt.load_block(m_ptr, idx, numel, MASKED)
     v = mt.load_block(v_ptr, idx, numel, MASKED)
-    m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, ACC)
+    m, v, u = _lamb_direction(w, g, m, v, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay,
+                              grad_decay, eps_inside_sqrt, ACC)
     mt.store_block(m_ptr, idx, m, numel, MASKED)
     mt.store_block(v_ptr, idx, v, numel, MASKED)
+    # a select, not w * 1: the default step stays w - lr (r u), which the compiler would
+    # otherwise contract with the scaling into an fma of another rounding
+    w = tl.where(weight_scale != 1.0, w * weight_scale, w)
     w = w - lr * (ratio * u)
     mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
     if WRITE_P:
@@ -144,20 +166,27 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
     m_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
     v_ptr = mt.row_pointer(table, row, mt.COL_S1, ACC, ALIGNED)
     step_ptr = mt.row_pointer(table, row, mt.COL_STEP, tl.float32, False)
-    grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay = _lamb_hyper(
-        groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
+    (grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, grad_decay, eps_inside_sqrt,
+     step_scale) = _lamb_hyper(groups, group, global_norm_ptr, inv_scale_ptr, step_ptr, ACC, HAS_CLIP, HAS_SCALE)
     hp = groups + group * NCOL
     lr = tl.load(hp + LR).to(ACC)
     trust_clip = tl.load(hp + TRUST_CLIP)
     adapt = tl.load(hp + ADAPT)
+    # decay_mode "direct": w (1 - lr wd), formed in fp64; ||w (1 - lr wd)|| = |1 - lr wd| ||w||
+    weight_scale = 1.0 - tl.load(hp + LR) * tl.load(hp + DIRECT_DECAY)
+    norm_scale = tl.abs(weight_scale).to(ACC)
+    weight_scale = weight_scale.to(ACC)
 
     # trust ratio: fastlars.optim.lamb.lamb_trust_ratio, norms from launch 1's per-tensor totals
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
-    w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
+    w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC) * norm_scale
     u_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_U2), ACC)
-    ratio = tl.where((w_norm > 0) & (u_norm > 0), mt.div_ieee(w_norm, tl.where(u_norm > 0, u_norm, 1.0), ACC), 1.0)
+    computed = (w_norm > 0) & (u_norm > 0)
+    ratio = tl.where(computed, mt.div_ieee(w_norm, tl.where(u_norm > 0, u_norm, 1.0), ACC), 1.0)
     ratio = tl.where(trust_clip != 0, tl.minimum(ratio, 1.0), ratio)
-    ratio = tl.where(adapt != 0, ratio, 1.0)
+    bounded = tl.minimum(tl.maximum(ratio, tl.load(hp + TRUST_LOW).to(ACC)), tl.load(hp + TRUST_HIGH).to(ACC))
+    ratio = tl.where(computed, bounded, ratio)  # trust_bounds: a computed ratio only
+    ratio = tl.where(adapt != 0, ratio, 1.0) * step_scale
 
     go = True
     if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): nothing loaded or stored
@@ -166,12 +195,12 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
         full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
         for offset in range(0, full, BLOCK):
             _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, start + offset + tl.arange(0, BLOCK), numel, ratio, lr,
-                        grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE,
-                        P_DTYPE, ACC, WRITE_P, False)
+                        weight_scale, grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay,
+                        grad_decay, eps_inside_sqrt, W_DTYPE, P_DTYPE, ACC, WRITE_P, False)
         if full < n:
             _lamb_block(w_ptr, p_ptr, g_ptr, m_ptr, v_ptr, start + full + tl.arange(0, BLOCK), numel, ratio, lr,
-                        grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay, W_DTYPE,
-                        P_DTYPE, ACC, WRITE_P, True)
+                        weight_scale, grad_factor, beta1, beta2, one_minus_beta2, beta3, bc1, bc2, eps, weight_decay,
+                        grad_decay, eps_inside_sqrt, W_DTYPE, P_DTYPE, ACC, WRITE_P, True)
 
 
 def _scalar_args(launch, global_norm, inv_scale):

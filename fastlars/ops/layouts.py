@@ -54,10 +54,15 @@ LarsColumn = _layout("LarsColumn", "LR WEIGHT_DECAY TRUST_COEFFICIENT EPS TRUST_
     group adapts; RATIO_MIN, RATIO_MAX: trust_bounds (0, inf without); LR_IN_MOMENTUM.""")
 
 LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BETA1 LOG_BETA2 BIAS_CORRECTION EPS "
-                     "WEIGHT_DECAY MAX_GRAD_NORM TRUST_CLIP ADAPT", """
+                     "WEIGHT_DECAY MAX_GRAD_NORM TRUST_CLIP ADAPT GRAD_DECAY DIRECT_DECAY EPS_INSIDE_SQRT "
+                     "BIAS_CORRECTION_IN_LR TRUST_LOW TRUST_HIGH GRAD_NORM_EPS", """
     LAMB group table (docs/contract.md, "LAMB"), float64. BETA3: 1 - beta1, or 1 without
     grad_averaging; LOG_BETA1/2: ln beta (-inf for 0), the kernels form 1 - beta^t as
-    1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0.""")
+    1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0. The group's
+    weight decay sits in one of three columns by its decay_mode (the others 0;
+    _tables.lamb_decays): WEIGHT_DECAY, added to u ("update"); GRAD_DECAY, added to the
+    gradient ("l2"); DIRECT_DECAY, w = w (1 - lr DIRECT_DECAY) ("direct"). TRUST_LOW/HIGH:
+    trust_bounds (0, inf without).""")
 
 SumColumn = _layout("SumColumn", "W2 G2 U2 WG B2 BG BW", """
     Per-tensor sums of a norms pass: W2 of w^2, G2 of the gradient's squares as stored (a

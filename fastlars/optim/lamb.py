@@ -1,12 +1,20 @@
 """LAMB: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization
 for Deep Learning"). Layout as apex ``FusedLAMB``; the contract is docs/contract.md, "LAMB":
 
-    g  = g / max(1, ||all grads|| / max_grad_norm)        if max_grad_norm > 0
+    g  = g / max(1, (||all grads|| + grad_norm_eps) / max_grad_norm)   if max_grad_norm > 0
+    g  = g + wd * w                                       decay_mode "l2" only
     m  = b1 * m + (1 - b1) * g                            ((1 - b1) -> 1 without grad_averaging)
     v  = b2 * v + (1 - b2) * g^2
-    u  = m_hat / (sqrt(v_hat) + eps) + wd * w             (hats: bias correction with step t)
-    r  = ||w|| / ||u||   (1 if either is 0 or not adapted);  r = min(r, 1) if trust_clip
-    w  = w - lr * r * u
+    u  = m_hat / (sqrt(v_hat) + eps) + wd * w             (hats: bias correction with step t; "+ wd * w"
+                                                           in decay_mode "update" only; sqrt(v_hat + eps)
+                                                           with eps_inside_sqrt)
+    w  = w * (1 - lr * wd)                                decay_mode "direct" only
+    r  = ||w|| / ||u||   (1 if either is 0 or not adapted);  r = min(r, 1) if trust_clip;
+                                                          r = clamp(r, *trust_bounds) if computed
+    w  = w - lr * r * u                                   (bias_correction_in_lr: hats off in u,
+                                                           lr * sqrt(1 - b2^t) / (1 - b1^t) here)
+
+The variants and the peers they come from are in docs/contract.md, "LAMB".
 """
 
 from __future__ import annotations
@@ -20,16 +28,29 @@ from torch import Tensor
 
 from ..ops import _tables
 from ._buckets import Bucket, cache_sized_slices, where_
-from ._checks import check_flag, check_number, scalar_lr
+from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
 
-def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, *, trust_clip: bool) -> Tensor:
-    """Trust ratio of each layer from its norms. The single definition every LAMB backend uses."""
-    r = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-    return torch.clamp(r, max=1.0) if trust_clip else r
+DECAY_MODES = ("update", "l2", "direct")
+
+
+def lamb_trust_ratio(w_norm: Tensor, u_norm: Tensor, *, trust_clip: bool,
+                     trust_bounds: tuple[float, float] | None = None) -> Tensor:
+    """Trust ratio of each layer from its norms. The single definition every LAMB backend uses.
+
+    ``trust_bounds`` clamps a computed ratio only, after trust_clip; the zero-norm ratio
+    stays 1 (DeepSpeed csrc/lamb/fused_lamb_cuda_kernel.cu, lamb_cuda_kernel_part3: the
+    clamp to [min_coeff, max_coeff] sits inside its ``reg_w != 0 && reg_u != 0`` branch).
+    """
+    computed = (w_norm > 0) & (u_norm > 0)
+    r = torch.where(computed, w_norm / u_norm, torch.ones_like(w_norm))
+    r = torch.clamp(r, max=1.0) if trust_clip else r
+    if trust_bounds is not None:
+        r = torch.where(computed, torch.clamp(r, min=trust_bounds[0], max=trust_bounds[1]), r)
+    return r
 
 
 class LAMB(TrustRatioOptimizer):
@@ -52,6 +73,21 @@ class LAMB(TrustRatioOptimizer):
         trust_clip: ``r = min(r, 1)``.
         adapt_only_decayed: adapt only groups whose ``weight_decay`` is not 0 (apex
             ``FusedLAMB`` without ``use_nvlamb``, timm ``Lamb`` without ``always_adapt``).
+        decay_mode: where :math:`\lambda` acts. ``"update"``: :math:`+\lambda w` in the direction
+            u (apex ``adam_w_mode=True``, timm's default). ``"l2"``: :math:`\lambda w` added to
+            the gradient after unscaling and clipping, before the moments (apex
+            ``adam_w_mode=False``). ``"direct"``: :math:`w \leftarrow w(1-\text{lr}\,\lambda)`
+            before the trust ratio, whose :math:`\|w\|` is of the decayed weights, and no
+            :math:`\lambda w` in u (timm ``decoupled_decay=True``).
+        eps_inside_sqrt: the denominator is :math:`\sqrt{\hat v + \epsilon}` (DeepSpeed).
+        trust_bounds: ``(low, high)``: a computed ratio is clamped to it after ``trust_clip``;
+            the ratio 1 of a zero norm or of a group that does not adapt is kept (DeepSpeed's
+            ``min_coeff``, ``max_coeff``).
+        bias_correction_in_lr: the direction and the ratio use the uncorrected moments, and
+            the step is :math:`\text{lr}\sqrt{1-\beta_2^t}/(1-\beta_1^t)\,r\,u` (DeepSpeed);
+            needs ``bias_correction=True``.
+        grad_norm_eps: clipping divides by :math:`\max(1, (\|g\|_{global} + \text{grad\_norm\_eps})
+            / \text{max\_grad\_norm})` (DeepSpeed adds 1e-6).
         maximize, backend, master_weights, skip_nonfinite, capturable, foreach, fused,
             differentiable: as :class:`fastlars.LARS`.
 
@@ -63,13 +99,17 @@ class LAMB(TrustRatioOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  grad_averaging: bool = True, max_grad_norm: float = 0.0, trust_clip: bool = False, *,
-                 adapt_only_decayed: bool = False, maximize: bool = False, backend: str = "auto", master_weights: bool = False,
+                 adapt_only_decayed: bool = False, decay_mode: str = "update", eps_inside_sqrt: bool = False,
+                 trust_bounds: tuple[float, float] | None = None, bias_correction_in_lr: bool = False,
+                 grad_norm_eps: float = 0.0, maximize: bool = False, backend: str = "auto", master_weights: bool = False,
                  skip_nonfinite: bool = False, capturable: bool = False, foreach: bool | None = None,
                  fused: bool | None = None, differentiable: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging,
                         max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True,
-                        adapt_only_decayed=adapt_only_decayed, maximize=maximize)
+                        adapt_only_decayed=adapt_only_decayed, decay_mode=decay_mode, eps_inside_sqrt=eps_inside_sqrt,
+                        trust_bounds=trust_bounds, bias_correction_in_lr=bias_correction_in_lr,
+                        grad_norm_eps=grad_norm_eps, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
                          differentiable=differentiable)
@@ -87,8 +127,15 @@ class LAMB(TrustRatioOptimizer):
         check_number("eps", group["eps"], where=where)
         check_number("weight_decay", group["weight_decay"], where=where)
         check_number("max_grad_norm", group["max_grad_norm"], where=where)
-        for flag in ("bias_correction", "grad_averaging", "trust_clip", "trust_ratio", "adapt_only_decayed"):
+        check_number("grad_norm_eps", group["grad_norm_eps"], where=where)
+        for flag in ("bias_correction", "grad_averaging", "trust_clip", "trust_ratio", "adapt_only_decayed",
+                     "eps_inside_sqrt", "bias_correction_in_lr"):
             check_flag(flag, group[flag], where=where)
+        check_choice("decay_mode", group["decay_mode"], DECAY_MODES, where=where)
+        check_trust_bounds(group["trust_bounds"], where=where)
+        if group["bias_correction_in_lr"] and not group["bias_correction"]:
+            raise ValueError(f"bias_correction_in_lr=True{where} needs bias_correction=True: it moves the "
+                             "bias corrections from the moments into the step size")
 
     def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("step", "exp_avg", "exp_avg_sq")
@@ -164,53 +211,79 @@ def _grad_factor(b: Bucket, global_norm: Tensor | None, inv_scale: Tensor | None
     """What the bucket's gradients are multiplied by: unscaling and global-norm clipping."""
     if b.group["max_grad_norm"] <= 0:
         return inv_scale
-    clip = torch.clamp(global_norm.to(b.device) / b.group["max_grad_norm"], min=1.0).reciprocal().to(b.compute_dtype)
+    # g / max(1, (G + grad_norm_eps) / max): apex csrc/multi_tensor_lamb.cu, LAMBStage1Functor divides g by
+    # G / max when G > max (the same, to rounding); DeepSpeed deepspeed/ops/lamb/fused_lamb.py, FusedLamb.step
+    # adds 1e-6 to G before dividing by max_grad_norm
+    norm = global_norm.to(b.device) + b.group["grad_norm_eps"]
+    clip = torch.clamp(norm / b.group["max_grad_norm"], min=1.0).reciprocal().to(b.compute_dtype)
     return clip if inv_scale is None else clip * inv_scale
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
     beta1, beta2 = group["betas"]
-    return dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"], grad_averaging=group["grad_averaging"],
-                trust_clip=group["trust_clip"])
+    update_decay, grad_decay, direct_decay = _tables.lamb_decays(group)  # the kernels' columns, formed once
+    return dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=update_decay,
+                grad_decay=grad_decay, direct_decay=direct_decay, bias_correction=group["bias_correction"],
+                bias_correction_in_lr=group["bias_correction_in_lr"], eps_inside_sqrt=group["eps_inside_sqrt"],
+                grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
+                trust_bounds=group["trust_bounds"])
 
 
 # the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
 # rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
 @torch._disable_dynamo
 def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
-                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    bias_correction: bool, grad_averaging: bool, trust_clip: bool,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_decay: float,
+                    direct_decay: float, bias_correction: bool, bias_correction_in_lr: bool, eps_inside_sqrt: bool,
+                    grad_averaging: bool, trust_clip: bool, trust_bounds: tuple[float, float] | None,
                     u_norm_only: bool = False) -> Tensor | None:
     """One parameter at a time, line by line as docs/contract.md, "LAMB". The oracle of every other backend.
 
     ``norms`` (adapted groups): column 0 ||w||, and column 1 the global ||u|| of sharded
     parameters. ``u_norm_only``: return the local ||u|| per tensor and change nothing.
+    ``weight_decay``, ``grad_decay``, ``direct_decay``: the group's decay where its decay_mode
+    puts it (_tables.lamb_decays).
     """
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return None
     beta3 = 1 - beta1 if grad_averaging else 1.0
-    moments, directions = [], []
+    moments, directions, step_scales = [], [], []
     for w, g, state in zip(b.weights, b.grads, b.states):
         g = g.to(b.compute_dtype)
         if grad_factor is not None:  # unscaling and global-norm clipping
             g = g * grad_factor
+        if grad_decay != 0:  # "l2": after clipping, before the moments (apex csrc/multi_tensor_lamb.cu,
+            g = g + grad_decay * w  # LAMBStage1Functor, MOMENT_MODE_0: scaled_grad + decay * p)
         t = state["step"].item() + 1  # reference only
         m = state["exp_avg"].mul(beta1).add_(g, alpha=beta3)
         v = state["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
-        m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
+        if bias_correction_in_lr:  # DeepSpeed csrc/lamb/fused_lamb_cuda_kernel.cu, fused_lamb_cuda: step_size =
+            m_hat, v_hat = m, v  # lr sqrt(bc2) / bc1, and lamb_cuda_kernel_part1/3 use m, v uncorrected
+            step_scales.append(math.sqrt(1 - beta2**t) / (1 - beta1**t))
+        else:
+            m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
         moments.append((m, v))
-        directions.append(m_hat / (v_hat.sqrt() + eps) + weight_decay * w)
+        # eps_inside_sqrt: DeepSpeed lamb_cuda_kernel_part1/3, ADAM_MODE_0: sqrtf(v + eps)
+        denom = (v_hat + eps).sqrt() if eps_inside_sqrt else v_hat.sqrt() + eps
+        directions.append(m_hat / denom + weight_decay * w)
     if u_norm_only:
         return _stacked_norms(directions)
+    # "direct": timm timm/optim/lamb.py, _single_tensor_lamb: p decayed by lr * wd before p.norm() of the
+    # trust ratio, and no wd * p in the update; ||w (1 - lr wd)|| formed as |1 - lr wd| ||w||
+    decay = 1 - lr * direct_decay
     ratios = [1.0] * len(directions)
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions)
-        ratios = lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind()
+        w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
+        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds).unbind()
+    if step_scales:
+        ratios = [r * s for r, s in zip(ratios, step_scales)]
     for w, state, (m, v), u, r in zip(b.weights, b.states, moments, directions, ratios):
         state["exp_avg"].copy_(m)
         state["exp_avg_sq"].copy_(v)
         state["step"] += 1
+        if direct_decay != 0:
+            w.mul_(decay)
         w.add_(r * u, alpha=-lr)
     return None
 
@@ -220,8 +293,9 @@ def _stacked_norms(tensors: list[Tensor]) -> Tensor:
 
 
 def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
-                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                  bias_correction: bool, grad_averaging: bool, trust_clip: bool,
+                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_decay: float,
+                  direct_decay: float, bias_correction: bool, bias_correction_in_lr: bool, eps_inside_sqrt: bool,
+                  grad_averaging: bool, trust_clip: bool, trust_bounds: tuple[float, float] | None,
                   u_norm_only: bool = False) -> Tensor | None:
     """Multi-tensor LAMB on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
     no host reads (the bias corrections are computed from the device ``step``s).
@@ -231,6 +305,8 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
     if grad_factor is not None:
         grads = torch._foreach_mul(grads, grad_factor)
+    if grad_decay != 0:  # "l2", as _lamb_reference
+        grads = torch._foreach_add(grads, weights, alpha=grad_decay)
     steps = [st["step"] for st in b.states]
     exp_avgs = [st["exp_avg"] for st in b.states]
     exp_avg_sqs = [st["exp_avg_sq"] for st in b.states]
@@ -250,6 +326,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
 
     # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w, in the reference's order of operations
+    step_scales = None
     if bias_correction:
         # 1 - beta^t as -expm1(t * ln beta): pow in fp32 loses ~1e-4 of 1 - 0.999^t to cancellation
         bc1 = torch._foreach_mul(t, math.log(beta1) if beta1 > 0 else -math.inf)
@@ -257,28 +334,46 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         for bc in (bc1, bc2):
             torch._foreach_expm1_(bc)
             torch._foreach_neg_(bc)
+    if bias_correction and not bias_correction_in_lr:
         u = torch._foreach_div(m, bc1)
-        denom = torch._foreach_div(v, bc2)
-        torch._foreach_sqrt_(denom)
+        v_hat = torch._foreach_div(v, bc2)
     else:
         u = torch._foreach_mul(m, 1.0)
-        denom = torch._foreach_sqrt(v)
-    torch._foreach_add_(denom, eps)
+        v_hat = v
+        if bias_correction:  # bias_correction_in_lr: sqrt(bc2) / bc1 scales the step
+            step_scales = torch._foreach_sqrt(bc2)
+            torch._foreach_div_(step_scales, bc1)
+    if eps_inside_sqrt:
+        denom = torch._foreach_add(v_hat, eps)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(v_hat)
+        torch._foreach_add_(denom, eps)
     torch._foreach_div_(u, denom)
     if weight_decay != 0:
         torch._foreach_add_(u, weights, alpha=weight_decay)
 
     if u_norm_only:
         return torch.stack(torch._foreach_norm(u, 2))
+    decay = 1 - lr * direct_decay  # "direct", as _lamb_reference
+    ratios = step_scales
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else torch.stack(torch._foreach_norm(u, 2))
-        torch._foreach_mul_(u, lamb_trust_ratio(norms[:, 0], u_norm, trust_clip=trust_clip).unbind())
+        w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
+        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds).unbind()
+        if step_scales is not None:
+            ratios = torch._foreach_mul(ratios, step_scales)
+    if ratios is not None:
+        torch._foreach_mul_(u, ratios)
 
     if ok is None:
+        if direct_decay != 0:
+            torch._foreach_mul_(weights, decay)
         torch._foreach_add_(weights, u, alpha=-lr)
     else:
         torch._foreach_add_(steps, ok.to(torch.float32))
         where_(ok, m, exp_avgs)
         where_(ok, v, exp_avg_sqs)
-        where_(ok, torch._foreach_add(weights, u, alpha=-lr), weights)
+        decayed = torch._foreach_mul(weights, decay) if direct_decay != 0 else weights
+        where_(ok, torch._foreach_add(decayed, u, alpha=-lr), weights)
     return None
