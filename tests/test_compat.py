@@ -170,7 +170,7 @@ def test_register_timm_builds_fastlars_optimizers():
     assert isinstance(lamb, fastlars.LAMB) and lamb.param_groups[0]["trust_clip"] is True
     # timm's own names still build timm's optimizers
     assert isinstance(timm_optim.create_optimizer_v2(model, "lars", lr=0.1), timm_optim.Lars)
-    assert isinstance(timm_optim.create_optimizer_v2(model, "lookahead_fastlars_nlars", lr=0.1).optimizer,
+    assert isinstance(timm_optim.create_optimizer_v2(model, "lookahead_fastlars_nlars", lr=0.1)._base_optimizer,
                       fastlars.LARS)
 
 

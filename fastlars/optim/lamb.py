@@ -329,8 +329,10 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     step_scales = None
     if bias_correction:
         # 1 - beta^t as -expm1(t * ln beta): pow in fp32 loses ~1e-4 of 1 - 0.999^t to cancellation
-        bc1 = torch._foreach_mul(t, math.log(beta1) if beta1 > 0 else -math.inf)
-        bc2 = torch._foreach_mul(t, math.log(beta2) if beta2 > 0 else -math.inf)
+        # in the compute dtype: t * ln(beta) rounded to fp32 would leave fp64 parameters 1e-8 off
+        t_acc = [x.to(b.compute_dtype) for x in t]
+        bc1 = torch._foreach_mul(t_acc, math.log(beta1) if beta1 > 0 else -math.inf)
+        bc2 = torch._foreach_mul(t_acc, math.log(beta2) if beta2 > 0 else -math.inf)
         for bc in (bc1, bc2):
             torch._foreach_expm1_(bc)
             torch._foreach_neg_(bc)
