@@ -22,6 +22,7 @@ from ..ops.launch import LaunchCache
 from ..ops.plan import LaunchPlan, StepPlan
 from ._buckets import Bucket, cache_sized_slices, where_  # noqa: F401 (lars.py, lamb.py)
 from ._checks import check_flag, check_number, describe, scalar_lr  # noqa: F401 (lars.py, lamb.py)
+from . import _layer_stats
 from ._groups import param_groups
 from ._state_dict import StateDictMixin
 
@@ -282,10 +283,12 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
             b.weights = b.params if fused else self._compute_weights(b)
         if fused:
             self._fused_update(plan, norms, inv_scale, ok)
+            self._keep_layer_stats(buckets, inv_scale, plan=plan, norms=norms)
         else:
-            self._update(buckets, norms, inv_scale, ok)
+            ratios = self._update(buckets, norms, inv_scale, ok)
             for b in buckets:
                 self._write_back(b)
+            self._keep_layer_stats(buckets, inv_scale, norms=norms, ratios=ratios)
         for p, dense in dense_copies:
             p.copy_(dense)
         return loss
@@ -389,6 +392,25 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
             # same kernel variants run (none is first compiled during a capture)
             return ok if self.capturable else None
         return ok
+
+    @torch._disable_dynamo  # assigns an attribute (see _count_skip)
+    def _keep_layer_stats(self, buckets: list[Bucket], inv_scale: Tensor | None, *, norms, plan=None,
+                          ratios=None) -> None:
+        """References for layer_stats(): no computation, no host read."""
+        sums = _layer_stats.fused_sums(buckets, plan, norms) if plan is not None else [None] * len(buckets)
+        self._last_step = _layer_stats.StepRecord(
+            [(b.group, list(b.params), _layer_stats.names_of(self, b), None if plan is not None else n,
+              None if ratios is None else ratios[i], sums[i])
+             for i, (b, n) in enumerate(zip(buckets, norms if plan is None else sums))], inv_scale)
+
+    def layer_stats(self) -> _layer_stats.LayerStats:
+        """Per-layer telemetry of the last step (fastlars/optim/_layer_stats.py): ``‖w‖``,
+        ``‖g‖`` and the trust ratio each updated tensor got, as 1-D tensors on the
+        parameters' device, computed from the step's own norms without a host read."""
+        record = getattr(self, "_last_step", None)
+        if record is None:
+            raise RuntimeError(f"{type(self).__name__}.layer_stats() is available after a step")
+        return _layer_stats.collect(self, record)
 
     # the one attribute a step may assign (the counter's first value, or a move to another
     # device): run eagerly under torch.compile, whose torch 2.11 refuses to trace a setattr

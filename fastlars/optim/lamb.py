@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from ..ops import _tables
+from ..ops.layouts import SumColumn
+from . import _layer_stats
 from ._buckets import Bucket, cache_sized_slices, where_
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
@@ -189,12 +191,28 @@ class LAMB(TrustRatioOptimizer):
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         global_norm = _global_grad_norm(buckets, norms) if _clipping(buckets) else None
         step = _lamb_reference if self.backend == "reference" else _lamb_foreach
+        ratios = []  # per bucket, for layer_stats
         for b, bucket_norms in zip(buckets, norms):
             # per adapted tensor: ||w||, and the global ||u|| when sharded (else computed in the step)
             per_tensor = torch.stack(bucket_norms[1:], dim=1) if _tables.adapts(b.group) else None
             slices = [(b, per_tensor)] if self.backend == "reference" else cache_sized_slices(b, per_tensor)
-            for part, part_norms in slices:
-                step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))
+            parts = [step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))
+                     for part, part_norms in slices]
+            ratios.append(None if per_tensor is None or parts[0] is None else torch.cat(parts))
+        return ratios
+
+
+    def _ratio_from_sums(self, group: dict[str, Any], fused, inv_scale: Tensor | None):
+        """layer_stats of a fused step: ‖w‖, ‖g‖ and the trust ratio from the kernels' sums
+        (W2, G2, U2), by lamb_trust_ratio as the kernels apply it."""
+        w_norm, g_norm = _layer_stats.sum_norms(fused.sums, inv_scale)
+        if not _tables.adapts(group):
+            return w_norm, g_norm, None
+        direct_decay = _tables.lamb_decays(group)[2]
+        w_ratio_norm = w_norm * abs(1 - scalar_lr(fused.lr) * direct_decay) if direct_decay != 0 else w_norm
+        ratio = lamb_trust_ratio(w_ratio_norm, fused.sums[:, SumColumn.U2].sqrt(), trust_clip=group["trust_clip"],
+                                 trust_bounds=group["trust_bounds"])
+        return w_norm, g_norm, ratio
 
 
 def _clipping(buckets: list[Bucket]) -> bool:
@@ -275,7 +293,8 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions)
         w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
-        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds).unbind()
+        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds)
+        ratios = trust.unbind()
     if step_scales:
         ratios = [r * s for r, s in zip(ratios, step_scales)]
     for w, state, (m, v), u, r in zip(b.weights, b.states, moments, directions, ratios):
@@ -285,7 +304,7 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
         if direct_decay != 0:
             w.mul_(decay)
         w.add_(r * u, alpha=-lr)
-    return None
+    return trust if norms is not None else None  # the trust ratios, for layer_stats
 
 
 def _stacked_norms(tensors: list[Tensor]) -> Tensor:
@@ -362,7 +381,8 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else torch.stack(torch._foreach_norm(u, 2))
         w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
-        ratios = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds).unbind()
+        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds)
+        ratios = trust.unbind()
         if step_scales is not None:
             ratios = torch._foreach_mul(ratios, step_scales)
     if ratios is not None:
@@ -378,4 +398,4 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         where_(ok, v, exp_avg_sqs)
         decayed = torch._foreach_mul(weights, decay) if direct_decay != 0 else weights
         where_(ok, torch._foreach_add(decayed, u, alpha=-lr), weights)
-    return None
+    return trust if norms is not None else None  # the trust ratios, for layer_stats

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from .. import backends
 from ..ops import _tables
+from ..ops.layouts import SumColumn
+from . import _layer_stats
 from ._buckets import Bucket, cache_sized_slices, where_
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
@@ -213,6 +215,7 @@ class LARS(TrustRatioOptimizer):
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         step = _lars_reference if self.backend == "reference" else _lars_foreach
+        ratios = []  # per bucket, for layer_stats
         for b, bucket_norms in zip(buckets, norms):
             group = b.group
             lr = scalar_lr(group["lr"])
@@ -224,6 +227,7 @@ class LARS(TrustRatioOptimizer):
                                      weight_decay=group["weight_decay"], eps=group["eps"],
                                      trust_clip=group["trust_clip"], ratio_denominator=group["ratio_denominator"],
                                      zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
+            ratios.append(r)
             decay = lars_decay(group, w_norm, x_norm)
             # the ratio scales d before momentum, or the update after it ("momentum_update")
             after = group["ratio_denominator"] == "momentum_update"
@@ -240,6 +244,41 @@ class LARS(TrustRatioOptimizer):
                 step(part, pre_p, post_p, decay_p, inv_scale, ok, lr=lr, momentum=group["momentum"],
                      dampening=group["dampening"], nesterov=group["nesterov"],
                      lr_in_momentum=group["lr_in_momentum"])
+        return ratios
+
+
+    def _ratio_from_sums(self, group: dict[str, Any], fused, inv_scale: Tensor | None):
+        """layer_stats of a fused step: ‖w‖, ‖g‖ and the ratio from the kernels' per-tensor
+        sums; the denominators "norm_of_sum" and "momentum_update" as the quadratic forms the
+        kernels evaluate (csrc/fastlars_math.h, lars_denominator_norm)."""
+        sums = fused.sums
+        w_norm, g_norm = _layer_stats.sum_norms(sums, inv_scale)
+        if not _tables.adapts(group):
+            return w_norm, g_norm, None
+        mode, wd = group["ratio_denominator"], group["weight_decay"]
+        x_norm = g_norm
+        if mode != "sum_of_norms":
+            s = 1.0 if inv_scale is None else inv_scale
+            c = SumColumn
+            d2 = sums[:, c.G2] * s * s + 2 * wd * s * sums[:, c.WG] + wd * wd * sums[:, c.W2]
+            x2 = d2
+            if mode == "momentum_update" and group["momentum"] != 0:
+                mu, damp = group["momentum"], 1.0 - group["dampening"]
+                nesterov = group["nesterov"]
+                alpha = [0.0 if f else mu * mu if nesterov else mu for f in fused.first]
+                beta = [(1.0 + mu if nesterov else 1.0) if f else (1.0 + mu * damp if nesterov else damp)
+                        for f in fused.first]
+                if len(set(fused.first)) == 1:  # numbers; per tensor (a host copy) only when some just joined
+                    alpha, beta = alpha[0], beta[0]
+                else:
+                    alpha, beta = (torch.tensor(x, dtype=sums.dtype, device=sums.device) for x in (alpha, beta))
+                bd = s * sums[:, c.BG] + wd * sums[:, c.BW]
+                x2 = alpha * alpha * sums[:, c.B2] + beta * beta * d2 + 2 * alpha * beta * bd
+            x_norm = x2.clamp(min=0).sqrt()
+        ratio = lars_trust_ratio(w_norm, x_norm, lr=scalar_lr(fused.lr), trust_coefficient=group["trust_coefficient"],
+                                 weight_decay=wd, eps=group["eps"], trust_clip=group["trust_clip"],
+                                 ratio_denominator=mode, zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
+        return w_norm, g_norm, ratio
 
 
 def _per_tensor(x) -> bool:

@@ -1,0 +1,105 @@
+"""opt.layer_stats(): the last step's ‖w‖ (before the update), unscaled ‖g‖ and applied
+trust ratio per tensor, equal on every backend, and equal to what the update did."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlars
+
+BACKENDS = ["reference", "foreach", "cpu", "triton"]
+
+LARS_CASES = {
+    "default": dict(weight_decay=1e-3),
+    "trust_clip": dict(weight_decay=1e-3, trust_clip=True),
+    "norm_of_sum_bounds": dict(weight_decay=1e-2, ratio_denominator="norm_of_sum", trust_bounds=(0.5, 2.0),
+                               trust_coefficient=0.01),
+    "momentum_update": dict(weight_decay=1e-2, ratio_denominator="momentum_update", momentum=0.8, nesterov=True),
+    "momentum_update_dampening": dict(weight_decay=1e-2, ratio_denominator="momentum_update", dampening=0.3),
+    "plain_sgd_lr_in_momentum": dict(weight_decay=1e-3, zero_norm="plain_sgd", lr_in_momentum=True),
+}
+LAMB_CASES = {
+    "default": dict(weight_decay=0.01, max_grad_norm=1.0),
+    "direct_bounds": dict(weight_decay=0.05, decay_mode="direct", trust_bounds=(0.9, 1.1)),
+    "deepspeed": dict(weight_decay=0.01, eps_inside_sqrt=True, bias_correction_in_lr=True, trust_clip=True),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    with torch.no_grad():
+        model[2].weight.zero_()  # a zero norm at the first step
+    return model
+
+
+def _groups(model):
+    return [{"params": [p for p in model.parameters() if p.ndim > 1]},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "trust_ratio": False}]
+
+
+def _step(model, opt, k):
+    g = torch.Generator().manual_seed(k)
+    x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def _stats_after(cls, kwargs, backend, steps=3):
+    model = _model()
+    opt = cls(_groups(model), lr=0.1, backend=backend, **kwargs)
+    for k in range(steps):
+        _step(model, opt, k)
+    return opt.layer_stats()
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("cls, case", [(fastlars.LARS, c) for c in LARS_CASES] + [(fastlars.LAMB, c) for c in LAMB_CASES])
+def test_every_backend_reports_the_references_stats(cls, case, backend):
+    kwargs = (LARS_CASES if cls is fastlars.LARS else LAMB_CASES)[case]
+    ours, ref = _stats_after(cls, kwargs, backend), _stats_after(cls, kwargs, "reference")
+    for field in ("weight_norm", "grad_norm", "trust_ratio"):
+        # the eager backends take no ‖w‖ of a group that does not adapt (read after the step)
+        n = 2 if field == "weight_norm" else None
+        torch.testing.assert_close(getattr(ours, field)[:n], getattr(ref, field)[:n], rtol=1e-12, atol=1e-14,
+                                   msg=field)
+    assert not torch.equal(ref.trust_ratio[:2], torch.ones(2, dtype=torch.float64))  # the adapted tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stats_are_what_the_step_did(backend):
+    """SGD-form LARS without momentum: w_new = w - lr r (g + wd w), so the reported ratio
+    is ‖Δw‖ / (lr ‖g + wd w‖), the reported norms those of w before and of g."""
+    model = _model()
+    opt = fastlars.LARS(_groups(model), lr=0.1, momentum=0.0, weight_decay=1e-3, trust_clip=True, backend=backend)
+    _step(model, opt, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    _step(model, opt, 1)
+    stats = opt.layer_stats()
+    assert stats.names == ["param_groups[0][0]", "param_groups[0][1]", "param_groups[1][0]", "param_groups[1][1]"]
+    by_param = {id(p): i for i, p in enumerate(stats.params)}
+    for p, w in zip(model.parameters(), before):
+        i = by_param[id(p)]
+        wd = 1e-3  # the optimizer's default, in both groups
+        direction = p.grad + wd * w
+        ratio = (p.detach() - w).norm() / (0.1 * direction.norm())
+        if p.ndim > 1 or backend not in ("reference", "foreach"):
+            torch.testing.assert_close(stats.weight_norm[i], w.norm(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats.grad_norm[i], p.grad.norm(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats.trust_ratio[i], ratio, rtol=1e-9, atol=0)
+    assert set(stats.as_dict()) == set(stats.names)
+
+
+def test_layer_stats_before_a_step_is_an_error():
+    with pytest.raises(RuntimeError, match="after a step"):
+        fastlars.LARS(_model().parameters()).layer_stats()
+
+
+def test_named_parameters_name_the_stats():
+    model = _model()
+    opt = fastlars.LAMB(model.named_parameters(), lr=0.01, backend="foreach")
+    _step(model, opt, 0)
+    assert opt.layer_stats().names == [n for n, _ in model.named_parameters()]
