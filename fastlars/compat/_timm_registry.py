@@ -34,7 +34,7 @@ def register_timm(registry=None) -> list[str]:
     ``create_optimizer_v2``'s keyword arguments."""
     from timm.optim._optim_factory import OptimInfo, default_registry
 
-    from . import timm_lamb, timm_lars
+    from .peers import timm_lamb, timm_lars
 
     registry = default_registry if registry is None else registry
     constructors = {"timm_lars": timm_lars, "timm_lamb": timm_lamb}
