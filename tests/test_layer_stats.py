@@ -103,3 +103,26 @@ def test_named_parameters_name_the_stats():
     opt = fastlars.LAMB(model.named_parameters(), lr=0.01, backend="foreach")
     _step(model, opt, 0)
     assert opt.layer_stats().names == [n for n, _ in model.named_parameters()]
+
+
+def test_the_example_logs_every_layer(tmp_path):
+    """examples/layer_stats.py writes one JSON line per logged step with each layer's norms
+    and ratio; a weight layer is listed as pinned exactly when its ratio is 1 (LARC clip)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    path = Path(__file__).resolve().parent.parent / "examples" / "layer_stats.py"
+    spec = importlib.util.spec_from_file_location("layer_stats_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "stats.jsonl"
+    example.main(["--steps", "21", "--log-every", "10", "--out", str(out), "--backend", "foreach"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 10, 20]
+    for line in lines:
+        assert set(line["layers"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+        ratios = {name: layer["trust_ratio"] for name, layer in line["layers"].items()}
+        assert all(0 < r <= 1 for r in ratios.values())
+        assert line["pinned_at_clip"] == [n for n in ("0.weight", "2.weight", "4.weight") if ratios[n] >= 1.0]
