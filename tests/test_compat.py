@@ -109,29 +109,21 @@ TIMM_LAMB = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", sorted(TIMM_LARS))
-def test_timm_lars_equals_timm(case, backend):
-    Lars, _ = _timm()
-    args = TIMM_LARS[case]
-    peer_model, model = _models()
-    peer = Lars(_groups(peer_model, args["weight_decay"]), lr=1.0, **args)
-    ours = compat.timm_lars(_groups(model, args["weight_decay"]), lr=1.0, backend=backend, **args)
-    _train(peer_model, peer, STEPS, 0.5)
-    _train(model, ours, STEPS, 0.5)
-    _assert_equal_params(model, peer_model)
+# (timm class index in _timm(), compat constructor, cases, lr given to the constructors, base lr of the schedule)
+TIMM = {"lars": (0, compat.timm_lars, TIMM_LARS, 1.0, 0.5), "lamb": (1, compat.timm_lamb, TIMM_LAMB, 0.01, 0.02)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", sorted(TIMM_LAMB))
-def test_timm_lamb_equals_timm(case, backend):
-    _, Lamb = _timm()
-    args = TIMM_LAMB[case]
+@pytest.mark.parametrize("kind, case", [(k, c) for k in TIMM for c in sorted(TIMM[k][2])])
+def test_timm_equals_timm(kind, case, backend):
+    index, make, cases, lr, base_lr = TIMM[kind]
+    peer_cls = _timm()[index]
+    args = cases[case]
     peer_model, model = _models()
-    peer = Lamb(_groups(peer_model, args["weight_decay"]), lr=0.01, **args)
-    ours = compat.timm_lamb(_groups(model, args["weight_decay"]), lr=0.01, backend=backend, **args)
-    _train(peer_model, peer, STEPS, 0.02)
-    _train(model, ours, STEPS, 0.02)
+    peer = peer_cls(_groups(peer_model, args["weight_decay"]), lr=lr, **args)
+    ours = make(_groups(model, args["weight_decay"]), lr=lr, backend=backend, **args)
+    _train(peer_model, peer, STEPS, base_lr)
+    _train(model, ours, STEPS, base_lr)
     _assert_equal_params(model, peer_model)
 
 
