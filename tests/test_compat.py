@@ -33,7 +33,7 @@ class Net(nn.Module):
         self.encoder = nn.Linear(7, 11)
         self.head = nn.Linear(11, 3)
         self.gate = nn.Parameter(torch.zeros(3, 11))   # starts with norm 0
-        self.unused = nn.Parameter(torch.randn(5))     # its gradient is exactly 0
+        self.unused = nn.Parameter(torch.randn(5, 2))  # its gradient is exactly 0 (decayed: 2-D)
         self.scale = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
