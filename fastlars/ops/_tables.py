@@ -106,7 +106,7 @@ def lars_variant_columns(group) -> dict:
     not steps as the default, r = 1), the bounds as numbers."""
     adapt = adapts(group)
     denominator = group["ratio_denominator"]
-    low, high = group["trust_bounds"] or (0.0, math.inf)
+    low, high = trust_bounds(group)
     return {LarsColumn.DENOMINATOR_DECAY: group["weight_decay"] if denominator == "sum_of_norms" else 0.0,
             LarsColumn.NORM_OF_SUM: adapt and denominator == "norm_of_sum",
             LarsColumn.AFTER_MOMENTUM: adapt and denominator == "momentum_update",
@@ -122,7 +122,7 @@ def lamb_decays(group) -> tuple[float, float, float]:
     return (decay if mode == "update" else 0.0, decay if mode == "l2" else 0.0, decay if mode == "direct" else 0.0)
 
 
-def lamb_trust_bounds(group) -> tuple[float, float]:
+def trust_bounds(group) -> tuple[float, float]:
     """``trust_bounds`` as (low, high); (0, inf), which bound no ratio, without."""
     bounds = group["trust_bounds"]
     return (0.0, math.inf) if bounds is None else (float(bounds[0]), float(bounds[1]))
@@ -131,7 +131,7 @@ def lamb_trust_bounds(group) -> tuple[float, float]:
 def lamb_group_row(group) -> list:
     beta1, beta2 = group["betas"]
     update_decay, grad_decay, direct_decay = lamb_decays(group)
-    trust_low, trust_high = lamb_trust_bounds(group)
+    trust_low, trust_high = trust_bounds(group)
     return row_of(LambColumn, {
         LambColumn.LR: group["lr"], LambColumn.BETA1: beta1, LambColumn.BETA2: beta2,
         LambColumn.ONE_MINUS_BETA2: 1.0 - beta2, LambColumn.BETA3: 1.0 - beta1 if group["grad_averaging"] else 1.0,
