@@ -76,3 +76,12 @@ def where_(ok: Tensor, new: list[Tensor], dst: list[Tensor]) -> None:
     """
     for n, t in zip(new, dst):
         torch.where(ok, n, t, out=t)
+
+
+def launch_groups(buckets: list[Bucket]) -> list[list[Bucket]]:
+    """The buckets one fused launch takes each: merged per (device, dtype) across param
+    groups, in the order the step meets them."""
+    merged: dict[tuple, list[Bucket]] = {}
+    for b in buckets:
+        merged.setdefault((b.device, b.params[0].dtype), []).append(b)
+    return list(merged.values())

@@ -20,7 +20,7 @@ from ..backends import available_backends, backend_from_flags, resolve_backend
 from ..ops import _tables  # no Triton, no extension: safe to import early
 from ..ops.launch import LaunchCache
 from ..ops.plan import LaunchPlan, StepPlan
-from ._buckets import Bucket, cache_sized_slices, where_  # noqa: F401 (lars.py, lamb.py)
+from ._buckets import Bucket, cache_sized_slices, launch_groups, where_  # noqa: F401 (lars.py, lamb.py)
 from ._checks import check_flag, check_number, describe, scalar_lr  # noqa: F401 (lars.py, lamb.py)
 from . import _layer_stats
 from ._groups import param_groups
@@ -310,11 +310,8 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     def _plan(self, buckets: list[Bucket], creating_state: bool) -> StepPlan:
         """What the fused drivers get (fastlars/ops/plan.py): the buckets merged per (device,
         dtype) across groups, one launch each, with their hyper-parameter rows."""
-        merged: dict[tuple, list[Bucket]] = {}
-        for b in buckets:
-            merged.setdefault((b.device, b.params[0].dtype), []).append(b)
         launches = []
-        for group in merged.values():
+        for group in launch_groups(buckets):
             launches.append(LaunchPlan(
                 params=[p for b in group for p in b.params], grads=[g for b in group for g in b.grads],
                 states=[st for b in group for st in b.states],
@@ -397,11 +394,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     def _keep_layer_stats(self, buckets: list[Bucket], inv_scale: Tensor | None, *, norms, plan=None,
                           ratios=None) -> None:
         """References for layer_stats(): no computation, no host read."""
-        sums = _layer_stats.fused_sums(buckets, plan, norms) if plan is not None else [None] * len(buckets)
-        self._last_step = _layer_stats.StepRecord(
-            [(b.group, list(b.params), _layer_stats.names_of(self, b), None if plan is not None else n,
-              None if ratios is None else ratios[i], sums[i])
-             for i, (b, n) in enumerate(zip(buckets, norms if plan is None else sums))], inv_scale)
+        self._last_step = _layer_stats.record(buckets, inv_scale, norms, plan, ratios)
 
     def layer_stats(self) -> _layer_stats.LayerStats:
         """Per-layer telemetry of the last step (fastlars/optim/_layer_stats.py): ``‖w‖``,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..ops.layouts import SumColumn
+from ._buckets import launch_groups
 
 
 @dataclass
@@ -42,59 +43,78 @@ class LayerStats:
 
 
 @dataclass
-class StepRecord:
-    """What a step leaves for layer_stats: per bucket, its group and parameters, and either
-    the eager backends' norms and ratios or the fused launch's per-tensor sums."""
+class BucketRecord:
+    """What a step keeps of one bucket (one group's tensors of one dtype) for layer_stats:
+    references only; names, parameters and ratios are formed when layer_stats() is called."""
 
-    buckets: list[Any]         # (group, params, names, eager norms or None, eager ratio or None, FusedRecord or None)
+    group_index: int
+    positions: list[int]             # the bucket's tensors in param_groups[group_index]["params"]
+    group: dict
+    norms: list[Tensor] | None = None  # eager backends: [‖g‖, ‖w‖ (adapted groups), ...]
+    ratio: Any = None                # eager backends: the ratio tensor, its slices' list, or None (1)
+    sums: Tensor | None = None       # fused backends: the launch's per-tensor sums ...
+    rows: slice | None = None        # ... this bucket's rows in them
+    first: list[bool] | None = None  # ... the launch's first-step flags (LARS)
+    lr: float | Tensor | None = None  # ... the group's lr at the step (a scheduler may have changed it since)
+
+
+@dataclass
+class StepRecord:
+    buckets: list[BucketRecord]
     inv_scale: Tensor | None
 
 
 @dataclass
 class FusedRecord:
-    """A fused bucket's per-tensor sums, with what its ratio read at the step."""
+    """A fused bucket's per-tensor sums, with what its ratio read at the step
+    (the argument of the optimizers' ``_ratio_from_sums``)."""
 
     sums: Tensor
     first: list[bool]          # the tensor's momentum buffer was created by the step (LARS)
-    lr: float | Tensor         # the group's lr at the step (a scheduler may have changed it since)
+    lr: float | Tensor
 
 
-def names_of(optimizer, bucket) -> list[str]:
-    group = optimizer.param_groups[bucket.group_index]
-    names = group.get("param_names")
-    return [names[pos] if names is not None else f"param_groups[{bucket.group_index}][{pos}]"
-            for pos in bucket.positions]
-
-
-def fused_sums(buckets, plan, norms) -> list[Tensor]:
-    """Per bucket, the rows of its launch's per-tensor sums (the launches merge buckets by
-    (device, dtype) in the order the plan met them, see TrustRatioOptimizer._plan)."""
+def record(buckets, inv_scale: Tensor | None, norms, plan=None, ratios=None) -> StepRecord:
+    """What a step keeps: the eager backends' norms and ratios per bucket, or the fused
+    launches' sums with each bucket's rows in them (the plan's merge, launch_groups)."""
+    if plan is None:
+        return StepRecord([BucketRecord(b.group_index, b.positions, b.group, norms=n, ratio=r)
+                           for b, n, r in zip(buckets, norms, ratios)], inv_scale)
     contexts = norms[0] if isinstance(norms, tuple) else norms  # LAMB: (contexts, global norm)
-    keys = {}
-    offsets = [0] * len(plan.launches)
-    out = []
+    where = {}
+    for launch, launch_buckets in enumerate(launch_groups(buckets)):
+        start = 0
+        for b in launch_buckets:
+            where[id(b)] = (launch, slice(start, start + len(b.params)))
+            start += len(b.params)
+    records = []
     for b in buckets:
-        launch = keys.setdefault((b.device, b.params[0].dtype), len(keys))
-        start = offsets[launch]
-        offsets[launch] += len(b.params)
+        launch, rows = where[id(b)]
         lr = b.group["lr"]
-        out.append(FusedRecord(contexts[launch].partials[start:offsets[launch]],
-                               plan.launches[launch].first[start:offsets[launch]],
-                               lr.clone() if isinstance(lr, Tensor) else lr))
-    return out
+        records.append(BucketRecord(b.group_index, b.positions, b.group, sums=contexts[launch].partials, rows=rows,
+                                    first=plan.launches[launch].first, lr=lr.clone() if isinstance(lr, Tensor) else lr))
+    return StepRecord(records, inv_scale)
 
 
 def collect(optimizer, record: StepRecord) -> LayerStats:
     names, params, w_norms, g_norms, ratios = [], [], [], [], []
-    for group, bucket_params, bucket_names, norms, ratio, fused in record.buckets:
-        if fused is not None:
-            w_norm, g_norm, ratio = optimizer._ratio_from_sums(group, fused, record.inv_scale)
+    for b in record.buckets:
+        group = optimizer.param_groups[b.group_index]
+        bucket_params = [group["params"][pos] for pos in b.positions]
+        group_names = group.get("param_names")
+        names.extend(group_names[pos] if group_names is not None else f"param_groups[{b.group_index}][{pos}]"
+                      for pos in b.positions)
+        ratio = b.ratio
+        if b.sums is not None:
+            fused = FusedRecord(b.sums[b.rows], b.first[b.rows], b.lr)
+            w_norm, g_norm, ratio = optimizer._ratio_from_sums(b.group, fused, record.inv_scale)
         else:
-            g_norm = norms[0]
-            w_norm = norms[1] if len(norms) > 1 else torch.stack(
+            g_norm = b.norms[0]
+            w_norm = b.norms[1] if len(b.norms) > 1 else torch.stack(
                 [torch.linalg.vector_norm(p, dtype=g_norm.dtype) for p in bucket_params])
+            if isinstance(ratio, list):
+                ratio = torch.cat(ratio)
         device = params[0].device if params else g_norm.device
-        names.extend(bucket_names)
         params.extend(bucket_params)
         w_norms.append(w_norm.to(device))
         g_norms.append(g_norm.to(device))

@@ -198,7 +198,7 @@ class LAMB(TrustRatioOptimizer):
             slices = [(b, per_tensor)] if self.backend == "reference" else cache_sized_slices(b, per_tensor)
             parts = [step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))
                      for part, part_norms in slices]
-            ratios.append(None if per_tensor is None or parts[0] is None else torch.cat(parts))
+            ratios.append(None if per_tensor is None or parts[0] is None else parts)  # concatenated by layer_stats
         return ratios
 
 
