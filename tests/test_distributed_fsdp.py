@@ -82,6 +82,18 @@ def worker(rank, world, name, backend, init_file, out_file):
     os._exit(0)  # skip interpreter teardown: gloo's threads can abort it
 
 
+def single_process(cls, kwargs, backend):
+    """The run the ranks must equal: the same model, groups and batches, STEPS steps on one process."""
+    m = model()
+    opt = cls(groups(m), backend=backend, **kwargs)
+    for step in range(STEPS):
+        x, y = batch(step)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return m, opt
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -90,14 +102,8 @@ def test_fsdp2_equals_single_process(name, world, backend, tmp_path):
         pytest.skip("3 ranks (uneven shards, an empty one) cover this backend")
     out = tmp_path / "params.pt"
     mp.spawn(worker, args=(world, name, backend, str(tmp_path / "store"), str(out)), nprocs=world, join=True)
-    m = model()
     cls, kwargs, _ = OPTIMIZERS[name]
-    opt = cls(groups(m), backend=backend, **kwargs)
-    for step in range(STEPS):
-        x, y = batch(step)
-        F.cross_entropy(m(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    m, opt = single_process(cls, kwargs, backend)
     full, state = torch.load(out)
     for p, q in zip(full, m.parameters()):
         torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-6)
