@@ -307,15 +307,20 @@ def test_simclr_classic_equals_lr_outside_form_only_at_constant_lr():
     _assert_params_differ(_run(simclr, _random_params(7)), _run(barlow, _random_params(7)))
 
 
+def _named_state_dict_after_a_step(peer_cls, seed):
+    """The state_dict of a name-taking peer (parameters named "0", "1", ...) after one step."""
+    params = _random_params(seed)
+    opt = peer_cls([(str(i), p) for i, p in enumerate(params)], lr=0.1)
+    for p, g in zip(params, _random_grads(seed + 1, params)):
+        p.grad = g
+    opt.step()
+    return opt.state_dict()
+
+
 def test_simclr_needs_names_and_keeps_the_slot_name():
     with pytest.raises(ValueError, match="named_params"):
         peers.SimCLRLARS(_random_params(8), lr=0.1)
-    params = _random_params(8)
-    opt = peers.SimCLRLARS([(str(i), p) for i, p in enumerate(params)], lr=0.1)
-    for p, g in zip(params, _random_grads(9, params)):
-        p.grad = g
-    opt.step()
-    sd = opt.state_dict()
+    sd = _named_state_dict_after_a_step(peers.SimCLRLARS, 8)
     assert all(set(s) == {"Momentum"} for s in sd["state"].values())
     assert sd["param_groups"][0]["param_names"] == ["0", "1", "2"]
 
@@ -387,12 +392,7 @@ def test_mlperf_errors_and_state_layout():
         peers.MLPerfLARS([("w", _param([1.0]))], lr=0.1, weight_decay=-1.0)
     with pytest.raises(ValueError, match="named_params"):
         peers.MLPerfLARS(_random_params(11), lr=0.1)
-    params = _random_params(11)
-    opt = peers.MLPerfLARS([(str(i), p) for i, p in enumerate(params)], lr=0.1)
-    for p, g in zip(params, _random_grads(12, params)):
-        p.grad = g
-    opt.step()
-    sd = opt.state_dict()
+    sd = _named_state_dict_after_a_step(peers.MLPerfLARS, 11)
     assert all(set(s) == {"momentum"} for s in sd["state"].values())
     assert {"param_names", "epsilon", "skip_list", "eeta"} <= set(sd["param_groups"][0])
 
