@@ -4,7 +4,8 @@
 # Both create .venv and install everything on first use. make test-compat runs the
 # compatibility job on the oldest supported stack (.venv-compat). Also: make bench-optim,
 # make bench-check (the optimizer step's ratios to torch's fused step against bench/baseline-cpu.json;
-# run it before submitting a change to csrc/, fastlars/ops/ or an optimizer's step), make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
+# run it before submitting a change to csrc/, fastlars/ops/ or an optimizer's step),
+# make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
 # 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D).
 
 VENV   ?= .venv

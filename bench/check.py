@@ -2,7 +2,7 @@
 
     python -m bench.check [--baseline bench/baseline-cpu.json] [--update-baseline]
                           [--plant-slowdown ROW=FACTOR] [--tolerance 0.15] [--with-reference]
-                          [--rounds 9] [--workloads resnet50 tiny2000] [--no-save]
+                          [--rounds 9] [--workloads resnet50 tiny2000] [--no-save] [--result JSON]
 
 Runs the optimizer-step benchmark on the CPU (bench.optim_step: ResNet-50's shapes and the
 2,000 tiny tensors; every fastlars CPU backend but the reference, each LARS/LAMB variant
@@ -50,15 +50,20 @@ TARGET_WORKLOAD = "resnet50"
 TINY_WORKLOAD = "tiny2000"
 
 
+# the reasons rows_for gives for a row left out by the run's options, not by a failure
+LEFT_OUT_BY_CHOICE = ("(--rows)", "(--no-variants)", "(--no-reference)")
+
+
 def key(row: dict) -> str:
     return f"{row['workload']}:{row['label']}"
 
 
 def ratios_of(result: dict) -> dict[str, dict]:
-    """workload:label -> the row's ratio to its floor (median, min, max over rounds), for
-    every row that has a floor."""
-    return {key(r): r["ratio_to_floor"] for r in result["rows"]
-            if r["floor"] is not None and r["ratio_to_floor"]["median"] is not None}
+    """workload:label -> the row's ratio to its floor (median, min, max over rounds of the
+    per-round ratios), for every row that has a floor and was measured with it."""
+    ratios = {key(r): row_ratio(result, r["workload"], r["label"], r["floor"]) for r in result["rows"]
+              if r["floor"] is not None}
+    return {k: v for k, v in ratios.items() if v["median"] is not None}
 
 
 def make_baseline(result: dict) -> dict:
@@ -72,13 +77,19 @@ def make_baseline(result: dict) -> dict:
 
 def compare(result: dict, baseline: dict, tolerance: float = TOLERANCE) -> list[dict]:
     """One line per row of the baseline or of the run: baseline ratio, now, change, verdict
-    ("ok", "faster", "SLOWER", "NOT MEASURED", "new"); SLOWER and NOT MEASURED fail."""
+    ("ok", "faster", "SLOWER", "NOT MEASURED", "new", "left out"); SLOWER and NOT MEASURED
+    fail. A row left out by the run's options (another workload, --rows) is no failure; a
+    row that raised or could not be built is."""
     now, before = ratios_of(result), baseline["ratios"]
+    chosen_out = {f"{w}:{line.partition(': ')[0]}" for w, record in result["workloads"].items()
+                  for line in record["left_out"] if line.endswith(LEFT_OUT_BY_CHOICE)}
     lines = []
     for k in [*before, *(k for k in now if k not in before)]:
         b = before.get(k, {}).get("median")
         n = now.get(k, {}).get("median")
-        if n is None:
+        if n is None and (k.partition(":")[0] not in result["workloads"] or k in chosen_out):
+            verdict, change = "left out", None  # by this run's options (--workloads, --rows, ...)
+        elif n is None:
             verdict, change = "NOT MEASURED", None
         elif b is None:
             verdict, change = "new", None
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auto-tolerance", type=float, default=AUTO_TOLERANCE)
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=list(optim_step.WORKLOADS))
     parser.add_argument("--with-reference", action="store_true", help="time the reference backend too (slow)")
+    parser.add_argument("--result", type=Path, help="check the JSON of an earlier run instead of timing now")
     optim_step.add_run_arguments(parser)
     args = parser.parse_args(argv)
     plants = optim_step.parse_plants(args.plant_slowdown + optim_step.plants_from_env())
@@ -222,10 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     path = None if args.no_save else optim_step.results_path(dict(date=date), "bench_check-cpu", args.results)
     command = " ".join(["python -m bench.check", *(argv if argv is not None else sys.argv[1:])])
-    result = optim_step.run(torch.device("cpu"), args.workloads, rounds=args.rounds, min_run_time=args.min_run_time,
-                            reference=args.with_reference, select=args.rows, plants=plants, path=path,
-                            command=command)
-    optim_step.print_table(result)
+    if args.result:
+        result, path = json.loads(args.result.read_text()), None
+        print(f"checking {args.result} (measured by: {result['command']})")
+    else:
+        result = optim_step.run(torch.device("cpu"), args.workloads, rounds=args.rounds,
+                                min_run_time=args.min_run_time, reference=args.with_reference, select=args.rows,
+                                plants=plants, path=path, command=command)
+        optim_step.print_table(result)
     print()
     baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else None
     if args.update_baseline:

@@ -24,10 +24,12 @@ cores. Here every row's optimizer is built first (one step creates its state and
 its kernels), then R rounds (default 9) visit every row once in a shuffled order; a visit
 is a block of steps (at least 3, more for fast rows, so that a block lasts about
 min_run_time / R), and its sample is the fastest step of the block on the CPU (the mean of
-the block, synchronised at both ends, on CUDA). Per row: the minimum and the median over
-rounds; per fastlars row: its ratio to its floor row (torch's fused step of the same kind)
-taken within each round, then the median of those ratios and their spread. Ratios hold on
-any machine; milliseconds do not.
+the block, synchronised at both ends, on CUDA). The floor rows (torch's fused steps) are
+visited before, between and after the rows divided by them, and their sample of a round is
+their best visit (see measure). Per row: the minimum and the median over rounds; per
+fastlars row: its ratio to its floor taken within each round, then the median of those
+ratios and their spread; two rows are compared by their samples of the same round
+(row_ratio). Ratios hold on any machine; milliseconds do not.
 
 Bandwidth: ``copy_`` (read + write, 8 B per fp32 element) and ``sum`` (read, 4 B) of at
 least 64 MiB, timed as two more rows of the same rounds, on the threads the steps use. The
@@ -79,6 +81,16 @@ PLANT_ENV = "FASTLARS_BENCH_PLANT"  # ROW=FACTOR[,ROW=FACTOR...], as --plant-slo
 
 # ---------------------------------------------------------------------------- the rows
 
+# the options every variant row of the table covers, per family: the test checks the table
+# against the optimizers' keyword-only options, so a new option without a row fails it
+VARIANT_OPTIONS = {
+    "LARS": {"adapt_only_decayed", "ratio_denominator", "zero_norm", "trust_bounds", "lr_in_momentum",
+             "trust_clip", "nesterov"},
+    "LAMB": {"adapt_only_decayed", "decay_mode", "eps_inside_sqrt", "trust_bounds", "bias_correction_in_lr",
+             "grad_norm_eps", "max_grad_norm"},
+}
+
+
 @dataclass(frozen=True)
 class Row:
     """One optimizer configuration to time. ``label`` is its name in the tables and the
@@ -94,6 +106,12 @@ class Row:
     floor: str | None = None          # the label of the row its ratio is taken to; None: a floor row
     variant_of: str | None = None     # the default row an option's target compares with
     needs: str | None = None          # a module the row needs ("timm")
+    options: dict[str, Any] = field(default_factory=dict)  # fastlars options beyond OPTIMIZER_ARGS
+
+    @property
+    def maths_variant(self) -> bool:
+        """A variant of the maths (VARIANT_OPTIONS), not of how the step runs."""
+        return bool(self.options) and set(self.options) <= VARIANT_OPTIONS[self.family]
 
 
 def _floor_label(family: str, graph: bool) -> str:
@@ -129,7 +147,7 @@ def fastlars_row(family: str, backend: str, *, dtype: torch.dtype = torch.float3
     label = f"{family}[{','.join(tags)}{_option_text(options)}]"
     return Row(label, family, functools.partial(getattr(fastlars, family), backend=backend),
                {**OPTIMIZER_ARGS[family], **extra, **options}, backend=backend, dtype=dtype, graph=graph,
-               floor=_floor_label(family, graph),
+               floor=_floor_label(family, graph), options=options,
                variant_of=f"{family}[{backend}]" if options and dtype == torch.float32 and not graph else None)
 
 
@@ -194,16 +212,6 @@ ROWS: list[Row] = [
     *(fastlars_row(family, "triton", graph=True, one_launch=True) for family in ("LARS", "LAMB")),
 ]
 
-# the options every variant row of the table covers, per family: the test checks the table
-# against the optimizers' keyword-only options, so a new option without a row fails it
-VARIANT_OPTIONS = {
-    "LARS": {"adapt_only_decayed", "ratio_denominator", "zero_norm", "trust_bounds", "lr_in_momentum",
-             "trust_clip", "nesterov"},
-    "LAMB": {"adapt_only_decayed", "decay_mode", "eps_inside_sqrt", "trust_bounds", "bias_correction_in_lr",
-             "grad_norm_eps", "max_grad_norm"},
-}
-
-
 def _accepts(row: Row) -> list[str]:
     """The row's options its constructor does not take (an option not built yet)."""
     make = row.make.func if isinstance(row.make, functools.partial) else row.make
@@ -215,8 +223,8 @@ def _accepts(row: Row) -> list[str]:
     return [k for k in row.kwargs if k not in params]
 
 
-def rows_for(device: torch.device, workload: str, *, reference: bool = True, select: str | None = None,
-             table: list[Row] | None = None) -> tuple[list[Row], list[str]]:
+def rows_for(device: torch.device, workload: str, *, reference: bool = True, variants: bool = True,
+             select: str | None = None, table: list[Row] | None = None) -> tuple[list[Row], list[str]]:
     """The rows of ``table`` (default ROWS) to time on ``device`` for ``workload``, and a line
     for each row left out, saying why. Floor rows stay whenever a selected row needs them."""
     chosen, left_out = [], []
@@ -233,7 +241,9 @@ def rows_for(device: torch.device, workload: str, *, reference: bool = True, sel
             why = f"{row.needs} is not installed"
         elif unknown := _accepts(row):
             why = f"{row.family} does not accept {', '.join(unknown)} (yet)"
-        elif workload == "bert_large" and row.variant_of:
+        elif row.maths_variant and not variants:
+            why = "variants left out (--no-variants)"
+        elif row.maths_variant and workload == "bert_large":
             why = "variants are timed on resnet50 and tiny2000 (their state would not fit beside bert_large's)"
         elif select and row.floor is not None and not re.search(select, row.label):
             why = "not selected (--rows)"
@@ -394,16 +404,14 @@ def build_step(row: Row, params: list[torch.nn.Parameter], device: torch.device)
 
 @dataclass
 class Timed:
-    """A row being timed: its step, block size, one sample per round (seconds) and, for a
-    row with a floor, the floor's time beside each sample (the faster of the floor's
-    visits just before and just after it)."""
+    """A row being timed: its step, block size, one sample per round (seconds) and the
+    row it is divided by (its floor), if any."""
 
     key: str                    # row label, or "copy_" / "sum"
     step: Callable[[], None]
     block: int
     floor: Timed | None = None
     samples: list[float] = field(default_factory=list)
-    floor_samples: list[float] = field(default_factory=list)
     bytes_per_sample: int = 0   # the bandwidth rows: bytes one call moves
 
 
@@ -434,12 +442,13 @@ def _sample(timed: Timed, sync, per_step: bool) -> float:
 
 def measure(timed: list[Timed], device: torch.device, rounds: int, *, seed: int = 0,
             after_round: Callable[[int], None] | None = None) -> None:
-    """R rounds over every row, each in its own shuffled order. A row with a floor is
-    visited between two visits of its floor (floor, row, floor, next row of that floor,
-    floor, ...), so that its ratio compares times taken a moment apart; a floor's sample
-    of the round is its fastest visit. Appends one sample per row per round and calls
-    ``after_round(r)`` after each round. A row that raises is dropped (its samples so far
-    kept) and the exceptions re-raised after the rounds."""
+    """R rounds over every row, each in its own shuffled order. The rows of a floor are
+    visited in a run with a visit of the floor before, between and after them (floor, row,
+    floor, row, ..., floor), and the floor's sample of the round is its fastest visit: a
+    visit of a fast step is easily slowed by another process, and the best of many visits
+    spread over the round is a steady measure of the round's floor. Appends one sample per
+    row per round and calls ``after_round(r)`` after each round. A row that raises is
+    dropped (its samples so far kept) and the exceptions re-raised after the rounds."""
     sync, per_step = _sync_for(device), device.type == "cpu"
     order = random.Random(seed)
     failed: dict[int, tuple[Timed, BaseException]] = {}
@@ -470,20 +479,18 @@ def measure(timed: list[Timed], device: torch.device, rounds: int, *, seed: int 
             for group in visits:
                 floor = group[0].floor if group and group[0].floor is not None and id(group[0].floor) not in failed \
                     else None
-                before = visit(floor) if floor else None
+                if floor:
+                    floor_seen[id(floor)].append(visit(floor))
                 for t in group:
                     sample = visit(t)
-                    after = visit(floor) if floor else None
-                    if floor:
-                        floor_seen[id(floor)] += [x for x in (before, after) if x is not None]
-                    if sample is not None and (floor is None or before is not None and after is not None):
+                    if sample is not None:
                         t.samples.append(sample)
-                        if floor:
-                            t.floor_samples.append(min(before, after))
-                    before = after
+                    if floor:
+                        floor_seen[id(floor)].append(visit(floor))
             for f in floors:
-                if floor_seen[id(f)]:
-                    f.samples.append(min(floor_seen[id(f)]))
+                seen = [x for x in floor_seen[id(f)] if x is not None]
+                if seen:
+                    f.samples.append(min(seen))
             if after_round:
                 after_round(r)
     finally:
@@ -513,15 +520,15 @@ def spread(values: list[float]) -> dict[str, float | None]:
 
 
 def run_workload(workload: str, device: torch.device, *, rounds: int, min_run_time: float, min_block: int = 3,
-                 reference: bool = True, select: str | None = None, plants: dict[str, float] | None = None,
-                 table: list[Row] | None = None, on_progress: Callable[[dict], None] | None = None,
+                 reference: bool = True, variants: bool = True, select: str | None = None,
+                 plants: dict[str, float] | None = None, table: list[Row] | None = None, on_progress: Callable[[dict], None] | None = None,
                  seed: int = 0, bandwidth: bool = True) -> dict:
     """Build and time every row for ``workload``; returns the workload's record (rows,
     bandwidth, auto's picks, errors, what was left out). ``on_progress(record)`` is called
     after every round with the record so far."""
     shapes = WORKLOADS[workload]()
     numel = sum(s.numel() for s in shapes)
-    rows, left_out = rows_for(device, workload, reference=reference, select=select, table=table)
+    rows, left_out = rows_for(device, workload, reference=reference, variants=variants, select=select, table=table)
     plants = plants or {}
     sync = _sync_for(device)
     params = {dtype: make_params(shapes, device, dtype) for dtype in {r.dtype for r in rows}}
@@ -533,6 +540,7 @@ def run_workload(workload: str, device: torch.device, *, rounds: int, min_run_ti
     sample_time = min_run_time / max(rounds, 1)
 
     timed: list[Timed] = []
+    began = time.perf_counter()
     for row in rows:
         try:
             step = build_step(row, params[row.dtype], device)
@@ -544,6 +552,7 @@ def run_workload(workload: str, device: torch.device, *, rounds: int, min_run_ti
             record["errors"].append(f"{row.label}: {type(e).__name__}: {e}")
             print(f"  error, left out: {record['errors'][-1]}", file=sys.stderr)
     steps = len(timed)
+    print(f"{workload}: {steps} rows built in {time.perf_counter() - began:.0f} s, timing {rounds} rounds ...", flush=True)
     if bandwidth:  # timed in the same rounds and on the same threads as the steps
         big = max(numel, 2**24 if device.type == "cpu" else 2**26)  # past the last-level cache
         src = torch.randn(big, device=device)
@@ -584,7 +593,7 @@ def _row_record(row: Row, t: Timed, numel: int, copy_GBps: float | None, workloa
     ms = [s * 1e3 for s in t.samples]
     min_bytes = MIN_BYTES_PER_ELEMENT[row.family] * numel
     floor_s = min_bytes / (copy_GBps * 1e9) if copy_GBps else None
-    ratio = per_round_ratios(t.samples, t.floor_samples) if row.floor is not None else [1.0] * len(ms)
+    ratio = per_round_ratios(t.samples, t.floor.samples) if t.floor is not None else [1.0] * len(ms)
     return dict(workload=workload, label=row.label, optimizer=row.family, backend=row.backend or
                 ("torch" if row.floor is None else "timm"), dtype=_dtype_name(row.dtype),
                 graph=row.graph, floor=row.floor, variant_of=row.variant_of, block=t.block,
@@ -598,8 +607,8 @@ def _row_record(row: Row, t: Timed, numel: int, copy_GBps: float | None, workloa
 # ---------------------------------------------------------------------------- the run
 
 def run(device: torch.device, workloads: list[str], *, rounds: int = 9, min_run_time: float | None = None,
-        reference: bool = True, select: str | None = None, plants: dict[str, float] | None = None,
-        path: Path | None = None, table: list[Row] | None = None, command: str | None = None,
+        reference: bool = True, variants: bool = True, select: str | None = None,
+        plants: dict[str, float] | None = None, path: Path | None = None, table: list[Row] | None = None, command: str | None = None,
         bandwidth: bool = True) -> dict:
     """Every workload in turn (its rows interleaved); the result is written to ``path``
     (when given) after every round of every workload."""
@@ -631,10 +640,9 @@ def run(device: torch.device, workloads: list[str], *, rounds: int = 9, min_run_
             write_json(result, path)
 
     for workload in workloads:
-        print(f"{workload}: building the rows ...", flush=True)
         began = time.perf_counter()
         run_workload(workload, device, rounds=rounds, min_run_time=min_run_time, reference=reference,
-                     select=select, plants=plants, table=table, on_progress=progress, bandwidth=bandwidth)
+                     variants=variants, select=select, plants=plants, table=table, on_progress=progress, bandwidth=bandwidth)
         print(f"{workload}: {rounds} rounds in {time.perf_counter() - began:.0f} s", flush=True)
     return result
 
@@ -669,16 +677,11 @@ def write_results(result: dict, stem: str, folder: Path) -> None:
 
 
 def row_ratio(result: dict, workload: str, label: str, other: str) -> dict[str, float | None]:
-    """Median and spread over rounds of label's time / other's time in ``result``. Rows of
-    one floor are compared through their ratios to it (each a pair of times a moment
-    apart), other pairs through their samples of the same round."""
+    """Median and spread over rounds of label's time / other's time in the same round."""
     rows = {r["label"]: r for r in result["rows"] if r["workload"] == workload}
     if label not in rows or other not in rows:
         return spread([])
-    a, b = rows[label], rows[other]
-    if (a["floor"] or a["label"]) == (b["floor"] or b["label"]):
-        return spread(per_round_ratios(a["ratios_to_floor"], b["ratios_to_floor"]))
-    return spread(per_round_ratios(a["samples_ms"], b["samples_ms"]))
+    return spread(per_round_ratios(rows[label]["samples_ms"], rows[other]["samples_ms"]))
 
 
 def print_table(result: dict) -> None:
@@ -732,6 +735,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                         help="default: resnet50 tiny2000 on the CPU, all on the GPU")
     parser.add_argument("--no-reference", action="store_true", help="leave out the reference backend's rows")
+    parser.add_argument("--no-variants", action="store_true", help="leave out the rows of the LARS/LAMB variant options")
     add_run_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -741,7 +745,8 @@ def main() -> None:
     if path:
         print(f"writing {path} after every round")
     result = run(device, args.workloads or DEFAULT_WORKLOADS.get(device.type, ["resnet50"]), rounds=args.rounds,
-                 min_run_time=args.min_run_time, reference=not args.no_reference, select=args.rows, plants=plants,
+                 min_run_time=args.min_run_time, reference=not args.no_reference,
+                 variants=not args.no_variants, select=args.rows, plants=plants,
                  path=path)
     print_table(result)
     if path:

@@ -199,8 +199,10 @@ def test_a_row_that_raises_is_reported_and_the_others_measured(clock):
 
 # ---------------------------------------------------------------------------- the check's verdicts
 
-def result_of(ratios: dict[str, list[float]], auto=None, workload="resnet50") -> dict:
+def result_of(ratios: dict[str, list[float]], auto=None, workload="resnet50", left_out=None) -> dict:
     """A result holding rows with the given per-round ratios to their floor (floors: 1)."""
+    rounds = len(next(iter(ratios.values())))
+    ratios = {"SGD[torch,fused]": [1.0] * rounds, "AdamW[torch,fused]": [1.0] * rounds, **ratios}
     rows = []
     for label, per_round in ratios.items():
         family = "LARS" if label.startswith(("LARS", "SGD")) else "LAMB"
@@ -211,7 +213,7 @@ def result_of(ratios: dict[str, list[float]], auto=None, workload="resnet50") ->
                          graph=False, floor=None if is_floor else optim_step._floor_label(family, False),
                          variant_of=f"{family}[{backend}]" if options else None, samples_ms=list(per_round),
                          ratios_to_floor=list(per_round), ratio_to_floor=optim_step.spread(per_round)))
-    return dict(rows=rows, workloads={workload: dict(auto=auto or {})}, rounds=len(next(iter(ratios.values()))),
+    return dict(rows=rows, workloads={workload: dict(auto=auto or {}, left_out=left_out or [])}, rounds=len(next(iter(ratios.values()))),
                 date="now", device="test", command="test", errors=[], planted_slowdowns={}, torch="", fastlars="",
                 threads=1)
 
@@ -225,12 +227,19 @@ def test_compare_flags_slower_missing_and_new_rows():
     assert lines["resnet50:LAMB[cpu]"]["verdict"] == "SLOWER" and lines["resnet50:LAMB[cpu]"]["fails"]
     assert lines["resnet50:LAMB[foreach]"]["verdict"] == "NOT MEASURED" and lines["resnet50:LAMB[foreach]"]["fails"]
     assert lines["resnet50:LAMB[timm]"]["verdict"] == "new" and not lines["resnet50:LAMB[timm]"]["fails"]
+    chosen = result_of({"LARS[cpu]": [1.0, 1.0, 1.0]}, left_out=["LAMB[cpu]: not selected (--rows)"])
+    lines = {line["row"]: line for line in check.compare(chosen, baseline)}
+    assert lines["resnet50:LAMB[cpu]"]["verdict"] == "left out" and not lines["resnet50:LAMB[cpu]"]["fails"]
+    assert lines["resnet50:LAMB[foreach]"]["verdict"] == "NOT MEASURED"
+    other_workload = dict(ratios={**baseline["ratios"], "tiny2000:LARS[cpu]": dict(median=1.0)})
+    lines = {line["row"]: line for line in check.compare(now, other_workload)}
+    assert lines["tiny2000:LARS[cpu]"]["verdict"] == "left out"
     faster = check.compare(result_of({"LARS[cpu]": [0.8, 0.8, 0.8]}), dict(ratios={"resnet50:LARS[cpu]": dict(median=1.0)}))
     assert faster[0]["verdict"] == "faster" and not faster[0]["fails"]
 
 
 def test_auto_fails_when_it_picked_a_backend_measured_slower():
-    result = result_of({"SGD[torch,fused]": [1, 1, 1], "LARS[cpu]": [2.0, 2.2, 2.1], "LARS[foreach]": [1.5, 1.6, 1.5],
+    result = result_of({"LARS[cpu]": [2.0, 2.2, 2.1], "LARS[foreach]": [1.5, 1.6, 1.5],
                         "LARS[cpu,nesterov=True]": [1.0, 1.0, 1.0]}, auto={"LARS": "cpu"})
     (line,) = check.auto_checks(result)
     assert line["verdict"] == "FAIL" and line["fails"] and set(line["versus"]) == {"LARS[foreach]"}
@@ -239,7 +248,7 @@ def test_auto_fails_when_it_picked_a_backend_measured_slower():
 
 
 def test_targets_are_reported_pass_fail_or_missing():
-    result = result_of({"SGD[torch,fused]": [1, 1, 1], "AdamW[torch,fused]": [1, 1, 1], "LARS[cpu]": [1.2, 1.25, 1.2],
+    result = result_of({"LARS[cpu]": [1.2, 1.25, 1.2],
                         "LAMB[cpu]": [1.4, 1.4, 1.4], "LAMB[timm]": [3.0, 3.0, 3.0],
                         "LAMB[cpu,decay_mode=l2]": [1.5, 1.5, 1.5]})
     verdicts = {line["target"]: line["verdict"] for line in check.targets(result)}
