@@ -2,6 +2,7 @@
 
     python -m bench.optim_step [--device cpu|cuda] [--workloads resnet50 bert_large tiny2000]
                                [--rounds 9] [--min-run-time SECONDS] [--rows REGEX] [--no-reference]
+                               [--no-variants]
                                [--plant-slowdown ROW=FACTOR] [--results DIR | --no-save]
 
 Workloads: ResNet-50's parameter shapes (torchvision, no weights: 25.6M parameters in 161
