@@ -298,6 +298,7 @@ def run(args) -> dict:
     for name in args.configs:
         opt_kind, norm = name.split("+")
         plan += [(opt_kind, norm, backend) for backend in (args.sgd if opt_kind == "sgd" else backends)]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
     per_config = 1 + args.repeats * args.steps + 1  # warm-up, timed, profiled
     with tqdm(total=len(args.global_batch) * len(plan) * per_config, desc="e2e", unit="step") as progress:
@@ -309,7 +310,8 @@ def run(args) -> dict:
                   torch=torch.__version__, fastlars=fastlars.__version__, model=args.model,
                   repeats=args.repeats, steps_per_round=args.steps,
                   baseline=f"sgd+bn {args.sgd[0]}" if "sgd+bn" in args.configs else None,
-                  interval=interval_meaning(args.repeats), rows=rows)
+                  interval=interval_meaning(args.repeats), cpu_cores=os.cpu_count(),
+                  load_average=[load_before, os.getloadavg()[0] if load_before is not None else None], rows=rows)
     if device.type == "cpu":
         result["process_max_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     print_table(result)
@@ -325,12 +327,16 @@ def run(args) -> dict:
 def interval_meaning(repeats: int) -> str:
     # the median of a distribution lies outside the min-max of n independent draws with
     # probability 2 * 2**-n (all draws on one side of it)
-    return (f"min-max over {repeats} rounds: a distribution-free {1 - 2 * 0.5 ** repeats:.0%} interval for the median"
-            f" if the rounds are independent")
+    return (f"min-max of the {repeats} rounds: a distribution-free {1 - 2 * 0.5 ** repeats:.0%} interval for the "
+            f"median ratio if the rounds are independent")
 
 
 def print_table(result: dict) -> None:
     print(f"device: {result['device']}   torch {result['torch']}   model {result['model']}   {result['date']}")
+    if result["load_average"][0] is not None:
+        # other processes on the cores stretch some rounds more than others: the intervals widen
+        print("machine: 1-minute load average {:.1f} before, {:.1f} after, {} cores".format(
+            *result["load_average"], result["cpu_cores"]))
     gpu = any("peak_memory_GiB" in r for r in result["rows"])
     header = (f"{'config':<9} {'optimizer step':<17} {'batch':>6} {'images/s':>9} {'vs SGD+BN [min-max]':>22} "
               f"{'optimizer [min-max]':>21} {'norms':>6}" + (f" {'peak GiB':>8}" if gpu else ""))
@@ -352,7 +358,8 @@ def print_table(result: dict) -> None:
     print(f"images/s: median of {result['repeats']} rounds, round-robin over the configurations, "
           f"{result['steps_per_round']} timed step(s) each.")
     if result["baseline"]:
-        print(f"vs SGD+BN: images/s over {result['baseline']}'s in the same round; median [{result['interval']}].")
+        print(f"vs SGD+BN: each round's images/s over {result['baseline']}'s in the same round; median "
+              f"[{result['interval']}].")
     print("optimizer: opt.step()'s share of step time, median [min-max over the rounds]. "
           "norms: batch-norm/Ghost BN operators' share of operator time in one profiled step.")
     if "process_max_rss_GiB" in result:
