@@ -22,8 +22,7 @@ def test_e2e_harness_cli(tmp_path):
     pytest.importorskip("torchvision")
     command = [sys.executable, "-m", "fastlars.bench", "e2e", "--device", "cpu", "--model", "resnet18",
                "--image-size", "16", "--global-batch", "8", "--micro-batch", "4", "--steps", "1", "--repeats", "2",
-               "--virtual-batch-size", "2", "--backends", "foreach", "--configs", "sgd+bn", "lars+gbn", "lamb+gbn",
-               "--results", str(tmp_path)]
+               "--virtual-batch-size", "2", "--backends", "foreach", "--configs", "sgd+bn", "lamb+gbn", "--results", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -34,15 +33,14 @@ def test_e2e_harness_cli(tmp_path):
     [report] = tmp_path.glob("e2e-cpu-*.json")
     result = json.loads(report.read_text())
     assert [(r["optimizer"], r["norm"], r["backend"], r["status"]) for r in result["rows"]] == [
-        ("sgd", "bn", "torch-fused", "ok"), ("sgd", "bn", "torch-foreach", "ok"),
-        ("lars", "gbn", "foreach", "ok"), ("lamb", "gbn", "foreach", "ok")]
+        ("sgd", "bn", "torch-fused", "ok"), ("sgd", "bn", "torch-foreach", "ok"), ("lamb", "gbn", "foreach", "ok")]
     assert result["baseline"] == "sgd+bn torch-fused" and result["repeats"] == 2
     baseline = result["rows"][0]
     assert baseline["baseline"] and [r["vs_baseline"] for r in baseline["rounds"]] == [1.0, 1.0]
-    for row in result["rows"]:
+    for index, row in enumerate(result["rows"]):
         assert len(row["rounds"]) == 2 and 0 < row["norm_share"] < 1
         # the rounds are round-robin: the second starts one configuration later
-        assert [r["position"] for r in row["rounds"]] == [result["rows"].index(row), (result["rows"].index(row) - 1) % 4]
+        assert [r["position"] for r in row["rounds"]] == [index, (index - 1) % 3]
         for round_ in row["rounds"]:
             [step] = round_["steps"]
             assert step["step_s"] > step["optimizer_s"] > 0

@@ -197,14 +197,15 @@ def prepare(args, device, opt_kind, norm, backend, data, progress) -> Config:
         config.row["status"] = f"does not fit: {why}"
         return config
     opt = make_optimizer(opt_kind, backend, model, global_batch)
-    scheduler = WarmupPolyDecay(opt, total_steps=args.repeats * args.steps + 12, warmup_steps=2)
+    scheduler = WarmupPolyDecay(opt, total_steps=steps_per_config(args) + 10, warmup_steps=2)
     step = lambda: train_step(model, opt, scheduler, data, args.micro_batch, autocast_dtype, memory_format, device)
     try:
         step()  # warm-up: state, compilation; an out-of-memory stops here, not mid-measurement
     except torch.OutOfMemoryError:
-        del model, opt, scheduler, step
-        torch.cuda.empty_cache()
         config.row["status"] = f"does not fit: out of memory at micro-batch {args.micro_batch}"
+    if config.row.get("status"):
+        del model, opt, scheduler, step  # outside the except clause, whose traceback holds the step's tensors
+        torch.cuda.empty_cache()
         return config
     progress.update(1)
     config.row["status"] = "ok"
@@ -255,6 +256,10 @@ def summarise(configs: list[Config], baseline: Config | None) -> None:
         config.row["rounds"] = rounds
 
 
+def steps_per_config(args) -> int:
+    return 1 + args.repeats * args.steps + 1  # warm-up, timed, profiled
+
+
 def measure(args, device, plan, global_batch, progress) -> list[dict]:
     """Build every configuration of one global batch, time them round-robin, profile each once."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -264,6 +269,8 @@ def measure(args, device, plan, global_batch, progress) -> list[dict]:
     for opt_kind, norm, backend in plan:
         progress.set_postfix_str(f"warm-up {opt_kind}+{norm} {backend} B={global_batch}")
         configs.append(prepare(args, device, opt_kind, norm, backend, data, progress))
+        if configs[-1].row["status"] != "ok":
+            progress.update(steps_per_config(args))
     live = [c for c in configs if c.row["status"] == "ok"]
     for repeat in range(args.repeats):
         start = repeat % len(live) if live else 0
@@ -300,8 +307,7 @@ def run(args) -> dict:
         plan += [(opt_kind, norm, backend) for backend in (args.sgd if opt_kind == "sgd" else backends)]
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
-    per_config = 1 + args.repeats * args.steps + 1  # warm-up, timed, profiled
-    with tqdm(total=len(args.global_batch) * len(plan) * per_config, desc="e2e", unit="step") as progress:
+    with tqdm(total=len(args.global_batch) * len(plan) * steps_per_config(args), desc="e2e", unit="step") as progress:
         for global_batch in args.global_batch:
             rows += measure(args, device, plan, global_batch, progress)
     result = dict(benchmark="e2e", date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
