@@ -187,19 +187,74 @@ FASTLARS_ELEMENT_LOOP double sum_products(const A* a, const B* b, int64_t n) {
   return total;
 }
 
-// Writes the updated weights of elements [begin, end): w, and the parameter p where w is its
-// master copy; the choice is made once, outside the element loop.
-template <typename acc_t, typename weight_t, typename param_t, typename Fn>
-FASTLARS_ELEMENT_LOOP void write_weights(weight_t* w, param_t* p, int64_t begin, int64_t end, const Fn& updated) {
-  if (static_cast<void*>(w) != static_cast<void*>(p)) {
-    for (int64_t e = begin; e < end; ++e) {
-      const acc_t value = updated(e);
-      w[e] = static_cast<weight_t>(value);
-      p[e] = static_cast<param_t>(value);
-    }
-  } else {
-    for (int64_t e = begin; e < end; ++e) w[e] = static_cast<weight_t>(updated(e));
+// The element loops of the updates. Each takes its arrays as __restrict parameters and its
+// hyper-parameters by value, so that the compiler knows no store aliases another array or a
+// hyper-parameter: with the loops behind target_clones (a call, not inlined), a closure or a
+// reference would leave the loop unvectorised. kMaster: w is the fp32 master of the
+// low-precision parameter p, which gets the rounded value too; else p is w and is not passed.
+template <bool kMaster, typename acc_t, typename weight_t, typename param_t>
+inline void store_weight(weight_t* __restrict w, param_t* __restrict p, int64_t e, acc_t value) {
+  w[e] = static_cast<weight_t>(value);
+  if constexpr (kMaster) p[e] = static_cast<param_t>(value);
+}
+
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lars_update_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const param_t* __restrict g, acc_t* __restrict buf, int64_t begin,
+                                            int64_t end, const LarsFactors<acc_t> factors, const LarsHyper<acc_t> h,
+                                            const acc_t scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    acc_t b = 0;
+    if constexpr (variant::has(F, variant::kMomentum)) b = buf[e];
+    const acc_t updated = lars_element<F, acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, b, false, factors, h);
+    if constexpr (variant::has(F, variant::kMomentum)) buf[e] = b;
+    store_weight<kMaster>(w, p, e, updated);
   }
+}
+
+// LAMB's update of the two passes: new moments, u and the weights.
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_update_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const param_t* __restrict g, acc_t* __restrict m, acc_t* __restrict v,
+                                            int64_t begin, int64_t end, const acc_t factor, const acc_t ratio,
+                                            const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) {
+    const acc_t we = acc_t(w[e]);
+    acc_t me = m[e], ve = v[e];
+    const acc_t u = lamb_direction<F, acc_t>(we, acc_t(g[e]) * factor, me, ve, h);
+    m[e] = me;
+    v[e] = ve;
+    store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(we, u, ratio, h));
+  }
+}
+
+// The one pass's LAMB update from u kept by its sums (u indexed from `begin`), or recomputed
+// from the moments its sums wrote (a tensor larger than a batch).
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_weight_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const acc_t* __restrict u, int64_t begin, int64_t end,
+                                            const acc_t ratio, const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(acc_t(w[e]), u[e - begin], ratio, h));
+}
+
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_moments_weight_loop(weight_t* __restrict w, param_t* __restrict p,
+                                                    const acc_t* __restrict m, const acc_t* __restrict v,
+                                                    int64_t begin, int64_t end, const acc_t ratio,
+                                                    const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) {
+    const acc_t we = acc_t(w[e]);
+    store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(we, lamb_direction_of_moments<F, acc_t>(we, m[e], v[e], h), ratio, h));
+  }
+}
+
+// Calls fn(std::bool_constant<master>) for whether weight w is the master copy of parameter p.
+template <typename Fn>
+void with_master(const void* w, const void* p, const Fn& fn) {
+  if (w != p)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -243,13 +298,10 @@ LarsFactors<acc_t> lars_tensor_factors(const double* sums, bool first, double in
 template <typename acc_t, typename weight_t, typename param_t>
 void lars_item_update(weight_t* w, param_t* p, const param_t* g, acc_t* buf, int64_t begin, int64_t end, bool first,
                       const LarsFactors<acc_t>& factors, const LarsHyper<acc_t>& h, acc_t scale) {
-  with_variant_set<variant::kLarsSets, variant::kExact>(lars_set(h, first) & (buf ? ~0u : variant::kExact),
-                                                        [&](auto set) {
-    constexpr unsigned F = decltype(set)::value;
-    write_weights<acc_t>(w, p, begin, end, [&](int64_t e) {
-      acc_t unused = 0;
-      acc_t& b = variant::has(F, variant::kMomentum) ? buf[e] : unused;
-      return lars_element<F, acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, b, false, factors, h);
+  const unsigned set = buf ? lars_set(h, first) : variant::kExact;
+  with_variant_set<variant::kLarsSets, variant::kExact>(set, [&](auto s) {
+    with_master(w, p, [&](auto master) {
+      lars_update_loop<decltype(s)::value, decltype(master)::value>(w, p, g, buf, begin, end, factors, h, scale);
     });
   });
 }
@@ -262,8 +314,9 @@ void lars_item_update(weight_t* w, param_t* p, const param_t* g, acc_t* buf, int
 // (the step, after the gate): the new moments are written back, and u into u_out (indexed from
 // `begin`) where given. Both choices are template arguments: no branch in the element loop.
 template <unsigned F, bool kStore, bool kKeepU, typename acc_t, typename weight_t, typename param_t>
-FASTLARS_ELEMENT_LOOP void lamb_item_sums(const weight_t* w, const param_t* g, acc_t* m, acc_t* v, int64_t begin, int64_t end, acc_t factor,
-                    const LambHyper<acc_t>& h, acc_t* u_out, double* sums) {
+FASTLARS_ELEMENT_LOOP void lamb_item_sums(const weight_t* __restrict w, const param_t* __restrict g, acc_t* __restrict m,
+                                          acc_t* __restrict v, int64_t begin, int64_t end, const acc_t factor,
+                                          const LambHyper<acc_t> h, acc_t* __restrict u_out, double* sums) {
   acc_t w2[kLanes] = {0}, g2[kLanes] = {0}, u2[kLanes] = {0};
   for (int64_t e0 = begin; e0 < end; e0 += kLanes) {
     const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - e0));
@@ -472,11 +525,9 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
       acc_t* m = exp_avgs[i].data_ptr<acc_t>();
       acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
       with_lamb_set(h, [&](auto set) {
-        constexpr unsigned F = decltype(set)::value;
-        write_weights<acc_t>(w, params[i].data_ptr<param_t>(), it.begin, it.end, [&](int64_t e) {
-          const acc_t we = acc_t(w[e]);
-          return lamb_weight<F, acc_t>(we, lamb_direction<F, acc_t>(we, acc_t(g[e]) * factor, m[e], v[e], h), ratio,
-                                       h);
+        with_master(w, params[i].data_ptr<param_t>(), [&](auto master) {
+          lamb_update_loop<decltype(set)::value, decltype(master)::value>(w, params[i].data_ptr<param_t>(), g, m, v,
+                                                                          it.begin, it.end, factor, ratio, h);
         });
       });
     });
@@ -519,7 +570,11 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
       }
       u_elements = std::max(u_elements, offset);
     }
-    std::vector<acc_t> u_kept(u_elements);
+    // kept across steps (a new allocation of this size is fresh pages, faulted in at every
+    // step), one per calling thread; the parallel region's threads use it through u_kept
+    static thread_local std::vector<acc_t> u_buffer;
+    if (static_cast<int64_t>(u_buffer.size()) < u_elements) u_buffer.resize(u_elements);
+    acc_t* const u_kept = u_buffer.data();
     std::vector<LambHyper<acc_t>> hyper(n);
     std::vector<acc_t> factor(n), ratio(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -541,7 +596,7 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
             double* row = partials.data() + kLambSums * k;
             if (u_offset[k] >= 0)
               lamb_item_sums<F, true, true>(w, g, m, v, it.begin, it.end, factor[i], hyper[i],
-                                            u_kept.data() + u_offset[k], row);
+                                            u_kept + u_offset[k], row);
             else
               lamb_item_sums<F, true, false>(w, g, m, v, it.begin, it.end, factor[i], hyper[i],
                                              static_cast<acc_t*>(nullptr), row);
@@ -568,19 +623,15 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
           const auto& h = hyper[i];
           const acc_t r = ratio[i];
           with_lamb_set(h, [&](auto set) {
-            constexpr unsigned F = decltype(set)::value;
-            if (u_offset[k] >= 0) {
-              const acc_t* u = u_kept.data() + u_offset[k] - it.begin;
-              write_weights<acc_t>(w, p, it.begin, it.end,
-                                   [&](int64_t e) { return lamb_weight<F, acc_t>(acc_t(w[e]), u[e], r, h); });
-            } else {
-              const acc_t* m = exp_avgs[i].data_ptr<acc_t>();
-              const acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
-              write_weights<acc_t>(w, p, it.begin, it.end, [&](int64_t e) {
-                const acc_t we = acc_t(w[e]);
-                return lamb_weight<F, acc_t>(we, lamb_direction_of_moments<F, acc_t>(we, m[e], v[e], h), r, h);
-              });
-            }
+            with_master(w, p, [&](auto master) {
+              constexpr unsigned F = decltype(set)::value;
+              constexpr bool kMaster = decltype(master)::value;
+              if (u_offset[k] >= 0)
+                lamb_weight_loop<F, kMaster>(w, p, u_kept + u_offset[k], it.begin, it.end, r, h);
+              else
+                lamb_moments_weight_loop<F, kMaster>(w, p, exp_avgs[i].data_ptr<acc_t>(),
+                                                     exp_avg_sqs[i].data_ptr<acc_t>(), it.begin, it.end, r, h);
+            });
           });
         });
   });
