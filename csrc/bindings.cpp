@@ -30,6 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lars_update_cpu", &fastlars::lars_update_cpu, "fused LARS update");
   m.def("lamb_norms_cpu", &fastlars::lamb_norms_cpu, "per-tensor sums of squares of w, g and the LAMB direction u");
   m.def("lamb_update_cpu", &fastlars::lamb_update_cpu, "fused LAMB update");
+  m.def("grad_sumsq_cpu", &fastlars::grad_sumsq_cpu, "per-tensor sums of squares of the gradients (the gate's read)");
+  m.def("lars_step_cpu", &fastlars::lars_step_cpu, "LARS step in cache-sized batches (one pass where it fits)");
+  m.def("lamb_step_cpu", &fastlars::lamb_step_cpu, "LAMB step in cache-sized batches (one pass where it fits)");
 #ifdef FASTLARS_WITH_CUDA
   m.def("sumsq_cuda", &fastlars::sumsq_cuda, "per-tensor sums of squares (CUDA, one launch)");
   m.def("lars_update_cuda", &fastlars::lars_update_cuda, "fused LARS update (CUDA, one launch)");

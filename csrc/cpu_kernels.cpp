@@ -1,10 +1,17 @@
-// Fused CPU kernels for LARS and LAMB: OpenMP over fixed-size chunks of all tensors,
-// the per-element maths from fastlars_math.h.
+// Fused CPU kernels for LARS and LAMB: OpenMP over fixed-size chunks (work items) of all
+// tensors, the per-element maths from fastlars_math.h.
 //
-// Passes over memory (fp32): LARS = sumsq (read w, g) + update (read w, g, buf; write
-// w, buf) = 28 B/element; LAMB = norms (read w, g, m, v) + update (read w, g, m, v;
-// write w, m, v) = 44 B/element. Chunks are fixed (not per thread), and partial sums
-// are combined in chunk order, so results do not depend on the thread count.
+// Two ways through memory (fp32 bytes per element; bench/NOTES.md has the model and the
+// measurements):
+// - the step (lars_step_cpu, lamb_step_cpu): whole tensors in cache-sized batches; per batch
+//   the norms of its tensors, then their update while the batch is still in cache, each thread
+//   on the same items in both phases. A tensor larger than a batch is a batch of its own, read
+//   twice. With the gradients' sums from a pre-read (grad_sumsq_cpu: the gate's 4 B), LARS
+//   moves 4 + 20 = 24 B and LAMB 4 + 28 = 32 B; without (GradScaler decided already) 20 and 28.
+// - two passes (sumsq_cpu then lars_update_cpu; lamb_norms_cpu then lamb_update_cpu), where
+//   norms must be combined across ranks between them (sharded parameters): LARS 28 B, LAMB 44 B.
+// Items are fixed (not per thread) and their partial sums combined in item order, so results
+// do not depend on the thread count, nor on the batch size: both ways give the same bits.
 #include "dispatch.h"
 #include "fastlars_math.h"
 #include "kernels.h"
@@ -12,13 +19,28 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 namespace fastlars {
 namespace {
 
 constexpr int kLanes = 16;  // independent accumulators: lets the compiler vectorise the sums
+
+// The element loops are compiled for AVX2 beside the x86-64 baseline (SSE2) and the loader
+// picks one by the CPU (GCC's target_clones), as torch's own fused CPU steps pick their at::vec
+// kernels: SSE2's four lanes leave LAMB's divisions and square root compute-bound. Not FMA:
+// contracting a * b + c would round differently from the reference's separate operations.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTLARS_ELEMENT_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTLARS_ELEMENT_LOOP
+#endif
 
 struct WorkItem {
   int64_t tensor, begin, end;
@@ -41,6 +63,70 @@ void for_items(const std::vector<WorkItem>& items, const Fn& fn) {
   });
 }
 
+// The items [begin, end) of whole tensors [first_tensor, end_tensor) that one step phase pair covers.
+struct Batch {
+  int64_t begin, end, first_tensor, end_tensor;
+};
+
+// Consecutive whole tensors whose bytes (bytes_per_element each) fit `budget`; a tensor larger
+// than the budget is a batch of its own. Tensors without items (empty) join the current batch.
+std::vector<Batch> cache_batches(const std::vector<WorkItem>& items, int64_t n_tensors, int64_t bytes_per_element,
+                                 int64_t budget) {
+  std::vector<Batch> batches;
+  int64_t k = 0, tensor = 0;
+  while (tensor < n_tensors) {
+    Batch b{k, k, tensor, tensor};
+    int64_t bytes = 0;
+    while (b.end_tensor < n_tensors) {
+      int64_t end = b.end;
+      while (end < static_cast<int64_t>(items.size()) && items[end].tensor == b.end_tensor) ++end;
+      int64_t tensor_bytes = 0;
+      for (int64_t j = b.end; j < end; ++j) tensor_bytes += (items[j].end - items[j].begin) * bytes_per_element;
+      if (b.end_tensor > b.first_tensor && bytes + tensor_bytes > budget) break;
+      bytes += tensor_bytes;
+      b.end = end;
+      ++b.end_tensor;
+    }
+    batches.push_back(b);
+    k = b.end;
+    tensor = b.end_tensor;
+  }
+  return batches;
+}
+
+// Bytes of a batch: the caller's, else FASTLARS_CPU_BATCH_BYTES, else the L2 caches of the
+// threads plus half the L3 (what stays between the two phases of a batch).
+int64_t batch_budget(int64_t requested) {
+  if (requested > 0) return requested;
+  if (const char* env = std::getenv("FASTLARS_CPU_BATCH_BYTES")) {
+    const long long value = std::atoll(env);
+    if (value > 0) return value;
+  }
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  const int64_t budget = (l2 > 0 ? l2 : (1 << 20)) * at::get_num_threads() + (l3 > 0 ? l3 / 2 : 0);
+  return std::max<int64_t>(budget, 1 << 20);
+}
+
+// Runs a step batch by batch in one parallel region: sums(k) for the batch's items, then
+// finish(batch) on one thread (false: stop here, nothing more is written), then update(k) for
+// the same items, each on the thread that summed it (a static schedule over the same range).
+template <typename Sums, typename Finish, typename Update>
+void run_batches(const std::vector<Batch>& batches, const Sums& sums, const Finish& finish, const Update& update) {
+  bool go = true;
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+  {
+    for (const Batch& b : batches) {
+#pragma omp for schedule(static)
+      for (int64_t k = b.begin; k < b.end; ++k) sums(k);
+#pragma omp single
+      go = finish(b);
+      if (!go) break;  // every thread reads it after the single's barrier
+#pragma omp for schedule(static) nowait
+      for (int64_t k = b.begin; k < b.end; ++k) update(k);
+    }
+  }
+}
+
 // Per-tensor totals of per-item partials, summed in item order.
 at::Tensor totals(const std::vector<WorkItem>& items, const std::vector<double>& partials, int64_t n_tensors,
                   int columns) {
@@ -51,8 +137,22 @@ at::Tensor totals(const std::vector<WorkItem>& items, const std::vector<double>&
   return out;
 }
 
+// Adds the partials of the batch's items to their tensors' rows of `out` (zeroed columns),
+// in item order, as totals() does.
+void add_partials(const Batch& b, const std::vector<WorkItem>& items, const std::vector<double>& partials,
+                  double* out, int columns, int first_column, int end_column) {
+  for (int64_t k = b.begin; k < b.end; ++k)
+    for (int c = first_column; c < end_column; ++c) out[items[k].tensor * columns + c] += partials[k * columns + c];
+}
+
+bool finite_row(const double* row, int columns) {
+  for (int c = 0; c < columns; ++c)
+    if (!std::isfinite(row[c])) return false;
+  return true;
+}
+
 template <typename T>
-double sum_squares(const T* p, int64_t n) {
+FASTLARS_ELEMENT_LOOP double sum_squares(const T* p, int64_t n) {
   float lanes[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -75,7 +175,7 @@ double sum_squares<double>(const double* p, int64_t n) {
 
 // sum a b (the LARS variants' sums WG, BG, BW), accumulated as sum_squares.
 template <typename A, typename B>
-double sum_products(const A* a, const B* b, int64_t n) {
+FASTLARS_ELEMENT_LOOP double sum_products(const A* a, const B* b, int64_t n) {
   using lane_t = std::conditional_t<std::is_same_v<A, double> || std::is_same_v<B, double>, double, float>;
   lane_t lanes[kLanes] = {0};
   int64_t i = 0;
@@ -87,13 +187,191 @@ double sum_products(const A* a, const B* b, int64_t n) {
   return total;
 }
 
+// The element loops of the updates. Each takes its arrays as __restrict parameters and its
+// hyper-parameters by value, so that the compiler knows no store aliases another array or a
+// hyper-parameter: with the loops behind target_clones (a call, not inlined), a closure or a
+// reference would leave the loop unvectorised. kMaster: w is the fp32 master of the
+// low-precision parameter p, which gets the rounded value too; else p is w and is not passed.
+template <bool kMaster, typename acc_t, typename weight_t, typename param_t>
+inline void store_weight(weight_t* __restrict w, param_t* __restrict p, int64_t e, acc_t value) {
+  w[e] = static_cast<weight_t>(value);
+  if constexpr (kMaster) p[e] = static_cast<param_t>(value);
+}
+
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lars_update_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const param_t* __restrict g, acc_t* __restrict buf, int64_t begin,
+                                            int64_t end, const LarsFactors<acc_t> factors, const LarsHyper<acc_t> h,
+                                            const acc_t scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    acc_t b = 0;
+    if constexpr (variant::has(F, variant::kMomentum)) b = buf[e];
+    const acc_t updated = lars_element<F, acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, b, false, factors, h);
+    if constexpr (variant::has(F, variant::kMomentum)) buf[e] = b;
+    store_weight<kMaster>(w, p, e, updated);
+  }
+}
+
+// LAMB's update of the two passes: new moments, u and the weights.
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_update_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const param_t* __restrict g, acc_t* __restrict m, acc_t* __restrict v,
+                                            int64_t begin, int64_t end, const acc_t factor, const acc_t ratio,
+                                            const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) {
+    const acc_t we = acc_t(w[e]);
+    acc_t me = m[e], ve = v[e];
+    const acc_t u = lamb_direction<F, acc_t>(we, acc_t(g[e]) * factor, me, ve, h);
+    m[e] = me;
+    v[e] = ve;
+    store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(we, u, ratio, h));
+  }
+}
+
+// The one pass's LAMB update from u kept by its sums (u indexed from `begin`), or recomputed
+// from the moments its sums wrote (a tensor larger than a batch).
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_weight_loop(weight_t* __restrict w, param_t* __restrict p,
+                                            const acc_t* __restrict u, int64_t begin, int64_t end,
+                                            const acc_t ratio, const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(acc_t(w[e]), u[e - begin], ratio, h));
+}
+
+template <unsigned F, bool kMaster, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_moments_weight_loop(weight_t* __restrict w, param_t* __restrict p,
+                                                    const acc_t* __restrict m, const acc_t* __restrict v,
+                                                    int64_t begin, int64_t end, const acc_t ratio,
+                                                    const LambHyper<acc_t> h) {
+  for (int64_t e = begin; e < end; ++e) {
+    const acc_t we = acc_t(w[e]);
+    store_weight<kMaster>(w, p, e, lamb_weight<F, acc_t>(we, lamb_direction_of_moments<F, acc_t>(we, m[e], v[e], h), ratio, h));
+  }
+}
+
+// Calls fn(std::bool_constant<master>) for whether weight w is the master copy of parameter p.
+template <typename Fn>
+void with_master(const void* w, const void* p, const Fn& fn) {
+  if (w != p)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
+// ---------------------------------------------------------------------------------------
+// LARS
+
+// What a LARS tensor's norms sum besides w^2 (SumColumn): g^2 unless it came from the
+// pre-read; w g where its group's ratio needs it; buf^2, buf g and buf w where its ratio is
+// taken after momentum and the buffer holds a previous step's (lars_denominator_norm).
+struct LarsSums {
+  bool g2, wg, buf;
+};
+
+template <typename acc_t>
+LarsSums lars_sums_of(const double* row, bool first, const at::Tensor* buf, bool g2) {
+  const bool after_momentum = row[L_AFTER_MOMENTUM] != 0;
+  return {g2, row[L_NORM_OF_SUM] != 0 || after_momentum, after_momentum && !first && buf != nullptr};
+}
+
+template <typename weight_t, typename param_t, typename acc_t>
+void lars_item_sums(const weight_t* w, const param_t* g, const acc_t* buf, int64_t n, LarsSums what, double* sums) {
+  sums[S_W2] = sum_squares(w, n);
+  if (what.g2) sums[S_G2] = sum_squares(g, n);
+  if (what.wg) sums[S_WG] = sum_products(w, g, n);
+  if (what.buf) {
+    sums[S_B2] = sum_squares(buf, n);
+    sums[S_BG] = sum_products(buf, g, n);
+    sums[S_BW] = sum_products(buf, w, n);
+  }
+}
+
+// A tensor's factors of the update (lars_factors) from its sums.
+template <typename acc_t>
+LarsFactors<acc_t> lars_tensor_factors(const double* sums, bool first, double inv_scale, const LarsHyper<acc_t>& h) {
+  const acc_t w_norm = acc_t(std::sqrt(sums[S_W2]));
+  const acc_t x_norm =
+      lars_denominator_norm<acc_t>(sums, acc_t(std::sqrt(sums[S_G2]) * inv_scale), acc_t(inv_scale), first, h);
+  return lars_factors<acc_t>(w_norm, x_norm, h);
+}
+
+// The update of elements [begin, end) of one tensor, its loop compiled for its variant set.
 template <typename acc_t, typename weight_t, typename param_t>
-void write_weight(weight_t* w, param_t* p, int64_t i, acc_t value) {
-  w[i] = static_cast<weight_t>(value);
-  if (static_cast<void*>(w) != static_cast<void*>(p)) p[i] = static_cast<param_t>(value);  // master weights
+void lars_item_update(weight_t* w, param_t* p, const param_t* g, acc_t* buf, int64_t begin, int64_t end, bool first,
+                      const LarsFactors<acc_t>& factors, const LarsHyper<acc_t>& h, acc_t scale) {
+  const unsigned set = buf ? lars_set(h, first) : variant::kExact;
+  with_variant_set<variant::kLarsSets, variant::kExact>(set, [&](auto s) {
+    with_master(w, p, [&](auto master) {
+      lars_update_loop<decltype(s)::value, decltype(master)::value>(w, p, g, buf, begin, end, factors, h, scale);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// LAMB
+
+// Sums of w^2, g^2 and u^2 over [begin, end) in kLanes float lanes (the tail in partial lane
+// groups): the order every LAMB norms pass uses. u = lamb_direction of the new moments. kStore
+// (the step, after the gate): the new moments are written back, and u into u_out (indexed from
+// `begin`) where given. Both choices are template arguments: no branch in the element loop.
+template <unsigned F, bool kStore, bool kKeepU, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP void lamb_item_sums(const weight_t* __restrict w, const param_t* __restrict g, acc_t* __restrict m,
+                                          acc_t* __restrict v, int64_t begin, int64_t end, const acc_t factor,
+                                          const LambHyper<acc_t> h, acc_t* __restrict u_out, double* sums) {
+  acc_t w2[kLanes] = {0}, g2[kLanes] = {0}, u2[kLanes] = {0};
+  for (int64_t e0 = begin; e0 < end; e0 += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, end - e0));
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t e = e0 + l;
+      const acc_t we = acc_t(w[e]), ge = acc_t(g[e]);
+      acc_t me = m[e], ve = v[e];
+      const acc_t u = lamb_direction<F, acc_t>(we, ge * factor, me, ve, h);
+      if constexpr (kStore) {
+        m[e] = me;
+        v[e] = ve;
+      }
+      if constexpr (kKeepU) u_out[e - begin] = u;
+      w2[l] += we * we;
+      g2[l] += ge * ge;
+      u2[l] += u * u;
+    }
+  }
+  sums[S_W2] = sums[S_G2] = sums[S_U2] = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    sums[S_W2] += w2[l];
+    sums[S_G2] += g2[l];
+    sums[S_U2] += u2[l];
+  }
+}
+
+// Calls fn with the compile-time variant set of a LAMB group (variant::kExact).
+template <typename acc_t, typename Fn>
+void with_lamb_set(const LambHyper<acc_t>& h, const Fn& fn) {
+  with_variant_set<variant::kLambSets, variant::kExact>(lamb_set(h), fn);
+}
+
+template <typename acc_t>
+acc_t lamb_tensor_ratio(const double* sums, const LambHyper<acc_t>& h) {
+  return lamb_trust_ratio<acc_t>(acc_t(std::sqrt(sums[S_W2])), acc_t(std::sqrt(sums[S_U2])), h);
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------
+// entry points
+
+at::Tensor grad_sumsq_cpu(const TensorList& grads) {
+  const auto items = chunk_items(grads);
+  std::vector<double> partials(items.size() * kLarsSums);
+  if (!items.empty()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fastlars_grad_sumsq_cpu", [&] {
+      for_items(items, [&](int64_t k) {
+        const auto& it = items[k];
+        partials[kLarsSums * k + S_G2] = sum_squares(grads[it.tensor].data_ptr<scalar_t>() + it.begin, it.end - it.begin);
+      });
+    });
+  }
+  return totals(items, partials, static_cast<int64_t>(grads.size()), kLarsSums);
+}
 
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
                      const std::vector<bool>& products) {
@@ -106,20 +384,12 @@ at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const O
     FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cpu", [&] {
       for_items(items, [&](int64_t k) {
         const auto& it = items[k];
-        const int64_t n = it.end - it.begin;
-        const weight_t* w = weights[it.tensor].data_ptr<weight_t>() + it.begin;
-        const param_t* g = grads[it.tensor].data_ptr<param_t>() + it.begin;
-        double* sums = partials.data() + kLarsSums * k;
-        sums[S_W2] = sum_squares(w, n);
-        sums[S_G2] = sum_squares(g, n);
-        if (!variants) return;
-        if (products[it.tensor]) sums[S_WG] = sum_products(w, g, n);
-        if (bufs[it.tensor].has_value()) {
-          const acc_t* buf = bufs[it.tensor]->data_ptr<acc_t>() + it.begin;
-          sums[S_B2] = sum_squares(buf, n);
-          sums[S_BG] = sum_products(buf, g, n);
-          sums[S_BW] = sum_products(buf, w, n);
-        }
+        const bool buf = variants && bufs[it.tensor].has_value();
+        const LarsSums what{true, variants && products[it.tensor], buf};
+        lars_item_sums(weights[it.tensor].data_ptr<weight_t>() + it.begin,
+                       grads[it.tensor].data_ptr<param_t>() + it.begin,
+                       buf ? bufs[it.tensor]->data_ptr<acc_t>() + it.begin : static_cast<acc_t*>(nullptr),
+                       it.end - it.begin, what, partials.data() + kLarsSums * k);
       });
     });
   }
@@ -139,35 +409,71 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
       const auto& it = items[k];
       const int64_t i = it.tensor;
       const auto h = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
-      const double* sums = norms + kLarsSums * i;
-      const acc_t w_norm = acc_t(std::sqrt(sums[S_W2]));
-      const bool is_first = first[i];
-      const acc_t x_norm = lars_denominator_norm<acc_t>(sums, acc_t(std::sqrt(sums[S_G2]) * inv_scale),
-                                                        acc_t(inv_scale), is_first, h);
-      const auto factors = lars_factors<acc_t>(w_norm, x_norm, h);
-      weight_t* w = weights[i].data_ptr<weight_t>();
-      param_t* p = params[i].data_ptr<param_t>();
-      const param_t* g = grads[i].data_ptr<param_t>();
-      const acc_t scale = acc_t(inv_scale);
-      const bool master = static_cast<void*>(w) != static_cast<void*>(p);
-      // loop-invariant choices outside the element loops, so that they vectorise
-      if (bufs[i].has_value()) {
-        acc_t* buf = bufs[i]->data_ptr<acc_t>();
-        for (int64_t e = it.begin; e < it.end; ++e) {
-          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, buf[e], is_first, factors, h);
-          w[e] = static_cast<weight_t>(updated);
-          if (master) p[e] = static_cast<param_t>(updated);
-        }
-      } else {
-        for (int64_t e = it.begin; e < it.end; ++e) {
-          acc_t unused = 0;
-          const acc_t updated = lars_element<acc_t>(acc_t(w[e]), acc_t(g[e]) * scale, unused, false, factors, h);
-          w[e] = static_cast<weight_t>(updated);
-          if (master) p[e] = static_cast<param_t>(updated);
-        }
-      }
+      const auto factors = lars_tensor_factors<acc_t>(norms + kLarsSums * i, first[i], inv_scale, h);
+      lars_item_update<acc_t>(weights[i].data_ptr<weight_t>(), params[i].data_ptr<param_t>(),
+                              grads[i].data_ptr<param_t>(), bufs[i] ? bufs[i]->data_ptr<acc_t>() : nullptr, it.begin,
+                              it.end, first[i], factors, h, acc_t(inv_scale));
     });
   });
+}
+
+std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const TensorList& params,
+                                              const TensorList& grads, const OptionalTensorList& bufs,
+                                              const std::vector<bool>& first, const std::vector<int64_t>& group_of,
+                                              const at::Tensor& groups, const std::optional<at::Tensor>& grad_sums,
+                                              double inv_scale, int64_t batch_bytes) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const auto items = chunk_items(grads);
+  at::Tensor out = at::zeros({n, kLarsSums}, at::kDouble);
+  double* sums = out.data_ptr<double>();
+  if (grad_sums) {  // the pre-read's g^2 (its other columns are 0)
+    TORCH_CHECK(grad_sums->sizes() == out.sizes(), "fastlars: lars_step_cpu's grad_sums must be (tensors, sums)");
+    out.copy_(*grad_sums);
+  }
+  int64_t nonfinite = -1;
+  if (items.empty()) return {out, nonfinite};
+  const double* table = groups.data_ptr<double>();
+  std::vector<double> partials(items.size() * kLarsSums);
+  FASTLARS_DISPATCH(params, weights, "fastlars_lars_step_cpu", [&] {
+    const int64_t element_bytes = 2 * sizeof(weight_t) + sizeof(param_t) + sizeof(acc_t) +
+                                  (std::is_same_v<weight_t, param_t> ? 0 : sizeof(param_t));
+    const auto batches = cache_batches(items, n, element_bytes, batch_budget(batch_bytes));
+    std::vector<LarsHyper<acc_t>> hyper(n);
+    std::vector<LarsFactors<acc_t>> factors(n);
+    for (int64_t i = 0; i < n; ++i) hyper[i] = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
+    auto buf_of = [&](int64_t i) { return bufs[i] ? bufs[i]->data_ptr<acc_t>() : static_cast<acc_t*>(nullptr); };
+    run_batches(
+        batches,
+        [&](int64_t k) {
+          const auto& it = items[k];
+          const int64_t i = it.tensor;
+          const at::Tensor* buf = bufs[i] ? &*bufs[i] : nullptr;
+          const auto what = lars_sums_of<acc_t>(table + group_of[i] * L_NCOL, first[i], buf, !grad_sums);
+          acc_t* b = what.buf ? buf_of(i) + it.begin : nullptr;
+          double* row = partials.data() + kLarsSums * k;
+          lars_item_sums(weights[i].data_ptr<weight_t>() + it.begin, grads[i].data_ptr<param_t>() + it.begin, b,
+                         it.end - it.begin, what, row);
+        },
+        [&](const Batch& b) {
+          add_partials(b, items, partials, sums, kLarsSums, 0, kLarsSums);
+          for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
+            if (!finite_row(sums + kLarsSums * i, kLarsSums)) {
+              nonfinite = i;
+              return false;
+            }
+            factors[i] = lars_tensor_factors<acc_t>(sums + kLarsSums * i, first[i], inv_scale, hyper[i]);
+          }
+          return true;
+        },
+        [&](int64_t k) {
+          const auto& it = items[k];
+          const int64_t i = it.tensor;
+          lars_item_update<acc_t>(weights[i].data_ptr<weight_t>(), params[i].data_ptr<param_t>(),
+                                  grads[i].data_ptr<param_t>(), buf_of(i), it.begin, it.end, first[i], factors[i],
+                                  hyper[i], acc_t(inv_scale));
+        });
+  });
+  return {out, nonfinite};
 }
 
 at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
@@ -185,31 +491,13 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
         const double* row = table + group_of[i] * B_NCOL;
         const auto h = lamb_hyper<acc_t>(row, steps[i]);
         const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
-        const weight_t* w = weights[i].data_ptr<weight_t>();
-        const param_t* g = grads[i].data_ptr<param_t>();
-        const acc_t* m = exp_avgs[i].data_ptr<acc_t>();
-        const acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
-        // u is recomputed here and in the update: this pass writes nothing but partials
-        acc_t w2[kLanes] = {0}, g2[kLanes] = {0}, u2[kLanes] = {0};
-        for (int64_t e0 = it.begin; e0 < it.end; e0 += kLanes) {
-          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, it.end - e0));
-          for (int l = 0; l < lanes; ++l) {
-            const int64_t e = e0 + l;
-            const acc_t we = acc_t(w[e]), ge = acc_t(g[e]);
-            acc_t me = m[e], ve = v[e];
-            const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
-            w2[l] += we * we;
-            g2[l] += ge * ge;
-            u2[l] += u * u;
-          }
-        }
-        double sums[kLambSums] = {0, 0, 0};
-        for (int l = 0; l < kLanes; ++l) {
-          sums[S_W2] += w2[l];
-          sums[S_G2] += g2[l];
-          sums[S_U2] += u2[l];
-        }
-        for (int c = 0; c < kLambSums; ++c) partials[kLambSums * k + c] = sums[c];
+        // u is recomputed in the update: this pass writes nothing but partials
+        with_lamb_set(h, [&](auto set) {
+          lamb_item_sums<decltype(set)::value, false, false>(
+              weights[i].data_ptr<weight_t>(), grads[i].data_ptr<param_t>(), exp_avgs[i].data_ptr<acc_t>(),
+              exp_avg_sqs[i].data_ptr<acc_t>(), it.begin, it.end, factor, h, static_cast<acc_t*>(nullptr),
+              partials.data() + kLambSums * k);
+        });
       });
     });
   }
@@ -231,20 +519,123 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
       const double* row = table + group_of[i] * B_NCOL;
       const auto h = lamb_hyper<acc_t>(row, steps[i]);
       const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
-      const acc_t ratio = lamb_trust_ratio<acc_t>(acc_t(std::sqrt(sums[kLambSums * i + S_W2])),
-                                                  acc_t(std::sqrt(sums[kLambSums * i + S_U2])), h);
+      const acc_t ratio = lamb_tensor_ratio<acc_t>(sums + kLambSums * i, h);
       weight_t* w = weights[i].data_ptr<weight_t>();
-      param_t* p = params[i].data_ptr<param_t>();
       const param_t* g = grads[i].data_ptr<param_t>();
       acc_t* m = exp_avgs[i].data_ptr<acc_t>();
       acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
-      for (int64_t e = it.begin; e < it.end; ++e) {
-        const acc_t we = acc_t(w[e]);
-        const acc_t u = lamb_direction<acc_t>(we, acc_t(g[e]) * factor, m[e], v[e], h);
-        write_weight<acc_t>(w, p, e, lamb_weight<acc_t>(we, u, ratio, h));
-      }
+      with_lamb_set(h, [&](auto set) {
+        with_master(w, params[i].data_ptr<param_t>(), [&](auto master) {
+          lamb_update_loop<decltype(set)::value, decltype(master)::value>(w, params[i].data_ptr<param_t>(), g, m, v,
+                                                                          it.begin, it.end, factor, ratio, h);
+        });
+      });
     });
   });
+}
+
+std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const TensorList& params,
+                                              const TensorList& grads, const TensorList& exp_avgs,
+                                              const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                                              const std::vector<int64_t>& group_of, const at::Tensor& groups,
+                                              const std::optional<at::Tensor>& grad_sums, double inv_scale,
+                                              double global_norm, int64_t batch_bytes) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const auto items = chunk_items(grads);
+  at::Tensor out = at::zeros({n, kLambSums}, at::kDouble);
+  double* sums = out.data_ptr<double>();
+  int64_t nonfinite = -1;
+  if (items.empty()) return {out, nonfinite};
+  const double* table = groups.data_ptr<double>();
+  const double* pre_read = grad_sums ? grad_sums->data_ptr<double>() : nullptr;  // (n, kLarsSums): its G2
+  std::vector<double> partials(items.size() * kLambSums);
+  FASTLARS_DISPATCH(params, weights, "fastlars_lamb_step_cpu", [&] {
+    // the batch's working set: w, g, m, v, u (and the parameter beside its master)
+    const int64_t element_bytes = sizeof(weight_t) + sizeof(param_t) + 3 * sizeof(acc_t) +
+                                  (std::is_same_v<weight_t, param_t> ? 0 : sizeof(param_t));
+    const int64_t budget = batch_budget(batch_bytes);
+    const auto batches = cache_batches(items, n, element_bytes, budget);
+    // u of the batch's items, kept for the update while in cache; a batch larger than the
+    // budget (one large tensor) recomputes u from the new moments instead
+    std::vector<int64_t> u_offset(items.size(), -1);
+    int64_t u_elements = 0;
+    for (const Batch& b : batches) {
+      int64_t offset = 0;
+      for (int64_t k = b.begin; k < b.end; ++k) offset += items[k].end - items[k].begin;
+      if (offset * element_bytes > budget) continue;
+      offset = 0;
+      for (int64_t k = b.begin; k < b.end; ++k) {
+        u_offset[k] = offset;
+        offset += items[k].end - items[k].begin;
+      }
+      u_elements = std::max(u_elements, offset);
+    }
+    // kept across steps (a new allocation of this size is fresh pages, faulted in at every
+    // step), one per calling thread; the parallel region's threads use it through u_kept
+    static thread_local std::vector<acc_t> u_buffer;
+    if (static_cast<int64_t>(u_buffer.size()) < u_elements) u_buffer.resize(u_elements);
+    acc_t* const u_kept = u_buffer.data();
+    std::vector<LambHyper<acc_t>> hyper(n);
+    std::vector<acc_t> factor(n), ratio(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double* row = table + group_of[i] * B_NCOL;
+      hyper[i] = lamb_hyper<acc_t>(row, steps[i]);
+      factor[i] = acc_t(grad_factor(row, inv_scale, global_norm));
+    }
+    run_batches(
+        batches,
+        [&](int64_t k) {
+          const auto& it = items[k];
+          const int64_t i = it.tensor;
+          with_lamb_set(hyper[i], [&](auto set) {
+            constexpr unsigned F = decltype(set)::value;
+            const weight_t* w = weights[i].data_ptr<weight_t>();
+            const param_t* g = grads[i].data_ptr<param_t>();
+            acc_t* m = exp_avgs[i].data_ptr<acc_t>();
+            acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
+            double* row = partials.data() + kLambSums * k;
+            if (u_offset[k] >= 0)
+              lamb_item_sums<F, true, true>(w, g, m, v, it.begin, it.end, factor[i], hyper[i],
+                                            u_kept + u_offset[k], row);
+            else
+              lamb_item_sums<F, true, false>(w, g, m, v, it.begin, it.end, factor[i], hyper[i],
+                                             static_cast<acc_t*>(nullptr), row);
+          });
+        },
+        [&](const Batch& b) {
+          add_partials(b, items, partials, sums, kLambSums, 0, kLambSums);
+          for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
+            double* row = sums + kLambSums * i;
+            if (pre_read) row[S_G2] = pre_read[kLarsSums * i + S_G2];  // the gate's, and clipping's
+            if (!finite_row(row, kLambSums)) {
+              nonfinite = i;
+              return false;
+            }
+            ratio[i] = lamb_tensor_ratio<acc_t>(row, hyper[i]);
+          }
+          return true;
+        },
+        [&](int64_t k) {
+          const auto& it = items[k];
+          const int64_t i = it.tensor;
+          weight_t* w = weights[i].data_ptr<weight_t>();
+          param_t* p = params[i].data_ptr<param_t>();
+          const auto& h = hyper[i];
+          const acc_t r = ratio[i];
+          with_lamb_set(h, [&](auto set) {
+            with_master(w, p, [&](auto master) {
+              constexpr unsigned F = decltype(set)::value;
+              constexpr bool kMaster = decltype(master)::value;
+              if (u_offset[k] >= 0)
+                lamb_weight_loop<F, kMaster>(w, p, u_kept + u_offset[k], it.begin, it.end, r, h);
+              else
+                lamb_moments_weight_loop<F, kMaster>(w, p, exp_avgs[i].data_ptr<acc_t>(),
+                                                     exp_avg_sqs[i].data_ptr<acc_t>(), it.begin, it.end, r, h);
+            });
+          });
+        });
+  });
+  return {out, nonfinite};
 }
 
 }  // namespace fastlars

@@ -28,6 +28,10 @@ namespace fastlars {
 namespace {
 
 constexpr int kThreads = 512;
+// The variant sets the element loops are compiled for (fastlars_math.h, namespace variant):
+// every option, each tested per group (uniform over a block, so no divergence).
+constexpr unsigned kLarsAnySet = variant::kMomentum | variant::kNesterov | variant::kFirst;
+constexpr unsigned kLambAnySet = variant::kGradDecay | variant::kEpsInsideSqrt | variant::kWeightScale;
 
 // Deterministic block-wide sum (fixed tree over kThreads threads).
 template <typename acc_t>
@@ -155,7 +159,7 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
   const bool master = static_cast<void*>(w) != static_cast<void*>(p);
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     acc_t b = h.momentum != 0 ? buf[e] : acc_t(0);
-    const acc_t updated = lars_element<acc_t>(static_cast<acc_t>(w[e]), static_cast<acc_t>(g[e]) * inv_scale, b,
+    const acc_t updated = lars_element<kLarsAnySet, acc_t>(static_cast<acc_t>(w[e]), static_cast<acc_t>(g[e]) * inv_scale, b,
                                               first, factors, h);
     if (h.momentum != 0) buf[e] = b;
     w[e] = static_cast<weight_t>(updated);
@@ -181,7 +185,7 @@ __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, a
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
     acc_t me = m[e], ve = v[e];
-    const acc_t u = lamb_direction<acc_t>(we, ge * factor, me, ve, h);
+    const acc_t u = lamb_direction<kLambAnySet, acc_t>(we, ge * factor, me, ve, h);
     sw += we * we;
     sg += ge * ge;
     su += u * u;
@@ -218,8 +222,8 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   const bool master = static_cast<void*>(w) != static_cast<void*>(p);
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     const acc_t we = static_cast<acc_t>(w[e]);
-    const acc_t u = lamb_direction<acc_t>(we, static_cast<acc_t>(g[e]) * factor, m[e], v[e], h);
-    const acc_t updated = lamb_weight<acc_t>(we, u, ratio, h);
+    const acc_t u = lamb_direction<kLambAnySet, acc_t>(we, static_cast<acc_t>(g[e]) * factor, m[e], v[e], h);
+    const acc_t updated = lamb_weight<kLambAnySet, acc_t>(we, u, ratio, h);
     w[e] = static_cast<weight_t>(updated);
     if (master) p[e] = static_cast<param_t>(updated);
   }

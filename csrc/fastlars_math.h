@@ -40,6 +40,24 @@ struct LambHyper {
   bool trust_clip, adapt, eps_inside_sqrt;
 };
 
+// The options that change the instructions of an element loop. Each loop is compiled once per
+// option set it runs (the template argument F), so that it carries no loop-invariant branch: a
+// branch or select on a group's option inside the loop keeps the compiler from vectorising it
+// (the CPU LAMB update ran 3.4x slower with three of them). With kExact, F is the tensor's own
+// set (the CPU kernels, per work item) and the loop tests nothing; without it (the CUDA kernels:
+// F is the union over a launch's groups) a group outside an option tests its value, a branch
+// that is uniform over a block.
+namespace variant {
+constexpr unsigned kExact = 1u << 31;
+// LAMB: the gradient decayed first (decay_mode "l2"), sqrt(v_hat + eps), w scaled (decay_mode "direct")
+constexpr unsigned kGradDecay = 1u << 0, kEpsInsideSqrt = 1u << 1, kWeightScale = 1u << 2;
+constexpr unsigned kLambSets = 1u << 3;  // every combination: 0 .. kLambSets - 1
+// LARS: a momentum buffer, nesterov, the step that creates the buffer
+constexpr unsigned kMomentum = 1u << 0, kNesterov = 1u << 1, kFirst = 1u << 2;
+constexpr unsigned kLarsSets = 1u << 3;
+constexpr bool has(unsigned set, unsigned option) { return (set & option) != 0; }
+}  // namespace variant
+
 // The norm x the ratio's denominator holds, from a tensor's sums (SumColumn) and g_norm =
 // ||g|| s (s: the inverse grad scale): ||g|| ("sum_of_norms"), ||s g + wd w|| ("norm_of_sum")
 // or ||u|| ("momentum_update"), u = a buf + b d the update after momentum of d = s g + wd w,
@@ -96,27 +114,58 @@ FASTLARS_HD LarsFactors<acc_t> lars_factors(acc_t w_norm, acc_t x_norm, const La
 
 // One element: d = pre (g + decay w); buf = d (first step) or mu buf + (1 - dampening) d;
 // u = d + mu buf (nesterov) or buf (d when mu = 0); returns w - step u. buf is untouched when mu = 0.
-template <typename acc_t>
+// F: the variant set (kMomentum, kNesterov, kFirst); without kExact, the options in it are tested.
+template <unsigned F, typename acc_t>
 FASTLARS_HD acc_t lars_element(acc_t w, acc_t g, acc_t& buf, bool first, const LarsFactors<acc_t>& f,
                                const LarsHyper<acc_t>& h) {
+  using namespace variant;
+  constexpr bool exact = has(F, kExact);
   acc_t d = f.pre * (g + f.decay * w);
-  if (h.momentum != 0) {
-    buf = first ? d : h.momentum * buf + h.one_minus_dampening * d;
-    d = h.nesterov ? d + h.momentum * buf : buf;
+  if constexpr (has(F, kMomentum)) {
+    if (exact || h.momentum != 0) {
+      buf = has(F, kFirst) && (exact || first) ? d : h.momentum * buf + h.one_minus_dampening * d;
+      d = has(F, kNesterov) && (exact || h.nesterov) ? d + h.momentum * buf : buf;
+    }
   }
   return w - f.step * d;
 }
 
-// New moments and the direction u = m_hat / (sqrt(v_hat) + eps) + wd w, the gradient
-// first decayed (decay_mode "l2"), sqrt(v_hat + eps) with eps_inside_sqrt.
+// The element loop's set (variant::kExact) of a tensor: its group's momentum and nesterov, and
+// whether this step creates its buffer.
 template <typename acc_t>
+inline unsigned lars_set(const LarsHyper<acc_t>& h, bool first) {
+  using namespace variant;
+  if (h.momentum == 0) return kExact;
+  return kExact | kMomentum | (h.nesterov ? kNesterov : 0u) | (first ? kFirst : 0u);
+}
+
+// u from the new moments: m_hat / (sqrt(v_hat) + eps) + wd w, or sqrt(v_hat + eps) with
+// eps_inside_sqrt (F: the variant set).
+template <unsigned F, typename acc_t>
+FASTLARS_HD acc_t lamb_direction_of_moments(acc_t w, acc_t m, acc_t v, const LambHyper<acc_t>& h) {
+  using namespace variant;
+  const acc_t v_hat = v / h.bc2;
+  acc_t denom;
+  if constexpr (has(F, kEpsInsideSqrt) && has(F, kExact))
+    denom = std::sqrt(v_hat + h.eps);
+  else if constexpr (has(F, kEpsInsideSqrt))
+    denom = h.eps_inside_sqrt ? std::sqrt(v_hat + h.eps) : std::sqrt(v_hat) + h.eps;
+  else
+    denom = std::sqrt(v_hat) + h.eps;
+  return (m / h.bc1) / denom + h.weight_decay * w;
+}
+
+// New moments and the direction u = m_hat / (sqrt(v_hat) + eps) + wd w, the gradient
+// first decayed (decay_mode "l2"), sqrt(v_hat + eps) with eps_inside_sqrt. F: the variant set.
+template <unsigned F, typename acc_t>
 FASTLARS_HD acc_t lamb_direction(acc_t w, acc_t g, acc_t& m, acc_t& v, const LambHyper<acc_t>& h) {
-  if (h.grad_decay != 0) g = g + h.grad_decay * w;  // a branch, not + 0 * w: a non-finite w would poison g
+  using namespace variant;
+  // a test, not + 0 * w, outside the set: a non-finite w would poison g
+  if constexpr (has(F, kGradDecay))
+    if (has(F, kExact) || h.grad_decay != 0) g = g + h.grad_decay * w;
   m = h.beta1 * m + h.beta3 * g;
   v = h.beta2 * v + h.one_minus_beta2 * (g * g);
-  const acc_t v_hat = v / h.bc2;
-  const acc_t denom = h.eps_inside_sqrt ? std::sqrt(v_hat + h.eps) : std::sqrt(v_hat) + h.eps;
-  return (m / h.bc1) / denom + h.weight_decay * w;
+  return lamb_direction_of_moments<F>(w, m, v, h);
 }
 
 // What u is multiplied by (with lr) in the step: the trust ratio r = ||w|| / ||u|| (||w||
@@ -134,13 +183,23 @@ FASTLARS_HD acc_t lamb_trust_ratio(acc_t w_norm, acc_t u_norm, const LambHyper<a
   return r * h.step_scale;
 }
 
-// The new weight: w (1 - lr direct_decay) - lr (r u), ratio from lamb_trust_ratio. The
-// scaling is skipped when it is 1, so that the default step is the expression it always
-// was: nvcc contracts a * b - c into an fma, which would round w - lr (r u) differently.
-template <typename acc_t>
+// The new weight: w (1 - lr direct_decay) - lr (r u), ratio from lamb_trust_ratio. Outside
+// kWeightScale the default step is the expression it always was: nvcc contracts a * b - c into
+// an fma, which would round w - lr (r u) differently.
+template <unsigned F, typename acc_t>
 FASTLARS_HD acc_t lamb_weight(acc_t w, acc_t u, acc_t ratio, const LambHyper<acc_t>& h) {
-  if (h.weight_scale != acc_t(1)) w = w * h.weight_scale;
+  using namespace variant;
+  if constexpr (has(F, kWeightScale))
+    if (has(F, kExact) || h.weight_scale != acc_t(1)) w = w * h.weight_scale;
   return w - h.lr * (ratio * u);
+}
+
+// The element loop's set (variant::kExact) of a tensor of the group h.
+template <typename acc_t>
+inline unsigned lamb_set(const LambHyper<acc_t>& h) {
+  using namespace variant;
+  return kExact | (h.grad_decay != 0 ? kGradDecay : 0u) | (h.eps_inside_sqrt ? kEpsInsideSqrt : 0u) |
+         (h.weight_scale != acc_t(1) ? kWeightScale : 0u);
 }
 
 template <typename acc_t>

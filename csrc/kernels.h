@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace fastlars {
@@ -26,6 +27,9 @@ constexpr int64_t kChunk = 16384;
 // Two empty lists: neither, for every tensor.
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
                      const std::vector<bool>& products);
+// (n, SumColumn): sum g^2 per tensor (the other columns 0): the gate's read of the gradients
+// before a one-pass step, which also gives LAMB's clipping its global norm.
+at::Tensor grad_sumsq_cpu(const TensorList& grads);
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
                      const OptionalTensorList& bufs, const std::vector<bool>& first,
                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
@@ -39,6 +43,24 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
                      const TensorList& exp_avgs, const TensorList& exp_avg_sqs, const std::vector<double>& steps,
                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& norms,
                      double inv_scale, double global_norm);
+
+// One step in a single pass over memory where the maths allows (cpu_kernels.cpp): tensors in
+// cache-sized batches (batch_bytes; 0: the cache's size), each batch's sums then its update.
+// grad_sums: grad_sumsq_cpu's output, whose g^2 the step then does not sum again (None: summed
+// with the batch). Returns the per-tensor sums (as sumsq_cpu / lamb_norms_cpu give them) and -1,
+// or the index of the first tensor whose sums are not finite, where the step stopped: its
+// batch and the later ones are not updated (LAMB: that batch's moments are).
+std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const TensorList& params,
+                                              const TensorList& grads, const OptionalTensorList& bufs,
+                                              const std::vector<bool>& first, const std::vector<int64_t>& group_of,
+                                              const at::Tensor& groups, const std::optional<at::Tensor>& grad_sums,
+                                              double inv_scale, int64_t batch_bytes);
+std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const TensorList& params,
+                                              const TensorList& grads, const TensorList& exp_avgs,
+                                              const TensorList& exp_avg_sqs, const std::vector<double>& steps,
+                                              const std::vector<int64_t>& group_of, const at::Tensor& groups,
+                                              const std::optional<at::Tensor>& grad_sums, double inv_scale,
+                                              double global_norm, int64_t batch_bytes);
 
 #ifdef FASTLARS_WITH_CUDA
 // The same maths on CUDA tensors, a fixed number of launches, no host synchronisation and

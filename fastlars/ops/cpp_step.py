@@ -3,7 +3,13 @@
 
 Same two phases as every backend: a read-only norms call whose output the gate
 checks, then the fused update. On the CPU the kernels take tensor lists and a host
-group table, and the gate's flag is host memory, so reading it costs nothing. On CUDA
+group table, and the gate's flag is host memory, so reading it costs nothing. The CPU
+step is one pass over memory where the maths allows (csrc/cpu_kernels.cpp,
+lars_step_cpu / lamb_step_cpu): the norms phase is then only the gate's read of the
+gradients (their sums of squares, which the ratios and LAMB's clipping use too), or
+nothing when GradScaler has decided; the update phase sums each cache-sized batch's
+norms and updates it while it is in cache. Sharded parameters keep the two passes,
+since their norms are reduced across ranks between them. On CUDA
 the kernels read the launch tables the Triton kernels read (tb.lars_launch /
 tb.lamb_launch: built once per layout, cached in the plan's LaunchCache, changed
 hyper-parameters uploaded from pinned memory), and the scalars (inverse grad scale,
@@ -27,8 +33,30 @@ def available() -> bool:
     return _C is not None
 
 
+# Bytes of one cache-sized batch of the CPU step (0: the kernels' default, from the cache sizes;
+# FASTLARS_CPU_BATCH_BYTES also sets it): a tensor larger than a batch is read twice
+BATCH_BYTES = 0
+
+
 def _scalar(t) -> float:
     return 1.0 if t is None else float(t)
+
+
+def _one_pass(plan) -> bool:
+    """Whether the CPU launches step in one pass: not where norms are reduced across ranks."""
+    return plan.mesh is None
+
+
+def _check_stopped(lp, stopped: int) -> None:
+    """A one-pass step stops at the first tensor whose norms are not finite although every
+    gradient was (the gate read them): its weights or state are not finite."""
+    if stopped < 0:
+        return
+    group, position = lp.where[stopped]
+    raise FloatingPointError(
+        f"param_groups[{group}]['params'][{position}] (shape {tuple(lp.params[stopped].shape)}) has a finite "
+        "gradient but a non-finite weight or optimizer state norm; the step stopped at it (tensors stepped "
+        "before it in this step were updated), skipping cannot repair a non-finite weight")
 
 
 def _scalar_or(t, default: float) -> float:
@@ -66,11 +94,14 @@ def lars_norms(plan, inv_scale):
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
+        if _one_pass(plan):  # the gate's read of the gradients, unless GradScaler decided
+            contexts.append(tb.Merged(lp, None if plan.skip_decided else _C.grad_sumsq_cpu(grads)))
+            continue
         products, bufs = tb.lars_variant_sums(lp) if tb.lars_variants(lp) else ((), ())
         contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads, bufs, products)))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
-    return contexts, [c.partials for c in contexts]
+    return contexts, [c.partials for c in contexts if c.partials is not None]
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:
@@ -84,6 +115,12 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
                                 lp.params[0], inv_scale, ok)
             continue
         params, grads, weights = tb.operands(lp, for_update=True)
+        if _one_pass(plan):
+            ctx.partials, stopped = _C.lars_step_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first,
+                                                     lp.group_of, _host_group_table(lp), ctx.partials,
+                                                     _scalar(inv_scale), BATCH_BYTES)
+            _check_stopped(lp, stopped)
+            continue
         _C.lars_update_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
                            _host_group_table(lp), ctx.partials, _scalar(inv_scale))
 
@@ -105,13 +142,21 @@ def lamb_norms(plan, inv_scale):
         exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.norm_states)
         tb.check_state_layouts(lp, params, weights, ("master_param",), (exp_avgs, exp_avg_sqs))
         prepared.append((lp, None, (grads, weights, (exp_avgs, exp_avg_sqs, steps))))
+    one_pass = _one_pass(plan)
+    # the one-pass CPU step's gate reads the gradients' sums, which clipping needs too
+    grad_sums = {id(lp): _C.grad_sumsq_cpu(keep[0]) for lp, launch, keep in prepared
+                 if launch is None and one_pass and (tb.clipping(plan) or not plan.skip_decided)}
     global_norm = None  # no clipping
     if tb.clipping(plan):
-        sums = [(lp, _sumsq_cuda(launch, keep, lp) if launch is not None else _sumsq_cpu(keep[1], keep[0]))
+        sums = [(lp, _sumsq_cuda(launch, keep, lp) if launch is not None
+                 else grad_sums[id(lp)] if one_pass else _sumsq_cpu(keep[1], keep[0]))
                 for lp, launch, keep in prepared]
         global_norm = tb.global_grad_norm(plan, sums, plan.launches[0].device)
     contexts = []
     for lp, launch, keep_alive in prepared:
+        if launch is None and one_pass:  # the update sums the norms, batch by batch
+            contexts.append(tb.Merged(lp, grad_sums.get(id(lp))))
+            continue
         if launch is not None:  # the entry point moves the device scalars to the parameters' device
             sums = _C.lamb_norms_cuda(launch.table, launch.chunks, launch.groups, keep_alive[1][0], lp.params[0],
                                       inv_scale, global_norm)
@@ -123,7 +168,7 @@ def lamb_norms(plan, inv_scale):
         contexts.append(tb.Merged(lp, sums))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_partials(plan, contexts)
-    return (contexts, global_norm), [c.partials for c in contexts]
+    return (contexts, global_norm), [c.partials for c in contexts if c.partials is not None]
 
 
 def lamb_update(plan, norms, inv_scale, ok) -> None:
@@ -136,6 +181,13 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
             launch, keep_alive = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lamb_launch)
             _C.lamb_update_cuda(launch.table, launch.chunks, launch.groups, ctx.partials, keep_alive[1][0],
                                 lp.params[0], inv_scale, global_norm, ok)
+        elif _one_pass(plan):
+            params, grads, weights = tb.operands(lp, for_update=True)
+            exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
+            ctx.partials, stopped = _C.lamb_step_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                                     lp.group_of, _host_group_table(lp), ctx.partials,
+                                                     _scalar(inv_scale), _scalar_or(global_norm, -1.0), BATCH_BYTES)
+            _check_stopped(lp, stopped)
         else:
             params, grads, weights = tb.operands(lp, for_update=True)
             exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)

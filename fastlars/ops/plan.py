@@ -47,4 +47,5 @@ class StepPlan:
     mesh: Any                    # the device mesh of sharded parameters; None without
     creating_state: bool         # some parameter gets state this step: the update's tables are new
     capturable: bool             # build the next step's tables now ("one eager step, then capture")
+    skip_decided: bool           # go or skip is known before the norms (GradScaler's found_inf): no pre-read
     cache: LaunchCache           # the optimizer's launch tables, kept across steps

@@ -272,7 +272,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         # torch.compile of torch 2.11 refuses to trace ("Attempted setattr on a user-defined object")
         creating_state = self._creates_state(buckets)
         if fused:
-            plan, norms, checks = self._fused_norms(buckets, creating_state, inv_scale)
+            plan, norms, checks = self._fused_norms(buckets, creating_state, inv_scale, found_inf is not None)
         else:
             norms, checks = self._norms_phase(buckets, inv_scale)
         ok = self._gate(buckets, checks, found_inf, creating_state)
@@ -296,9 +296,10 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     # torch.compile: the drivers build launch tables and call C++ or Triton kernels that
     # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
     @torch._disable_dynamo  # as torch.optim does: imports dynamo on first call, not at import
-    def _fused_norms(self, buckets: list[Bucket], creating_state: bool, inv_scale: Tensor | None):
+    def _fused_norms(self, buckets: list[Bucket], creating_state: bool, inv_scale: Tensor | None,
+                     skip_decided: bool):
         """The fused backend's first phase (fastlars.backends.Driver.norms) on this step's plan."""
-        plan = self._plan(buckets, creating_state)
+        plan = self._plan(buckets, creating_state, skip_decided)
         norms, checks = backends.driver(self.backend, self._kernel_prefix).norms(plan, inv_scale)
         return plan, norms, checks
 
@@ -307,7 +308,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         """The fused backend's update (fastlars.backends.Driver.update); state exists by now."""
         backends.driver(self.backend, self._kernel_prefix).update(plan, norms, inv_scale, ok)
 
-    def _plan(self, buckets: list[Bucket], creating_state: bool) -> StepPlan:
+    def _plan(self, buckets: list[Bucket], creating_state: bool, skip_decided: bool = False) -> StepPlan:
         """What the fused drivers get (fastlars/ops/plan.py): the buckets merged per (device,
         dtype) across groups, one launch each, with their hyper-parameter rows."""
         launches = []
@@ -321,7 +322,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
                 where=[(b.group_index, pos) for b in group for pos in b.positions],
                 sharded=[s for b in group for s in b.sharded], compute_dtype=group[0].compute_dtype,
                 master_weights=self.master_weights, first=[f for b in group for f in self._first_steps(b)]))
-        return StepPlan(launches, self._mesh, creating_state, self.capturable, self._launch_cache)
+        return StepPlan(launches, self._mesh, creating_state, self.capturable, skip_decided, self._launch_cache)
 
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
         """Read-only first phase of the reference and foreach backends: what the update
@@ -366,9 +367,11 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         tensor on the first bucket's device that the update applies on the device.
         """
         device = buckets[0].device
-        ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all()
+        # no checks: a one-pass kernel reads nothing before a gate that found_inf decides
+        ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all() if checks else None
         if found_inf is not None:
-            ok = ok & (found_inf.to(device) == 0)
+            not_found = found_inf.to(device) == 0
+            ok = not_found if ok is None else ok & not_found
         elif not self.skip_nonfinite:
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)

@@ -1,0 +1,159 @@
+"""The one-pass CPU step (csrc/cpu_kernels.cpp, lars_step_cpu / lamb_step_cpu) against the
+two passes the sharded path keeps (sumsq_cpu + lars_update_cpu, lamb_norms_cpu +
+lamb_update_cpu): the same bits whatever the batch size, a tensor larger than a batch
+included; the gate's read of the gradients skipped when GradScaler has decided; a non-finite
+weight stops the step at its tensor with an error naming it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastlars
+from fastlars.ops import cpp_step
+
+pytestmark = pytest.mark.skipif("cpu" not in fastlars.available_backends(), reason="the C++ extension is not built")
+
+LARS_OPTIONS = {
+    "default": dict(momentum=0.9),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "no-momentum": dict(momentum=0.0),
+    "momentum_update": dict(momentum=0.9, ratio_denominator="momentum_update"),
+    "norm_of_sum": dict(momentum=0.9, ratio_denominator="norm_of_sum", lr_in_momentum=True),
+    "plain_sgd": dict(momentum=0.9, zero_norm="plain_sgd", trust_bounds=(0.5, 2.0)),
+}
+LAMB_OPTIONS = {
+    "default": dict(),
+    "clipping": dict(max_grad_norm=0.5),
+    "l2": dict(decay_mode="l2"),
+    "direct": dict(decay_mode="direct", eps_inside_sqrt=True),
+    "bias_correction_in_lr": dict(bias_correction_in_lr=True, trust_clip=True),
+}
+# one batch for everything, a few tensors per batch, and a batch smaller than the largest tensor
+BATCH_BYTES = [1 << 30, 40_000, 4_000]
+SHAPES = [(1,), (7,), (13, 29), (0,), (5, 7, 3, 3), (20011,), (3, 3)]
+
+
+def _params(shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+    if len(params) > 2:
+        params[2].data.zero_()  # a zero-norm weight
+    return params
+
+
+def _grads(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        p.grad = (0.3 * p.detach().float() + torch.randn(p.shape, generator=g)).to(p.dtype)
+        if i == 1:
+            p.grad.zero_()  # an exactly zero gradient
+
+
+def _run(name, options, shapes, dtype, steps=3, scaler_like=False, master=False):
+    params = _params(shapes, dtype)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 1e-2},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    lr = 0.5 if name == "LARS" else 0.02
+    opt = getattr(fastlars, name)(groups, lr=lr, backend="cpu", master_weights=master, **options)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1.0 - 0.2 * step)
+        _grads(params, step)
+        if scaler_like:  # GradScaler's protocol: the scale and found_inf are handed to the step
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+            for p in params:
+                p.grad.mul_(2.0)
+        opt.step()
+    states = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
+    stats = opt.layer_stats()
+    return [p.detach().clone() for p in params], states, stats
+
+
+def _same(a, b):
+    params_a, states_a, stats_a = a
+    params_b, states_b, stats_b = b
+    for x, y in zip(params_a, params_b):
+        assert torch.equal(x, y)
+    for sa, sb in zip(states_a, states_b):
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    for field in ("weight_norm", "trust_ratio"):
+        assert torch.equal(getattr(stats_a, field), getattr(stats_b, field)), field
+    # LAMB's one pass reports ||g|| from the gate's read, summed in another lane order
+    torch.testing.assert_close(stats_a.grad_norm, stats_b.grad_norm, rtol=1e-6, atol=0)
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    def use(flag: bool):
+        monkeypatch.setattr(cpp_step, "_one_pass", lambda plan: not flag and plan.mesh is None)
+    return use
+
+
+@pytest.mark.parametrize("batch_bytes", BATCH_BYTES)
+@pytest.mark.parametrize("name, option", [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS])
+def test_one_pass_equals_two_passes(name, option, batch_bytes, two_pass, monkeypatch):
+    options = (LARS_OPTIONS if name == "LARS" else LAMB_OPTIONS)[option]
+    two_pass(True)
+    expected = _run(name, options, SHAPES, torch.float32)
+    two_pass(False)
+    monkeypatch.setattr(cpp_step, "BATCH_BYTES", batch_bytes)
+    _same(_run(name, options, SHAPES, torch.float32), expected)
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_one_pass_dtypes(name, dtype, two_pass, monkeypatch):
+    master = dtype == torch.bfloat16
+    two_pass(True)
+    expected = _run(name, {}, SHAPES, dtype, master=master)
+    two_pass(False)
+    monkeypatch.setattr(cpp_step, "BATCH_BYTES", 4_000)
+    _same(_run(name, {}, SHAPES, dtype, master=master), expected)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=st.lists(st.tuples(st.integers(0, 40_000)), min_size=1, max_size=6),
+       batch_bytes=st.integers(1, 1_000_000), name=st.sampled_from(["LARS", "LAMB"]))
+def test_one_pass_any_batching(shapes, batch_bytes, name, two_pass, monkeypatch):
+    """Any tensor sizes (chunk edges, empty tensors) and any batch size: the same bits."""
+    two_pass(True)
+    expected = _run(name, {}, shapes, torch.float32, steps=2)
+    two_pass(False)
+    monkeypatch.setattr(cpp_step, "BATCH_BYTES", batch_bytes)
+    _same(_run(name, {}, shapes, torch.float32, steps=2), expected)
+
+
+@pytest.mark.parametrize("name, options", [("LARS", {}), ("LAMB", {}), ("LAMB", dict(max_grad_norm=1.0))])
+def test_decided_gate_reads_no_gradient_first(name, options, monkeypatch):
+    """With GradScaler's found_inf the step reads the gradients once (LAMB's clipping still
+    needs their global norm first)."""
+    calls = []
+    real = cpp_step._C.grad_sumsq_cpu
+    monkeypatch.setattr(cpp_step._C, "grad_sumsq_cpu", lambda grads: calls.append(len(grads)) or real(grads),
+                        raising=False)
+    decided = _run(name, options, SHAPES, torch.float32, scaler_like=True)
+    assert len(calls) == (3 if options else 0)
+    monkeypatch.setattr(cpp_step, "_one_pass", lambda plan: False)
+    _same(decided, _run(name, options, SHAPES, torch.float32, scaler_like=True))
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_nonfinite_weight_stops_at_its_tensor(name, monkeypatch):
+    monkeypatch.setattr(cpp_step, "BATCH_BYTES", 4_000)  # a batch per tensor or two
+    params = _params([(64, 64), (64, 64), (64, 64)], torch.float32)
+    opt = getattr(fastlars, name)(params, lr=0.1, backend="cpu", weight_decay=1e-2)
+    _grads(params, 0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    params[1].data[3, 5] = float("inf")
+    _grads(params, 1)
+    with pytest.raises(FloatingPointError, match=r"param_groups\[0\]\['params'\]\[1\] \(shape \(64, 64\)\)"):
+        opt.step()
+    assert not torch.equal(params[0], before[0])  # stepped before the stop, as the message says
+    assert torch.equal(params[2], before[2])  # not reached
