@@ -19,4 +19,4 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     done = subprocess.run([sys.executable, str(script), "80", "90"], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "compiled 300 kernel variants for sm_80, sm_90" in done.stdout
+    assert "compiled 348 kernel variants for sm_80, sm_90" in done.stdout

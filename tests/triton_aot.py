@@ -28,6 +28,13 @@ F32, BF16, F64 = tl.float32, tl.bfloat16, tl.float64
 # (weights dtype, param dtype, acc dtype, write_param): fp32, bf16 without and with master weights, fp64
 DTYPES = [(F32, F32, F32, False), (BF16, BF16, F32, False), (F32, BF16, F32, True), (F64, F64, F64, False)]
 NAMES = {F32: "fp32", BF16: "bf16", F64: "fp64"}
+# the kernels' OPTIONS (lars_step.LarsOption, lamb_step.LambOption): the default groups' set,
+# and every option at once (the most code: every per-group select)
+LARS_DEFAULT = int(lars_step.LarsOption.MOMENTUM)
+LARS_NORM_OF_SUM = int(lars_step.LarsOption.NORM_OF_SUM | lars_step.LarsOption.MOMENTUM)
+LARS_ALL = int(sum(lars_step.LarsOption))
+LAMB_DEFAULT = int(lamb_step.LambOption.EPS_OUTSIDE_SQRT)
+LAMB_ALL = int(sum(lamb_step.LambOption))
 
 
 def pointer(dtype) -> str:
@@ -43,8 +50,10 @@ def variants(ghost_bn_warps=None):
         for aligned in (False, True):
             yield (multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
                    {})
-            yield (lars_step.lars_sums_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
-                   {})
+            # the variants' sums without and with the momentum buffer's
+            for options in (LARS_NORM_OF_SUM, LARS_ALL):
+                yield (lars_step.lars_sums_kernel, {**common},
+                       dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, OPTIONS=options, ALIGNED=aligned, **chunk), {})
         if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column mask (LARS, LAMB, LARS variants)
             for columns in (0b11, 0b111, 0b1111011):
                 yield (multi_tensor.tensor_totals_kernel, {"table": "*i64", "partials": pointer(acc),
@@ -52,15 +61,18 @@ def variants(ghost_bn_warps=None):
                        dict(COLUMNS=columns, ACC=acc, PARTIAL_BLOCK=128), {})
         for has_ok, has_scale, has_clip in itertools.product([False, True], repeat=3):
             flags = dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, WRITE_P=write_p, HAS_SCALE=has_scale, **chunk)
-            for lars_variants in (False, True) if has_clip else (False,):  # the variants' sums: aligned only
+            # the default groups' lean body everywhere; every option's code where some flags are set
+            for options in (LARS_DEFAULT, LARS_ALL) if has_clip else (LARS_DEFAULT,):
                 yield (lars_step.lars_update_kernel, {**common, "ok_ptr": "*i32", "inv_scale_ptr": "*fp32"},
-                       dict(flags, HAS_OK=has_ok, ALIGNED=has_clip, VARIANTS=lars_variants), {})  # both ALIGNED values
-            yield (lamb_step.lamb_norms_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32"},
-                   dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, ALIGNED=has_ok,
-                        **chunk), {})
-            yield (lamb_step.lamb_update_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32",
-                                                  "ok_ptr": "*i32"},
-                   dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, ALIGNED=has_ok != has_scale), {})
+                       dict(flags, HAS_OK=has_ok, OPTIONS=options, ALIGNED=has_clip), {})  # both ALIGNED values
+            lamb_options = (LAMB_DEFAULT, LAMB_ALL) if has_clip and has_scale else (LAMB_DEFAULT,)
+            for options in lamb_options:
+                yield (lamb_step.lamb_norms_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32"},
+                       dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, HAS_CLIP=has_clip, HAS_SCALE=has_scale, OPTIONS=options,
+                            ALIGNED=has_ok, **chunk), {})
+                yield (lamb_step.lamb_update_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32",
+                                                      "ok_ptr": "*i32"},
+                       dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, OPTIONS=options, ALIGNED=has_ok != has_scale), {})
     ints = {name: "i32" for name in ("N", "C", "S", "vbs", "n_ghosts")}
     # int32 strides: Triton's type for values below 2^31, where products used to wrap
     strides = lambda *names: {f"s{n}_{d}": "i32" for n in names for d in "ncs"}
@@ -110,6 +122,18 @@ def approximate_math(fn, kernel) -> list[str]:
     return sorted(set(APPROXIMATE.findall(kernel.asm["ptx"])))
 
 
+# 16-B vector loads (ld.global.v4.b32; fp64: ld.global.v2.b64): what ALIGNED and the unmasked
+# full blocks are for. An optimizer kernel compiled ALIGNED without one has lost them (a mask
+# bounded by a loaded numel, a pointer not hinted), and would move its bytes in 4-B pieces.
+VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:v4\.b32|v2\.b64)\b")
+
+
+def misses_vector_loads(fn, constexprs, kernel) -> bool:
+    """An optimizer kernel's ALIGNED variant without a 16-B vector load in its PTX."""
+    return (fn.fn.__module__ in OPTIMIZER_KERNELS and constexprs.get("ALIGNED") is True
+            and not VECTOR_LOAD.search(kernel.asm["ptx"]))
+
+
 def describe(fn, signature, constexprs, options) -> str:
     dtypes = "/".join(v for k, v in signature.items() if k in ("x_ptr", "table"))
     flags = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
@@ -133,6 +157,8 @@ def main(argv=None) -> int:
             compiled += 1
             approx = approximate_math(fn, kernel)
             assert not approx, f"sm_{arch} {describe(fn, signature, constexprs, options)}: {approx}"
+            assert not misses_vector_loads(fn, constexprs, kernel), \
+                f"sm_{arch} {describe(fn, signature, constexprs, options)}: no 16-B vector load (ld.global.v4)"
             if args.ptxas:
                 print(f"sm_{arch} {describe(fn, signature, constexprs, options)}: {ptxas_report(kernel, arch)}",
                       flush=True)

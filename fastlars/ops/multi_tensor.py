@@ -78,10 +78,20 @@ def store_block(ptr, idx, value, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
-    """This program's chunk: (table row, first element, the tensor's numel, its group,
+def chunk_at(table, chunks, chunk, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of a launch: (table row, first element, the tensor's numel, its group,
     its first chunk, its chunk count, its first-step flag). The first element is a
-    multiple of CHUNK (hinted: block offsets are then known aligned).
+    multiple of CHUNK (hinted: block offsets are then known aligned)."""
+    row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
+    fields = table + row * COL_NCOL
+    start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
+    return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
+            tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+
+
+@triton.jit
+def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's chunk (chunk_at).
 
     REVERSE (the update kernels): program i takes chunk n-1-i. Programs start roughly in
     id order, so the update begins with the chunks the norms pass read last, which are
@@ -90,11 +100,16 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     chunk = tl.program_id(0)
     if REVERSE:
         chunk = tl.num_programs(0) - 1 - chunk
-    row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
-    fields = table + row * COL_NCOL
-    start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
-    return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
-            tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+    return chunk_at(table, chunks, chunk, CHUNK)
+
+
+@triton.jit
+def step_ok(ok_ptr, HAS_OK: tl.constexpr):
+    """Whether the step happens: the gate's device flag (skip_nonfinite, GradScaler), else True."""
+    go = True
+    if HAS_OK:
+        go = tl.load(ok_ptr) != 0
+    return go
 
 
 @triton.jit
@@ -152,15 +167,10 @@ def _sumsq_block(w_ptr, g_ptr, idx, numel, acc_w, acc_g, ACC: tl.constexpr, MASK
 
 
 @triton.jit
-def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                 ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
-
-    Memory traffic: reads w and g once (8 B/element in fp32). This is the first
-    pass of the two-pass design; the update kernel reads w and g again.
-    """
-    chunk = tl.program_id(0)
-    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
+def sumsq_chunk(table, row, start, numel, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum w^2, sum g^2) over the chunk of tensor ``row`` that starts at ``start``: its whole
+    BLOCKs unmasked (vector loads), the tail masked."""
     w_ptr = row_pointer(table, row, COL_W, W_DTYPE, ALIGNED)
     g_ptr = row_pointer(table, row, COL_G, G_DTYPE, ALIGNED)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
@@ -172,8 +182,22 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     if full < n:
         acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
                                     True)
-    tl.store(partials + SUM_NCOL * chunk + SUM_W2, tl.sum(acc_w, axis=0))
-    tl.store(partials + SUM_NCOL * chunk + SUM_G2, tl.sum(acc_g, axis=0))
+    return tl.sum(acc_w, axis=0), tl.sum(acc_g, axis=0)
+
+
+@triton.jit
+def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                 ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
+
+    Memory traffic: reads w and g once (8 B/element in fp32). This is the first
+    pass of the two-pass design; the update kernel reads w and g again.
+    """
+    chunk = tl.program_id(0)
+    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
+    sum_w, sum_g = sumsq_chunk(table, row, start, numel, W_DTYPE, G_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
+    tl.store(partials + SUM_NCOL * chunk + SUM_W2, sum_w)
+    tl.store(partials + SUM_NCOL * chunk + SUM_G2, sum_g)
 
 
 @triton.jit
