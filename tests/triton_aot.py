@@ -1,12 +1,13 @@
 """Compile every Triton kernel ahead of time for real GPUs (sm_80, sm_90), without a GPU.
 
-    python tests/triton_aot.py [ARCH ...] [--ptxas] [--warps N ...]
+    python tests/triton_aot.py [ARCH ...] [--ptxas] [--census] [--warps N ...]
 
 Run as a script in a process *without* TRITON_INTERPRET (the interpreter is chosen when
 the kernels are decorated); test_triton_compile.py does that. Catches what the
 interpreter tolerates but the compiler rejects (types, constexpr branches, casts).
 --ptxas prints each variant's ptxas resource report (registers, spill bytes, stack) from
-Triton's own ptxas; --warps compiles the Ghost BN kernels at those warp counts instead of
+Triton's own ptxas; --census each variant's PTX instruction census; every ALIGNED optimizer
+variant must hold a 16-B vector load (ld.global.v4.b32, fp64 ld.global.v2.b64); --warps compiles the Ghost BN kernels at those warp counts instead of
 the launcher's (fastlars.ops.ghost_bn.num_warps_for): the figures in bench/NOTES.md.
 """
 
@@ -128,10 +129,19 @@ def approximate_math(fn, kernel) -> list[str]:
 VECTOR_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:v4\.b32|v2\.b64)\b")
 
 
-def misses_vector_loads(fn, constexprs, kernel) -> bool:
-    """An optimizer kernel's ALIGNED variant without a 16-B vector load in its PTX."""
-    return (fn.fn.__module__ in OPTIMIZER_KERNELS and constexprs.get("ALIGNED") is True
-            and not VECTOR_LOAD.search(kernel.asm["ptx"]))
+def wants_vector_loads(fn, constexprs) -> bool:
+    """An optimizer kernel's ALIGNED variant: its PTX must hold a 16-B vector load."""
+    return fn.fn.__module__ in OPTIMIZER_KERNELS and constexprs.get("ALIGNED") is True
+
+
+def census(kernel) -> str:
+    """What the PTX of a variant executes per program, by kind: instructions of the body,
+    IEEE square roots and divisions, selects and predicated instructions, 16-B vector loads."""
+    ptx = kernel.asm["ptx"]
+    body = [line for line in ptx.splitlines() if re.match(r"\s+[a-z@]", line) and not line.strip().startswith(".")]
+    counts = (len(body), len(re.findall(r"\bsqrt\.rn", ptx)), len(re.findall(r"\bdiv\.rn", ptx)),
+              len(re.findall(r"\bselp\b|@!?%p", ptx)), len(VECTOR_LOAD.findall(ptx)))
+    return "instructions {:4}  sqrt.rn {:3}  div.rn {:3}  selects/predicated {:4}  16-B loads {:3}".format(*counts)
 
 
 def describe(fn, signature, constexprs, options) -> str:
@@ -144,9 +154,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archs", nargs="*", type=int, default=[80, 90])
     parser.add_argument("--ptxas", action="store_true", help="print each variant's ptxas resource report")
+    parser.add_argument("--census", action="store_true",
+                        help="print each variant's instruction census (instructions, sqrt.rn, div.rn, selects, "
+                             "16-B loads)")
     parser.add_argument("--warps", nargs="+", type=int, help="Ghost BN kernels at these warp counts")
     args = parser.parse_args(argv)
-    compiled = 0
+    compiled = vector_checked = 0
     for fn, signature, constexprs, options in variants(args.warps):
         full = {**signature, **{k: "constexpr" for k in constexprs}}
         missing = set(fn.arg_names) - set(full)
@@ -157,12 +170,17 @@ def main(argv=None) -> int:
             compiled += 1
             approx = approximate_math(fn, kernel)
             assert not approx, f"sm_{arch} {describe(fn, signature, constexprs, options)}: {approx}"
-            assert not misses_vector_loads(fn, constexprs, kernel), \
-                f"sm_{arch} {describe(fn, signature, constexprs, options)}: no 16-B vector load (ld.global.v4)"
+            if wants_vector_loads(fn, constexprs):
+                assert VECTOR_LOAD.search(kernel.asm["ptx"]), \
+                    f"sm_{arch} {describe(fn, signature, constexprs, options)}: no 16-B vector load (ld.global.v4)"
+                vector_checked += 1
+            if args.census:
+                print(f"sm_{arch} {describe(fn, signature, constexprs, options)}: {census(kernel)}", flush=True)
             if args.ptxas:
                 print(f"sm_{arch} {describe(fn, signature, constexprs, options)}: {ptxas_report(kernel, arch)}",
                       flush=True)
-    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, args.archs))}")
+    print(f"compiled {compiled} kernel variants for sm_{', sm_'.join(map(str, args.archs))}; "
+          f"16-B vector loads in all {vector_checked} ALIGNED optimizer variants")
     return 0
 
 
