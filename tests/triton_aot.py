@@ -74,6 +74,13 @@ def variants(ghost_bn_warps=None):
                 yield (lamb_step.lamb_update_kernel, {**common, "global_norm_ptr": "*fp64", "inv_scale_ptr": "*fp32",
                                                       "ok_ptr": "*i32"},
                        dict(flags, HAS_CLIP=has_clip, HAS_OK=has_ok, OPTIONS=options, ALIGNED=has_ok != has_scale), {})
+        # one_launch: the default groups aligned, every option (and every flag) unaligned
+        one_launch = {**common, "counters": "*i32", "ok_ptr": "*i32", "inv_scale_ptr": "*fp32", "n_items": "i32"}
+        for (lars_options, lamb_options), flag in (((LARS_DEFAULT, LAMB_DEFAULT), False), ((LARS_ALL, LAMB_ALL), True)):
+            flags = dict(W_DTYPE=w, P_DTYPE=p, ACC=acc, WRITE_P=write_p, HAS_OK=True, HAS_SCALE=flag,
+                         ALIGNED=not flag, PARTIAL_BLOCK=128, CHUNK=multi_tensor.ONE_LAUNCH_CHUNK, BLOCK=1024)
+            yield lars_step.lars_one_launch_kernel, one_launch, dict(flags, OPTIONS=lars_options), {}
+            yield lamb_step.lamb_one_launch_kernel, one_launch, dict(flags, OPTIONS=lamb_options), {}
     ints = {name: "i32" for name in ("N", "C", "S", "vbs", "n_ghosts")}
     # int32 strides: Triton's type for values below 2^31, where products used to wrap
     strides = lambda *names: {f"s{n}_{d}": "i32" for n in names for d in "ncs"}
@@ -144,6 +151,25 @@ def census(kernel) -> str:
     return "instructions {:4}  sqrt.rn {:3}  div.rn {:3}  selects/predicated {:4}  16-B loads {:3}".format(*counts)
 
 
+# The one-launch kernels' ordering (multi_tensor.take_item ... wait_for_norms): the ticket,
+# the count of a tensor's norm items (acq_rel), the release of its totals, the acquire of
+# the waiting update items, and the CTA barriers around them. The interpreter runs programs
+# one after another and ignores all of these; only the PTX shows that none was lost.
+ONE_LAUNCH_ORDERING = {
+    "acq_rel count": re.compile(r"\batom\.global\.gpu\.acq_rel\.add\b"),
+    "release": re.compile(r"\batom\.global\.gpu\.release\.add\b"),
+    "acquire": re.compile(r"\b(?:ld|atom)\.global\.gpu\.acquire\b"),
+    "barrier": re.compile(r"\bbar\.sync\b"),
+}
+
+
+def lost_ordering(fn, kernel) -> list[str]:
+    """The orderings (ONE_LAUNCH_ORDERING) missing from a one-launch kernel's PTX."""
+    if not fn.__name__.endswith("_one_launch_kernel"):
+        return []
+    return [name for name, pattern in ONE_LAUNCH_ORDERING.items() if not pattern.search(kernel.asm["ptx"])]
+
+
 def describe(fn, signature, constexprs, options) -> str:
     dtypes = "/".join(v for k, v in signature.items() if k in ("x_ptr", "table"))
     flags = " ".join(f"{k}={getattr(v, 'name', v)}" for k, v in constexprs.items())
@@ -170,6 +196,8 @@ def main(argv=None) -> int:
             compiled += 1
             approx = approximate_math(fn, kernel)
             assert not approx, f"sm_{arch} {describe(fn, signature, constexprs, options)}: {approx}"
+            lost = lost_ordering(fn, kernel)
+            assert not lost, f"sm_{arch} {describe(fn, signature, constexprs, options)}: no {lost} in the PTX"
             if wants_vector_loads(fn, constexprs):
                 assert VECTOR_LOAD.search(kernel.asm["ptx"]), \
                     f"sm_{arch} {describe(fn, signature, constexprs, options)}: no 16-B vector load (ld.global.v4)"

@@ -10,7 +10,8 @@ tensors or param groups:
 
 44 B per fp32 element (48 with clipping) against the floor of 28 B (docs/contract.md, "The floors"); apex's
 FusedLAMB moves 44+ in four launches. Launch 1 writes no state, so a non-finite
-gradient is caught before anything changes. The maths is fastlars.optim.lamb
+gradient is caught before anything changes. With one_launch=True, one launch instead
+(lamb_one_launch_kernel), the gate deciding before it. The maths is fastlars.optim.lamb
 (reference backend), written again element-wise; tests hold the two together.
 """
 
@@ -260,6 +261,48 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
                       ALIGNED, CHUNK, BLOCK)
 
 
+LAMB_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2) | (1 << SumColumn.U2))
+
+
+@triton.jit
+def _lamb_item(chunk, is_update, table, chunks, partials, totals, counters, groups, inv_scale_ptr, ok_ptr,
+               W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_OK: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
+    """One work item of lamb_one_launch_kernel: a chunk's norms, or its update."""
+    row, start, numel, group, chunk0, n_chunks, _ = mt.chunk_at(table, chunks, chunk, CHUNK)
+    if is_update:
+        go = mt.update_goes(counters, totals, row, n_chunks, ok_ptr, HAS_OK)
+        lamb_update_chunk(table, row, start, numel, group, totals, groups, groups, inv_scale_ptr, go, W_DTYPE,
+                          P_DTYPE, ACC, WRITE_P, False, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
+    else:
+        sum_w, sum_g, sum_u = lamb_norms_chunk(table, row, start, numel, group, groups, groups, inv_scale_ptr,
+                                               W_DTYPE, P_DTYPE, ACC, False, HAS_SCALE, OPTIONS, ALIGNED, CHUNK,
+                                               BLOCK)
+        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
+        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
+        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_U2, sum_u)
+        mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, LAMB_COLUMNS, ACC, PARTIAL_BLOCK)
+
+
+@triton.jit(do_not_specialize=["n_items"])  # one binary whatever the item count's divisibility
+def lamb_one_launch_kernel(table, chunks, partials, totals, counters, groups, inv_scale_ptr, ok_ptr, n_items,
+                           W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+                           HAS_SCALE: tl.constexpr, HAS_OK: tl.constexpr, OPTIONS: tl.constexpr,
+                           ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                           PARTIAL_BLOCK: tl.constexpr):
+    """The LAMB step in one launch (one_launch=True; see lars_step.lars_one_launch_kernel):
+    a norm item sums w^2, g^2, u^2 of its chunk (as lamb_norms_kernel), an update item
+    waits for its tensor's totals and updates its chunk (as lamb_update_kernel). No
+    clipping: its factor needs every gradient's norm before any update."""
+    item = mt.next_ticket(counters)
+    while item < n_items:
+        chunk, is_update = mt.item_chunk(item, table, chunks)
+        _lamb_item(chunk, is_update, table, chunks, partials, totals, counters, groups, inv_scale_ptr, ok_ptr,
+                   W_DTYPE, P_DTYPE, ACC, WRITE_P, HAS_SCALE, HAS_OK, OPTIONS, ALIGNED, CHUNK, BLOCK, PARTIAL_BLOCK)
+        item = mt.next_ticket(counters)
+
+
 def _scalar_args(launch, global_norm, inv_scale):
     device, dummy = launch.groups.device, launch.groups
     return (tb.scalar_on(global_norm, device) if global_norm is not None else dummy,
@@ -267,8 +310,19 @@ def _scalar_args(launch, global_norm, inv_scale):
 
 
 def lamb_norms(plan, inv_scale):
-    """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to check."""
-    prepared = [(lp, *tb.lamb_launch(plan, lp, False, lp.norm_states, mt.CHUNK)) for lp in plan.launches]
+    """Launches 0 and 1 for every (device, dtype); returns the contexts and the partials to
+    check. With one_launch, the tables and the gate's pre-read only (tb.one_launch_checks)."""
+    if plan.one_launch:
+        if tb.clipping(plan):
+            raise ValueError("one_launch=True cannot be combined with max_grad_norm > 0: the clip factor needs the "
+                             "global gradient norm before any tensor is updated")
+        checks = tb.one_launch_checks(plan)
+    prepared = [(lp, *tb.lamb_launch(plan, lp, False, lp.norm_states, mt.chunk_size(plan))) for lp in plan.launches]
+    if plan.one_launch:  # the sums are formed by the update's launch (lamb_one_launch_kernel)
+        contexts = [tb.Merged(lp, torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype,
+                                              device=launch.table.device), launch, keep_alive)
+                    for lp, launch, keep_alive in prepared]
+        return (contexts, None), checks
     global_norm = None
     if tb.clipping(plan):
         global_norm = tb.global_grad_norm(plan, [(lp, mt.launch_sumsq(launch)) for lp, launch, _ in prepared],
@@ -291,23 +345,32 @@ def lamb_norms(plan, inv_scale):
 
 
 def lamb_update(plan, norms, inv_scale, ok) -> None:
-    """Launch 2 for every (device, dtype), then the step counters."""
+    """Launch 2 for every (device, dtype) (with one_launch, the whole step's one launch),
+    then the step counters."""
     contexts, global_norm = norms
     for ctx in contexts:
         # the norms pass's tables, unless this step created the moments or master weights;
         # `keep_alive` holds what new tables point to until the kernel has run
-        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lamb_launch)
+        chunk = mt.chunk_size(plan)
+        launch, keep_alive = tb.update_launch(plan, ctx, chunk, tb.lamb_launch)
         device = launch.table.device
         if launch.n_chunks:
+            global_norm_arg, inv_scale_arg = _scalar_args(launch, global_norm, inv_scale)
+            ok_arg = tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups
+            flags = dict(W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                         ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param,
+                         HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None, OPTIONS=lamb_options(ctx.plan.rows),
+                         ALIGNED=launch.aligned, CHUNK=chunk, BLOCK=mt.BLOCK)
             with tb.on_device(device):
-                lamb_update_kernel[(launch.n_chunks,)](
-                    launch.table, launch.chunks, ctx.partials, launch.groups,
-                    *_scalar_args(launch, global_norm, inv_scale),
-                    tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
-                    W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-                    ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param,
-                    HAS_CLIP=global_norm is not None, HAS_SCALE=inv_scale is not None, HAS_OK=ok is not None,
-                    OPTIONS=lamb_options(ctx.plan.rows), ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+                if plan.one_launch:
+                    partials, counters = mt.item_buffers(launch)
+                    lamb_one_launch_kernel[(mt.one_launch_grid(launch),)](
+                        launch.table, launch.chunks, partials, ctx.partials, counters, launch.groups, inv_scale_arg,
+                        ok_arg, 2 * launch.n_chunks, **flags, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+                else:
+                    lamb_update_kernel[(launch.n_chunks,)](
+                        launch.table, launch.chunks, ctx.partials, launch.groups, global_norm_arg, inv_scale_arg,
+                        ok_arg, **flags, HAS_CLIP=global_norm is not None)
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in ctx.plan.states]
         torch._foreach_add_(steps, 1.0 if ok is None else tb.scalar_on(ok, device, torch.float32))

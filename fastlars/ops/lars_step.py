@@ -11,7 +11,8 @@ makes launch 1 lars_sums_kernel, which also sums w g, and buf^2, buf g, buf w fo
 "momentum_update": +4 B/elem for the buffer, still two passes.)
 
 28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
-and g); see bench/NOTES.md. The maths is fastlars.optim.lars (reference backend),
+and g); see bench/NOTES.md. With one_launch=True, one launch instead (lars_one_launch_kernel:
+each tensor's update follows its norms while it may still be in L2). The maths is fastlars.optim.lars (reference backend),
 written again here element-wise; tests hold the two together.
 """
 
@@ -295,14 +296,72 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                       CHUNK, BLOCK)
 
 
+# the sums columns each norms pass writes (bit masks of SumColumn, for mt.finalize_row)
+PLAIN_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2))
+SUMS_COLUMNS = tl.constexpr(sum(1 << c for c in (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2,
+                                                  SumColumn.BG, SumColumn.BW)))
+
+
+@triton.jit
+def _lars_item(chunk, is_update, table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr,
+               W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+               HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
+    """One work item of lars_one_launch_kernel: a chunk's norms, or its update."""
+    row, start, numel, group, chunk0, n_chunks, first = mt.chunk_at(table, chunks, chunk, CHUNK)
+    if is_update:
+        go = mt.update_goes(counters, totals, row, n_chunks, ok_ptr, HAS_OK)
+        lars_update_chunk(table, row, start, numel, group, first, totals, groups, inv_scale_ptr, go, W_DTYPE,
+                          P_DTYPE, ACC, WRITE_P, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
+    else:
+        if OPT_SUMS & OPTIONS:
+            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = lars_sums_chunk(table, row, start, numel, group, first,
+                                                                          groups, W_DTYPE, P_DTYPE, ACC, OPTIONS,
+                                                                          ALIGNED, CHUNK, BLOCK)
+            store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, SUMS_COLUMNS, ACC, PARTIAL_BLOCK)
+        else:
+            sum_w, sum_g = mt.sumsq_chunk(table, row, start, numel, W_DTYPE, P_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
+            tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
+            tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, PLAIN_COLUMNS, ACC, PARTIAL_BLOCK)
+
+
+@triton.jit(do_not_specialize=["n_items"])  # one binary whatever the item count's divisibility
+def lars_one_launch_kernel(table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr, n_items,
+                           W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+                           HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr,
+                           ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                           PARTIAL_BLOCK: tl.constexpr):
+    """The LARS step in one launch (one_launch=True), two items per chunk taken by ticket
+    (mt.next_ticket, mt.item_chunk) until ``n_items`` are out: a norm item sums its chunk
+    (as the norms pass) and the tensor's last one forms its totals; an update item waits
+    for them (mt.wait_for_norms) and updates its chunk (as lars_update_kernel) while the
+    tensor's w and g may still be in L2. The step's decision (``ok``) is known before the
+    launch; a tensor whose sums are not finite is left unchanged (the gate could not see them)."""
+    item = mt.next_ticket(counters)
+    while item < n_items:
+        chunk, is_update = mt.item_chunk(item, table, chunks)
+        _lars_item(chunk, is_update, table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr,
+                   W_DTYPE, P_DTYPE, ACC, WRITE_P, HAS_OK, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK, PARTIAL_BLOCK)
+        item = mt.next_ticket(counters)
+
+
 def lars_norms(plan, inv_scale):
-    """Launch 1 for every (device, dtype): returns the context and the partials to check."""
+    """Launch 1 for every (device, dtype): returns the context and the partials to check.
+    With one_launch, the tables and the gate's pre-read only (tb.one_launch_checks)."""
+    checks = tb.one_launch_checks(plan) if plan.one_launch else None
     contexts = []
     for lp in plan.launches:
-        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.CHUNK)
-        options = lars_options(lp.rows)
-        sums = _variant_sums(launch, options) if options & SUMS else mt.launch_sumsq(launch)
+        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.chunk_size(plan))
+        if plan.one_launch:  # the sums are formed by the update's launch (lars_one_launch_kernel)
+            sums = torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
+        else:
+            options = lars_options(lp.rows)
+            sums = _variant_sums(launch, options) if options & SUMS else mt.launch_sumsq(launch)
         contexts.append(tb.Merged(lp, sums, launch, keep_alive))
+    if plan.one_launch:
+        return contexts, checks
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
     return contexts, [c.partials for c in contexts]  # the sums (0 in the columns not summed)
@@ -322,18 +381,25 @@ def _variant_sums(launch, options: int):
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:
-    """Launch 2 for every (device, dtype)."""
+    """Launch 2 for every (device, dtype); with one_launch, the whole step's one launch."""
     for ctx in contexts:
-        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lars_launch)  # alive until the kernel ran
+        chunk = mt.chunk_size(plan)
+        launch, keep_alive = tb.update_launch(plan, ctx, chunk, tb.lars_launch)  # alive until the kernel ran
         if not launch.n_chunks:
             continue
         device = launch.table.device
+        scalars = (tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
+                   tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups)
+        flags = dict(W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                     ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
+                     HAS_SCALE=inv_scale is not None, OPTIONS=lars_options(ctx.plan.rows), ALIGNED=launch.aligned,
+                     CHUNK=chunk, BLOCK=mt.BLOCK)
         with tb.on_device(device):
-            lars_update_kernel[(launch.n_chunks,)](
-                launch.table, launch.chunks, ctx.partials, launch.groups,
-                tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
-                tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
-                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-                ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-                HAS_SCALE=inv_scale is not None, OPTIONS=lars_options(ctx.plan.rows), ALIGNED=launch.aligned,
-                CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+            if plan.one_launch:
+                partials, counters = mt.item_buffers(launch)
+                lars_one_launch_kernel[(mt.one_launch_grid(launch),)](
+                    launch.table, launch.chunks, partials, ctx.partials, counters, launch.groups, *scalars,
+                    2 * launch.n_chunks, **flags, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+            else:
+                lars_update_kernel[(launch.n_chunks,)](launch.table, launch.chunks, ctx.partials, launch.groups,
+                                                       *scalars, **flags)

@@ -48,3 +48,5 @@ class StepPlan:
     creating_state: bool         # some parameter gets state this step: the update's tables are new
     capturable: bool             # build the next step's tables now ("one eager step, then capture")
     cache: LaunchCache           # the optimizer's launch tables, kept across steps
+    one_launch: bool = False     # Triton: norms and update in one launch (LARS/LAMB one_launch=True)
+    gate_known: bool = False     # found_inf (GradScaler) decides the step: one_launch needs no pre-read
