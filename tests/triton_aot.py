@@ -163,11 +163,19 @@ ONE_LAUNCH_ORDERING = {
 }
 
 
+# ...and no load through the non-coherent read-only path, which may serve a line another
+# program has written since (the partials and totals are written in the same launch)
+NON_COHERENT_LOAD = re.compile(r"\bld\.global\.nc\b")
+
+
 def lost_ordering(fn, kernel) -> list[str]:
-    """The orderings (ONE_LAUNCH_ORDERING) missing from a one-launch kernel's PTX."""
+    """The orderings (ONE_LAUNCH_ORDERING) missing from a one-launch kernel's PTX, and a
+    non-coherent load if it has one."""
     if not fn.__name__.endswith("_one_launch_kernel"):
         return []
-    return [name for name, pattern in ONE_LAUNCH_ORDERING.items() if not pattern.search(kernel.asm["ptx"])]
+    ptx = kernel.asm["ptx"]
+    lost = [name for name, pattern in ONE_LAUNCH_ORDERING.items() if not pattern.search(ptx)]
+    return lost + (["coherent loads (found ld.global.nc)"] if NON_COHERENT_LOAD.search(ptx) else [])
 
 
 def describe(fn, signature, constexprs, options) -> str:
