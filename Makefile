@@ -3,6 +3,8 @@
 #   make test    the test suite
 # Both create .venv and install everything on first use. make test-compat runs the
 # compatibility job on the oldest supported stack (.venv-compat). Also: make bench-optim,
+# make bench-check (the optimizer step's ratios to torch's fused step against bench/baseline-cpu.json;
+# run it before submitting a change to csrc/, fastlars/ops/ or an optimizer's step),
 # make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
 # 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D).
 
@@ -31,7 +33,7 @@ COMPAT_TORCH  ?= torch==2.11.0 torchvision==0.26.0
 COMPAT_TESTS  ?= tests/test_torch_conformance.py tests/test_optim_backends.py tests/test_ghost_bn.py \
                  tests/test_capturable.py tests/test_gpu_readiness.py tests/test_triton_compile.py
 
-.PHONY: setup setup-compat test test-compat bench bench-optim bench-ghost-bn bench-distributed demo study clean
+.PHONY: setup setup-compat test test-compat bench bench-optim bench-check bench-ghost-bn bench-distributed demo study clean
 
 setup: $(VENV)/.installed
 
@@ -69,6 +71,11 @@ bench: setup
 
 bench-optim: setup
 	$(PYTHON) -m bench.optim_step
+
+# not part of `make test` (it times); ARGS="--update-baseline" rewrites the baseline,
+# ARGS="--plant-slowdown 'LAMB[cpu]=1.5'" shows it failing
+bench-check: setup
+	$(PYTHON) -m bench.check $(ARGS)
 
 bench-ghost-bn: setup
 	$(PYTHON) -m bench.ghost_bn

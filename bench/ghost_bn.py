@@ -67,8 +67,10 @@ def run(device: torch.device, batch: int, vbs_list: list[int], shapes, min_run_t
                 loop_ms = None
                 for path in paths_for(device):
                     fwd_bwd(path, x, weight, bias, vbs, dy)  # warm-up, compilation
+                    # on the threads torch uses, as copy_bandwidth (Timer's default is one thread)
                     t = Timer("fwd_bwd(path, x, weight, bias, vbs, dy)",
-                              globals=dict(fwd_bwd=fwd_bwd, path=path, x=x, weight=weight, bias=bias, vbs=vbs, dy=dy))
+                              globals=dict(fwd_bwd=fwd_bwd, path=path, x=x, weight=weight, bias=bias, vbs=vbs, dy=dy),
+                              num_threads=torch.get_num_threads())
                     ms = t.blocked_autorange(min_run_time=min_run_time).median * 1e3
                     loop_ms = ms if path == "chunk_loop" else loop_ms
                     rows.append(dict(dtype=str(dtype).replace("torch.", ""),

@@ -7,9 +7,12 @@
 #             else the toolkit behind nvcc on PATH, even where that nvcc is a wrapper script)
 #   3 tests   the GPU tests: fused backends, the issue-14 faults, capturable, CUDA graphs, Ghost BN, cast_rne;
 #             every file to the end (no -x: one failure must not hide the others), 120 s a test
-#   4 optim   bench/optim_step.py: every backend and triton+graph, ResNet-50 and BERT-Large shapes
+#   4 optim   bench/optim_step.py: every backend, torch's fused SGD/AdamW, bf16, CUDA graphs, interleaved,
+#             ResNet-50 and BERT-Large shapes; not the variant rows, whose kernels would not compile in
+#             its limit (python -m bench.optim_step --device cuda --workloads resnet50 times them)
 #   5 gbn     bench/ghost_bn.py: ResNet-50 activation shapes, vs nn.BatchNorm2d and the chunk loop
-#   6 e2e     reduced end-to-end: global batch 8192, SGD+BN vs LARS+GBN on triton, 2 timed steps
+#   6 e2e     reduced end-to-end: global batch 8192, SGD+BN (torch's fused step) vs LARS+GBN on triton,
+#             2 rounds of 1 timed step
 # Each stage has its own time limit, cut to what is left of the budget; a stage that would
 # start with less than MIN_STAGE_S left is skipped with a line saying so. The limits add up
 # to the GPU budget, so every stage gets its turn. A stage at its limit gets SIGINT (pytest
@@ -161,17 +164,18 @@ stage tests $limit_tests "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[
 
 # 4-6. the benchmarks
 if [ $dry = 1 ]; then
-    stage optim $limit_optim "$PY" -m bench.optim_step --device cpu --workloads toy --min-run-time 0.01 --results "$out"
+    stage optim $limit_optim "$PY" -m bench.optim_step --device cpu --workloads toy --rounds 3 --min-run-time 0.01 --results "$out"
     stage gbn $limit_gbn "$PY" -m bench.ghost_bn --device cpu --batch 8 --vbs 4 --shapes 8x4 16x2 --min-run-time 0.01 \
         --results "$out"
     stage e2e $limit_e2e "$PY" -m fastlars.bench e2e --device cpu --global-batch 8 --micro-batch 4 --image-size 16 \
-        --model resnet18 --configs sgd+bn lars+gbn --backends foreach --steps 1 --results "$out" --no-plot
+        --model resnet18 --configs sgd+bn lars+gbn --sgd torch-fused --backends foreach --steps 1 --repeats 2 \
+        --results "$out" --no-plot
 else
-    stage optim $limit_optim "$PY" -m bench.optim_step --device cuda --workloads resnet50 bert_large --min-run-time 0.2 \
+    stage optim $limit_optim "$PY" -m bench.optim_step --device cuda --workloads resnet50 bert_large --min-run-time 0.2 --no-variants \
         --results "$out"
     stage gbn $limit_gbn "$PY" -m bench.ghost_bn --device cuda --min-run-time 0.1 --results "$out"
     stage e2e $limit_e2e "$PY" -m fastlars.bench e2e --device cuda --global-batch 8192 --configs sgd+bn lars+gbn \
-        --backends triton --steps 2 --results "$out" --no-plot
+        --sgd torch-fused --backends triton --steps 1 --repeats 2 --results "$out" --no-plot
 fi
 
 # the summary: every stage, and the tests' counts and failures
