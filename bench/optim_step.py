@@ -77,6 +77,7 @@ LARS_ARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-5)
 LAMB_ARGS = dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)  # timm's default clipping
 ADAMW_ARGS = dict(lr=1e-3, weight_decay=0.01)  # no clipping: it is work LAMB adds
 OPTIMIZER_ARGS = {"LARS": LARS_ARGS, "LAMB": LAMB_ARGS}
+ONE_LAUNCH_ARGS = {"LARS": {}, "LAMB": {"max_grad_norm": 0.0}}  # what one_launch=True changes besides
 PLANT_ENV = "FASTLARS_BENCH_PLANT"  # ROW=FACTOR[,ROW=FACTOR...], as --plant-slowdown
 
 
@@ -207,10 +208,11 @@ ROWS: list[Row] = [
       for family in ("LARS", "LAMB")),
     # one step captured in a CUDA graph and replayed (capturable=True)
     *(fastlars_row(family, backend, graph=True) for backend in ("triton", "cuda") for family in ("LARS", "LAMB")),
-    # The one-launch Triton step (an option, off by default): its rows are listed here and
-    # left out until the optimizers accept the option (rename it to the option's name).
-    *(fastlars_row(family, "triton", one_launch=True) for family in ("LARS", "LAMB")),
-    *(fastlars_row(family, "triton", graph=True, one_launch=True) for family in ("LARS", "LAMB")),
+    # The one-launch Triton step (one_launch=True, off by default), against the two-launch
+    # rows of the same run: LARS[triton], and for LAMB LAMB[triton,max_grad_norm=0] (one
+    # launch refuses clipping, whose factor needs every norm before any update)
+    *(fastlars_row(family, "triton", graph=graph, one_launch=True, **ONE_LAUNCH_ARGS[family])
+      for graph in (False, True) for family in ("LARS", "LAMB")),
 ]
 
 def _accepts(row: Row) -> list[str]:

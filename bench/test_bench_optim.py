@@ -26,7 +26,7 @@ from fastlars.optim import lamb, lars
 CPU = torch.device("cpu")
 # options every optimizer has (docs/contract.md, "Options of both optimizers"): not variants
 COMMON_OPTIONS = {"maximize", "backend", "master_weights", "skip_nonfinite", "capturable", "foreach", "fused",
-                  "differentiable"}
+                  "differentiable", "one_launch"}
 CHOICES = {"ratio_denominator": lars.RATIO_DENOMINATORS, "zero_norm": lars.ZERO_NORM_RULES,
            "decay_mode": lamb.DECAY_MODES}
 

@@ -343,7 +343,7 @@ def test_cuda_driver_sums_the_variants_only_where_a_group_needs_them(monkeypatch
                          ids=["momentum_update", "norm_of_sum-lr_in_momentum"])
 def test_variants_keep_one_eager_step_then_a_capture(options, monkeypatch):
     """capturable=True with the variants (test_gpu_readiness's recipe checks on the CPU): the
-    state-creating step launches every later kernel variant (lars_sums_kernel, VARIANTS)
+    state-creating step launches every later kernel variant (lars_sums_kernel, its OPTIONS)
     and builds the next step's tables (whose norms tables read the buffers just made)."""
     import test_gpu_readiness as readiness
 

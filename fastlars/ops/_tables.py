@@ -285,6 +285,20 @@ def reduce_partials(plan: StepPlan, contexts: list[Merged]) -> None:
         c.partials.copy_(part)
 
 
+def one_launch_checks(plan: StepPlan) -> list[Tensor]:
+    """What the gate checks before a one-launch step (one_launch=True), whose kernel writes
+    each tensor as soon as that tensor's norms are known: nothing when GradScaler's
+    found_inf decides the step (``plan.gate_known``), else each launch's gradient norms, a
+    pre-read of every gradient (4 B per fp32 element). Refuses what one launch cannot step
+    (before anything changes)."""
+    if plan.mesh is not None:
+        raise ValueError("one_launch=True cannot step sharded (FSDP2) parameters: a layer's norm needs every "
+                         "rank's sums (an all-reduce) before its update can start")
+    if plan.gate_known:
+        return []
+    return [torch.stack(torch._foreach_norm(lp.grads, 2, dtype=lp.compute_dtype)) for lp in plan.launches]
+
+
 def global_grad_norm(plan: StepPlan, launches: list[tuple[LaunchPlan, Tensor]], device) -> Tensor:
     """||g|| over every gradient of the step from (merged, per-tensor sums) pairs (layout
     SumColumn); across ranks for sharded parameters (one all-reduce)."""

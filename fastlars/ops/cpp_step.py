@@ -95,7 +95,7 @@ def lars_norms(plan, inv_scale):
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
         if _one_pass(plan):  # the gate's read of the gradients, unless GradScaler decided
-            contexts.append(tb.Merged(lp, None if plan.skip_decided else _C.grad_sumsq_cpu(grads)))
+            contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads)))
             continue
         products, bufs = tb.lars_variant_sums(lp) if tb.lars_variants(lp) else ((), ())
         contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads, bufs, products)))
@@ -145,7 +145,7 @@ def lamb_norms(plan, inv_scale):
     one_pass = _one_pass(plan)
     # the one-pass CPU step's gate reads the gradients' sums, which clipping needs too
     grad_sums = {id(lp): _C.grad_sumsq_cpu(keep[0]) for lp, launch, keep in prepared
-                 if launch is None and one_pass and (tb.clipping(plan) or not plan.skip_decided)}
+                 if launch is None and one_pass and (tb.clipping(plan) or not plan.gate_known)}
     global_norm = None  # no clipping
     if tb.clipping(plan):
         sums = [(lp, _sumsq_cuda(launch, keep, lp) if launch is not None

@@ -11,11 +11,14 @@ makes launch 1 lars_sums_kernel, which also sums w g, and buf^2, buf g, buf w fo
 "momentum_update": +4 B/elem for the buffer, still two passes.)
 
 28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
-and g); see bench/NOTES.md. The maths is fastlars.optim.lars (reference backend),
+and g); see bench/NOTES.md. With one_launch=True, one launch instead (lars_one_launch_kernel:
+each tensor's update follows its norms while it may still be in L2). The maths is fastlars.optim.lars (reference backend),
 written again here element-wise; tests hold the two together.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 import triton
@@ -30,48 +33,128 @@ from .layouts import LarsColumn, SumColumn, constexprs
 globals().update(constexprs(LarsColumn))
 
 
+class LarsOption(enum.IntFlag):
+    """What the groups of a launch use beyond the default step: the kernels' OPTIONS
+    constexpr, so that each launch compiles only the code some group of it needs (an
+    element loop with a branch on a group's flag costs the default step too). A launch of
+    default groups (momentum, no nesterov, the sum-of-norms ratio) has MOMENTUM only."""
+
+    NORM_OF_SUM = 1     # a ratio divides by ||g + wd w||: the norms pass sums w g
+    AFTER_MOMENTUM = 2  # a ratio divides by ||u|| ("momentum_update"): it also sums the buffer's products
+    MOMENTUM = 4        # a group has momentum
+    NO_MOMENTUM = 8     # a group has none (with MOMENTUM: the element loop tests the group's momentum)
+    NESTEROV = 16       # a group has nesterov (the element loop selects on the group's flag)
+
+
+# as constexprs the kernels test: OPT_NORM_OF_SUM, ...
+globals().update({f"OPT_{o.name}": tl.constexpr(int(o)) for o in LarsOption})
+SUMS = LarsOption.NORM_OF_SUM | LarsOption.AFTER_MOMENTUM  # the norms pass is lars_sums_kernel
+OPT_SUMS = tl.constexpr(int(SUMS))
+
+
+def lars_options(rows) -> int:
+    """The LarsOption union of a launch's group rows (LarsColumn; the mode flags hold only
+    where the group adapts, see _tables.lars_variant_columns)."""
+    options = 0
+    for row in rows:
+        momentum = row[LarsColumn.MOMENTUM] != 0
+        options |= ((LarsOption.NORM_OF_SUM if row[LarsColumn.NORM_OF_SUM] else 0)
+                    | (LarsOption.AFTER_MOMENTUM if row[LarsColumn.AFTER_MOMENTUM] else 0)
+                    | (LarsOption.MOMENTUM if momentum else LarsOption.NO_MOMENTUM)
+                    | (LarsOption.NESTEROV if row[LarsColumn.NESTEROV] else 0))
+    return int(options)
+
 
 @triton.jit
-def lars_sums_kernel(table, chunks, partials, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                     ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """The norms pass of a launch where some group uses a LARS variant that needs more than
-    ||w|| and ||g|| (tb.lars_variants), in place of mt.sumsq_kernel: per chunk, sums of w^2,
-    g^2, w g, and of buf^2, buf g, buf w where the tensor's group has "momentum_update" with
-    momentum and its buffer exists (FIRST 0; else 0: S0 is then W, never read). The update
-    forms the ratio's norm from them (csrc/fastlars_math.h, lars_denominator_norm)."""
-    chunk = tl.program_id(0)
-    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, False, CHUNK)
-    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
-    g_ptr = mt.row_pointer(table, row, mt.COL_G, G_DTYPE, ALIGNED)
-    buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
-    hp = groups + group * NCOL
-    with_buf = (tl.load(hp + AFTER_MOMENTUM) != 0) & (tl.load(hp + MOMENTUM) != 0) & (first == 0)
-    buf_numel = tl.where(with_buf, numel, 0)  # buf is read below buf_numel only
+def _lars_sums_block(w_ptr, g_ptr, buf_ptr, idx, numel, acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw,
+                     ACC: tl.constexpr, WITH_BUF: tl.constexpr, MASKED: tl.constexpr):
+    w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
+    g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC)
+    acc_w += w * w
+    acc_g += g * g
+    acc_wg += w * g
+    if WITH_BUF:
+        buf = mt.load_block(buf_ptr, idx, numel, MASKED).to(ACC)
+        acc_b += buf * buf
+        acc_bg += buf * g
+        acc_bw += buf * w
+    return acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw
+
+
+@triton.jit
+def _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC: tl.constexpr, WITH_BUF: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The six sums over one chunk (buf's 0 without WITH_BUF): its whole BLOCKs unmasked,
+    so that aligned pointers give vector loads, as mt.sumsq_chunk; the tail masked."""
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     acc_wg = tl.zeros([BLOCK], dtype=ACC)
     acc_b = tl.zeros([BLOCK], dtype=ACC)
     acc_bg = tl.zeros([BLOCK], dtype=ACC)
     acc_bw = tl.zeros([BLOCK], dtype=ACC)
-    n = tl.minimum(numel - start, CHUNK)
-    for offset in range(0, n, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        w = mt.load_block(w_ptr, idx, numel, True).to(ACC)
-        g = mt.load_block(g_ptr, idx, numel, True).to(ACC)
-        buf = tl.load(buf_ptr + idx, mask=idx < buf_numel, other=0.0).to(ACC)
-        acc_w += w * w
-        acc_g += g * g
-        acc_wg += w * g
-        acc_b += buf * buf
-        acc_bg += buf * g
-        acc_bw += buf * w
+    full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
+    for offset in range(0, full, BLOCK):
+        acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw = _lars_sums_block(
+            w_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, acc_w, acc_g, acc_wg, acc_b, acc_bg,
+            acc_bw, ACC, WITH_BUF, False)
+    if full < n:
+        acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw = _lars_sums_block(
+            w_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, acc_wg, acc_b, acc_bg,
+            acc_bw, ACC, WITH_BUF, True)
+    return (tl.sum(acc_w, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_wg, axis=0), tl.sum(acc_b, axis=0),
+            tl.sum(acc_bg, axis=0), tl.sum(acc_bw, axis=0))
+
+
+@triton.jit
+def lars_sums_chunk(table, row, start, numel, group, first, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                    ACC: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """The variants' sums over one chunk (see lars_sums_kernel): (w^2, g^2, w g, buf^2, buf g,
+    buf w). Whether the buffer is read is decided once per chunk, outside the element loop."""
+    w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
+    g_ptr = mt.row_pointer(table, row, mt.COL_G, G_DTYPE, ALIGNED)
+    buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
+    if OPT_AFTER_MOMENTUM & OPTIONS:
+        hp = groups + group * NCOL
+        # the buffer exists (FIRST 0; else S0 is W and never read) and the ratio needs it
+        if (tl.load(hp + AFTER_MOMENTUM) != 0) & (tl.load(hp + MOMENTUM) != 0) & (first == 0):
+            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
+                                                                           True, CHUNK, BLOCK)
+        else:
+            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
+                                                                           False, CHUNK, BLOCK)
+    else:
+        sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
+                                                                       False, CHUNK, BLOCK)
+    return sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw
+
+
+@triton.jit
+def store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw):
     out = partials + mt.SUM_NCOL * chunk
-    tl.store(out + mt.SUM_W2, tl.sum(acc_w, axis=0))
-    tl.store(out + mt.SUM_G2, tl.sum(acc_g, axis=0))
-    tl.store(out + mt.SUM_WG, tl.sum(acc_wg, axis=0))
-    tl.store(out + mt.SUM_B2, tl.sum(acc_b, axis=0))
-    tl.store(out + mt.SUM_BG, tl.sum(acc_bg, axis=0))
-    tl.store(out + mt.SUM_BW, tl.sum(acc_bw, axis=0))
+    tl.store(out + mt.SUM_W2, sum_w)
+    tl.store(out + mt.SUM_G2, sum_g)
+    tl.store(out + mt.SUM_WG, sum_wg)
+    tl.store(out + mt.SUM_B2, sum_b)
+    tl.store(out + mt.SUM_BG, sum_bg)
+    tl.store(out + mt.SUM_BW, sum_bw)
+
+
+@triton.jit
+def lars_sums_kernel(table, chunks, partials, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                     ACC: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """The norms pass of a launch where some group uses a LARS variant that needs more than
+    ||w|| and ||g|| (OPT_SUMS), in place of mt.sumsq_kernel: per chunk, sums of w^2,
+    g^2, w g, and of buf^2, buf g, buf w where the tensor's group has "momentum_update" with
+    momentum and its buffer exists (FIRST 0; else 0: S0 is then W, never read). The update
+    forms the ratio's norm from them (csrc/fastlars_math.h, lars_denominator_norm)."""
+    chunk = tl.program_id(0)
+    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, False, CHUNK)
+    sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = lars_sums_chunk(table, row, start, numel, group, first, groups,
+                                                                  W_DTYPE, G_DTYPE, ACC, OPTIONS, ALIGNED, CHUNK,
+                                                                  BLOCK)
+    store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw)
 
 
 @triton.jit
@@ -95,19 +178,41 @@ def _denominator_norm(totals, row, g_norm, s, first, weight_decay, momentum, one
 
 
 @triton.jit
+def _momentum_block(buf_ptr, idx, numel, d, first, momentum, one_minus_dampening, nesterov, OPTIONS: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """buf = d (the tensor's first step) or mu buf + (1 - dampening) d, stored; returns the
+    update u (buf, or d + mu buf with nesterov). FIRST is per tensor, a select: a constexpr
+    would compile the first step apart from the later ones, which a CUDA graph captured
+    after one eager step must not do."""
+    buf = mt.load_block(buf_ptr, idx, numel, MASKED)
+    buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
+    mt.store_block(buf_ptr, idx, buf, numel, MASKED)
+    if OPT_NESTEROV & OPTIONS:
+        u = tl.where(nesterov != 0, d + momentum * buf, buf)
+    else:
+        u = buf
+    return u
+
+
+@triton.jit
 def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, pre, inv_scale, step, decay, momentum,
                 one_minus_dampening, nesterov, W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                WRITE_P: tl.constexpr, MASKED: tl.constexpr):
+                WRITE_P: tl.constexpr, OPTIONS: tl.constexpr, MASKED: tl.constexpr):
     """The update of one block of elements (docs/contract.md, "LARS"): d = pre (g + decay w),
-    momentum, w - step u (pre, decay, step: csrc/fastlars_math.h, lars_factors)."""
+    momentum, w - step u (pre, decay, step: csrc/fastlars_math.h, lars_factors). Momentum is
+    compiled in only where a group of the launch has it, and tested per group only where
+    another has none (OPTIONS)."""
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC) * inv_scale
     d = pre * (g + decay * w)
-    if momentum != 0:
-        buf = mt.load_block(buf_ptr, idx, numel, MASKED)
-        buf = tl.where(first != 0, d, momentum * buf + one_minus_dampening * d)
-        mt.store_block(buf_ptr, idx, buf, numel, MASKED)
-        d = tl.where(nesterov != 0, d + momentum * buf, buf)
+    if OPT_MOMENTUM & OPTIONS:
+        if OPT_NO_MOMENTUM & OPTIONS:
+            if momentum != 0:
+                d = _momentum_block(buf_ptr, idx, numel, d, first, momentum, one_minus_dampening, nesterov, OPTIONS,
+                                    MASKED)
+        else:
+            d = _momentum_block(buf_ptr, idx, numel, d, first, momentum, one_minus_dampening, nesterov, OPTIONS,
+                                MASKED)
     w = w - step * d
     mt.store_block(w_ptr, idx, mt.cast_rne(w, W_DTYPE), numel, MASKED)
     if WRITE_P:
@@ -115,11 +220,12 @@ def _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, idx, numel, first, pre, inv_scale,
 
 
 @triton.jit
-def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
-                       W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
-                       WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       VARIANTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
+def lars_update_chunk(table, row, start, numel, group, first, totals, groups, inv_scale_ptr, go,
+                      W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+                      HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """The update of one chunk of tensor ``row`` from its norms (``totals``, one row of sums
+    per tensor); nothing loaded or stored unless ``go``."""
     w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
     p_ptr = mt.row_pointer(table, row, mt.COL_P, P_DTYPE, ALIGNED)
     g_ptr = mt.row_pointer(table, row, mt.COL_G, P_DTYPE, ALIGNED)
@@ -142,12 +248,12 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = tl.load(inv_scale_ptr).to(ACC)
-    # whole-tensor norms: launch 1's per-tensor totals
+    # whole-tensor norms: the norms pass's per-tensor totals
     # (IEEE-rounded sqrt and division: the compiler's defaults flush subnormals, see mt.sqrt_ieee)
     w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
     g_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_G2), ACC) * inv_scale
     x_norm = g_norm  # the norm the ratio's denominator holds
-    if VARIANTS:  # some group of the launch divides by ||g + wd w|| or ||u|| (lars_sums_kernel ran)
+    if OPT_SUMS & OPTIONS:  # some group of the launch divides by ||g + wd w|| or ||u|| (lars_sums_kernel ran)
         x_norm = _denominator_norm(totals, row, g_norm, inv_scale, first, weight_decay, momentum,
                                    one_minus_dampening, nesterov, tl.load(hp + NORM_OF_SUM) != 0, after, ACC)
 
@@ -167,59 +273,133 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
     step = tl.where(lr_in_momentum, 1.0, tl.where(after, lr * ratio, lr))
     pre = tl.where(lr_in_momentum, lr * pre, pre)
 
-    go = True
-    if HAS_OK:  # skip on the device (skip_nonfinite / GradScaler): nothing loaded or stored
-        go = tl.load(ok_ptr) != 0
     if go:
         full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
         for offset in range(0, full, BLOCK):
             _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, first, pre,
                         inv_scale, step, decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
-                        WRITE_P, False)
+                        WRITE_P, OPTIONS, False)
         if full < n:
             _lars_block(w_ptr, p_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, first, pre,
                         inv_scale, step, decay, momentum, one_minus_dampening, nesterov, W_DTYPE, P_DTYPE, ACC,
-                        WRITE_P, True)
+                        WRITE_P, OPTIONS, True)
+
+
+@triton.jit
+def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
+                       W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                       WRITE_P: tl.constexpr, HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, True, CHUNK)
+    lars_update_chunk(table, row, start, numel, group, first, totals, groups, inv_scale_ptr,
+                      mt.step_ok(ok_ptr, HAS_OK), W_DTYPE, P_DTYPE, ACC, WRITE_P, HAS_SCALE, OPTIONS, ALIGNED,
+                      CHUNK, BLOCK)
+
+
+# the sums columns each norms pass writes (bit masks of SumColumn, for mt.finalize_row)
+PLAIN_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2))
+SUMS_COLUMNS = tl.constexpr(sum(1 << c for c in (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2,
+                                                  SumColumn.BG, SumColumn.BW)))
+
+
+@triton.jit
+def _lars_item(chunk, is_update, table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr,
+               W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+               HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, PARTIAL_BLOCK: tl.constexpr):
+    """One work item of lars_one_launch_kernel: a chunk's norms, or its update."""
+    row, start, numel, group, chunk0, n_chunks, first = mt.chunk_at(table, chunks, chunk, CHUNK)
+    if is_update:
+        go = mt.update_goes(counters, totals, row, n_chunks, ok_ptr, HAS_OK)
+        lars_update_chunk(table, row, start, numel, group, first, totals, groups, inv_scale_ptr, go, W_DTYPE,
+                          P_DTYPE, ACC, WRITE_P, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
+    else:
+        if OPT_SUMS & OPTIONS:
+            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = lars_sums_chunk(table, row, start, numel, group, first,
+                                                                          groups, W_DTYPE, P_DTYPE, ACC, OPTIONS,
+                                                                          ALIGNED, CHUNK, BLOCK)
+            store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, SUMS_COLUMNS, ACC, PARTIAL_BLOCK)
+        else:
+            sum_w, sum_g = mt.sumsq_chunk(table, row, start, numel, W_DTYPE, P_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
+            tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
+            tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, PLAIN_COLUMNS, ACC, PARTIAL_BLOCK)
+
+
+@triton.jit(do_not_specialize=["n_items"])  # one binary whatever the item count's divisibility
+def lars_one_launch_kernel(table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr, n_items,
+                           W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
+                           HAS_OK: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr,
+                           ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                           PARTIAL_BLOCK: tl.constexpr):
+    """The LARS step in one launch (one_launch=True), two items per chunk taken by ticket
+    (mt.next_ticket, mt.item_chunk) until ``n_items`` are out: a norm item sums its chunk
+    (as the norms pass) and the tensor's last one forms its totals; an update item waits
+    for them (mt.wait_for_norms) and updates its chunk (as lars_update_kernel) while the
+    tensor's w and g may still be in L2. The step's decision (``ok``) is known before the
+    launch; a tensor whose sums are not finite is left unchanged (the gate could not see them)."""
+    item = mt.next_ticket(counters)
+    while item < n_items:
+        chunk, is_update = mt.item_chunk(item, table, chunks)
+        _lars_item(chunk, is_update, table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr,
+                   W_DTYPE, P_DTYPE, ACC, WRITE_P, HAS_OK, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK, PARTIAL_BLOCK)
+        item = mt.next_ticket(counters)
 
 
 def lars_norms(plan, inv_scale):
-    """Launch 1 for every (device, dtype): returns the context and the partials to check."""
+    """Launch 1 for every (device, dtype): returns the context and the partials to check.
+    With one_launch, the tables and the gate's pre-read only (tb.one_launch_checks)."""
+    checks = tb.one_launch_checks(plan) if plan.one_launch else None
     contexts = []
     for lp in plan.launches:
-        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.CHUNK)
-        sums = _variant_sums(launch) if tb.lars_variants(lp) else mt.launch_sumsq(launch)
+        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.chunk_size(plan))
+        if plan.one_launch:  # the sums are formed by the update's launch (lars_one_launch_kernel)
+            sums = torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
+        else:
+            options = lars_options(lp.rows)
+            sums = _variant_sums(launch, options) if options & SUMS else mt.launch_sumsq(launch)
         contexts.append(tb.Merged(lp, sums, launch, keep_alive))
+    if plan.one_launch:
+        return contexts, checks
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
     return contexts, [c.partials for c in contexts]  # the sums (0 in the columns not summed)
 
 
-def _variant_sums(launch):
+def _variant_sums(launch, options: int):
     """Launch 1 where a LARS variant needs more sums than w^2 and g^2 (lars_sums_kernel)."""
     partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
     if launch.n_chunks:
         with tb.on_device(launch.table.device):
             lars_sums_kernel[(launch.n_chunks,)](
                 launch.table, launch.chunks, partials, launch.groups, W_DTYPE=mt.TL_DTYPES[launch.weights_dtype],
-                G_DTYPE=mt.TL_DTYPES[launch.param_dtype], ACC=mt.TL_DTYPES[launch.acc_dtype],
+                G_DTYPE=mt.TL_DTYPES[launch.param_dtype], ACC=mt.TL_DTYPES[launch.acc_dtype], OPTIONS=options,
                 ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
     columns = (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2, SumColumn.BG, SumColumn.BW)
     return mt.tensor_totals(launch, partials, columns)
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:
-    """Launch 2 for every (device, dtype)."""
+    """Launch 2 for every (device, dtype); with one_launch, the whole step's one launch."""
     for ctx in contexts:
-        launch, keep_alive = tb.update_launch(plan, ctx, mt.CHUNK, tb.lars_launch)  # alive until the kernel ran
+        chunk = mt.chunk_size(plan)
+        launch, keep_alive = tb.update_launch(plan, ctx, chunk, tb.lars_launch)  # alive until the kernel ran
         if not launch.n_chunks:
             continue
         device = launch.table.device
+        scalars = (tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
+                   tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups)
+        flags = dict(W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                     ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
+                     HAS_SCALE=inv_scale is not None, OPTIONS=lars_options(ctx.plan.rows), ALIGNED=launch.aligned,
+                     CHUNK=chunk, BLOCK=mt.BLOCK)
         with tb.on_device(device):
-            lars_update_kernel[(launch.n_chunks,)](
-                launch.table, launch.chunks, ctx.partials, launch.groups,
-                tb.scalar_on(ok, device, torch.int32) if ok is not None else launch.groups,
-                tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
-                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], P_DTYPE=mt.TL_DTYPES[launch.param_dtype],
-                ACC=mt.TL_DTYPES[launch.acc_dtype], WRITE_P=launch.write_param, HAS_OK=ok is not None,
-                HAS_SCALE=inv_scale is not None, VARIANTS=tb.lars_variants(ctx.plan), ALIGNED=launch.aligned,
-                CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
+            if plan.one_launch:
+                partials, counters = mt.item_buffers(launch)
+                lars_one_launch_kernel[(mt.one_launch_grid(launch),)](
+                    launch.table, launch.chunks, partials, ctx.partials, counters, launch.groups, *scalars,
+                    2 * launch.n_chunks, **flags, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
+            else:
+                lars_update_kernel[(launch.n_chunks,)](launch.table, launch.chunks, ctx.partials, launch.groups,
+                                                       *scalars, **flags)

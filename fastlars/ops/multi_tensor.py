@@ -33,6 +33,11 @@ globals().update(constexprs(TensorColumn, "COL_"), **constexprs(ChunkColumn, "CH
 CHUNK = 16384
 BLOCK = 1024
 PARTIAL_BLOCK = 128  # chunk partials reduced per iteration in the finalize kernel
+# one_launch's chunk and programs: few and small, so that the items in flight at once touch
+# less than L2 holds between a chunk's norm item and its update item (bench/NOTES.md, the
+# one-launch byte model); to be tuned on the first GPU run
+ONE_LAUNCH_CHUNK = 2048
+ONE_LAUNCH_PROGRAMS_PER_SM = 2  # programs of a one-launch kernel (one_launch_grid)
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
              torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -78,10 +83,20 @@ def store_block(ptr, idx, value, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
-    """This program's chunk: (table row, first element, the tensor's numel, its group,
+def chunk_at(table, chunks, chunk, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of a launch: (table row, first element, the tensor's numel, its group,
     its first chunk, its chunk count, its first-step flag). The first element is a
-    multiple of CHUNK (hinted: block offsets are then known aligned).
+    multiple of CHUNK (hinted: block offsets are then known aligned)."""
+    row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
+    fields = table + row * COL_NCOL
+    start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
+    return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
+            tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+
+
+@triton.jit
+def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's chunk (chunk_at).
 
     REVERSE (the update kernels): program i takes chunk n-1-i. Programs start roughly in
     id order, so the update begins with the chunks the norms pass read last, which are
@@ -90,11 +105,16 @@ def this_chunk(table, chunks, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
     chunk = tl.program_id(0)
     if REVERSE:
         chunk = tl.num_programs(0) - 1 - chunk
-    row = tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_ROW)
-    fields = table + row * COL_NCOL
-    start = tl.multiple_of(tl.load(chunks + CHUNK_NCOL * chunk + CHUNK_START), CHUNK)
-    return (row, start, tl.load(fields + COL_NUMEL), tl.load(fields + COL_GROUP),
-            tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), tl.load(fields + COL_FIRST))
+    return chunk_at(table, chunks, chunk, CHUNK)
+
+
+@triton.jit
+def step_ok(ok_ptr, HAS_OK: tl.constexpr):
+    """Whether the step happens: the gate's device flag (skip_nonfinite, GradScaler), else True."""
+    go = True
+    if HAS_OK:
+        go = tl.load(ok_ptr) != 0
+    return go
 
 
 @triton.jit
@@ -152,15 +172,10 @@ def _sumsq_block(w_ptr, g_ptr, idx, numel, acc_w, acc_g, ACC: tl.constexpr, MASK
 
 
 @triton.jit
-def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                 ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
-
-    Memory traffic: reads w and g once (8 B/element in fp32). This is the first
-    pass of the two-pass design; the update kernel reads w and g again.
-    """
-    chunk = tl.program_id(0)
-    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
+def sumsq_chunk(table, row, start, numel, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(sum w^2, sum g^2) over the chunk of tensor ``row`` that starts at ``start``: its whole
+    BLOCKs unmasked (vector loads), the tail masked."""
     w_ptr = row_pointer(table, row, COL_W, W_DTYPE, ALIGNED)
     g_ptr = row_pointer(table, row, COL_G, G_DTYPE, ALIGNED)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
@@ -172,8 +187,22 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     if full < n:
         acc_w, acc_g = _sumsq_block(w_ptr, g_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, ACC,
                                     True)
-    tl.store(partials + SUM_NCOL * chunk + SUM_W2, tl.sum(acc_w, axis=0))
-    tl.store(partials + SUM_NCOL * chunk + SUM_G2, tl.sum(acc_g, axis=0))
+    return tl.sum(acc_w, axis=0), tl.sum(acc_g, axis=0)
+
+
+@triton.jit
+def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                 ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Partial sums of squares of w and g over one chunk: partials[chunk] = (sum w^2, sum g^2).
+
+    Memory traffic: reads w and g once (8 B/element in fp32). This is the first
+    pass of the two-pass design; the update kernel reads w and g again.
+    """
+    chunk = tl.program_id(0)
+    row, start, numel, _, _, _, _ = this_chunk(table, chunks, False, CHUNK)
+    sum_w, sum_g = sumsq_chunk(table, row, start, numel, W_DTYPE, G_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
+    tl.store(partials + SUM_NCOL * chunk + SUM_W2, sum_w)
+    tl.store(partials + SUM_NCOL * chunk + SUM_G2, sum_g)
 
 
 @triton.jit
@@ -188,26 +217,134 @@ def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.const
 
 
 @triton.jit
-def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
-                         PARTIAL_BLOCK: tl.constexpr):
-    """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
-    its chunks' partials (the columns of the bit mask COLUMNS; the others 0), in a fixed order.
-
-    Programs of one launch run concurrently with no ordering between them, so a tensor's
-    total cannot be formed by the norms pass itself without atomics; a launch of its own
-    keeps it deterministic. The update kernels then read one row per tensor instead of
-    each of a tensor's programs re-summing all its partials (quadratic in its chunks).
-    """
-    row = tl.program_id(0)
-    fields = table + row * COL_NCOL
-    chunk0 = tl.load(fields + COL_CHUNK0)
-    n_chunks = tl.load(fields + COL_NCHUNKS)
+def finalize_row(partials, totals, row, chunk0, n_chunks, COLUMNS: tl.constexpr, ACC: tl.constexpr,
+                 PARTIAL_BLOCK: tl.constexpr):
+    """totals[row] = the sums of a tensor's chunk partials (the columns of the bit mask
+    COLUMNS; the others 0), each in a fixed order."""
     for column in tl.static_range(SUM_NCOL):
         if (COLUMNS >> column) & 1:
             tl.store(totals + SUM_NCOL * row + column,
                      tensor_sumsq(partials, chunk0, n_chunks, column, ACC, PARTIAL_BLOCK))
         else:
             tl.store(totals + SUM_NCOL * row + column, 0.0)
+
+
+@triton.jit
+def tensor_totals_kernel(table, partials, totals, COLUMNS: tl.constexpr, ACC: tl.constexpr,
+                         PARTIAL_BLOCK: tl.constexpr):
+    """The finalize of a norms pass, one program per tensor: totals[tensor] = the sums of
+    its chunks' partials (finalize_row).
+
+    Programs of one launch run concurrently with no ordering between them, so a tensor's
+    total cannot be formed by the norms pass itself without atomics; a launch of its own
+    keeps it deterministic. The update kernels then read one row per tensor instead of
+    each of a tensor's programs re-summing all its partials (quadratic in its chunks).
+    (The one-launch kernels order their items with tickets instead: next_ticket.)
+    """
+    row = tl.program_id(0)
+    fields = table + row * COL_NCOL
+    finalize_row(partials, totals, row, tl.load(fields + COL_CHUNK0), tl.load(fields + COL_NCHUNKS), COLUMNS, ACC,
+                 PARTIAL_BLOCK)
+
+
+# ----------------------------------------------------------------------------
+# one launch: norm and update items ordered by tickets (docs/contract.md, "one_launch";
+# bench/NOTES.md has the forward-progress argument and the byte model)
+
+@triton.jit
+def next_ticket(counters):
+    """The launch's next work item (counters[0] counts them out). The ticket, not program_id,
+    is the order: every lower ticket is held by a program that has already started, which
+    is what lets an update item wait for its tensor's norm items (wait_for_norms)."""
+    return tl.atomic_add(counters, 1, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def item_chunk(item, table, chunks):
+    """Work item ``item``: (its chunk, whether it is the chunk's update item). Items are
+    ordered per tensor, [norm items of t0][update items of t0][norm items of t1]..., one
+    per chunk each: a tensor with chunks c0 .. c0+n-1 owns items 2 c0 .. 2 c0+2n-1, so
+    item i belongs to the tensor of chunk i // 2."""
+    row = tl.load(chunks + CHUNK_NCOL * (item // 2) + CHUNK_ROW)
+    fields = table + row * COL_NCOL
+    chunk0 = tl.load(fields + COL_CHUNK0)
+    n_chunks = tl.load(fields + COL_NCHUNKS)
+    local = item - 2 * chunk0
+    is_update = local >= n_chunks
+    return chunk0 + tl.where(is_update, local - n_chunks, local), is_update
+
+
+@triton.jit
+def norm_item_done(partials, totals, counters, row, chunk0, n_chunks, COLUMNS: tl.constexpr, ACC: tl.constexpr,
+                   PARTIAL_BLOCK: tl.constexpr):
+    """After a norm item stored its partials: count it in the tensor's counter (counters[1 +
+    row]); the tensor's last norm item sums all its partials in a fixed order
+    (finalize_row: deterministic, whichever program is last) and counts once more, which
+    releases the update items (the counter then reads n_chunks + 1).
+
+    The barriers order every thread's stores before the one thread's release (and the
+    release/acquire pairs order them for other programs); the partials and totals are read
+    after an acquire and a barrier, so no stale line from another SM's store is used."""
+    tl.debug_barrier()
+    done = tl.atomic_add(counters + 1 + row, 1, sem="acq_rel", scope="gpu")
+    if done == n_chunks - 1:
+        tl.debug_barrier()
+        finalize_row(partials, totals, row, chunk0, n_chunks, COLUMNS, ACC, PARTIAL_BLOCK)
+        tl.debug_barrier()
+        tl.atomic_add(counters + 1 + row, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_for_norms(counters, row, n_chunks):
+    """Spin (acquire) until the tensor's norm items are done and its totals written
+    (norm_item_done). They hold lower tickets, so they are running or done: the wait ends."""
+    while tl.atomic_add(counters + 1 + row, 0, sem="acquire", scope="gpu") <= n_chunks:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def update_goes(counters, totals, row, n_chunks, ok_ptr, HAS_OK: tl.constexpr):
+    """An update item's start: wait for its tensor's totals (wait_for_norms), then whether it
+    updates: the step goes ahead (step_ok) and the tensor's sums are finite (the gate, taken
+    before the launch, could not see them)."""
+    wait_for_norms(counters, row, n_chunks)
+    go = sums_finite(totals, row)
+    if HAS_OK:
+        go = go & (tl.load(ok_ptr) != 0)
+    return go
+
+
+@triton.jit
+def sums_finite(totals, row):
+    """Whether every sum of a tensor's totals row is finite (fp64 compare: no literal inf)."""
+    cols = tl.arange(0, 8)
+    x = tl.load(totals + SUM_NCOL * row + cols, mask=cols < SUM_NCOL, other=0.0).to(tl.float64)
+    return tl.sum(tl.where(tl.abs(x) <= 1.7976931348623157e308, 0, 1), axis=0) == 0
+
+
+def one_launch_grid(launch: Launch) -> int:
+    """Programs of a one-launch kernel: each loops over tickets until the items run out, so
+    the programs in flight, and with them the bytes moved between a chunk's two items, are
+    bounded by this (ONE_LAUNCH_PROGRAMS_PER_SM per SM), not by the occupancy."""
+    items = 2 * launch.n_chunks
+    device = launch.table.device
+    if device.type != "cuda":  # the interpreter: programs run one after another
+        return min(items, 4)
+    return min(items, ONE_LAUNCH_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def chunk_size(plan) -> int:
+    """The chunk of a step's launches: ONE_LAUNCH_CHUNK with one_launch, else CHUNK."""
+    return ONE_LAUNCH_CHUNK if plan.one_launch else CHUNK
+
+
+def item_buffers(launch: Launch) -> tuple[Tensor, Tensor]:
+    """A one-launch kernel's chunk partials and its counters (the ticket, then one per
+    tensor), zeroed: a memset, captured as such in a CUDA graph."""
+    device = launch.table.device
+    partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=device)
+    return partials, torch.zeros(1 + launch.n_tensors, dtype=torch.int32, device=device)
 
 
 def tensor_totals(launch: Launch, partials: Tensor, columns: int | tuple[SumColumn, ...]) -> Tensor:

@@ -47,5 +47,6 @@ class StepPlan:
     mesh: Any                    # the device mesh of sharded parameters; None without
     creating_state: bool         # some parameter gets state this step: the update's tables are new
     capturable: bool             # build the next step's tables now ("one eager step, then capture")
-    skip_decided: bool           # go or skip is known before the norms (GradScaler's found_inf): no pre-read
     cache: LaunchCache           # the optimizer's launch tables, kept across steps
+    one_launch: bool = False     # Triton: norms and update in one launch (LARS/LAMB one_launch=True)
+    gate_known: bool = False     # found_inf (GradScaler) decides the step: the one-pass kernels need no pre-read

@@ -49,12 +49,13 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
 
     def __init__(self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool,
                  skip_nonfinite: bool, capturable: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, differentiable: bool = False) -> None:
+                 fused: bool | None = None, differentiable: bool = False, one_launch: bool = False) -> None:
         # every setting is checked before the parameters are walked, as torch.optim does
         check_flag("master_weights", master_weights)
         check_flag("skip_nonfinite", skip_nonfinite)
         check_flag("capturable", capturable)
         check_flag("differentiable", differentiable)
+        check_flag("one_launch", one_launch)
         if differentiable:
             raise ValueError(f"differentiable=True is not supported: {type(self).__name__}'s step runs under "
                              "no_grad (its fused kernels have no autograd formula)")
@@ -62,6 +63,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         backend_from_flags(backend, foreach, fused, None)
         defaults.setdefault("maximize", False)
         self.capturable = capturable  # read by _validate_group
+        self.one_launch = one_launch  # read by _use_device
         self._validate_group(defaults, "")
         self.master_weights = master_weights
         self.skip_nonfinite = skip_nonfinite
@@ -83,6 +85,9 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         if self.capturable and self.backend not in ("triton", "cuda"):
             raise ValueError(f"capturable=True needs backend='triton' or 'cuda' (got {self.backend!r}): their steps "
                              "read nothing on the host once their tables are built")
+        if self.one_launch and self.backend != "triton":
+            raise ValueError(f"one_launch=True needs backend='triton' (got {self.backend!r}): only its kernels "
+                             "run the step's norms and update in one launch")
         if self.capturable and not self.skip_nonfinite:
             raise ValueError("capturable=True needs skip_nonfinite=True: raising on a non-finite gradient "
                              "reads a flag on the host, which a captured graph cannot do")
@@ -297,9 +302,10 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     # dynamo cannot trace, so they run eagerly; the rest of the step is traced.
     @torch._disable_dynamo  # as torch.optim does: imports dynamo on first call, not at import
     def _fused_norms(self, buckets: list[Bucket], creating_state: bool, inv_scale: Tensor | None,
-                     skip_decided: bool):
-        """The fused backend's first phase (fastlars.backends.Driver.norms) on this step's plan."""
-        plan = self._plan(buckets, creating_state, skip_decided)
+                     gate_known: bool = False):
+        """The fused backend's first phase (fastlars.backends.Driver.norms) on this step's plan
+        (``gate_known``: GradScaler's found_inf decides the step)."""
+        plan = self._plan(buckets, creating_state, gate_known)
         norms, checks = backends.driver(self.backend, self._kernel_prefix).norms(plan, inv_scale)
         return plan, norms, checks
 
@@ -308,7 +314,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         """The fused backend's update (fastlars.backends.Driver.update); state exists by now."""
         backends.driver(self.backend, self._kernel_prefix).update(plan, norms, inv_scale, ok)
 
-    def _plan(self, buckets: list[Bucket], creating_state: bool, skip_decided: bool = False) -> StepPlan:
+    def _plan(self, buckets: list[Bucket], creating_state: bool, gate_known: bool = False) -> StepPlan:
         """What the fused drivers get (fastlars/ops/plan.py): the buckets merged per (device,
         dtype) across groups, one launch each, with their hyper-parameter rows."""
         launches = []
@@ -322,7 +328,8 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
                 where=[(b.group_index, pos) for b in group for pos in b.positions],
                 sharded=[s for b in group for s in b.sharded], compute_dtype=group[0].compute_dtype,
                 master_weights=self.master_weights, first=[f for b in group for f in self._first_steps(b)]))
-        return StepPlan(launches, self._mesh, creating_state, self.capturable, skip_decided, self._launch_cache)
+        return StepPlan(launches, self._mesh, creating_state, self.capturable, self._launch_cache,
+                        one_launch=self.one_launch, gate_known=gate_known)
 
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None) -> tuple[Any, list[Tensor]]:
         """Read-only first phase of the reference and foreach backends: what the update
@@ -368,10 +375,10 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         """
         device = buckets[0].device
         # no checks: a one-pass kernel reads nothing before a gate that found_inf decides
-        ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all() if checks else None
+        ok = torch.stack([t.isfinite().all().to(device) for t in checks]).all() if checks else \
+            torch.ones((), dtype=torch.bool, device=device)
         if found_inf is not None:
-            not_found = found_inf.to(device) == 0
-            ok = not_found if ok is None else ok & not_found
+            ok = ok & (found_inf.to(device) == 0)
         elif not self.skip_nonfinite:
             if not bool(ok):  # the one documented host read of the raising mode
                 self._raise_nonfinite(buckets)

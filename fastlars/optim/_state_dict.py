@@ -16,7 +16,8 @@ from ..ops.launch import LaunchCache
 # param_groups only) but a deepcopied or unpickled optimizer needs to step: the
 # optimizer-wide settings and the skip counter. Launch caches are rebuilt, not copied.
 _SETTINGS = {"_backend_request": ("auto", None, None), "backend": None, "_backend_device": None,
-             "master_weights": False, "skip_nonfinite": False, "capturable": False, "_skipped_steps": 0}
+             "master_weights": False, "skip_nonfinite": False, "capturable": False, "one_launch": False,
+             "_skipped_steps": 0}
 
 
 class StateDictMixin:

@@ -91,7 +91,8 @@ class LAMB(TrustRatioOptimizer):
         grad_norm_eps: clipping divides by :math:`\max(1, (\|g\|_{global} + \text{grad\_norm\_eps})
             / \text{max\_grad\_norm})` (DeepSpeed adds 1e-6).
         maximize, backend, master_weights, skip_nonfinite, capturable, foreach, fused,
-            differentiable: as :class:`fastlars.LARS`.
+            differentiable, one_launch: as :class:`fastlars.LARS` (one_launch refuses
+            ``max_grad_norm > 0``: clipping needs the global gradient norm first).
 
     State per parameter: ``step`` (a float32 tensor on the parameter's device),
     ``exp_avg``, ``exp_avg_sq`` (fp32; fp64 for fp64 parameters): the names of
@@ -105,7 +106,7 @@ class LAMB(TrustRatioOptimizer):
                  trust_bounds: tuple[float, float] | None = None, bias_correction_in_lr: bool = False,
                  grad_norm_eps: float = 0.0, maximize: bool = False, backend: str = "auto", master_weights: bool = False,
                  skip_nonfinite: bool = False, capturable: bool = False, foreach: bool | None = None,
-                 fused: bool | None = None, differentiable: bool = False) -> None:
+                 fused: bool | None = None, differentiable: bool = False, one_launch: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, grad_averaging=grad_averaging,
                         max_grad_norm=max_grad_norm, trust_clip=trust_clip, trust_ratio=True,
@@ -114,7 +115,7 @@ class LAMB(TrustRatioOptimizer):
                         grad_norm_eps=grad_norm_eps, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
-                         differentiable=differentiable)
+                         differentiable=differentiable, one_launch=one_launch)
 
     _kernel_prefix = "lamb"
 

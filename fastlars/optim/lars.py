@@ -133,6 +133,15 @@ class LARS(TrustRatioOptimizer):
             backend: ``foreach=True`` is ``"foreach"``, ``fused=True`` the fused backend
             of the parameters' device; False rules one out of ``"auto"``.
         differentiable: must be False (the step is not differentiable).
+        one_launch: ``backend="triton"`` steps each (device, dtype) in one kernel launch
+            instead of two passes (norms, then update): a tensor is updated right after
+            its own norms, while it is likely still in L2. Off by default; GPU speed not
+            yet measured. The decision to step must be known before the kernel: from
+            GradScaler's ``found_inf``, else from a read of every gradient before it (the
+            gate's pre-read); a tensor whose sums of squares overflow although its
+            gradient is finite is left unchanged (the other tensors step). Refused with
+            sharded (FSDP2) parameters and, for LAMB, ``max_grad_norm > 0``
+            (docs/contract.md, "one_launch").
 
     State per parameter: ``momentum_buffer`` (fp32, fp64 for fp64 parameters), the
     same name and meaning as ``torch.optim.SGD`` so checkpoints move between them.
@@ -147,7 +156,7 @@ class LARS(TrustRatioOptimizer):
                  maximize: bool = False,
                  backend: str = "auto", master_weights: bool = False, skip_nonfinite: bool = False,
                  capturable: bool = False, foreach: bool | None = None, fused: bool | None = None,
-                 differentiable: bool = False) -> None:
+                 differentiable: bool = False, one_launch: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, eps=eps, dampening=dampening,
                         nesterov=nesterov, trust_clip=trust_clip, trust_ratio=True, adapt_only_decayed=adapt_only_decayed,
@@ -155,7 +164,7 @@ class LARS(TrustRatioOptimizer):
                         lr_in_momentum=lr_in_momentum, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights,
                          skip_nonfinite=skip_nonfinite, capturable=capturable, foreach=foreach, fused=fused,
-                         differentiable=differentiable)
+                         differentiable=differentiable, one_launch=one_launch)
 
     _kernel_prefix = "lars"
 
