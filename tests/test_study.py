@@ -183,6 +183,19 @@ def test_absa_batch_trajectory_on_a_toy_problem(monkeypatch):
         assert 0 <= m["test"] <= 1 and 0 <= m["fgsm_test"] <= 1 and m["train_loss"] > 0
 
 
+@pytest.mark.parametrize("optimizer,lr", [("lars", 0.5), ("lamb", 0.01)])
+def test_a_diverging_member_leaves_the_others_training(optimizer, lr):
+    from fastlars.study.core import RunSpec, train_run
+
+    # the second member's lr overflows its layer norms: the layer-wise optimizers refuse such a step
+    spec = RunSpec("toy", "cnn", optimizer, 32, ((lr, 0.0, 0.9 if optimizer == "lars" else None),
+                                                 (1e6, 0.0, 0.9 if optimizer == "lars" else None)),
+                   (0,), 3.0, 32, 0, (0.5,))
+    good, bad = train_run(spec, _toy_data(), sharpness_iters=2)["members"]
+    assert bad["diverged"] and bad["steps_to_target"]["0.5"] is None
+    assert not good["diverged"] and good["final_val"] > 0.8 and good["steps_to_target"]["0.5"] is not None
+
+
 def test_schedule_warms_up_holds_the_peak_and_cools_down_in_epochs():
     from fastlars.study.core import COOLDOWN, RAMP_FACTOR, RECIPES, _lr_factor, _ramp_batch
 

@@ -236,6 +236,25 @@ def _fgsm_accuracy(model, x, y, eps: float) -> list[float]:
     return correct.tolist()
 
 
+@torch.no_grad()
+def _freeze_diverged(model, opt, peaks: list[float], diverged: list[bool]) -> None:
+    """Mark the members whose parameters or gradients overflowed as diverged and take them
+    out of training (zero parameters, gradients and lr), so the others train on: one
+    optimizer steps every member, and the layer-wise optimizers refuse a non-finite norm."""
+    for k in range(model.members):
+        params = model.member_parameters(k)
+        total = sum(float(p.double().square().sum()) + (0.0 if p.grad is None else float(p.grad.double().square().sum()))
+                    for p in params)
+        if diverged[k] or not total < 1e30:
+            diverged[k] = True
+            for p in params:
+                p.zero_()
+                if p.grad is not None:
+                    p.grad.zero_()
+            for i in (2 * k, 2 * k + 1):  # the member's two param groups
+                peaks[i] = opt.param_groups[i]["lr"] = 0.0
+
+
 def _lr_factor(recipe: Recipe, seen: int, budget: int, warmup_samples: float) -> float:
     """The lr of a member as a fraction of its peak after ``seen`` of ``budget`` samples: a
     linear warm-up over ``warmup_samples``, the peak, then a linear cool-down to 0 over the
@@ -310,7 +329,11 @@ def train_run(spec: RunSpec, data: dict, *, sharpness_subset: int = 256, sharpne
             adversarial_loss(model, ensemble_loss, x, y, FGSM_EPS).backward()
         else:
             ensemble_loss(model(x), y).backward()
-        opt.step()
+        try:
+            opt.step()
+        except FloatingPointError:  # LARS/LAMB refuse a step whose norms overflow: a member diverged
+            _freeze_diverged(model, opt, peaks, diverged)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         seen += b
         step += 1

@@ -49,7 +49,8 @@ def figures(summary: dict, out: Path) -> list[Path]:
                 ax.plot(b, s0 * plan.batches[0] / b, "k--", lw=1, label=f"perfect scaling from {first[0]['recipe']}")
             ax.set(xscale="log", yscale="log", xlabel="batch", title=f"steps to {t:.0%} validation accuracy")
             ax.set_xscale("log", base=2)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         ax = axes[-1]
         for i, n in enumerate(names):
             cs = [c for c in cells if c["recipe"] == n]
