@@ -359,7 +359,7 @@ def test_paper_runs_derive_their_point_from_the_tuned_sgd_cell():
 
 
 def test_paired_bootstrap_intervals():
-    from fastlars.study.report import paired
+    from fastlars.study.stats import paired
 
     # a constant per-seed ratio has no spread: the interval is the point
     assert paired([200.0, 220.0, 180.0], [100.0, 110.0, 90.0]) == pytest.approx((2.0, 2.0, 2.0))
@@ -374,12 +374,12 @@ def test_paired_bootstrap_intervals():
 
 
 def test_verdict_rule():
-    from fastlars.study.report import _judge, verdict_word
+    from fastlars.study.stats import judge, verdict_word
 
-    assert _judge((1.0, 1.1, 1.2), 1.25, claim_above=False) == "supported"
-    assert _judge((1.5, 1.3, 1.8), 1.25, claim_above=False) == "contradicted"
-    assert _judge((1.2, 1.0, 1.4), 1.25, claim_above=False) == "open"
-    assert _judge((0.5, 0.1, 0.9), 0.0, claim_above=True) == "supported"
+    assert judge((1.0, 1.1, 1.2), 1.25, claim_above=False) == "supported"
+    assert judge((1.5, 1.3, 1.8), 1.25, claim_above=False) == "contradicted"
+    assert judge((1.2, 1.0, 1.4), 1.25, claim_above=False) == "open"
+    assert judge((0.5, 0.1, 0.9), 0.0, claim_above=True) == "supported"
     assert verdict_word(["supported", "supported"]) == "reproduced"
     assert verdict_word(["supported", "open"]) == "partly"
     assert verdict_word(["contradicted", "open"]) == "not reproduced"
@@ -387,7 +387,7 @@ def test_verdict_rule():
 
 
 def test_critical_batch_is_interpolated_on_log_log_axes():
-    from fastlars.study.report import critical_batch
+    from fastlars.study.stats import critical_batch
 
     batches = [16, 32, 64, 128, 256]
     # perfect scaling to 64, then samples x4 at 128: the 2x crossing is half-way in log B, at 64 sqrt(2)
@@ -410,7 +410,7 @@ def test_critical_batch_is_interpolated_on_log_log_axes():
 
 
 def test_noise_fit_recovers_b_noise():
-    from fastlars.study.report import noise_fit
+    from fastlars.study.stats import noise_fit
 
     batches = [32, 128, 512]
     exact = noise_fit(batches, [[50.0 * (1 + 200 / b)] * 4 for b in batches])
@@ -426,7 +426,7 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     import sys
 
     from fastlars.study import cli, main
-    from fastlars.study.report import PAPERS
+    from fastlars.study.verdicts import PAPERS
 
     out = tmp_path / "study"
     args = ["--quick", "--out", str(out), "--no-progress"]

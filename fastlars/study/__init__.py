@@ -18,7 +18,8 @@ and ``--report-only`` rebuilds every output from it without the dataset.
 """
 
 from .core import DATASETS, MODELS, RECIPES, RunSpec, load_data, train_run
-from .report import critical_batch, paired, summarise
+from .report import summarise
+from .stats import critical_batch, paired
 
 __all__ = ["DATASETS", "MODELS", "RECIPES", "RunSpec", "load_data", "train_run", "critical_batch", "paired",
            "summarise", "main"]
