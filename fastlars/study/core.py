@@ -306,12 +306,15 @@ def train_run(spec: RunSpec, data: dict, *, sharpness_subset: int = 256, sharpne
         if "noise_scale" in spec.measure else None
     stream = _Stream(n, seeds)
     generator = torch.Generator().manual_seed(7)
-    eval_steps = set(steps_grid(math.ceil(budget / first)))
+    # validation 4x per octave of steps, from 1/32 of the budget on (no target is near before; each
+    # measurement costs a pass over the validation set for every member)
+    planned = math.ceil(budget / first)
+    eval_steps = {s for s in steps_grid(planned) if s >= planned / 32}
     targets = spec.targets
     curve: list[tuple[int, list[float]]] = []
     reached = {t: [None] * members for t in targets}
     diverged = [False] * members
-    b_simple_at_target: list[float | None] = [None] * members
+    b_simple_at_target = {t: [None] * members for t in spec.targets}
     sharp_at_loss: list[float | None] = [None] * members
     step_at_loss: list[int | None] = [None] * members
     trajectory = [(0, first)]
@@ -362,8 +365,8 @@ def train_run(spec: RunSpec, data: dict, *, sharpness_subset: int = 256, sharpne
                 for t in targets:
                     if reached[t][k] is None and not diverged[k] and a >= t:
                         reached[t][k] = crossing([(s, c[k]) for s, c in curve], t)
-                        if trackers is not None and t == targets[0]:
-                            b_simple_at_target[k] = trackers[k].b_simple
+                        if trackers is not None:
+                            b_simple_at_target[t][k] = trackers[k].b_simple
             if "sharpness_at_loss" in spec.measure:
                 loss = member_loss(model, data["x"][:sharpness_subset], data["y"][:sharpness_subset]).tolist()
                 new = [k for k in range(members) if step_at_loss[k] is None and not diverged[k]
@@ -399,7 +402,7 @@ def train_run(spec: RunSpec, data: dict, *, sharpness_subset: int = 256, sharpne
             m.update(test=test[k], train_loss=loss[k], fgsm_test=fgsm_acc[k],
                      sharpness_at_loss=sharp_at_loss[k], step_at_loss=step_at_loss[k],
                      b_simple=trackers[k].b_simple if trackers is not None else None,
-                     b_simple_at_target=b_simple_at_target[k])
+                     b_simple_at_target={str(t): v[k] for t, v in b_simple_at_target.items()} if trackers else None)
     return {"spec": dataclasses.asdict(spec), "key": spec.key(), "n_train": n, "updates": step, "samples_seen": seen,
             "epochs": seen / n, "stop": stop_reason, "batch_trajectory": trajectory, "hessian_checks": hessian_checks,
             "hessian_vector_products_at_most": hessian_checks * ABS_POWER_ITERS, "val_curve": curve,

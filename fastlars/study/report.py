@@ -39,10 +39,12 @@ def _report_fields(plan: StudyPlan, record: dict, epochs: float) -> dict:
         out["targets"][str(t)] = {"seed_steps": steps, "reached": sum(s is not None for s in steps),
                                   "median": _none_inf(statistics.median(math.inf if s is None else s for s in steps)),
                                   "censored_at": cap}
-    for key in ("fgsm_test", "sharpness_at_loss", "step_at_loss", "b_simple", "b_simple_at_target"):
+    for key in ("fgsm_test", "sharpness_at_loss", "step_at_loss", "b_simple"):
         values = [m.get(key) for m in ms]
         if any(v is not None for v in values):
             out[key] = values
+    if ms[0].get("b_simple_at_target"):  # per target, per seed
+        out["b_simple_at_target"] = {t: [m["b_simple_at_target"][t] for m in ms] for t in ms[0]["b_simple_at_target"]}
     return out
 
 

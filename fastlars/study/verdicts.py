@@ -54,8 +54,12 @@ class _Claim:
                            "result": word, "censored_seeds": censored})
         return word
 
-    def entry(self, headline: int | None = None) -> dict:
+    def entry(self, headline: int | str | None = None) -> dict:
+        """The verdict; ``headline``: the index of the test whose interval heads the entry, or a
+        part of its label (the last such test); the last test by default."""
         words = [t["result"] for t in self.tests]
+        if isinstance(headline, str):
+            headline = max((i for i, t in enumerate(self.tests) if headline in t["label"]), default=None)
         head = self.tests[-1 if headline is None else headline] if self.tests else None
         parts = [f"{t['label']}: {_fmt((t['point'], *t['interval']), t['kind'])}{t['unit']} ({t['result']}"
                  + (f"; {t['censored_seeds']} censored" if t["censored_seeds"] else "") + ")" for t in self.tests]
@@ -103,7 +107,7 @@ def verdicts(summary: dict) -> list[dict]:
             if nw and g and b == max(plan.batches):
                 ci = paired(_pts(nw), _pts(g), "diff")
                 cl.test(f"{w}@{b} test no-warm-up-goyal (claim: a loss)", ci, "diff", -POINTS_MARGIN, False, " points")
-    out.append(cl.entry(headline=1 if len(cl.tests) > 1 else None))
+    out.append(cl.entry("test goyal-sgd"))
 
     # You et al.: at a fixed epoch budget, LARS (LAMB) keeps the accuracy that SGD (AdamW) loses at large batch.
     for name, base, paper in (("lars", "sgd", "You et al. 2017 (LARS)"), ("lamb", "adamw", "You et al. 2019 (LAMB)")):
@@ -111,7 +115,6 @@ def verdicts(summary: dict) -> list[dict]:
                           f"(its mean test accuracy {POINTS_MARGIN:g}+ point below its reference batch's; the "
                           f"largest batch if none), tuned {name} is more accurate than tuned {base} (paired "
                           f"difference above 0). Second view, not in the verdict: steps {base}/{name}")
-        head = None
         for w, plan in plans.items():
             ref = get(w, base, plan.ref_batch)
             if ref is None:
@@ -123,15 +126,13 @@ def verdicts(summary: dict) -> list[dict]:
                 if o and s:
                     cl.test(f"{w}@{b} test {name}-{base}", paired(_pts(o), _pts(s), "diff"), "diff", 0.0, True,
                             " points")
-                    if w == deep:
-                        head = len(cl.tests) - 1
                     ratio = _steps_ratio(s, o, plan)
                     cl.notes.append(f"{w}@{b} steps {base}/{name} "
                                     + ("-: neither reaches the target" if ratio is None else _fmt(ratio, "ratio"))
                                     + (f" ({_censored(o, s, plan)} censored)" if _censored(o, s, plan) else ""))
             if not losing:
                 cl.notes.append(f"{w}: {base} loses no point of accuracy up to {max(plan.batches)}; tested there")
-        out.append(cl.entry(head))
+        out.append(cl.entry(f"{deep}@"))
 
     # Hoffer et al.: Ghost BN + the regime adaptation closes the generalization gap.
     cl = _Claim("hoffer", f"Hoffer et al. 2017: with Ghost BN (ghosts of the reference batch) and {HOFFER_FACTOR}x "
@@ -210,56 +211,57 @@ def verdicts(summary: dict) -> list[dict]:
     out.append(cl.entry())
 
     # McCandlish et al.: the simple noise scale predicts the critical batch.
-    cl = _Claim("mccandlish", "McCandlish et al. 2018: B_simple (measured along sgd at the reference batch) predicts "
-                              "the critical batch of his own fit S = S_min (1 + B_noise / B) to the steps to the "
-                              f"primary target, within a factor {NOISE_FACTOR:g} (ratio in [1/{NOISE_FACTOR:g}, "
-                              f"{NOISE_FACTOR:g}])")
+    cl = _Claim("mccandlish", "McCandlish et al. 2018: B_simple (measured along sgd at the reference batch, when it "
+                              "reaches the target and at the end) predicts the critical batch of his own fit "
+                              "S = S_min (1 + B_noise / B) to sgd's steps to that target, within a factor "
+                              f"{NOISE_FACTOR:g} (ratio in [1/{NOISE_FACTOR:g}, {NOISE_FACTOR:g}])")
     for w, plan in plans.items():
         ref = get(w, "sgd", plan.ref_batch)
         cs = [get(w, "sgd", b) for b in plan.batches]
         if ref is None or any(c is None for c in cs) or not ref.get("b_simple"):
             continue
-        t = str(plan.targets[0])
-        steps = [c["targets"][t]["seed_steps"] for c in cs]
-        fit = noise_fit(list(plan.batches), steps)
-        crit = summary["critical"].get(w, {}).get("sgd", {}).get(t, {}).get("study", {})
-        if fit["b_crit"] is None or not math.isfinite(fit["b_crit"]):
-            cl.notes.append(f"{w}: the fit is undetermined (batches reached on every seed: {fit['batches']})")
-            continue
-        for label, key in (("at the target", "b_simple_at_target"), ("at the end", "b_simple")):
-            values = [v for v in ref.get(key) or [] if v is not None and math.isfinite(v)]
-            if len(values) < 2:
-                cl.notes.append(f"{w}: B_simple {label} on {len(values)} seeds only")
+        for t in (str(t) for t in plan.targets):
+            steps = [c["targets"][t]["seed_steps"] for c in cs]
+            fit = noise_fit(list(plan.batches), steps)
+            crit = summary["critical"].get(w, {}).get("sgd", {}).get(t, {}).get("study", {})
+            if fit["b_crit"] is None or not math.isfinite(fit["b_crit"]) or fit["b_crit"] <= 0:
+                cl.notes.append(f"{w}, {float(t):.0%}: the fit is undetermined (batches every seed reached: "
+                                f"{fit['batches']})")
                 continue
-            # paired through the seeds: resample seed indices once for B_simple and the fit
-            rng = np.random.default_rng(0)
-            n = len(values)
-            draws = []
-            for _ in range(2000):
-                idx = rng.integers(0, n, n)
-                b_crit = fit_noise(fit["batches"], [geomean([s[i] for i in idx]) for s, b in zip(steps, plan.batches)
-                                                     if b in fit["batches"]])
-                draws.append(math.log(statistics.median(values[i] for i in idx) / b_crit) if b_crit > 0 else math.nan)
-            draws = [d for d in draws if math.isfinite(d)]
-            point = statistics.median(values) / fit["b_crit"]
-            lo, hi = np.percentile(draws, [2.5, 97.5])
-            ci = (point, math.exp(lo), math.exp(hi))
-            inside = ci[1] >= 1 / NOISE_FACTOR and ci[2] <= NOISE_FACTOR
-            outside = ci[2] < 1 / NOISE_FACTOR or ci[1] > NOISE_FACTOR
-            word = "supported" if inside else ("contradicted" if outside else "open")
-            cl.tests.append({"label": f"{w} B_simple {label} / B_crit(fit)", "point": ci[0], "interval": [ci[1], ci[2]],
-                             "kind": "ratio", "unit": "", "threshold": NOISE_FACTOR, "claimed_side": "within",
-                             "result": word, "censored_seeds": 0})
-            cl.notes.append(f"{w}: B_simple {label} {statistics.median(values):.0f}")
-        cl.notes.append(f"{w}: B_crit of the fit {fit['b_crit']:.0f} [{fit['lo']:.0f}, {fit['hi']:.0f}] over batches "
-                        f"{fit['batches']}; the study's critical batch {crit.get('note', '-')}")
+            at_target = (ref.get("b_simple_at_target") or {}).get(t)
+            for label, values in ((f"at {float(t):.0%}", at_target), ("at the end", ref["b_simple"])):
+                values = [v for v in values or [] if v is not None and math.isfinite(v)]
+                if len(values) < 2:
+                    cl.notes.append(f"{w}: B_simple {label} on {len(values)} seeds only")
+                    continue
+                # paired through the seeds: one resample of seed indices serves B_simple and the fit
+                rng = np.random.default_rng(0)
+                n, kept = len(values), [s for s, b in zip(steps, plan.batches) if b in fit["batches"]]
+                draws = []
+                for _ in range(2000):
+                    idx = rng.integers(0, n, n)
+                    b_crit = fit_noise(fit["batches"], [geomean([s[i] for i in idx]) for s in kept])
+                    if 0 < b_crit < math.inf:
+                        draws.append(math.log(statistics.median(values[i] for i in idx) / b_crit))
+                point = statistics.median(values) / fit["b_crit"]
+                lo, hi = np.percentile(draws, [2.5, 97.5])
+                inside = math.exp(lo) >= 1 / NOISE_FACTOR and math.exp(hi) <= NOISE_FACTOR
+                outside = math.exp(hi) < 1 / NOISE_FACTOR or math.exp(lo) > NOISE_FACTOR
+                cl.tests.append({"label": f"{w} B_simple {label} / B_crit(fit, {float(t):.0%})", "point": point,
+                                 "interval": [math.exp(lo), math.exp(hi)], "kind": "ratio", "unit": "",
+                                 "threshold": NOISE_FACTOR, "claimed_side": "within",
+                                 "result": "supported" if inside else ("contradicted" if outside else "open"),
+                                 "censored_seeds": 0})
+                cl.notes.append(f"{w}: B_simple {label} {statistics.median(values):.0f}")
+            cl.notes.append(f"{w}, {float(t):.0%}: B_crit of the fit {fit['b_crit']:.0f} [{fit['lo']:.0f}, "
+                            f"{fit['hi']:.0f}] over batches {fit['batches']}; the study's critical batch "
+                            f"{crit.get('note', '-')}")
     out.append(cl.entry(headline=0 if cl.tests else None))
 
     # Nado et al.: tuned SGD/Nesterov matches LARS, tuned AdamW matches LAMB.
     cl = _Claim("nado", "Nado et al. 2021: the baselines tuned as carefully match the layer-wise optimizers: steps to "
                         f"the primary target of tuned sgd (Nesterov) over LARS, and of AdamW over LAMB, below "
                         f"{STEPS_MARGIN} at every batch")
-    head = None
     for w, plan in plans.items():
         for b in plan.batches:
             for base, other in (("sgd", "lars"), ("adamw", "lamb")):
@@ -267,7 +269,5 @@ def verdicts(summary: dict) -> list[dict]:
                 if s and o:
                     cl.test(f"{w}@{b} steps {base}/{other}", _steps_ratio(s, o, plan), "ratio", STEPS_MARGIN, False,
                             censored=_censored(s, o, plan))
-                    if w == deep and b == max(plan.batches) and base == "sgd":
-                        head = len(cl.tests) - 1
-    out.append(cl.entry(head))
+    out.append(cl.entry(f"{deep}@{max(plans[deep].batches)} steps sgd/lars"))
     return out
