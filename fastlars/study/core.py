@@ -1,5 +1,6 @@
 """The study's data, recipes and training loop (one ensemble run = one recipe at one
-batch size, every lr of the grid times every seed trained at once)."""
+batch size, every point of a search round, or the chosen point, times every seed trained
+at once)."""
 
 from __future__ import annotations
 
