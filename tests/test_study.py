@@ -256,6 +256,8 @@ def test_search_extends_the_lr_past_a_winning_edge_until_it_is_interior(best):
     line = sorted(k for k, w, _ in outcomes if w == 0.5)
     assert line[0] < best < line[-1]  # interior at its own warm-up
     assert {w for _, w, _ in outcomes} == {0.0, 0.5}  # both warm-ups tried in the first round
+    # the grid stays a full cross: every extension is tried at every warm-up
+    assert {k for k, w, _ in outcomes if w == 0.0} == {k for k, w, _ in outcomes if w == 0.5}
     assert rounds == 1 + abs(best) // 4 + (abs(best) % 4 == 2 and abs(best) > 0)
 
 
@@ -264,6 +266,17 @@ def test_search_crosses_every_warm_up_and_momentum_in_its_first_round():
 
     points, _ = next_points({}, 0, (0.0, 0.5), (0.9, 0.97))
     assert sorted(points) == sorted((k, w, m) for k in INITIAL for w in (0.0, 0.5) for m in (0.9, 0.97))
+
+
+def test_search_extends_a_grid_where_no_point_learned():
+    from fastlars.study.search import Outcome, next_points
+
+    # every lr of the first grid stalls near chance (10 classes): the noise in their accuracies must not
+    # make the middle one "interior"; the search goes to smaller lrs
+    stalled = {(k, 0.0, 0.9): Outcome([None, None], [0.1 + 0.05 * (k == 0), 0.12], [False, False]) for k in (-2, 0, 2)}
+    points, limit = next_points(stalled, 0, (0.0,), (0.9,), learns=0.4)
+    assert points == [(-4, 0.0, 0.9), (-6, 0.0, 0.9)] and limit is None
+    assert next_points(stalled, 0, (0.0,), (0.9,), learns=0.0) == ([], None)  # without the rule: "interior"
 
 
 def test_search_stops_at_its_extension_limit_and_says_so():

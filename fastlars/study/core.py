@@ -62,7 +62,7 @@ RECIPES = {
 
 # Where the lr search starts at the reference batch, per optimizer. LARS's step is relative
 # (lr * trust_coefficient * ||w|| per layer); LAMB's is lr * ||w||.
-LR_CENTRES = {"sgd": 0.1, "lars": 2.0, "lamb": 0.02, "adamw": 0.003}
+LR_CENTRES = {"sgd": 0.1, "lars": 0.25, "lamb": 0.02, "adamw": 0.003}
 WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY, TRUST_COEFFICIENT = 5e-4, 0.01, 0.02
 GOYAL_WARMUP_SHARE = 5 / 90  # Goyal et al.: 5 of 90 epochs
 HOFFER_FACTOR = 4  # the low end of Hoffer et al.'s regime adaptation (4-16x the steps)

@@ -7,7 +7,7 @@ reference batch's centre): ``lr_k = centre * 2 ** (k / 2)``. The first round tri
 0, 2 (x2 apart) at every warm-up and momentum. The best point is the one with the fewest
 median steps to the primary target (among points that miss it: the best validation
 accuracy); while its lr is the smallest or largest tried at its warm-up and momentum, the
-next round adds the next two x2 steps beyond that edge there. Each round is one ensemble
+next round adds the next two x2 steps beyond that edge, at every warm-up and momentum. Each round is one ensemble
 run (its points x the search seeds), cached under its spec's key, so a search replays
 from the cache and resumes where it stopped. The report run (the chosen point x the report
 seeds, disjoint from the search seeds) is never cut short: every reported number, steps to
@@ -29,7 +29,7 @@ from fastlars.schedules import scale_lr
 from .core import GOYAL_WARMUP_SHARE, HOFFER_FACTOR, LR_CENTRES, RAMP_FACTOR, RECIPES, STOP_MARGIN, RunSpec, \
     median_steps
 
-__all__ = ["StudyPlan", "Outcome", "next_points", "lr_at", "replay", "paper_spec", "PAPER_RUNS"]
+__all__ = ["StudyPlan", "Outcome", "best_point", "next_points", "lr_at", "replay", "paper_spec", "PAPER_RUNS"]
 
 INITIAL = (-2, 0, 2)
 MAX_EXTENSIONS = 3  # x4 each: a best lr up to 2 ** 6 beyond the first grid
@@ -52,28 +52,40 @@ class Outcome:
     def median(self) -> float:
         return median_steps(self.steps)
 
-    def rank(self) -> tuple[float, float]:
-        # fewest median steps; among points that did not reach the target, the best validation accuracy
-        return self.median, -statistics.mean(self.final_val)
+    def rank(self, learns: float = 0.0) -> tuple[float, float]:
+        """Fewest median steps; among points that did not reach the target, the best validation
+        accuracy; a point whose mean validation accuracy is below ``learns`` did not learn
+        (diverged or stalled near chance) and ranks last, whatever its noise, so that a grid
+        that failed everywhere extends instead of calling a chance-level point interior."""
+        val = statistics.mean(self.final_val)
+        return self.median, -(val if val >= learns else 0.0)
 
 
 Point = tuple[int, float, float | None]  # (lattice index k, warm-up epochs, momentum)
 
 
+def best_point(outcomes: dict[Point, Outcome], learns: float = 0.0) -> Point:
+    """The best point by :meth:`Outcome.rank`; among equals (e.g. none learned) the smallest lr."""
+    return min(outcomes, key=lambda p: (outcomes[p].rank(learns), p[0]))
+
+
 def next_points(outcomes: dict[Point, Outcome], extensions: int, warmups: tuple[float, ...],
-                momenta: tuple[float | None, ...]) -> tuple[list[Point], str | None]:
+                momenta: tuple[float | None, ...], learns: float = 0.0) -> tuple[list[Point], str | None]:
     """The points to try next (empty: the search is over) and, when it is over with the
     best lr at an edge of its line (its warm-up and momentum), why that edge is a hard limit."""
     if not outcomes:
         return [(k, w, m) for w in warmups for m in momenta for k in INITIAL], None
-    best = min(outcomes, key=lambda p: outcomes[p].rank())
+    best = best_point(outcomes, learns)
     _, w, m = best
     line = sorted(k for k, w2, m2 in outcomes if (w2, m2) == (w, m))
     if best[0] in (line[0], line[-1]):
         direction = -1 if best[0] == line[0] else 1
         if extensions >= MAX_EXTENSIONS:
             return [], f"{'lowest' if direction < 0 else 'highest'} lr tried after {extensions} grid extensions"
-        return [(best[0] + 2 * direction, w, m), (best[0] + 4 * direction, w, m)], None
+        # the next two x2 steps past that edge, at every warm-up and momentum: the grid stays a full cross
+        lines = dict.fromkeys((w2, m2) for _, w2, m2 in outcomes)
+        return [(best[0] + s * direction, w2, m2) for w2, m2 in lines for s in (2, 4)
+                if (best[0] + s * direction, w2, m2) not in outcomes], None
     return [], None
 
 
@@ -97,6 +109,11 @@ class StudyPlan:
     def __post_init__(self) -> None:
         if set(self.search_seeds) & set(self.report_seeds):
             raise ValueError(f"search_seeds {self.search_seeds} and report_seeds {self.report_seeds} must be disjoint")
+
+    @property
+    def learns(self) -> float:
+        """The validation accuracy below which a point did not learn: half the lowest target."""
+        return min(self.targets) / 2
 
     def centre(self, recipe: str, batch: int) -> float:
         r = RECIPES[recipe]
@@ -137,7 +154,7 @@ def replay(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
     extensions = 0
     edge_limit = None
     while True:
-        points, edge_limit = next_points(outcomes, extensions, plan.warmups, momenta)
+        points, edge_limit = next_points(outcomes, extensions, plan.warmups, momenta, plan.learns)
         if not points:
             break
         best = min((o.median for o in outcomes.values()), default=math.inf)
@@ -155,7 +172,7 @@ def replay(plan: StudyPlan, recipe: str, batch: int, cache: dict) -> dict:
             ms = record["members"][i * per_seed:(i + 1) * per_seed]
             outcomes[p] = Outcome([m["steps_to_target"][primary] for m in ms], [m["final_val"] for m in ms],
                                   [m["diverged"] for m in ms])
-    best = min(outcomes, key=lambda p: outcomes[p].rank())
+    best = best_point(outcomes, plan.learns)
     k, w, m = best
     line = sorted(k2 for k2, w2, m2 in outcomes if (w2, m2) == (w, m))
     result = {"pending": None, "rounds": rounds, "outcomes": outcomes, "centre": centre, "best": best,

@@ -241,9 +241,13 @@ def verdicts(summary: dict) -> list[dict]:
                 for _ in range(2000):
                     idx = rng.integers(0, n, n)
                     b_crit = fit_noise(fit["batches"], [geomean([s[i] for i in idx]) for s in kept])
-                    if 0 < b_crit < math.inf:
-                        draws.append(math.log(statistics.median(values[i] for i in idx) / b_crit))
+                    b_simple = statistics.median(values[i] for i in idx)
+                    if 0 < b_crit < math.inf and b_simple > 0:  # the estimator can go negative early in training
+                        draws.append(math.log(b_simple / b_crit))
                 point = statistics.median(values) / fit["b_crit"]
+                if point <= 0 or len(draws) < 100:
+                    cl.notes.append(f"{w}: B_simple {label} {statistics.median(values):.0f} (not positive: no test)")
+                    continue
                 lo, hi = np.percentile(draws, [2.5, 97.5])
                 inside = math.exp(lo) >= 1 / NOISE_FACTOR and math.exp(hi) <= NOISE_FACTOR
                 outside = math.exp(hi) < 1 / NOISE_FACTOR or math.exp(lo) > NOISE_FACTOR
