@@ -105,7 +105,8 @@ def critical_batch(batches: list[int], seed_steps: list[list[float | None]], fac
     order = np.argsort(batches)
     batches = [int(batches[i]) for i in order]
     seed_steps = [seed_steps[i] for i in order]
-    point = _crossing(batches, [geomean(s) for s in seed_steps], factor)
+    means = [geomean(s) for s in seed_steps]
+    point = _crossing(batches, means, factor)
     rng = np.random.default_rng(seed)
     n = len(seed_steps[0])
     draws = []
@@ -117,6 +118,9 @@ def critical_batch(batches: list[int], seed_steps: list[list[float | None]], fac
         note = f"undetermined: the smallest batch ({batches[0]}) does not reach the target on every seed"
     elif math.isinf(point):
         note = f"beyond the largest batch ({batches[-1]})"
+    elif point in batches and not math.isfinite(means[batches.index(int(point))]):
+        # the crossing is where a seed stops reaching the target: an upper bound, not an interpolation
+        note = f"<= {point:.0f} (a seed misses the target at {point:.0f}) [{_fmt_b(lo)}, {_fmt_b(hi)}]"
     else:
         note = f"{point:.0f} [{_fmt_b(lo)}, {_fmt_b(hi)}]"
     return {"critical_batch": None if not math.isfinite(point) else point, "lo": _num(lo), "hi": _num(hi),
