@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -164,21 +165,53 @@ def _toy_data(n=256, length=8, seed=0):
 def test_absa_batch_trajectory_on_a_toy_problem(monkeypatch):
     from fastlars.study import core
 
-    # The Hessian eigenvalue halves after every epoch: ABS doubles the batch each time, up to the sweep's batch.
-    eigenvalues = iter([8.0, 3.9, 1.9, 0.9, 0.4, 0.2, 0.1])
+    # The Hessian eigenvalue halves at every check (4 per epoch): ABS doubles the batch each time, up to its cap.
+    eigenvalues = itertools.chain([8.0, 3.9, 1.9, 0.9], itertools.repeat(0.1))
     real = core._sharpness
     monkeypatch.setattr(core, "_sharpness", lambda model, data, subset, iters: (
         [next(eigenvalues)] * model.members if subset == 256 else real(model, data, subset, iters)))
-    # a budget of 12 steps of 128 = 6 epochs of the 256 toy samples
-    spec = core.RunSpec("toy", "mlp", "absa", 128, (0.05, 0.1), (0,), 12, 16, 0, target=0.5)
+    # 6 epochs of the 256 toy samples, from batch 16 up to 128
+    spec = core.RunSpec("toy", "mlp", "absa", 16, ((0.05, 0.0, 0.9), (0.1, 0.5, 0.9)), (0,), 6.0, 16, 0, (0.5,),
+                        max_batch=128, measure=("fgsm",))
     record = core.train_run(spec, _toy_data(), sharpness_subset=32, sharpness_iters=2)
-    batches = [b for _, b in record["batch_trajectory"]]
-    assert batches == [16, 32, 64, 128]  # start at 128 // 8, x2 per halving, capped at 128
-    steps = [s for s, _ in record["batch_trajectory"]]
-    # the first eigenvalue (after one epoch at 16) is the reference; the batch grows after the second epoch
-    assert steps == [0, 2 * 256 // 16, 2 * 256 // 16 + 256 // 32, 2 * 256 // 16 + 256 // 32 + 256 // 64]
-    assert record["samples_seen"] == 6 * 256 and record["updates"] < 6 * 256 // 16
-    assert all(m["test"] is not None for m in record["members"])  # a fixed-budget run reads the test set
+    # checks at 64, 128, 192, 256 samples: the first is the reference, each later one doubles the batch
+    assert record["batch_trajectory"] == [(0, 16), (8, 32), (10, 64), (11, 128)]
+    assert record["samples_seen"] == 6 * 256 and record["updates"] == 11 + (6 * 256 - 256) // 128
+    # 4 checks in the first epoch (64 samples apart); then a step of 128 is longer than that: one check per step
+    assert record["hessian_checks"] == 4 + (6 * 256 - 256) // 128
+    for m in record["members"]:  # a report run reads the test set, and FGSM accuracy when asked
+        assert 0 <= m["test"] <= 1 and 0 <= m["fgsm_test"] <= 1 and m["train_loss"] > 0
+
+
+@pytest.mark.parametrize("optimizer,lr", [("lars", 0.5), ("lamb", 0.01)])
+def test_a_diverging_member_leaves_the_others_training(optimizer, lr):
+    from fastlars.study.core import RunSpec, train_run
+
+    # the second member's lr overflows its layer norms: the layer-wise optimizers refuse such a step
+    spec = RunSpec("toy", "cnn", optimizer, 32, ((lr, 0.0, 0.9 if optimizer == "lars" else None),
+                                                 (1e6, 0.0, 0.9 if optimizer == "lars" else None)),
+                   (0,), 3.0, 32, 0, (0.5,))
+    good, bad = train_run(spec, _toy_data(), sharpness_iters=2)["members"]
+    assert bad["diverged"] and bad["steps_to_target"]["0.5"] is None
+    assert not good["diverged"] and good["final_val"] > 0.8 and good["steps_to_target"]["0.5"] is not None
+
+
+def test_schedule_warms_up_holds_the_peak_and_cools_down_in_epochs():
+    from fastlars.study.core import COOLDOWN, RAMP_FACTOR, RECIPES, _lr_factor, _ramp_batch
+
+    wsd, step = RECIPES["sgd"], RECIPES["step"]
+    budget = 1200
+    assert _lr_factor(wsd, 50, budget, 100) == pytest.approx(0.5)  # half-way through the warm-up
+    assert _lr_factor(wsd, 300, budget, 0) == 1.0  # no warm-up: the peak at once
+    cool_start = budget * (1 - COOLDOWN)
+    # the peak until the cool-down, whatever the batch: the lr at any step before it is the peak lr
+    assert _lr_factor(wsd, int(cool_start), budget, 100) == pytest.approx(1.0)
+    assert _lr_factor(wsd, int(cool_start + budget * COOLDOWN / 2), budget, 100) == pytest.approx(0.5)
+    assert _lr_factor(step, 700, budget, 0) == pytest.approx(1 / RAMP_FACTOR)
+    assert _lr_factor(step, 900, budget, 0) == pytest.approx(1 / RAMP_FACTOR ** 2)
+    # Smith's ramp: the batch grows where the step schedule divides the lr, up to its cap
+    assert [_ramp_batch(32, 800, s, budget) for s in (0, 600, 900)] == [32, 160, 800]
+    assert _ramp_batch(32, 500, 900, budget) == 500
 
 
 def test_crossing_interpolates_the_validation_curve():
@@ -189,112 +222,185 @@ def test_crossing_interpolates_the_validation_curve():
     assert crossing([(1, 0.1), (2, 0.5)], 0.8) is None
 
 
-# A synthetic steps-to-target objective on the lr lattice: a parabola in log2(lr) around the best lattice
-# point, the same for every seed but for a small seed offset; lrs past `diverge_above` diverge.
-def _synthetic_outcome(k, best, seeds=3, diverge_above=None):
+# A synthetic steps-to-target objective: a parabola in the lattice index k around the best one, warm-up 0.5
+# better than none by 10 %, the same for every seed but for a small seed offset; lrs past `diverge_above` diverge.
+def _synthetic_outcome(point, best, seeds=2, diverge_above=None):
     from fastlars.study.search import Outcome
 
+    k, w, _ = point
     if diverge_above is not None and k > diverge_above:
         return Outcome([None] * seeds, [0.1] * seeds, [True] * seeds)
-    return Outcome([100.0 * (1 + 0.25 * (k - best) ** 2) + s for s in range(seeds)], [0.9] * seeds, [False] * seeds)
+    steps = 100.0 * (1 + 0.25 * (k - best) ** 2) * (0.9 if w else 1.0)
+    return Outcome([steps + s for s in range(seeds)], [0.9] * seeds, [False] * seeds)
 
 
-def _search(best, diverge_above=None):
+def _search(best, diverge_above=None, warmups=(0.0, 0.5), momenta=(0.9,)):
     from fastlars.study.search import next_points
 
     outcomes, extensions, rounds = {}, 0, 0
     while True:
-        ks, limit = next_points(outcomes, extensions)
-        if not ks:
+        points, limit = next_points(outcomes, extensions, warmups, momenta)
+        if not points:
             return outcomes, limit, rounds
-        if outcomes and (min(ks) < min(outcomes) or max(ks) > max(outcomes)):
+        if outcomes:
             extensions += 1
-        outcomes.update({k: _synthetic_outcome(k, best, diverge_above=diverge_above) for k in ks})
+        outcomes.update({p: _synthetic_outcome(p, best, diverge_above=diverge_above) for p in points})
         rounds += 1
 
 
-@pytest.mark.parametrize("best", [0, 1, 7, -6, 9])
-def test_lr_search_extends_past_a_winning_edge_until_the_optimum_is_interior(best):
+@pytest.mark.parametrize("best", [0, 2, 6, -6, 10])
+def test_search_extends_the_lr_past_a_winning_edge_until_it_is_interior(best):
     outcomes, limit, rounds = _search(best)
-    chosen = min(outcomes, key=lambda k: outcomes[k].rank())
-    assert chosen == best and limit is None
-    assert best - 1 in outcomes and best + 1 in outcomes  # interior, half-octave neighbours tried
-    assert min(outcomes) < best < max(outcomes)
+    chosen = min(outcomes, key=lambda p: outcomes[p].rank())
+    assert chosen == (best, 0.5, 0.9) and limit is None
+    line = sorted(k for k, w, _ in outcomes if w == 0.5)
+    assert line[0] < best < line[-1]  # interior at its own warm-up
+    assert {w for _, w, _ in outcomes} == {0.0, 0.5}  # both warm-ups tried in the first round
+    # the grid stays a full cross: every extension is tried at every warm-up
+    assert {k for k, w, _ in outcomes if w == 0.0} == {k for k, w, _ in outcomes if w == 0.5}
+    assert rounds == 1 + abs(best) // 4 + (abs(best) % 4 == 2 and abs(best) > 0)
 
 
-def test_lr_search_stops_at_its_extension_limit_and_says_so():
+def test_search_crosses_every_warm_up_and_momentum_in_its_first_round():
+    from fastlars.study.search import INITIAL, next_points
+
+    points, _ = next_points({}, 0, (0.0, 0.5), (0.9, 0.97))
+    assert sorted(points) == sorted((k, w, m) for k in INITIAL for w in (0.0, 0.5) for m in (0.9, 0.97))
+
+
+def test_search_extends_a_grid_where_no_point_learned():
+    from fastlars.study.search import Outcome, next_points
+
+    # every lr of the first grid stalls near chance (10 classes): the noise in their accuracies must not
+    # make the middle one "interior"; the search goes to smaller lrs
+    stalled = {(k, 0.0, 0.9): Outcome([None, None], [0.1 + 0.05 * (k == 0), 0.12], [False, False]) for k in (-2, 0, 2)}
+    points, limit = next_points(stalled, 0, (0.0,), (0.9,), learns=0.4)
+    assert points == [(-4, 0.0, 0.9), (-6, 0.0, 0.9)] and limit is None
+    assert next_points(stalled, 0, (0.0,), (0.9,), learns=0.0) == ([], None)  # without the rule: "interior"
+
+
+def test_search_stops_at_its_extension_limit_and_says_so():
     from fastlars.study.search import MAX_EXTENSIONS
 
     outcomes, limit, _ = _search(40)
-    assert max(outcomes) == 2 + 4 * MAX_EXTENSIONS
+    assert max(k for k, _, _ in outcomes) == 2 + 4 * MAX_EXTENSIONS
     assert limit == f"highest lr tried after {MAX_EXTENSIONS} grid extensions"
 
 
-def test_lr_search_treats_a_diverging_neighbour_as_worse():
-    outcomes, limit, _ = _search(9, diverge_above=3)
-    chosen = min(outcomes, key=lambda k: outcomes[k].rank())
-    assert chosen == 3 and limit is None and all(outcomes[4].diverged)
+def test_search_treats_a_diverging_neighbour_as_worse():
+    outcomes, limit, _ = _search(9, diverge_above=4)
+    chosen = min(outcomes, key=lambda p: outcomes[p].rank())
+    assert chosen == (4, 0.5, 0.9) and limit is None and all(outcomes[(6, 0.5, 0.9)].diverged)
 
 
 def _fake_train_run(best_lr):
-    """A train_run stand-in whose steps-to-target is a parabola in log2(lr) around best_lr."""
+    """A train_run stand-in whose steps to the primary target are a parabola in log2(lr) around best_lr."""
 
     def run(spec, data=None, **kwargs):
         members = []
-        for lr in spec.lrs:
+        budget = math.ceil(spec.epochs * 100_000 / spec.batch)
+        for lr, w, m in spec.points:
             for seed in spec.seeds:
                 steps = 50.0 * (1 + (math.log2(lr / best_lr)) ** 2) + seed
-                reached = steps if steps <= (spec.stop_after or math.inf) and steps <= spec.steps else None
-                members.append({"lr": lr, "seed": seed, "final_val": 0.9 if reached else 0.5,
-                                "steps_to_target": reached, "diverged": False, "test": 0.9, "sharpness": 1.0,
-                                "b_simple": None, "b_simple_at_target": None})
-        return {"key": spec.key(), "spec": vars(spec), "members": members, "updates": 10, "wall_s": 1.0,
-                "n_train": 1000}
+                cut = steps > (spec.stop_after or math.inf) and spec.early_stop
+                reached = steps if steps <= budget and not cut else None
+                member = {"lr": lr, "warmup_epochs": w, "momentum": m, "seed": seed, "final_val": 0.97 if reached else 0.5,
+                          "steps_to_target": {str(t): reached for t in spec.targets}, "diverged": False}
+                if not spec.early_stop:
+                    member.update(test=0.96 + 0.001 * seed, train_loss=0.1, fgsm_test=None, sharpness_at_loss=None,
+                                  step_at_loss=None, b_simple=None, b_simple_at_target=None)
+                members.append(member)
+        return {"key": spec.key(), "spec": vars(spec), "members": members, "updates": budget, "epochs": spec.epochs,
+                "wall_s": 1.0, "n_train": 1000, "batch_trajectory": [(0, spec.batch)], "stop": "budget"}
 
     return run
 
 
-def test_replay_of_a_cell_ends_interior_and_resumes_from_the_cache():
-    from fastlars.study.search import StudyPlan, replay
+def _plan(**kw):
+    from fastlars.study.search import StudyPlan
 
-    plan = StudyPlan("mnist1d", "cnn", 1000, 1000, 64, (0, 1, 2, 3), 3, 0.8, 3.0, 400, 2, (256,))
-    run = _fake_train_run(best_lr=0.1 * 256 / 64 * 2 ** 3.5)  # 11.3x the rule's centre: past the first grid
+    args = dict(dataset="mnist1d", model="cnn", samples=1000, n_train=1000, ref_batch=32, search_seeds=(100, 101),
+                report_seeds=(0, 1, 2), targets=(0.95, 0.8), epochs=6.0, warmups=(0.0, 0.5), batches=(32, 128, 512))
+    return StudyPlan(**{**args, **kw})
+
+
+def test_replay_searches_on_search_seeds_and_reports_held_out_seeds_uncut():
+    from fastlars.study.search import replay
+
+    plan = _plan()
+    run = _fake_train_run(best_lr=0.1 * 128 / 32 * 2 ** 3.7)  # 13x the rule's centre: past the first grid
     cache, rounds = {}, 0
-    while (spec := replay(plan, "goyal", 256, cache)["pending"]) is not None:
+    while (spec := replay(plan, "sgd", 128, cache)["pending"]) is not None:
         cache[spec.key()] = run(spec)
         rounds += 1
-    state = replay(plan, "goyal", 256, cache)
-    assert state["lr"] == pytest.approx(0.4 * 2 ** 3.5, rel=1e-5) and state["edge_limit"] is None
-    tried = sorted(state["outcomes"])
-    assert tried[0] < state["best_k"] < tried[-1]
-    # the search rounds on 3 seeds, the chosen lr on the 4th, one fixed-epoch run
-    assert rounds == len(state["rounds"]) + 2
-    assert state["confirm_record"]["spec"]["seeds"] == (3,) and len(state["seed_steps"]) == 4
-    assert state["epoch_record"]["spec"]["lrs"] == (state["lr"],)
+    state = replay(plan, "sgd", 128, cache)
+    assert state["point"][0] == pytest.approx(0.4 * 2 ** 4, rel=1e-5) and state["edge_limit"] is None
+    assert state["interior"]
+    assert rounds == len(state["rounds"]) + 1  # the search's rounds, then one report run
+    for r in state["rounds"]:
+        assert r["spec"]["seeds"] == (100, 101) and r["spec"]["early_stop"]
+    report = state["report"]["spec"]
+    assert report["seeds"] == (0, 1, 2) and not report["early_stop"] and report["stop_after"] is None
+    assert report["points"] == (state["point"],)
     # the later rounds stop once the best steps so far x STOP_MARGIN have passed
     assert all(r["spec"]["stop_after"] is not None for r in state["rounds"][1:])
+    with pytest.raises(ValueError, match="disjoint"):
+        _plan(search_seeds=(0, 1))
 
 
-def test_cells_that_repeat_another_cell_reference_it():
-    from fastlars.study.search import StudyPlan, canonical_cells
+def test_paper_runs_derive_their_point_from_the_tuned_sgd_cell():
+    from fastlars.study.core import GOYAL_WARMUP_SHARE, HOFFER_FACTOR
+    from fastlars.study.search import paper_spec, replay
 
-    plan = StudyPlan("mnist1d", "cnn", 16000, 11200, 64, (0,), 1, 0.8, 3.0, 400, 2, ())
-    same = canonical_cells(["sgd", "goyal", "sqrt", "lars", "lars_gbn", "gbn_longer", "ramp"], [16, 64, 256], plan)
-    # warm-up starts at the small-batch lr: nothing to warm up at or below the reference batch
-    assert same[("goyal", 16)] == ("sgd", 16) and same[("goyal", 64)] == ("sgd", 64)
-    assert same[("goyal", 256)] is None
-    # with the lr tuned per batch the scaling rule only centres the search: sqrt is goyal's run
-    assert same[("sqrt", 256)] == ("goyal", 256)
-    # ghosts of the reference batch are plain BN at or below it
-    assert same[("lars_gbn", 64)] == ("lars", 64) and same[("lars_gbn", 256)] is None
-    assert same[("gbn_longer", 64)] == ("sgd", 64) and same[("gbn_longer", 256)] is None
-    assert same[("ramp", 64)] is None  # step decay instead of poly: its own run
-    # a reference always points at a cell that is its own run
-    assert all(same[ref] is None for ref in same.values() if ref is not None)
+    plan = _plan()
+    cache = {}
+    spec, why = paper_spec(plan, "goyal", 512, cache)
+    assert spec is None and why == "waits for sgd@32"
+    run = _fake_train_run(best_lr=0.1)
+    for batch in (32, 512):
+        while (pending := replay(plan, "sgd", batch, cache)["pending"]) is not None:
+            cache[pending.key()] = run(pending)
+    lr, _, m = replay(plan, "sgd", 32, cache)["point"]
+    goyal, _ = paper_spec(plan, "goyal", 512, cache)
+    assert goyal.points == ((pytest.approx(lr * 16, rel=1e-5), pytest.approx(GOYAL_WARMUP_SHARE * 6), m),)
+    assert paper_spec(plan, "goyal_nowarm", 512, cache)[0].points[0][1] == 0.0
+    hoffer, _ = paper_spec(plan, "hoffer", 512, cache)
+    assert hoffer.epochs == HOFFER_FACTOR * plan.epochs and hoffer.points == (replay(plan, "sgd", 512, cache)["point"],)
+    assert paper_spec(plan, "ramp", 32, cache)[0].max_batch == 32 * 25
+    for spec in (goyal, hoffer):
+        assert spec.seeds == plan.report_seeds and not spec.early_stop
+
+
+def test_paired_bootstrap_intervals():
+    from fastlars.study.stats import paired
+
+    # a constant per-seed ratio has no spread: the interval is the point
+    assert paired([200.0, 220.0, 180.0], [100.0, 110.0, 90.0]) == pytest.approx((2.0, 2.0, 2.0))
+    # shared seed effects cancel in the pairing: a large spread across seeds, a tight per-seed difference
+    a = [90.0, 95.0, 80.0, 70.0, 85.0]
+    d = paired([x + 1.0 + 0.1 * i for i, x in enumerate(a)], a, "diff")
+    assert d[0] == pytest.approx(1.2) and 1.0 < d[1] < d[0] < d[2] < 1.4
+    with pytest.raises(ValueError, match="equal"):
+        paired([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="kind"):
+        paired([1.0], [1.0], "sum")
+
+
+def test_verdict_rule():
+    from fastlars.study.stats import judge, verdict_word
+
+    assert judge((1.0, 1.1, 1.2), 1.25, claim_above=False) == "supported"
+    assert judge((1.5, 1.3, 1.8), 1.25, claim_above=False) == "contradicted"
+    assert judge((1.2, 1.0, 1.4), 1.25, claim_above=False) == "open"
+    assert judge((0.5, 0.1, 0.9), 0.0, claim_above=True) == "supported"
+    assert verdict_word(["supported", "supported"]) == "reproduced"
+    assert verdict_word(["supported", "open"]) == "partly"
+    assert verdict_word(["contradicted", "open"]) == "not reproduced"
+    assert verdict_word(["open", "open"]) == "inconclusive"
 
 
 def test_critical_batch_is_interpolated_on_log_log_axes():
-    from fastlars.study.report import critical_batch
+    from fastlars.study.stats import critical_batch
 
     batches = [16, 32, 64, 128, 256]
     # perfect scaling to 64, then samples x4 at 128: the 2x crossing is half-way in log B, at 64 sqrt(2)
@@ -316,51 +422,58 @@ def test_critical_batch_is_interpolated_on_log_log_axes():
     assert critical_batch(batches, [[None] * 3] + [[1.0] * 3] * 4)["critical_batch"] is None
 
 
-def test_steps_ratio_interval():
-    from fastlars.study.report import steps_ratio
+def test_noise_fit_recovers_b_noise():
+    from fastlars.study.stats import noise_fit
 
-    r = steps_ratio([200.0, 220.0, 180.0, 210.0, 190.0], [100.0, 110.0, 90.0, 105.0, 95.0])
-    assert r[0] == pytest.approx(2.0, rel=0.01) and r[1] < 2.0 < r[2] and r[1] > 1.5
-    assert steps_ratio([100.0, None], [100.0, 100.0]) is None
+    batches = [32, 128, 512]
+    exact = noise_fit(batches, [[50.0 * (1 + 200 / b)] * 4 for b in batches])
+    assert exact["b_crit"] == pytest.approx(200.0) and exact["lo"] == pytest.approx(200.0)
+    # batches some seed did not reach are left out of the fit
+    part = noise_fit(batches + [2048], [[50.0 * (1 + 200 / b)] * 4 for b in batches] + [[None] * 4])
+    assert part["batches"] == batches and part["b_crit"] == pytest.approx(200.0)
+    assert noise_fit(batches, [[None] * 2] * 3)["b_crit"] is None
 
 
+@pytest.mark.slow
 def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys, monkeypatch):
     import sys
 
     from fastlars.study import cli, main
+    from fastlars.study.verdicts import PAPERS
 
     out = tmp_path / "study"
-    args = ["--quick", "--recipes", "sgd,goyal,lars,gbn_longer", "--batches", "16,128", "--epoch-batches", "16,128",
-            "--out", str(out), "--no-progress"]
+    args = ["--quick", "--out", str(out), "--no-progress"]
     first = main(args)
     assert first["trained"] > 0
-    for name in ("runs.json", "results.json", "results.md", "test_accuracy.png", "steps_to_target.png",
-                 "tuned_lr.png", "sharpness.png"):
+    for name in ("runs.json", "results.json", "results.md", "cnn_steps_and_accuracy.png",
+                 "resnet_steps_and_accuracy.png"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    cells = {(c["recipe"], c["batch"]): c for c in results["cells"]}
-    assert set(cells) == {(r, b) for r in ("sgd", "goyal", "lars", "gbn_longer") for b in (16, 128)}
-    for c in cells.values():
-        for key in ("recipe", "batch", "lrs_tried", "lr", "edge_limit", "steps_to_target", "step_cap", "same_as"):
-            assert key in c
-        if c["lr"] is not None and c["edge_limit"] is None:  # an interior optimum: tried on both sides
-            assert min(t["lr"] for t in c["lrs_tried"]) < c["lr"] < max(t["lr"] for t in c["lrs_tried"])
-    assert cells[("goyal", 16)]["same_as"] == "sgd@16" and cells[("goyal", 128)]["same_as"] is None
-    assert cells[("goyal", 16)]["lr"] == cells[("sgd", 16)]["lr"] and cells[("goyal", 16)]["wall_s"] == 0
-    assert len(cells[("sgd", 128)]["test_acc_ci"]) == 2
-    for c in cells.values():
-        assert "test_acc" in c and "test_acc_ci" in c
+    config = results["config"]
+    assert len(config["workloads"]) >= 2 and config["targets"] == sorted(config["targets"], reverse=True)
+    tuned = [c for c in results["cells"] if c["tuned"]]
+    assert {(c["workload"], c["recipe"], c["batch"]) for c in tuned} == {
+        (w, r, b) for w in ("cnn", "resnet") for r in ("sgd", "lars") for b in (16, 64)}
+    for c in tuned:
+        assert not set(c["search_seeds"]) & set(c["report_seeds"])
+        assert len(c["warmups_tried"]) >= 2 and c["lrs_tried"]
+        if c["edge_limit"] is None:  # an interior optimum: tried on both sides at its warm-up and momentum
+            line = [t["lr"] for t in c["lrs_tried"] if (t["warmup_epochs"], t["momentum"]) == (c["warmup_epochs"],
+                                                                                               c["momentum"])]
+            assert c["lr_interior"] and min(line) < c["lr"] < max(line)
+        assert len(c["test_values"]) == len(c["report_seeds"])
+        # report runs are never cut short: every seed trains the whole budget
+        assert c["epochs"] == pytest.approx(c["budget_epochs"], rel=0.01)
+    papers = {c["recipe"] for c in results["cells"] if not c["tuned"]}
+    assert papers == {"goyal", "goyal_nowarm", "hoffer", "step", "ramp", "abs", "absa"}
     assert results["invocation_wall_s"] > 0 and results["cpu_s"] > 0 and len(results["loadavg_start"]) == 3
-    words = ("reproduced", "partly", "not reproduced", "not testable here")
-    assert all(v["verdict"].startswith(words) for v in results["verdicts"])
-    hoffer = [v for v in results["verdicts"] if v["paper"] == "Hoffer et al. 2017"]
-    assert len(hoffer) == 2 and "gbn_longer" in hoffer[0]["effect"]
-    if cells[("gbn_longer", 128)].get("epochs"):  # trained longer: twice the epochs of the sgd cell
-        assert cells[("gbn_longer", 128)]["epochs"] == pytest.approx(2 * cells[("sgd", 128)]["epochs"], rel=0.05)
+    verdicts = {v["paper"]: v for v in results["verdicts"]}
+    assert set(verdicts) == set(PAPERS)
+    for v in verdicts.values():
+        assert v["verdict"] in ("reproduced", "partly", "inconclusive", "not reproduced") and v["paired"] is True
+        assert v["interval"] is None or (len(v["interval"]) == 2 and v["interval"][0] <= v["interval"][1])
     second = main(args)  # resumes: every run comes from the cache
     assert second["trained"] == 0
-    assert [c["steps_to_target"] for c in second["summary"]["cells"]] == \
-        [c["steps_to_target"] for c in first["summary"]["cells"]]
     # --report-only needs neither the dataset package nor the data
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)
@@ -371,18 +484,20 @@ def test_study_cli_end_to_end_resume_report_only_and_bad_input(tmp_path, capsys,
     rebuilt = json.loads((out / "results.json").read_text())
     # the training invocation's wall time stays; the report's own is added
     assert rebuilt["invocation_wall_s"] == trained_wall and rebuilt["report_only_wall_s"] > 0
-    assert [c["lr"] for c in third["summary"]["cells"]] == [c["lr"] for c in first["summary"]["cells"]]
+    assert rebuilt["verdicts"] == results["verdicts"]
     monkeypatch.undo()
     capsys.readouterr()
-    for bad, message in ((["--recipes", "sgd,nope"], "unknown"), (["--dataset", "cifar"], "--dataset"),
-                         (["--batches", "64,100000"], "larger than the training set"),
-                         (["--batches", "64,big"], "--batches"), (["--epoch-batches", "32"], "--epoch-batches")):
+    for bad, message in ((["--recipes", "sgd,nope"], "--recipes"), (["--dataset", "cifar"], "--dataset"),
+                         (["--batches", "16,100000"], "larger than the training set"),
+                         (["--batches", "16,big"], "--batches"), (["--workloads", "vit"], "--workloads"),
+                         (["--targets", "1.5"], "--targets"), (["--epochs", "cnn:2"], "--epochs"),
+                         (["--ref-batch", "48"], "--ref-batch")):
         with pytest.raises(SystemExit):
             main(["--quick", "--out", str(tmp_path / "bad"), "--no-progress"] + bad)
         assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+@pytest.mark.parametrize("model_name", ["cnn", "resnet", "mlp"])
 @pytest.mark.parametrize("virtual_batch_size", [None, 4])
 def test_ensemble_members_are_independent_models(model_name, virtual_batch_size):
     from fastlars.study.core import MODELS

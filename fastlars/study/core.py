@@ -1,5 +1,6 @@
 """The study's data, recipes and training loop (one ensemble run = one recipe at one
-batch size, every lr of the grid times every seed trained at once)."""
+batch size, every point of a search round, or the chosen point, times every seed trained
+at once)."""
 
 from __future__ import annotations
 
@@ -13,58 +14,67 @@ import numpy as np
 import torch
 
 import fastlars
-from fastlars.adversarial import adversarial_loss
+from fastlars.adversarial import adversarial_loss, fgsm
 from fastlars.hessian import AdaptiveBatchSize, top_eigenvalues
 from fastlars.noise_scale import GradientNoiseScale
-from fastlars.schedules import BatchSizeRamp, WarmupPolyDecay
 from fastlars.train import accumulate_gradients
 
-from .ensemble import EnsembleCNN, EnsembleMLP, ensemble_loss, member_accuracy
+from .ensemble import EnsembleCNN, EnsembleMLP, EnsembleResNet, ensemble_loss, member_accuracy, member_loss
 
 __all__ = ["Recipe", "RECIPES", "DATASETS", "MODELS", "load_data", "RunSpec", "train_run", "steps_grid", "crossing",
-           "start_batch", "procedure"]
+           "median_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     title: str
-    optimizer: str = "sgd"  # sgd (momentum 0.9), lars, lamb
-    # The lr rule from the reference batch ("linear" or "sqrt"). With the lr tuned per batch (Shallue et al.)
-    # a rule only says where the search starts; the search moves on until the best lr is interior.
+    optimizer: str = "sgd"  # sgd (Nesterov momentum), lars, lamb, adamw
+    # Where the lr search starts at other batches ("linear" or "sqrt" from the reference batch); the search
+    # moves on until the best lr is interior, so the rule only sets the start.
     scaling: str = "linear"
-    warmup: bool = True  # Goyal's gradual warmup from the small-batch lr (only above the reference batch)
+    momenta: tuple[float, ...] = ()  # the momenta searched (empty: Adam's betas, not searched)
+    # True: lr x warm-up (x momentum) searched per batch on the search seeds. False: a paper's prescription,
+    # run on the report seeds only, at a point derived from a tuned sgd cell (see search.paper_spec).
+    tuned: bool = False
     ghost_bn: bool = False  # Ghost BN with ghosts of the reference batch (Hoffer et al.)
-    longer: bool = False  # Hoffer et al.'s regime adaptation: epochs x B / B_ref (capped at LONGER_CAP)
-    ramp: bool = False  # Smith et al.: start at B / 25, batch x5 instead of lr / 5 at 1/2 and 3/4 of the budget
+    # "wsd": warm-up, the peak lr, a cool-down over the last COOLDOWN of the budget; "step": lr / 5 at 1/2
+    # and 3/4 of the budget (Smith et al.'s baseline); "ramp": the peak lr, the batch x 5 there instead
+    schedule: str = "wsd"
     adaptive: bool = False  # Yao et al.'s ABS: batch x2 when the top Hessian eigenvalue halves
     adversarial: bool = False  # ABSA: ABS + FGSM adversarial training
 
 
 RECIPES = {
-    "sgd": Recipe("SGD+momentum, no warm-up (Shallue's / Nado's tuned baseline)", warmup=False),
-    "goyal": Recipe("SGD+momentum, linear scaling + warm-up (Goyal)"),
-    "sqrt": Recipe("SGD+momentum, sqrt scaling + warm-up", scaling="sqrt"),
-    "lars": Recipe("LARS + warm-up + poly (You)", optimizer="lars", scaling="sqrt"),
-    "lamb": Recipe("LAMB + warm-up + poly (You)", optimizer="lamb", scaling="sqrt"),
-    "lars_gbn": Recipe("LARS + Ghost BN", optimizer="lars", scaling="sqrt", ghost_bn=True),
-    "gbn_longer": Recipe("Ghost BN + warm-up + train longer (Hoffer)", scaling="sqrt", ghost_bn=True, longer=True),
-    "ramp": Recipe("batch ramp x5 instead of lr decay (Smith)", warmup=False, ramp=True),
-    "abs": Recipe("ABS: batch from the Hessian eigenvalue (Yao)", adaptive=True),
-    "absa": Recipe("ABSA: ABS + FGSM adversarial training (Yao)", adaptive=True, adversarial=True),
+    "sgd": Recipe("SGD + Nesterov momentum, tuned lr x warm-up x momentum (Shallue's / Nado's baseline)",
+                  momenta=(0.9, 0.97), tuned=True),
+    "lars": Recipe("LARS, tuned lr x warm-up x momentum (You et al. 2017)", "lars", "sqrt", (0.9, 0.97), tuned=True),
+    "lamb": Recipe("LAMB, tuned lr x warm-up (You et al. 2019)", "lamb", "sqrt", tuned=True),
+    "adamw": Recipe("AdamW, tuned lr x warm-up (Nado et al.'s baseline for LAMB)", "adamw", "sqrt", tuned=True),
+    "goyal": Recipe("SGD at the linear-rule lr from the tuned reference batch, gradual warm-up (Goyal et al.)"),
+    "goyal_nowarm": Recipe("SGD at the linear-rule lr, no warm-up (Goyal et al.'s failure case)"),
+    "hoffer": Recipe("Ghost BN + regime adaptation: the tuned SGD point, HOFFER_FACTOR x the epochs (Hoffer et al.)",
+                     ghost_bn=True),
+    "step": Recipe("SGD with lr / 5 at 1/2 and 3/4 of the budget (Smith et al.'s baseline)", schedule="step"),
+    "ramp": Recipe("SGD with the batch x 5 at 1/2 and 3/4 of the budget instead (Smith et al.)", schedule="ramp"),
+    "abs": Recipe("ABS: batch x2 when the top Hessian eigenvalue halves (Yao et al.)", adaptive=True),
+    "absa": Recipe("ABSA: ABS + FGSM adversarial training (Yao et al.)", adaptive=True, adversarial=True),
 }
 
-# Where the lr search starts at the reference batch, per optimizer family (the recipe's rule moves it to
-# other batches). LARS's step is relative (lr * trust_coefficient * ||w|| per layer); LAMB's is lr * ||w||.
-LR_CENTRES = {"sgd": 0.1, "lars": 1.6, "lamb": 0.04}
-MOMENTUM, WEIGHT_DECAY, LAMB_WEIGHT_DECAY, TRUST_COEFFICIENT = 0.9, 5e-4, 0.01, 0.02
-WARMUP_FRACTION = 1 / 16  # of the planned steps (Goyal: 5 of 90 epochs)
-LONGER_CAP = 2  # train longer by at most 2x the epochs (as many updates as the small batch would cost B/B_ref x)
-RAMP_FACTOR, ABS_START_DIVISOR, FGSM_EPS = 5, 8, 0.1
-# A steps-to-target run stops once STOP_MARGIN x the best lr's median steps have passed: every lr not at
-# the target by then is slower than the best (the margin records the neighbours' steps too).
+# Where the lr search starts at the reference batch, per optimizer. LARS's step is relative
+# (lr * trust_coefficient * ||w|| per layer); LAMB's is lr * ||w||.
+LR_CENTRES = {"sgd": 0.1, "lars": 0.25, "lamb": 0.02, "adamw": 0.003}
+WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY, TRUST_COEFFICIENT = 5e-4, 0.01, 0.02
+GOYAL_WARMUP_SHARE = 5 / 90  # Goyal et al.: 5 of 90 epochs
+HOFFER_FACTOR = 4  # the low end of Hoffer et al.'s regime adaptation (4-16x the steps)
+RAMP_FACTOR, FGSM_EPS = 5, 0.1
+COOLDOWN = 1 / 3  # of the budget: the lr decays linearly to 0 over the last third
+ABS_CHECKS_PER_EPOCH, ABS_POWER_ITERS = 4, 8
+KESKAR_LOSS = 0.2  # the training loss at which Keskar's sharpness is compared (reached by every batch's seeds)
+# A search run stops once STOP_MARGIN x the best point's median steps to the primary target have passed:
+# every point not at the target by then is slower than the best. Report runs are never cut short.
 STOP_MARGIN = 1.25
 DATASETS = ("mnist1d", "digits")
-MODELS = {"cnn": EnsembleCNN, "mlp": EnsembleMLP}
+MODELS = {"cnn": EnsembleCNN, "resnet": EnsembleResNet, "mlp": EnsembleMLP}
 
 
 def load_data(dataset: str, samples: int = 40_000, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -102,20 +112,25 @@ def load_data(dataset: str, samples: int = 40_000, seed: int = 0) -> dict[str, t
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
+    """One ensemble run: one recipe at one batch, every point x every seed trained at once."""
+
     dataset: str
     model: str
     recipe: str
-    batch: int
-    lrs: tuple[float, ...]  # the peak lrs tried (one ensemble member per lr and seed)
+    batch: int  # the batch (ramp and ABS: the batch they start at)
+    # (peak lr, warm-up in epochs, momentum or None) per point; member k: point k // S, seed k % S
+    points: tuple[tuple[float, float, float | None], ...]
     seeds: tuple[int, ...]
-    steps: int  # the budget, in steps of ``batch`` (ramp/ABS: the same number of samples, in smaller steps)
+    epochs: float  # the budget, in epochs of the training set
     ref_batch: int
     samples: int
-    target: float = 0.8  # validation accuracy for steps-to-target
-    # Shallue et al.'s steps-to-target runs stop once the ranking of the lrs is decided (see train_run);
-    # False: a fixed-budget run, trained to the end, whose test accuracy is read
+    targets: tuple[float, ...]  # validation accuracies; the first is the primary
+    # a search run stops once the ranking of its points is decided (see train_run); a report run
+    # (False) trains every member to the end of the budget and reads the test set once
     early_stop: bool = False
-    stop_after: float | None = None  # the search's best steps-to-target so far x STOP_MARGIN
+    stop_after: float | None = None  # the search's best steps to the primary target so far x STOP_MARGIN
+    max_batch: int | None = None  # ramp / ABS: the batch they may grow to
+    measure: tuple[str, ...] = ()  # extra measurements: "noise_scale", "sharpness_at_loss", "fgsm"
 
     def key(self) -> str:
         """The cache key: a hash of what determines the run's result."""
@@ -141,20 +156,32 @@ def crossing(curve: list[tuple[int, float]], target: float) -> float | None:
     return None
 
 
-def _optimizer(model, recipe: Recipe, lrs: list[float]) -> torch.optim.Optimizer:
+def median_steps(steps: list[float | None]) -> float:
+    """Median over seeds, a seed not (yet) at the target counting as infinitely many steps."""
+    values = sorted(math.inf if s is None else s for s in steps)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _optimizer(model, recipe: Recipe, points: list[tuple[float, float, float | None]]) -> torch.optim.Optimizer:
     """One pair of param groups per member: weights (decayed, trust ratio) and the rest."""
     groups = []
-    wd = LAMB_WEIGHT_DECAY if recipe.optimizer == "lamb" else WEIGHT_DECAY
-    for k, lr in enumerate(lrs):
+    wd = DECOUPLED_WEIGHT_DECAY if recipe.optimizer in ("lamb", "adamw") else WEIGHT_DECAY
+    for k, (lr, _, momentum) in enumerate(points):
         params = model.member_parameters(k)
-        groups.append(dict(params=[p for p in params if p.ndim > 1], lr=lr, weight_decay=wd))
-        groups.append(dict(params=[p for p in params if p.ndim <= 1], lr=lr, weight_decay=0.0))
-        if recipe.optimizer != "sgd":
+        extra = {} if momentum is None else {"momentum": momentum}
+        groups.append(dict(params=[p for p in params if p.ndim > 1], lr=lr, weight_decay=wd, **extra))
+        groups.append(dict(params=[p for p in params if p.ndim <= 1], lr=lr, weight_decay=0.0, **extra))
+        if recipe.optimizer in ("lars", "lamb"):
             groups[-1]["trust_ratio"] = False
-    if recipe.optimizer in ("lars", "lamb"):
-        lars = dict(momentum=MOMENTUM, trust_coefficient=TRUST_COEFFICIENT) if recipe.optimizer == "lars" else {}
-        return fastlars.make_optimizer(recipe.optimizer, groups, weight_decay=wd, lr=lrs[0], **lars)
-    return torch.optim.SGD(groups, lr=lrs[0], momentum=MOMENTUM)
+    if recipe.optimizer == "lars":
+        return fastlars.make_optimizer("lars", groups, weight_decay=wd, lr=points[0][0], nesterov=True,
+                                       trust_coefficient=TRUST_COEFFICIENT)
+    if recipe.optimizer == "lamb":
+        return fastlars.make_optimizer("lamb", groups, weight_decay=wd, lr=points[0][0])
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=points[0][0])
+    return torch.optim.SGD(groups, lr=points[0][0], momentum=0.9, nesterov=True)
 
 
 class _Stream:
@@ -198,87 +225,101 @@ def _noise_scale_pass(model, data, trackers, generator, big: int, small: int) ->
     model.train(was_training)
 
 
-def start_batch(recipe: Recipe, batch: int, ref: int) -> int:
-    """The batch a run starts at: ``batch``, or for the ramp and ABS the batch they grow from."""
-    if recipe.ramp:
-        return max(min(ref, batch), batch // RAMP_FACTOR ** 2)
-    if recipe.adaptive:
-        return max(min(ref, batch), batch // ABS_START_DIVISOR)
-    return batch
+@torch.no_grad()
+def _fgsm_accuracy(model, x, y, eps: float) -> list[float]:
+    """Each member's accuracy on FGSM examples of the test set (eval mode; each member
+    attacked through its own gradient: the loss is a sum over members)."""
+    was_training = model.training
+    model.eval()
+    adv = fgsm(model, ensemble_loss, x.unsqueeze(1).expand(-1, model.members, -1).contiguous(), y, eps)
+    correct = (model(adv).argmax(-1) == y.unsqueeze(1)).float().mean(0)
+    model.train(was_training)
+    return correct.tolist()
 
 
-def _ramp_cap(first: int, batch: int) -> int:
-    cap = first
-    while cap * RAMP_FACTOR <= batch:
-        cap *= RAMP_FACTOR
-    return cap
+@torch.no_grad()
+def _freeze_diverged(model, opt, peaks: list[float], diverged: list[bool]) -> None:
+    """Mark the members whose parameters or gradients overflowed as diverged and take them
+    out of training (zero parameters, gradients and lr), so the others train on: one
+    optimizer steps every member, and the layer-wise optimizers refuse a non-finite norm."""
+    for k in range(model.members):
+        params = model.member_parameters(k)
+        total = sum(float(p.double().square().sum()) + (0.0 if p.grad is None else float(p.grad.double().square().sum()))
+                    for p in params)
+        if diverged[k] or not total < 1e30:
+            diverged[k] = True
+            for p in params:
+                p.zero_()
+                if p.grad is not None:
+                    p.grad.zero_()
+            for i in (2 * k, 2 * k + 1):  # the member's two param groups
+                peaks[i] = opt.param_groups[i]["lr"] = 0.0
 
 
-def procedure(name: str, batch: int, ref: int, budget_samples: int) -> tuple:
-    """What a run of recipe ``name`` at ``batch`` actually does, apart from its lr (which is tuned):
-    two cells with the same procedure are one run. Goyal's warm-up starts at the small-batch lr, so
-    it does nothing at or below the reference batch; Ghost BN with ghosts of the reference batch is
-    plain BN there; the ramp and ABS are fixed-batch runs when they have no room to grow."""
-    r = RECIPES[name]
-    first = start_batch(r, batch, ref)
-    ramp = r.ramp and _ramp_cap(first, batch) > first  # the batch grows
-    grows = r.adaptive and batch > first
-    longer = min(LONGER_CAP, max(1.0, batch / ref)) if r.longer else 1.0
-    # the ramp's schedule is step decay (the lr is divided where the batch can no longer grow), never poly
-    return (r.optimizer, r.warmup and first > ref, r.ghost_bn and first > ref,
-            r.ramp and (first, _ramp_cap(first, batch)),
-            grows and (first, batch), grows and r.adversarial, longer, round(budget_samples * longer),
-            batch if not (ramp or grows) else None)
+def _lr_factor(recipe: Recipe, seen: int, budget: int, warmup_samples: float) -> float:
+    """The lr of a member as a fraction of its peak after ``seen`` of ``budget`` samples: a
+    linear warm-up over ``warmup_samples``, the peak, then a linear cool-down to 0 over the
+    last COOLDOWN of the budget (warmup-stable-decay). The schedule is set in epochs, the
+    same at every batch: no step cap moves it. Smith's baseline instead divides the lr by
+    RAMP_FACTOR at 1/2 and 3/4 of the budget; his ramp keeps the peak and grows the batch."""
+    factor = min(1.0, seen / warmup_samples) if warmup_samples > 0 else 1.0
+    if recipe.schedule == "step":
+        return factor / RAMP_FACTOR ** ((seen >= budget / 2) + (seen >= 3 * budget / 4))
+    if recipe.schedule == "wsd":
+        factor *= min(1.0, (budget - seen) / (COOLDOWN * budget))
+    return factor
 
 
-def train_run(spec: RunSpec, data: dict, *, noise_scale: bool = False, sharpness_subset: int = 512,
-              sharpness_iters: int = 20, progress=None) -> dict:
-    """Train every (lr, seed) member of one recipe at one batch size; return the record
-    (per member: lr, seed, validation curve, steps to ``spec.target``, final validation
-    accuracy, divergence; for a fixed-budget run also sharpness and test accuracy).
+def _ramp_batch(first: int, max_batch: int, seen: int, budget: int) -> int:
+    """Smith's ramp: the batch x RAMP_FACTOR where the step schedule divides the lr (capped)."""
+    batch = first * RAMP_FACTOR ** ((seen >= budget / 2) + (seen >= 3 * budget / 4))
+    return min(batch, max_batch)
 
-    A steps-to-target run (``spec.early_stop``) stops at the first validation measurement
-    after ``spec.stop_after`` steps or after STOP_MARGIN x the best median steps-to-target
-    of its own lrs, or once every member has reached the target or diverged."""
+
+def train_run(spec: RunSpec, data: dict, *, sharpness_subset: int = 256, sharpness_iters: int = 10,
+              progress=None) -> dict:
+    """Train every (point, seed) member of one recipe at one batch; return the record (per
+    member: its point and seed, the steps to each target, validation accuracy at the end
+    and divergence; for a report run also test accuracy and training loss at the end, and
+    what ``spec.measure`` asks for).
+
+    A search run (``spec.early_stop``) stops at the first validation measurement after
+    ``spec.stop_after`` steps or after STOP_MARGIN x the best median steps to the primary
+    target of its own points, or once every member has reached it or diverged."""
     recipe = RECIPES[spec.recipe]
     n = len(data["y"])
-    if not 1 <= spec.batch <= n:
-        raise ValueError(f"batch {spec.batch} must be in [1, {n}] (the training set)")
-    start = time.perf_counter()
-    # member k: lr spec.lrs[k // S], seed spec.seeds[k % S]
-    lrs, seeds = [lr for lr in spec.lrs for _ in spec.seeds], [s for _ in spec.lrs for s in spec.seeds]
+    if not 2 <= spec.batch <= n:
+        raise ValueError(f"batch {spec.batch} must be in [2, {n}] (the training set)")
+    start, cpu_start = time.perf_counter(), time.process_time()
     per_seed = len(spec.seeds)
-    batch, ref = spec.batch, spec.ref_batch
-    first = start_batch(recipe, batch, ref)  # ramp and ABS grow from there up to spec.batch
-    longer = min(LONGER_CAP, max(1.0, batch / ref)) if recipe.longer and not spec.early_stop else 1.0
-    budget = int(round(spec.steps * batch * longer))  # samples
-    planned_steps = max(2, math.ceil(budget / first))  # in steps of the start batch
-
+    points = [p for p in spec.points for _ in spec.seeds]
+    seeds = [s for _ in spec.points for s in spec.seeds]
+    members = len(points)
+    budget = int(round(spec.epochs * n))  # samples
     torch.manual_seed(spec.seeds[0])
-    model = MODELS[spec.model](seeds, data["x"].shape[1], virtual_batch_size=ref if recipe.ghost_bn else None)
-    opt = _optimizer(model, recipe, lrs)
-    warmup = max(1, round(planned_steps * WARMUP_FRACTION)) if recipe.warmup and first > ref else 0
-    schedule = ramp = None
-    if not recipe.ramp:
-        schedule = WarmupPolyDecay(opt, planned_steps, warmup, WarmupPolyDecay.small_batch_factor(first, ref))
-    else:
-        cap = _ramp_cap(first, batch)
-        milestone1 = math.ceil(budget / 2 / first)
-        milestone2 = milestone1 + math.ceil(budget / 4 / min(cap, first * RAMP_FACTOR))
-        ramp = BatchSizeRamp(opt, first, first, [milestone1, milestone2], RAMP_FACTOR, cap)
-    abs_ = AdaptiveBatchSize(first, batch) if recipe.adaptive and batch > first else None
-    trackers = [GradientNoiseScale(beta=0.9, params=model.member_parameters(k)) for k in range(len(lrs))] \
-        if noise_scale else None
-
+    model = MODELS[spec.model](seeds, data["x"].shape[1], virtual_batch_size=spec.ref_batch if recipe.ghost_bn else None)
+    opt = _optimizer(model, recipe, points)
+    peaks = [g["lr"] for g in opt.param_groups]
+    warmups = [p[1] * n for p in points for _ in range(2)]  # per param group, in samples
+    first, max_batch = spec.batch, spec.max_batch or spec.batch
+    abs_ = AdaptiveBatchSize(first, max_batch) if recipe.adaptive and max_batch > first else None
+    trackers = [GradientNoiseScale(beta=0.9, params=model.member_parameters(k)) for k in range(members)] \
+        if "noise_scale" in spec.measure else None
     stream = _Stream(n, seeds)
     generator = torch.Generator().manual_seed(7)
-    eval_steps = set(steps_grid(planned_steps * 4))  # more than any run takes
+    # validation 4x per octave of steps, from 1/32 of the budget on (no target is near before; each
+    # measurement costs a pass over the validation set for every member)
+    planned = math.ceil(budget / first)
+    eval_steps = {s for s in steps_grid(planned) if s >= planned / 32}
+    targets = spec.targets
     curve: list[tuple[int, list[float]]] = []
-    reached: list[float | None] = [None] * len(lrs)
-    diverged = [False] * len(lrs)
-    b_simple_at_target: list[float | None] = [None] * len(lrs)
+    reached = {t: [None] * members for t in targets}
+    diverged = [False] * members
+    b_simple_at_target = {t: [None] * members for t in spec.targets}
+    sharp_at_loss: list[float | None] = [None] * members
+    step_at_loss: list[int | None] = [None] * members
     trajectory = [(0, first)]
-    seen, step, next_check = 0, 0, n
+    seen, step, next_check, hessian_checks = 0, 0, n / ABS_CHECKS_PER_EPOCH, 0
     current = first
     stop_reason = "budget"
     model.train()
@@ -292,30 +333,29 @@ def train_run(spec: RunSpec, data: dict, *, noise_scale: bool = False, sharpness
             adversarial_loss(model, ensemble_loss, x, y, FGSM_EPS).backward()
         else:
             ensemble_loss(model(x), y).backward()
-        opt.step()
+        try:
+            opt.step()
+        except FloatingPointError:  # LARS/LAMB refuse a step whose norms overflow: a member diverged
+            _freeze_diverged(model, opt, peaks, diverged)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         seen += b
         step += 1
-        if ramp is not None:
-            ramp.step()
-            current = ramp.batch_size
-        else:
-            # progress in steps of the start batch (equals the step count at a fixed batch)
-            factor = schedule.factor(seen / first)
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+        for group, peak, warm in zip(opt.param_groups, peaks, warmups):
+            group["lr"] = peak * _lr_factor(recipe, seen, budget, warm)
+        if recipe.schedule == "ramp":
+            current = _ramp_batch(first, max_batch, seen, budget)
         if trackers is not None and step % max(1, n // (4 * b)) == 0:
             _noise_scale_pass(model, data, trackers, generator, big=min(512, n), small=min(64, n // 2))
         if abs_ is not None and seen >= next_check:
-            next_check += n
-            eig = _sharpness(model, data, 256, 8)
+            interval = n / ABS_CHECKS_PER_EPOCH
+            next_check = (math.floor(seen / interval) + 1) * interval  # a step longer than the interval: one check
+            hessian_checks += 1
+            eig = _sharpness(model, data, 256, ABS_POWER_ITERS)
             # One batch for all members: the geometric mean of their eigenvalues (|.|) decides.
             finite = [abs(e) for e in eig if math.isfinite(e)] or [1.0]
-            new = abs_.update(math.exp(sum(math.log(e + 1e-12) for e in finite) / len(finite)))
-            if new != current:
-                current = new
-                trajectory.append((step, current))
-        if ramp is not None and current != trajectory[-1][1]:
+            current = abs_.update(math.exp(sum(math.log(e + 1e-12) for e in finite) / len(finite)))
+        if current != trajectory[-1][1]:
             trajectory.append((step, current))
         if step in eval_steps or seen >= budget:
             acc = member_accuracy(model, data["x_val"], data["y_val"]).tolist()
@@ -323,40 +363,48 @@ def train_run(spec: RunSpec, data: dict, *, noise_scale: bool = False, sharpness
             for k, a in enumerate(acc):
                 if not diverged[k] and not all(bool(torch.isfinite(p).all()) for p in model.member_parameters(k)):
                     diverged[k] = True
-                if reached[k] is None and not diverged[k] and a >= spec.target:
-                    reached[k] = crossing([(s, c[k]) for s, c in curve], spec.target)
-                    if trackers is not None:
-                        b_simple_at_target[k] = trackers[k].b_simple
+                for t in targets:
+                    if reached[t][k] is None and not diverged[k] and a >= t:
+                        reached[t][k] = crossing([(s, c[k]) for s, c in curve], t)
+                        if trackers is not None:
+                            b_simple_at_target[t][k] = trackers[k].b_simple
+            if "sharpness_at_loss" in spec.measure:
+                loss = member_loss(model, data["x"][:sharpness_subset], data["y"][:sharpness_subset]).tolist()
+                new = [k for k in range(members) if step_at_loss[k] is None and not diverged[k]
+                       and loss[k] <= KESKAR_LOSS]
+                if new:
+                    values = _sharpness(model, data, sharpness_subset, sharpness_iters)
+                    for k in new:
+                        sharp_at_loss[k], step_at_loss[k] = values[k], step
             if spec.early_stop:
-                medians = [_median_steps(reached[i * per_seed:(i + 1) * per_seed]) for i in range(len(spec.lrs))]
+                primary = reached[targets[0]]
+                medians = [median_steps(primary[i * per_seed:(i + 1) * per_seed]) for i in range(len(spec.points))]
                 limit = min([spec.stop_after or math.inf] + [STOP_MARGIN * m for m in medians])
                 if step >= limit:
                     stop_reason = "ranking decided"
                     break
-                if all(r is not None or d for r, d in zip(reached, diverged)):
-                    stop_reason = "every member reached the target or diverged"
+                if all(r is not None or d for r, d in zip(primary, diverged)):
+                    stop_reason = "every member reached the primary target or diverged"
                     break
         if progress is not None:
-            progress.set_postfix_str(f"{spec.recipe} B={batch} step {step}", refresh=False)
+            progress.set_postfix_str(f"{spec.model} {spec.recipe} B={spec.batch} step {step}", refresh=False)
 
     final_val = curve[-1][1]
-    members = [{"lr": lrs[k], "seed": seeds[k], "final_val": final_val[k], "steps_to_target": reached[k],
-                "diverged": diverged[k]} for k in range(len(lrs))]
+    out = [{"lr": points[k][0], "warmup_epochs": points[k][1], "momentum": points[k][2], "seed": seeds[k],
+            "final_val": final_val[k], "steps_to_target": {str(t): reached[t][k] for t in targets},
+            "diverged": diverged[k]} for k in range(members)]
     if not spec.early_stop:
-        # a fixed-budget run: one read of the test set, the sharpness and the noise scale at the end
+        # a report run: one read of the test set at the end of the budget
         test = member_accuracy(model, data["x_test"], data["y_test"]).tolist()
-        sharp = _sharpness(model, data, sharpness_subset, sharpness_iters) if sharpness_iters else [None] * len(lrs)
-        for k, m in enumerate(members):
-            m.update(test=test[k], sharpness=sharp[k],
+        loss = member_loss(model, data["x"], data["y"]).tolist()
+        fgsm_acc = _fgsm_accuracy(model, data["x_test"], data["y_test"], FGSM_EPS) if "fgsm" in spec.measure \
+            else [None] * members
+        for k, m in enumerate(out):
+            m.update(test=test[k], train_loss=loss[k], fgsm_test=fgsm_acc[k],
+                     sharpness_at_loss=sharp_at_loss[k], step_at_loss=step_at_loss[k],
                      b_simple=trackers[k].b_simple if trackers is not None else None,
-                     b_simple_at_target=b_simple_at_target[k])
+                     b_simple_at_target={str(t): v[k] for t, v in b_simple_at_target.items()} if trackers else None)
     return {"spec": dataclasses.asdict(spec), "key": spec.key(), "n_train": n, "updates": step, "samples_seen": seen,
-            "epochs": seen / n, "start_batch": first, "stop": stop_reason, "batch_trajectory": trajectory,
-            "val_curve": curve, "members": members, "wall_s": time.perf_counter() - start}
-
-
-def _median_steps(steps: list[float | None]) -> float:
-    """Median over seeds, a seed not (yet) at the target counting as infinitely many steps."""
-    values = sorted(math.inf if s is None else s for s in steps)
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+            "epochs": seen / n, "stop": stop_reason, "batch_trajectory": trajectory, "hessian_checks": hessian_checks,
+            "hessian_vector_products_at_most": hessian_checks * ABS_POWER_ITERS, "val_curve": curve,
+            "members": out, "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fastlars.nn import GhostBatchNorm1d
 
-__all__ = ["EnsembleCNN", "EnsembleMLP", "ensemble_loss", "member_accuracy"]
+__all__ = ["EnsembleCNN", "EnsembleResNet", "EnsembleMLP", "ensemble_loss", "member_accuracy", "member_loss"]
 
 
 class _MemberParams(nn.Module):
@@ -98,13 +98,56 @@ class EnsembleCNN(_Ensemble):
             m.uniform("fc_bias", (classes,), self.features)
             self.member.append(m)
 
+    def _conv(self, i: int, h: Tensor, stride: int) -> Tensor:
+        w = torch.cat([m.get_parameter(f"conv{i}_weight") for m in self.member])  # (K*C, C_in, 3)
+        # conv bias omitted: batch norm removes it
+        return self._norm(i, F.conv1d(h, w, stride=stride, padding=1, groups=self.members))
+
     def forward(self, x: Tensor) -> Tensor:
         k = self.members
         h = _expand(x, k)  # (N, K, L): one input channel per member
         for i, stride in enumerate(self.strides):
-            w = torch.cat([m.get_parameter(f"conv{i}_weight") for m in self.member])  # (K*C, C_in, 3)
-            # conv bias omitted: batch norm removes it
-            h = F.relu(self._norm(i, F.conv1d(h, w, stride=stride, padding=1, groups=k)))
+            h = F.relu(self._conv(i, h, stride))
+        return self._linear(h.reshape(h.shape[0], k, self.features), "fc")
+
+
+class EnsembleResNet(EnsembleCNN):
+    """K copies of a deeper residual 1-D network with batch norm: a conv stem (stride 2),
+    then ``blocks`` residual blocks of two conv(3) + BN layers each (the second block
+    strides 2, its shortcut subsamples), a linear layer on the flattened feature map:
+    2 * blocks + 2 weight layers (14 with the default 6 blocks). The last BN of each block
+    starts at zero weight (Goyal et al.), so each block starts as the identity."""
+
+    def __init__(self, seeds: list[int], length: int, classes: int = 10, channels: int = 16, blocks: int = 6,
+                 virtual_batch_size: int | None = None) -> None:
+        members = len(seeds)
+        _Ensemble.__init__(self, members, [channels] * (1 + 2 * blocks), virtual_batch_size)
+        self.channels, self.blocks = channels, blocks
+        self.strides = (2,) + tuple(s for b in range(blocks) for s in ((2 if b == 1 else 1), 1))
+        out_len = length
+        for s in self.strides:
+            out_len = (out_len - 1) // s + 1
+        self.features = channels * out_len
+        self.member = nn.ModuleList()
+        for seed in seeds:
+            m = _MemberParams(seed)
+            for i in range(1 + 2 * blocks):
+                c_in = 1 if i == 0 else channels
+                m.uniform(f"conv{i}_weight", (channels, c_in, 3), 3 * c_in)
+                m.norm(i, channels)
+                if i > 0 and i % 2 == 0:
+                    nn.init.zeros_(m.get_parameter(f"bn{i}_weight"))
+            m.uniform("fc_weight", (classes, self.features), self.features)
+            m.uniform("fc_bias", (classes,), self.features)
+            self.member.append(m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.members
+        h = F.relu(self._conv(0, _expand(x, k), self.strides[0]))
+        for b in range(self.blocks):
+            i, stride = 1 + 2 * b, self.strides[1 + 2 * b]
+            inner = F.relu(self._conv(i, h, stride))
+            h = F.relu(self._conv(i + 1, inner, 1) + h[..., ::stride])
         return self._linear(h.reshape(h.shape[0], k, self.features), "fc")
 
 
@@ -141,6 +184,18 @@ def ensemble_loss(logits: Tensor, y: Tensor) -> Tensor:
     n, k, c = logits.shape
     y = y.unsqueeze(1).expand(n, k) if y.ndim == 1 else y
     return F.cross_entropy(logits.reshape(n * k, c), y.reshape(n * k), reduction="sum") / n
+
+
+@torch.no_grad()
+def member_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy of each member on (x, y), in eval mode (K,)."""
+    was_training = model.training
+    model.eval()
+    logits = model(x)
+    n, k, c = logits.shape
+    loss = F.cross_entropy(logits.reshape(n * k, c), y.unsqueeze(1).expand(n, k).reshape(n * k), reduction="none")
+    model.train(was_training)
+    return loss.view(n, k).mean(0)
 
 
 @torch.no_grad()
