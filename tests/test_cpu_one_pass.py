@@ -116,7 +116,7 @@ def test_one_pass_dtypes(name, dtype, two_pass, monkeypatch):
     _same(_run(name, {}, SHAPES, dtype, master=master), expected)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shapes=st.lists(st.tuples(st.integers(0, 40_000)), min_size=1, max_size=6),
        batch_bytes=st.integers(1, 1_000_000), name=st.sampled_from(["LARS", "LAMB"]))
