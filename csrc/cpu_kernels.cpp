@@ -127,22 +127,20 @@ void run_batches(const std::vector<Batch>& batches, const Sums& sums, const Fini
   }
 }
 
-// Per-tensor totals of per-item partials, summed in item order.
+// Adds the partials of the batch's items to their tensors' rows of `out`, in item order.
+void add_partials(const Batch& b, const std::vector<WorkItem>& items, const std::vector<double>& partials,
+                  double* out, int columns) {
+  for (int64_t k = b.begin; k < b.end; ++k)
+    for (int c = 0; c < columns; ++c) out[items[k].tensor * columns + c] += partials[k * columns + c];
+}
+
+// Per-tensor totals of per-item partials, summed in item order (add_partials over every item).
 at::Tensor totals(const std::vector<WorkItem>& items, const std::vector<double>& partials, int64_t n_tensors,
                   int columns) {
   at::Tensor out = at::zeros({n_tensors, columns}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  for (size_t k = 0; k < items.size(); ++k)
-    for (int c = 0; c < columns; ++c) o[items[k].tensor * columns + c] += partials[k * columns + c];
+  add_partials(Batch{0, static_cast<int64_t>(items.size()), 0, n_tensors}, items, partials, out.data_ptr<double>(),
+               columns);
   return out;
-}
-
-// Adds the partials of the batch's items to their tensors' rows of `out` (zeroed columns),
-// in item order, as totals() does.
-void add_partials(const Batch& b, const std::vector<WorkItem>& items, const std::vector<double>& partials,
-                  double* out, int columns, int first_column, int end_column) {
-  for (int64_t k = b.begin; k < b.end; ++k)
-    for (int c = first_column; c < end_column; ++c) out[items[k].tensor * columns + c] += partials[k * columns + c];
 }
 
 bool finite_row(const double* row, int columns) {
@@ -267,7 +265,6 @@ struct LarsSums {
   bool g2, wg, buf;
 };
 
-template <typename acc_t>
 LarsSums lars_sums_of(const double* row, bool first, const at::Tensor* buf, bool g2) {
   const bool after_momentum = row[L_AFTER_MOMENTUM] != 0;
   return {g2, row[L_NORM_OF_SUM] != 0 || after_momentum, after_momentum && !first && buf != nullptr};
@@ -512,14 +509,14 @@ std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const T
           const auto& it = items[k];
           const int64_t i = it.tensor;
           const at::Tensor* buf = bufs[i] ? &*bufs[i] : nullptr;
-          const auto what = lars_sums_of<acc_t>(table + group_of[i] * L_NCOL, first[i], buf, !grad_sums);
+          const auto what = lars_sums_of(table + group_of[i] * L_NCOL, first[i], buf, !grad_sums);
           acc_t* b = what.buf ? buf_of(i) + it.begin : nullptr;
           double* row = partials.data() + kLarsSums * k;
           lars_item_sums(weights[i].data_ptr<weight_t>() + it.begin, grads[i].data_ptr<param_t>() + it.begin, b,
                          it.end - it.begin, what, row);
         },
         [&](const Batch& b) {
-          add_partials(b, items, partials, sums, kLarsSums, 0, kLarsSums);
+          add_partials(b, items, partials, sums, kLarsSums);
           for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
             if (!finite_row(sums + kLarsSums * i, kLarsSums)) {
               nonfinite = i;
@@ -667,7 +664,7 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
           });
         },
         [&](const Batch& b) {
-          add_partials(b, items, partials, sums, kLambSums, 0, kLambSums);
+          add_partials(b, items, partials, sums, kLambSums);
           for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
             double* row = sums + kLambSums * i;
             if (pre_read) row[S_G2] = pre_read[kLarsSums * i + S_G2];  // the gate's, and clipping's
