@@ -259,99 +259,114 @@ void with_master(const void* w, const void* p, const Fn& fn) {
 // LARS
 
 // What a LARS tensor's norms sum besides w^2 (SumColumn): g^2 unless it came from the
-// pre-read; w g where its group's ratio needs it; buf^2, buf g and buf w where its ratio is
-// taken after momentum and the buffer holds a previous step's (lars_denominator_norm).
+// pre-read; x^2 where its group's ratio divides by ||x|| (lars_denominator), which reads the
+// buffer where the ratio is taken after momentum and the buffer holds a previous step's.
+template <typename acc_t>
 struct LarsSums {
-  bool g2, wg, buf;
+  bool g2, x2;
+  LarsDenominator<acc_t> x;
 };
 
-LarsSums lars_sums_of(const double* row, bool first, const at::Tensor* buf, bool g2) {
-  const bool after_momentum = row[L_AFTER_MOMENTUM] != 0;
-  return {g2, row[L_NORM_OF_SUM] != 0 || after_momentum, after_momentum && !first && buf != nullptr};
+template <typename acc_t>
+LarsSums<acc_t> lars_sums_of(const LarsHyper<acc_t>& h, bool first, bool has_buf, double inv_scale, bool g2) {
+  LarsSums<acc_t> what{g2, lars_sums_denominator(h), lars_denominator<acc_t>(h, acc_t(inv_scale), first)};
+  what.x.reads_buf = what.x.reads_buf && has_buf;
+  return what;
 }
 
-// The sums of a LARS item with fp32 arithmetic in one loop over the chunk: each sum in its
-// own kLanes float lanes and its tail in double, the order of sum_squares / sum_products, so
-// the bits are theirs while w, g and buf are read once (as separate loops the buffer's three
-// sums and w g read them four times).
-template <bool kG2, bool kWG, bool kBuf, typename weight_t, typename param_t>
+// The sums of a LARS item in one loop over the chunk: w^2 (and g^2) in kLanes float lanes and
+// their tails in double, the order of sum_squares, so the bits are its; x^2 in acc_t lanes.
+// kX, kBuf: x^2 is summed, and reads the buffer (lars_denominator_element).
+template <bool kG2, bool kX, bool kBuf, typename acc_t, typename weight_t, typename param_t>
 FASTLARS_ELEMENT_LOOP void lars_sums_loop(const weight_t* __restrict w, const param_t* __restrict g,
-                                          const float* __restrict buf, int64_t n, double* sums) {
-  float w2[kLanes] = {0}, g2[kLanes] = {0}, wg[kLanes] = {0}, b2[kLanes] = {0}, bg[kLanes] = {0}, bw[kLanes] = {0};
+                                          const acc_t* __restrict buf, int64_t n, const LarsDenominator<acc_t> x,
+                                          double* sums) {
+  float w2[kLanes] = {0}, g2[kLanes] = {0};
+  acc_t x2[kLanes] = {0};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int l = 0; l < kLanes; ++l) {
-      const float x = static_cast<float>(w[i + l]), y = static_cast<float>(g[i + l]);
-      w2[l] += x * x;
-      if constexpr (kG2) g2[l] += y * y;
-      if constexpr (kWG) wg[l] += x * y;
-      if constexpr (kBuf) {
-        const float b = buf[i + l];
-        b2[l] += b * b;
-        bg[l] += b * y;
-        bw[l] += b * x;
+      const float we = static_cast<float>(w[i + l]), ge = static_cast<float>(g[i + l]);
+      w2[l] += we * we;
+      if constexpr (kG2) g2[l] += ge * ge;
+      if constexpr (kX) {
+        const acc_t xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i + l]), acc_t(g[i + l]),
+                                                               kBuf ? buf[i + l] : acc_t(0));
+        x2[l] += xe * xe;
       }
     }
-  double t[6] = {0, 0, 0, 0, 0, 0};  // w2, g2, wg, b2, bg, bw
+  double t[3] = {0, 0, 0};  // w2, g2, x2
   for (; i < n; ++i) {
-    const double x = static_cast<float>(w[i]), y = static_cast<float>(g[i]);
-    t[0] += x * x;
-    if constexpr (kG2) t[1] += y * y;
-    if constexpr (kWG) t[2] += x * y;
-    if constexpr (kBuf) {
-      const double b = buf[i];
-      t[3] += b * b;
-      t[4] += b * y;
-      t[5] += b * x;
+    const double we = static_cast<float>(w[i]), ge = static_cast<float>(g[i]);
+    t[0] += we * we;
+    if constexpr (kG2) t[1] += ge * ge;
+    if constexpr (kX) {
+      const double xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i]), acc_t(g[i]), kBuf ? buf[i] : acc_t(0));
+      t[2] += xe * xe;
     }
   }
   for (int l = 0; l < kLanes; ++l) {
     t[0] += w2[l];
     t[1] += g2[l];
-    t[2] += wg[l];
-    t[3] += b2[l];
-    t[4] += bg[l];
-    t[5] += bw[l];
+    t[2] += x2[l];
   }
   sums[S_W2] = t[0];
   if constexpr (kG2) sums[S_G2] = t[1];
-  if constexpr (kWG) sums[S_WG] = t[2];
-  if constexpr (kBuf) {
-    sums[S_B2] = t[3];
-    sums[S_BG] = t[4];
-    sums[S_BW] = t[5];
+  if constexpr (kX) sums[S_U2] = t[2];
+}
+
+// sum x^2 alone (an fp64 tensor, whose w^2 and g^2 are sum_squares'), in acc_t lanes.
+template <bool kBuf, typename acc_t, typename weight_t, typename param_t>
+FASTLARS_ELEMENT_LOOP double sum_denominator_squares(const weight_t* __restrict w, const param_t* __restrict g,
+                                                     const acc_t* __restrict buf, int64_t n,
+                                                     const LarsDenominator<acc_t> x) {
+  acc_t lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i + l]), acc_t(g[i + l]),
+                                                             kBuf ? buf[i + l] : acc_t(0));
+      lanes[l] += xe * xe;
+    }
+  double total = 0;
+  for (; i < n; ++i) {
+    const double xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i]), acc_t(g[i]), kBuf ? buf[i] : acc_t(0));
+    total += xe * xe;
   }
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
 }
 
 template <typename weight_t, typename param_t, typename acc_t>
-void lars_item_sums(const weight_t* w, const param_t* g, const acc_t* buf, int64_t n, LarsSums what, double* sums) {
-  // with the buffer's sums (the "momentum_update" ratio): one loop; without, the separate loops,
-  // which GCC vectorises better than this loop's instances without the buffer
-  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<weight_t, double>) {
-    if (what.buf && what.wg) {
-      if (what.g2)
-        lars_sums_loop<true, true, true>(w, g, buf, n, sums);
-      else
-        lars_sums_loop<false, true, true>(w, g, buf, n, sums);
-      return;
-    }
-  }
-  sums[S_W2] = sum_squares(w, n);
-  if (what.g2) sums[S_G2] = sum_squares(g, n);
-  if (what.wg) sums[S_WG] = sum_products(w, g, n);
-  if (what.buf) {
-    sums[S_B2] = sum_squares(buf, n);
-    sums[S_BG] = sum_products(buf, g, n);
-    sums[S_BW] = sum_products(buf, w, n);
+void lars_item_sums(const weight_t* w, const param_t* g, const acc_t* buf, int64_t n, const LarsSums<acc_t>& what,
+                    double* sums) {
+  const auto& x = what.x;
+  // fp64 (sum_squares' double order for w^2 and g^2), or the default ratio (GCC vectorises
+  // the separate loops better than one loop): w^2 and g^2 by sum_squares
+  if (std::is_same_v<weight_t, double> || !what.x2) {
+    sums[S_W2] = sum_squares(w, n);
+    if (what.g2) sums[S_G2] = sum_squares(g, n);
+    if (what.x2)
+      sums[S_U2] = x.reads_buf ? sum_denominator_squares<true>(w, g, buf, n, x)
+                               : sum_denominator_squares<false>(w, g, buf, n, x);
+  } else if (what.g2) {
+    if (x.reads_buf)
+      lars_sums_loop<true, true, true>(w, g, buf, n, x, sums);
+    else
+      lars_sums_loop<true, true, false>(w, g, buf, n, x, sums);
+  } else {
+    if (x.reads_buf)
+      lars_sums_loop<false, true, true>(w, g, buf, n, x, sums);
+    else
+      lars_sums_loop<false, true, false>(w, g, buf, n, x, sums);
   }
 }
 
 // A tensor's factors of the update (lars_factors) from its sums.
 template <typename acc_t>
-LarsFactors<acc_t> lars_tensor_factors(const double* sums, bool first, double inv_scale, const LarsHyper<acc_t>& h) {
+LarsFactors<acc_t> lars_tensor_factors(const double* sums, double inv_scale, const LarsHyper<acc_t>& h) {
   const acc_t w_norm = acc_t(std::sqrt(sums[S_W2]));
-  const acc_t x_norm =
-      lars_denominator_norm<acc_t>(sums, acc_t(std::sqrt(sums[S_G2]) * inv_scale), acc_t(inv_scale), first, h);
+  const acc_t x_norm = lars_denominator_norm<acc_t>(sums, acc_t(std::sqrt(sums[S_G2]) * inv_scale), h);
   return lars_factors<acc_t>(w_norm, x_norm, h);
 }
 
@@ -422,39 +437,43 @@ acc_t lamb_tensor_ratio(const double* sums, const LambHyper<acc_t>& h) {
 
 at::Tensor grad_sumsq_cpu(const TensorList& grads) {
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * kLarsSums);
+  std::vector<double> partials(items.size() * S_NCOL);
   if (!items.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fastlars_grad_sumsq_cpu", [&] {
       for_items(items, [&](int64_t k) {
         const auto& it = items[k];
-        partials[kLarsSums * k + S_G2] = sum_squares(grads[it.tensor].data_ptr<scalar_t>() + it.begin, it.end - it.begin);
+        partials[S_NCOL * k + S_G2] = sum_squares(grads[it.tensor].data_ptr<scalar_t>() + it.begin, it.end - it.begin);
       });
     });
   }
-  return totals(items, partials, static_cast<int64_t>(grads.size()), kLarsSums);
+  return totals(items, partials, static_cast<int64_t>(grads.size()), S_NCOL);
 }
 
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
-                     const std::vector<bool>& products) {
-  const bool variants = !products.empty();  // empty lists: w^2 and g^2 only (no per-step list to convert)
-  TORCH_CHECK(!variants || (bufs.size() == grads.size() && products.size() == grads.size()),
-              "fastlars: sumsq_cpu needs one buffer (or None) and one products flag per tensor, or two empty lists");
+                     const std::vector<bool>& first, const std::vector<int64_t>& group_of,
+                     const std::optional<at::Tensor>& lars_groups, double inv_scale) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(!lars_groups || (static_cast<int64_t>(bufs.size()) == n && static_cast<int64_t>(first.size()) == n &&
+                               static_cast<int64_t>(group_of.size()) == n),
+              "fastlars: sumsq_cpu with a LARS group table needs a buffer (or None), a first flag and a group per tensor");
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * kLarsSums);  // columns not summed stay 0
+  std::vector<double> partials(items.size() * S_NCOL);  // columns not summed stay 0
+  const double* table = lars_groups ? lars_groups->data_ptr<double>() : nullptr;
   if (!items.empty()) {
     FASTLARS_DISPATCH(grads, weights, "fastlars_sumsq_cpu", [&] {
       for_items(items, [&](int64_t k) {
         const auto& it = items[k];
-        const bool buf = variants && bufs[it.tensor].has_value();
-        const LarsSums what{true, variants && products[it.tensor], buf};
-        lars_item_sums(weights[it.tensor].data_ptr<weight_t>() + it.begin,
-                       grads[it.tensor].data_ptr<param_t>() + it.begin,
-                       buf ? bufs[it.tensor]->data_ptr<acc_t>() + it.begin : static_cast<acc_t*>(nullptr),
-                       it.end - it.begin, what, partials.data() + kLarsSums * k);
+        const int64_t i = it.tensor;
+        LarsSums<acc_t> what{true, false, {}};
+        if (table) what = lars_sums_of(lars_hyper<acc_t>(table + group_of[i] * L_NCOL), first[i],
+                                       bufs[i].has_value(), inv_scale, true);
+        lars_item_sums(weights[i].data_ptr<weight_t>() + it.begin, grads[i].data_ptr<param_t>() + it.begin,
+                       what.x.reads_buf ? bufs[i]->data_ptr<acc_t>() + it.begin : static_cast<acc_t*>(nullptr),
+                       it.end - it.begin, what, partials.data() + S_NCOL * k);
       });
     });
   }
-  return totals(items, partials, static_cast<int64_t>(grads.size()), kLarsSums);
+  return totals(items, partials, n, S_NCOL);
 }
 
 void lars_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -470,7 +489,7 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
       const auto& it = items[k];
       const int64_t i = it.tensor;
       const auto h = lars_hyper<acc_t>(table + group_of[i] * L_NCOL);
-      const auto factors = lars_tensor_factors<acc_t>(norms + kLarsSums * i, first[i], inv_scale, h);
+      const auto factors = lars_tensor_factors<acc_t>(norms + S_NCOL * i, inv_scale, h);
       lars_item_update<acc_t>(weights[i].data_ptr<weight_t>(), params[i].data_ptr<param_t>(),
                               grads[i].data_ptr<param_t>(), bufs[i] ? bufs[i]->data_ptr<acc_t>() : nullptr, it.begin,
                               it.end, first[i], factors, h, acc_t(inv_scale));
@@ -485,7 +504,7 @@ std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const T
                                               double inv_scale, int64_t batch_bytes) {
   const int64_t n = static_cast<int64_t>(grads.size());
   const auto items = chunk_items(grads);
-  at::Tensor out = at::zeros({n, kLarsSums}, at::kDouble);
+  at::Tensor out = at::zeros({n, S_NCOL}, at::kDouble);
   double* sums = out.data_ptr<double>();
   if (grad_sums) {  // the pre-read's g^2 (its other columns are 0)
     TORCH_CHECK(grad_sums->sizes() == out.sizes(), "fastlars: lars_step_cpu's grad_sums must be (tensors, sums)");
@@ -494,7 +513,7 @@ std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const T
   int64_t nonfinite = -1;
   if (items.empty()) return {out, nonfinite};
   const double* table = groups.data_ptr<double>();
-  std::vector<double> partials(items.size() * kLarsSums);
+  std::vector<double> partials(items.size() * S_NCOL);
   FASTLARS_DISPATCH(params, weights, "fastlars_lars_step_cpu", [&] {
     const int64_t element_bytes = 2 * sizeof(weight_t) + sizeof(param_t) + sizeof(acc_t) +
                                   (std::is_same_v<weight_t, param_t> ? 0 : sizeof(param_t));
@@ -508,21 +527,20 @@ std::tuple<at::Tensor, int64_t> lars_step_cpu(const TensorList& weights, const T
         [&](int64_t k) {
           const auto& it = items[k];
           const int64_t i = it.tensor;
-          const at::Tensor* buf = bufs[i] ? &*bufs[i] : nullptr;
-          const auto what = lars_sums_of(table + group_of[i] * L_NCOL, first[i], buf, !grad_sums);
-          acc_t* b = what.buf ? buf_of(i) + it.begin : nullptr;
-          double* row = partials.data() + kLarsSums * k;
+          const auto what = lars_sums_of(hyper[i], first[i], bufs[i].has_value(), inv_scale, !grad_sums);
+          acc_t* b = what.x.reads_buf ? buf_of(i) + it.begin : nullptr;
+          double* row = partials.data() + S_NCOL * k;
           lars_item_sums(weights[i].data_ptr<weight_t>() + it.begin, grads[i].data_ptr<param_t>() + it.begin, b,
                          it.end - it.begin, what, row);
         },
         [&](const Batch& b) {
-          add_partials(b, items, partials, sums, kLarsSums);
+          add_partials(b, items, partials, sums, S_NCOL);
           for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
-            if (!finite_row(sums + kLarsSums * i, kLarsSums)) {
+            if (!finite_row(sums + S_NCOL * i, S_NCOL)) {
               nonfinite = i;
               return false;
             }
-            factors[i] = lars_tensor_factors<acc_t>(sums + kLarsSums * i, first[i], inv_scale, hyper[i]);
+            factors[i] = lars_tensor_factors<acc_t>(sums + S_NCOL * i, inv_scale, hyper[i]);
           }
           return true;
         },
@@ -542,7 +560,7 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
                           const std::vector<int64_t>& group_of, const at::Tensor& groups, double inv_scale,
                           double global_norm) {
   const auto items = chunk_items(grads);
-  std::vector<double> partials(items.size() * kLambSums);
+  std::vector<double> partials(items.size() * S_NCOL);
   const double* table = groups.data_ptr<double>();
   if (!items.empty()) {
     FASTLARS_DISPATCH(grads, weights, "fastlars_lamb_norms_cpu", [&] {
@@ -557,12 +575,12 @@ at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, co
           lamb_item_sums<decltype(set)::value, false, false>(
               weights[i].data_ptr<weight_t>(), grads[i].data_ptr<param_t>(), exp_avgs[i].data_ptr<acc_t>(),
               exp_avg_sqs[i].data_ptr<acc_t>(), it.begin, it.end, factor, h, static_cast<acc_t*>(nullptr),
-              partials.data() + kLambSums * k);
+              partials.data() + S_NCOL * k);
         });
       });
     });
   }
-  return totals(items, partials, static_cast<int64_t>(grads.size()), kLambSums);
+  return totals(items, partials, static_cast<int64_t>(grads.size()), S_NCOL);
 }
 
 void lamb_update_cpu(const TensorList& weights, const TensorList& params, const TensorList& grads,
@@ -580,7 +598,7 @@ void lamb_update_cpu(const TensorList& weights, const TensorList& params, const 
       const double* row = table + group_of[i] * B_NCOL;
       const auto h = lamb_hyper<acc_t>(row, steps[i]);
       const acc_t factor = acc_t(grad_factor(row, inv_scale, global_norm));
-      const acc_t ratio = lamb_tensor_ratio<acc_t>(sums + kLambSums * i, h);
+      const acc_t ratio = lamb_tensor_ratio<acc_t>(sums + S_NCOL * i, h);
       weight_t* w = weights[i].data_ptr<weight_t>();
       const param_t* g = grads[i].data_ptr<param_t>();
       acc_t* m = exp_avgs[i].data_ptr<acc_t>();
@@ -603,13 +621,13 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
                                               double global_norm, int64_t batch_bytes) {
   const int64_t n = static_cast<int64_t>(grads.size());
   const auto items = chunk_items(grads);
-  at::Tensor out = at::zeros({n, kLambSums}, at::kDouble);
+  at::Tensor out = at::zeros({n, S_NCOL}, at::kDouble);
   double* sums = out.data_ptr<double>();
   int64_t nonfinite = -1;
   if (items.empty()) return {out, nonfinite};
   const double* table = groups.data_ptr<double>();
-  const double* pre_read = grad_sums ? grad_sums->data_ptr<double>() : nullptr;  // (n, kLarsSums): its G2
-  std::vector<double> partials(items.size() * kLambSums);
+  const double* pre_read = grad_sums ? grad_sums->data_ptr<double>() : nullptr;  // (n, S_NCOL): its G2
+  std::vector<double> partials(items.size() * S_NCOL);
   FASTLARS_DISPATCH(params, weights, "fastlars_lamb_step_cpu", [&] {
     // the batch's working set: w, g, m, v, u (and the parameter beside its master)
     const int64_t element_bytes = sizeof(weight_t) + sizeof(param_t) + 3 * sizeof(acc_t) +
@@ -654,7 +672,7 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
             const param_t* g = grads[i].data_ptr<param_t>();
             acc_t* m = exp_avgs[i].data_ptr<acc_t>();
             acc_t* v = exp_avg_sqs[i].data_ptr<acc_t>();
-            double* row = partials.data() + kLambSums * k;
+            double* row = partials.data() + S_NCOL * k;
             if (u_offset[k] >= 0)
               lamb_item_sums<F, true, true>(w, g, m, v, it.begin, it.end, factor[i], hyper[i],
                                             u_kept + u_offset[k], row);
@@ -664,11 +682,11 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
           });
         },
         [&](const Batch& b) {
-          add_partials(b, items, partials, sums, kLambSums);
+          add_partials(b, items, partials, sums, S_NCOL);
           for (int64_t i = b.first_tensor; i < b.end_tensor; ++i) {
-            double* row = sums + kLambSums * i;
-            if (pre_read) row[S_G2] = pre_read[kLarsSums * i + S_G2];  // the gate's, and clipping's
-            if (!finite_row(row, kLambSums)) {
+            double* row = sums + S_NCOL * i;
+            if (pre_read) row[S_G2] = pre_read[S_NCOL * i + S_G2];  // the gate's, and clipping's
+            if (!finite_row(row, S_NCOL)) {
               nonfinite = i;
               return false;
             }

@@ -78,55 +78,45 @@ __device__ T* column_ptr(const int64_t* row, int column) {
 }
 
 // Every column of a chunk's partials is written (0 for the sums not asked for): the
-// finalize sums them all. With the LARS group table (lars_groups, else nullptr), the LARS
-// variants' sums of a tensor whose group needs them (fastlars_math.h, lars_denominator_norm):
-// sum w g ("norm_of_sum", "momentum_update"), and sums of buf^2, buf g, buf w, buf the
-// table's S0, where the group has "momentum_update" with momentum and the buffer exists
-// (FIRST 0; a tensor without one has S0 = W, of another dtype, which is never read).
+// finalize sums them all. With the LARS group table (lars_groups, else nullptr), sum x^2 of a
+// tensor whose group's ratio divides by ||x|| (fastlars_math.h, lars_denominator), which reads
+// the buffer, the table's S0, where the group has "momentum_update" with momentum and the
+// buffer exists (FIRST 0; a tensor without one has S0 = W, of another dtype, never read).
 template <typename param_t, typename weight_t, typename acc_t>
 __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t* partials,
-                             const double* lars_groups) {
+                             const double* lars_groups, const float* inv_scale_ptr) {
   const Chunk ch = chunk_of(table, chunks, false);
   const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
   const param_t* g = column_ptr<const param_t>(ch.row, C_G);
   const acc_t* buf = column_ptr<const acc_t>(ch.row, C_S0);
-  bool with_products = false, with_buffers = false;  // the same for the whole block: one tensor
+  // the same for the whole block (one tensor): a uniform branch
+  bool with_x = false;
+  LarsDenominator<acc_t> x{};
   if (lars_groups != nullptr) {
-    const double* row = lars_groups + ch.row[C_GROUP] * L_NCOL;
-    const bool after = row[L_AFTER_MOMENTUM] != 0;
-    with_products = after || row[L_NORM_OF_SUM] != 0;
-    with_buffers = after && row[L_MOMENTUM] != 0 && ch.row[C_FIRST] == 0;
+    const auto h = lars_hyper<acc_t>(lars_groups + ch.row[C_GROUP] * L_NCOL);
+    with_x = lars_sums_denominator(h);
+    const acc_t s = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
+    x = lars_denominator<acc_t>(h, s, ch.row[C_FIRST] != 0);
   }
-  acc_t sw = 0, sg = 0, swg = 0, sb = 0, sbg = 0, sbw = 0;
+  acc_t sw = 0, sg = 0, sx = 0;
   for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
     sw += we * we;
     sg += ge * ge;
-    if (with_products) swg += we * ge;
-    if (with_buffers) {
-      const acc_t be = buf[e];
-      sb += be * be;
-      sbg += be * ge;
-      sbw += be * we;
+    if (with_x) {
+      const acc_t xe = x.reads_buf ? lars_denominator_element<true, acc_t>(x, we, ge, buf[e])
+                                   : lars_denominator_element<false, acc_t>(x, we, ge, acc_t(0));
+      sx += xe * xe;
     }
   }
   sw = block_sum(sw);
   sg = block_sum(sg);
-  if (with_products) swg = block_sum(swg);
-  if (with_buffers) {
-    sb = block_sum(sb);
-    sbg = block_sum(sbg);
-    sbw = block_sum(sbw);
-  }
+  if (with_x) sx = block_sum(sx);
   if (threadIdx.x == 0) {
-    acc_t* out = partials + kLarsSums * blockIdx.x;
+    acc_t* out = partials + S_NCOL * blockIdx.x;
     out[S_W2] = sw;
     out[S_G2] = sg;
-    out[S_U2] = 0;
-    out[S_WG] = swg;
-    out[S_B2] = sb;
-    out[S_BG] = sbg;
-    out[S_BW] = sbw;
+    out[S_U2] = sx;
   }
 }
 
@@ -147,10 +137,10 @@ __global__ void lars_update_kernel(const int64_t* table, const int64_t* chunks, 
   const Chunk ch = chunk_of(table, chunks, true);
   const auto h = lars_hyper<acc_t>(groups + ch.row[C_GROUP] * L_NCOL);
   const acc_t inv_scale = inv_scale_ptr != nullptr ? static_cast<acc_t>(*inv_scale_ptr) : acc_t(1);
-  const acc_t* sums = totals + kLarsSums * ch.index;
+  const acc_t* sums = totals + S_NCOL * ch.index;
   const bool first = ch.row[C_FIRST] != 0;
   const acc_t w_norm = sqrt(sums[S_W2]);
-  const acc_t x_norm = lars_denominator_norm<acc_t>(sums, sqrt(sums[S_G2]) * inv_scale, inv_scale, first, h);
+  const acc_t x_norm = lars_denominator_norm<acc_t>(sums, sqrt(sums[S_G2]) * inv_scale, h);
   const auto factors = lars_factors<acc_t>(w_norm, x_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -194,9 +184,9 @@ __global__ void lamb_norms_kernel(const int64_t* table, const int64_t* chunks, a
   sg = block_sum(sg);
   su = block_sum(su);
   if (threadIdx.x == 0) {
-    partials[kLambSums * blockIdx.x + S_W2] = sw;
-    partials[kLambSums * blockIdx.x + S_G2] = sg;
-    partials[kLambSums * blockIdx.x + S_U2] = su;
+    partials[S_NCOL * blockIdx.x + S_W2] = sw;
+    partials[S_NCOL * blockIdx.x + S_G2] = sg;
+    partials[S_NCOL * blockIdx.x + S_U2] = su;
   }
 }
 
@@ -211,8 +201,8 @@ __global__ void lamb_update_kernel(const int64_t* table, const int64_t* chunks, 
   const auto h = lamb_hyper<acc_t>(row, static_cast<double>(*column_ptr<const float>(ch.row, C_STEP)));
   const acc_t factor = static_cast<acc_t>(grad_factor(row, inv_scale_ptr ? double(*inv_scale_ptr) : 1.0,
                                                       global_norm_ptr ? *global_norm_ptr : -1.0));
-  const acc_t w_norm = sqrt(totals[kLambSums * ch.index + S_W2]);
-  const acc_t u_norm = sqrt(totals[kLambSums * ch.index + S_U2]);
+  const acc_t w_norm = sqrt(totals[S_NCOL * ch.index + S_W2]);
+  const acc_t u_norm = sqrt(totals[S_NCOL * ch.index + S_U2]);
   const acc_t ratio = lamb_trust_ratio<acc_t>(w_norm, u_norm, h);
   weight_t* w = column_ptr<weight_t>(ch.row, C_W);
   param_t* p = column_ptr<param_t>(ch.row, C_P);
@@ -277,19 +267,23 @@ at::ScalarType acc_type(const at::Tensor& param) {
 }  // namespace
 
 at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
-                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups) {
-  const at::cuda::CUDAGuard guard(param.device());
+                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups,
+                      const std::optional<at::Tensor>& inv_scale) {
+  const auto device = param.device();  // inv_scale is moved here
+  const at::cuda::CUDAGuard guard(device);
   const Launch launch = launch_of(table, chunks, param);
   const double* rows = lars_groups.has_value() ? group_rows(*lars_groups, param, L_NCOL) : nullptr;
-  at::Tensor partials = at::empty({launch.n_chunks, kLarsSums}, param.options().dtype(acc_type(param)));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLarsSums);
+  at::Tensor partials = at::empty({launch.n_chunks, S_NCOL}, param.options().dtype(acc_type(param)));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, S_NCOL);
+  const at::Tensor scale = rows && inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   FASTLARS_DISPATCH_TYPES(param.scalar_type(), weight.scalar_type(), "fastlars_sumsq_cuda", [&] {
     sumsq_kernel<param_t, weight_t, acc_t><<<launch.n_chunks, kThreads, 0, stream>>>(
-        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(), rows);
+        launch.table.data_ptr<int64_t>(), launch.chunks.data_ptr<int64_t>(), partials.data_ptr<acc_t>(), rows,
+        scale.defined() ? scale.data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, kLarsSums);
+  return tensor_totals(launch, partials, S_NCOL);
 }
 
 void lars_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
@@ -318,8 +312,8 @@ at::Tensor lamb_norms_cuda(const at::Tensor& table, const at::Tensor& chunks, co
   const at::cuda::CUDAGuard guard(device);
   const Launch launch = launch_of(table, chunks, param);
   const double* rows = group_rows(groups, param, B_NCOL);
-  at::Tensor partials = at::empty({launch.n_chunks, kLambSums}, param.options().dtype(acc_type(param)));
-  if (launch.n_chunks == 0) return tensor_totals(launch, partials, kLambSums);
+  at::Tensor partials = at::empty({launch.n_chunks, S_NCOL}, param.options().dtype(acc_type(param)));
+  if (launch.n_chunks == 0) return tensor_totals(launch, partials, S_NCOL);
   const at::Tensor scale = inv_scale.has_value() ? inv_scale->to(device, at::kFloat) : at::Tensor();
   const at::Tensor norm = global_norm.has_value() ? global_norm->to(device, at::kDouble) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -329,7 +323,7 @@ at::Tensor lamb_norms_cuda(const at::Tensor& table, const at::Tensor& chunks, co
         scale.defined() ? scale.data_ptr<float>() : nullptr, norm.defined() ? norm.data_ptr<double>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return tensor_totals(launch, partials, kLambSums);
+  return tensor_totals(launch, partials, S_NCOL);
 }
 
 void lamb_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,

@@ -58,26 +58,47 @@ constexpr unsigned kLarsSets = 1u << 3;
 constexpr bool has(unsigned set, unsigned option) { return (set & option) != 0; }
 }  // namespace variant
 
-// The norm x the ratio's denominator holds, from a tensor's sums (SumColumn) and g_norm =
-// ||g|| s (s: the inverse grad scale): ||g|| ("sum_of_norms"), ||s g + wd w|| ("norm_of_sum")
-// or ||u|| ("momentum_update"), u = a buf + b d the update after momentum of d = s g + wd w,
-// as quadratic forms of the norms pass's sums (no third pass), clamped at 0 against rounding.
+// The vector x whose norm a LARS ratio divides by where that is not ||g|| s (s: the inverse
+// grad scale): d = s g + wd w ("norm_of_sum"), or u = a buf + b d, the update after momentum
+// ("momentum_update"; a = 0 where this step creates the buffer, and without momentum u = d).
+// The norms pass sums x^2 element by element (SumColumn U2), additive across shards: the same
+// norm formed afterwards from sums of g^2, w g, w^2 ... cancels catastrophically where
+// g ~ -wd w (79 % off at a residual of 1e-4 ||wd w|| in fp32).
+template <typename acc_t>
+struct LarsDenominator {
+  acc_t buf, d, s, wd;  // x = buf * buf_e + d * (s g_e + wd w_e)
+  bool reads_buf;       // a != 0: the buffer exists and the ratio is taken after momentum
+};
+
+// Whether a group's ratio divides by ||x|| (its norms pass sums x^2) rather than by ||g|| s.
+template <typename acc_t>
+FASTLARS_HD bool lars_sums_denominator(const LarsHyper<acc_t>& h) {
+  return h.norm_of_sum || h.after_momentum;
+}
+
+// x's coefficients for a tensor of the group; first: this step creates its buffer.
+template <typename acc_t>
+FASTLARS_HD LarsDenominator<acc_t> lars_denominator(const LarsHyper<acc_t>& h, acc_t s, bool first) {
+  if (!(h.after_momentum && h.momentum != 0)) return {acc_t(0), acc_t(1), s, h.weight_decay, false};
+  // buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
+  const acc_t a = first ? acc_t(0) : h.nesterov ? h.momentum * h.momentum : h.momentum;
+  const acc_t b = h.nesterov ? acc_t(1) + h.momentum * (first ? acc_t(1) : h.one_minus_dampening)
+                             : first ? acc_t(1) : h.one_minus_dampening;
+  return {a, b, s, h.weight_decay, !first};
+}
+
+// One element of x; kBuf: the buffer is read (reads_buf), else buf is not used.
+template <bool kBuf, typename acc_t>
+FASTLARS_HD acc_t lars_denominator_element(const LarsDenominator<acc_t>& x, acc_t w, acc_t g, acc_t buf) {
+  const acc_t d = x.s * g + x.wd * w;
+  if constexpr (kBuf) return x.buf * buf + x.d * d;
+  return x.d * d;
+}
+
+// The norm the ratio's denominator holds: g_norm = ||g|| s, or ||x|| from the sums.
 template <typename acc_t, typename sum_t>
-FASTLARS_HD acc_t lars_denominator_norm(const sum_t* sums, acc_t g_norm, acc_t s, bool first,
-                                        const LarsHyper<acc_t>& h) {
-  if (!h.norm_of_sum && !h.after_momentum) return g_norm;
-  const acc_t wd = h.weight_decay;
-  const acc_t d2 = s * s * acc_t(sums[S_G2]) + acc_t(2) * wd * s * acc_t(sums[S_WG]) + wd * wd * acc_t(sums[S_W2]);
-  acc_t x2 = d2;
-  if (h.after_momentum && h.momentum != 0) {
-    // buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
-    const acc_t a = first ? acc_t(0) : h.nesterov ? h.momentum * h.momentum : h.momentum;
-    const acc_t b = h.nesterov ? acc_t(1) + h.momentum * (first ? acc_t(1) : h.one_minus_dampening)
-                               : first ? acc_t(1) : h.one_minus_dampening;
-    const acc_t buf_d = s * acc_t(sums[S_BG]) + wd * acc_t(sums[S_BW]);
-    x2 = a * a * acc_t(sums[S_B2]) + acc_t(2) * a * b * buf_d + b * b * d2;
-  }
-  return std::sqrt(x2 < 0 ? acc_t(0) : x2);  // a NaN stays NaN (the gate has caught it)
+FASTLARS_HD acc_t lars_denominator_norm(const sum_t* sums, acc_t g_norm, const LarsHyper<acc_t>& h) {
+  return lars_sums_denominator(h) ? std::sqrt(acc_t(sums[S_U2])) : g_norm;  // a NaN stays NaN (the gate caught it)
 }
 
 // r = eta ||w|| / (x + wd' ||w|| + eps) (x: lars_denominator_norm, wd': denominator_decay),

@@ -22,11 +22,13 @@ using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 // Norms come back as one row of sums per tensor on both.
 constexpr int64_t kChunk = 16384;
 
-// (n, SumColumn) per tensor: sum w^2, sum g^2 (U2 0); where products[i]: sum w g; where bufs[i] is
-// given: sums buf^2, buf g, buf w (the LARS variants, fastlars_math.h lars_denominator_norm); else 0.
-// Two empty lists: neither, for every tensor.
+// (n, SumColumn) per tensor: sum w^2, sum g^2; given the LARS group table (and per tensor its
+// buffer or None, whether this step creates the buffer, its group), sum x^2 of the vector its
+// ratio divides by where its group needs it (fastlars_math.h, lars_denominator; inv_scale: the
+// gradients' s), else U2 0. Without the table, the lists may be empty.
 at::Tensor sumsq_cpu(const TensorList& weights, const TensorList& grads, const OptionalTensorList& bufs,
-                     const std::vector<bool>& products);
+                     const std::vector<bool>& first, const std::vector<int64_t>& group_of,
+                     const std::optional<at::Tensor>& lars_groups, double inv_scale);
 // (n, SumColumn): sum g^2 per tensor (the other columns 0): the gate's read of the gradients
 // before a one-pass step, which also gives LAMB's clipping its global norm.
 at::Tensor grad_sumsq_cpu(const TensorList& grads);
@@ -34,7 +36,7 @@ void lars_update_cpu(const TensorList& weights, const TensorList& params, const 
                      const OptionalTensorList& bufs, const std::vector<bool>& first,
                      const std::vector<int64_t>& group_of, const at::Tensor& groups, const at::Tensor& sumsq,
                      double inv_scale);
-// (n, 3): sum w^2, sum g^2, sum u^2 per tensor; nothing else is written.
+// (n, SumColumn): sum w^2, sum g^2, sum u^2 per tensor; nothing else is written.
 at::Tensor lamb_norms_cpu(const TensorList& weights, const TensorList& grads, const TensorList& exp_avgs,
                           const TensorList& exp_avg_sqs, const std::vector<double>& steps,
                           const std::vector<int64_t>& group_of, const at::Tensor& groups, double inv_scale,
@@ -72,14 +74,15 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
 // device). Scalars that live on the device (inverse grad scale, global norm, skip flag)
 // come as optional 0-d tensors. Per-tensor sums: per-chunk partials, then a finalize
 // launch summing each tensor's in a fixed order (the update reads one row per tensor).
-// (n, SumColumn) per tensor, as sumsq_cpu; given the LARS group table, the variants' sums of
+// (n, SumColumn) per tensor, as sumsq_cpu; given the LARS group table, the sums of x^2 of
 // the tensors whose group needs them (the buffers: the table's S0; FIRST marks one not made yet).
 at::Tensor sumsq_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& weight,
-                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups);
+                      const at::Tensor& param, const std::optional<at::Tensor>& lars_groups,
+                      const std::optional<at::Tensor>& inv_scale);
 void lars_update_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
                       const at::Tensor& sumsq, const at::Tensor& weight, const at::Tensor& param,
                       const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& ok);
-// (n, 3): sum w^2, g^2, u^2 per tensor; the kernels read each tensor's 0-d float32 `step`
+// (n, SumColumn): sum w^2, g^2, u^2 per tensor; the kernels read each tensor's 0-d float32 `step`
 // through the table (this update makes step + 1).
 at::Tensor lamb_norms_cuda(const at::Tensor& table, const at::Tensor& chunks, const at::Tensor& groups,
                            const at::Tensor& weight, const at::Tensor& param,

@@ -17,8 +17,8 @@
   X(BIAS_CORRECTION_IN_LR) X(TRUST_LOW) X(TRUST_HIGH) X(GRAD_NORM_EPS)
 // The chunk list of a launch (int64, one row per chunk): ChunkColumn.
 #define FASTLARS_CHUNK_COLUMNS(X) X(ROW) X(START)
-// Per-tensor sums of a norms pass: SumColumn (LAMB writes the first three, LARS all but U2).
-#define FASTLARS_SUM_COLUMNS(X) X(W2) X(G2) X(U2) X(WG) X(B2) X(BG) X(BW)
+// Per-tensor sums of a norms pass: SumColumn.
+#define FASTLARS_SUM_COLUMNS(X) X(W2) X(G2) X(U2)
 
 namespace fastlars {
 
@@ -39,9 +39,5 @@ enum ChunkColumn { FASTLARS_CHUNK_COLUMNS(FASTLARS_K) K_NCOL };
 #undef FASTLARS_S
 #undef FASTLARS_K
 #undef FASTLARS_ENUMERATOR
-
-// Sums per tensor that each norms pass returns (LARS: every column, U2 0; LAMB: W2, G2, U2).
-constexpr int kLarsSums = S_NCOL;
-constexpr int kLambSums = S_U2 + 1;
 
 }  // namespace fastlars

@@ -13,7 +13,7 @@ from torch import Tensor
 def is_dense(t: Tensor) -> bool:
     """Whether ``t`` covers its storage span without gaps in some order of its dims
     (contiguous, channels_last, a transpose...): what kernels that walk storage linearly need."""
-    if t.numel() <= 1:
+    if t.is_contiguous() or t.numel() <= 1:  # the common case, a flag torch keeps
         return True
     dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
     expected = 1

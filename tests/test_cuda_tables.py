@@ -24,7 +24,7 @@ class RecordingCuda:
     def _sums(self, table):
         return torch.zeros(table.shape[0], len(SumColumn), dtype=torch.float32)
 
-    def sumsq_cuda(self, table, chunks, weight, param, lars_groups):
+    def sumsq_cuda(self, table, chunks, weight, param, lars_groups, inv_scale):
         self.calls.append(("sumsq", table, None if lars_groups is None else lars_groups.clone()))
         return self._sums(table)
 

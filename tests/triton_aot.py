@@ -51,12 +51,13 @@ def variants(ghost_bn_warps=None):
         for aligned in (False, True):
             yield (multi_tensor.sumsq_kernel, {**common}, dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, ALIGNED=aligned, **chunk),
                    {})
-            # the variants' sums without and with the momentum buffer's
+            # the variants' sums without and with the momentum buffer (and a grad scale with it)
             for options in (LARS_NORM_OF_SUM, LARS_ALL):
-                yield (lars_step.lars_sums_kernel, {**common},
-                       dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, OPTIONS=options, ALIGNED=aligned, **chunk), {})
-        if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column mask (LARS, LAMB, LARS variants)
-            for columns in (0b11, 0b111, 0b1111011):
+                yield (lars_step.lars_sums_kernel, {**common, "inv_scale_ptr": "*fp32"},
+                       dict(W_DTYPE=w, G_DTYPE=p, ACC=acc, HAS_SCALE=options == LARS_ALL, OPTIONS=options,
+                            ALIGNED=aligned, **chunk), {})
+        if (w, p) == (acc, acc):  # one finalize per accumulator dtype and column mask (LARS; LAMB, LARS variants)
+            for columns in (0b11, 0b111):
                 yield (multi_tensor.tensor_totals_kernel, {"table": "*i64", "partials": pointer(acc),
                                                            "totals": pointer(acc)},
                        dict(COLUMNS=columns, ACC=acc, PARTIAL_BLOCK=128), {})

@@ -58,17 +58,19 @@ def group_rows(groups: list[dict], device: torch.device, row_of) -> list[list]:
             for group in groups]
 
 
-def check_layouts(named: list[tuple[str, Tensor, list[Tensor | None]]]) -> None:
+def check_layouts(named) -> None:
     """The kernels walk storage linearly: every tensor of a parameter (weight, grad,
-    state) must be dense and share the parameter's strides."""
+    state) must be dense and share the parameter's strides. ``named``: (name, param,
+    others) per parameter, the name a callable (formed only for an error message)."""
     for name, p, others in named:
         if not _tensors.is_dense(p):
-            raise ValueError(f"{name} is not dense in memory (a strided view); the fused backends (triton, cuda, cpu) "
-                             "walk storage linearly: use backend='foreach' for such tensors")
+            raise ValueError(f"{name()} is not dense in memory (a strided view); the fused backends (triton, cuda, "
+                             "cpu) walk storage linearly: use backend='foreach' for such tensors")
+        stride = p.stride()
         for t in others:
-            if t is not None and t.numel() and t.stride() != p.stride():
-                raise ValueError(f"{name}: a gradient or state tensor has strides {t.stride()} but the "
-                                 f"parameter has {p.stride()}")
+            if t is not None and t.stride() != stride and t.numel():
+                raise ValueError(f"{name()}: a gradient or state tensor has strides {t.stride()} but the "
+                                 f"parameter has {stride}")
 
 
 def same_layout(g: Tensor, p: Tensor) -> Tensor:
@@ -167,22 +169,9 @@ def momentum_buffers(lp: LaunchPlan) -> list[Tensor | None]:
             for st, gi in zip(lp.states, lp.group_of)]
 
 
-def lars_variant_sums(lp: LaunchPlan) -> tuple[list[bool], list[Tensor | None]]:
-    """Per tensor of a LARS launch, what its norms pass sums besides w^2 and g^2 (SumColumn,
-    csrc/fastlars_math.h lars_denominator_norm): w g where its group's ratio divides by
-    ||g + wd w|| or ||u||, and the momentum buffer (buf^2, buf g, buf w) where it divides
-    by ||u|| and the buffer exists (None: not summed)."""
-    products, bufs = [], []
-    for st, gi in zip(lp.states, lp.group_of):
-        row = lp.rows[gi]
-        after = bool(row[LarsColumn.AFTER_MOMENTUM])
-        products.append(after or bool(row[LarsColumn.NORM_OF_SUM]))
-        bufs.append(st.get("momentum_buffer") if after and row[LarsColumn.MOMENTUM] != 0 else None)
-    return products, bufs
-
-
 def lars_variants(lp: LaunchPlan) -> bool:
-    """Whether some group of a LARS launch needs the variants' sums (lars_variant_sums)."""
+    """Whether some group of a LARS launch divides its ratio by ||x|| rather than ||g||, so
+    that its norms pass sums x^2 too (csrc/fastlars_math.h, lars_denominator)."""
     return any(row[LarsColumn.NORM_OF_SUM] or row[LarsColumn.AFTER_MOMENTUM] for row in lp.rows)
 
 
@@ -199,13 +188,19 @@ def clipping(plan: StepPlan) -> bool:
 
 def check_state_layouts(lp: LaunchPlan, params, weights, keys: tuple[str, ...], extra=()) -> None:
     """check_layouts over each parameter's weights, the named state and ``extra`` lists."""
-    check_layouts([(name, p, [w, *(st.get(k) for k in keys), *(e[i] for e in extra)])
-                   for i, (name, p, w, st) in enumerate(zip(names(lp), params, weights, lp.states))])
+    check_layouts((functools.partial(name_of, lp, i), p, [w, *(st.get(k) for k in keys), *(e[i] for e in extra)])
+                  for i, (p, w, st) in enumerate(zip(params, weights, lp.states)))
 
 
 def names(lp: LaunchPlan) -> list[str]:
     """Each tensor of the launch as the user wrote it, for error messages."""
-    return [f"param_groups[{gi}]['params'][{pos}]" for gi, pos in lp.where]
+    return [name_of(lp, i) for i in range(len(lp.where))]
+
+
+def name_of(lp: LaunchPlan, i: int) -> str:
+    """Tensor ``i`` of the launch as the user wrote it."""
+    gi, pos = lp.where[i]
+    return f"param_groups[{gi}]['params'][{pos}]"
 
 
 # ----------------------------------------------------------------------------

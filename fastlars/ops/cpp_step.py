@@ -73,15 +73,10 @@ def _host_group_table(lp):
     return torch.tensor([[float(x) for x in row] for row in lp.rows], dtype=torch.float64)
 
 
-def _sumsq_cpu(weights, grads, bufs=(), products=()):
-    """(n, SumColumn) per-tensor sums of w^2 and g^2 (and the LARS variants', tb.lars_variant_sums)."""
-    return _C.sumsq_cpu(weights, grads, list(bufs), list(products))
-
-
-def _sumsq_cuda(launch, keep_alive, lp, lars_groups=None):
+def _sumsq_cuda(launch, keep_alive, lp, lars_groups=None, inv_scale=None):
     """(n, SumColumn) per-tensor sums of w^2 and g^2 over a launch's tables (weights: keep_alive[1]);
-    given the LARS group table, the variants' sums too (tb.lars_variant_sums, on the device)."""
-    return _C.sumsq_cuda(launch.table, launch.chunks, keep_alive[1][0], lp.params[0], lars_groups)
+    given the LARS group table, the sums of x^2 where a group's ratio divides by ||x||."""
+    return _C.sumsq_cuda(launch.table, launch.chunks, keep_alive[1][0], lp.params[0], lars_groups, inv_scale)
 
 
 def lars_norms(plan, inv_scale):
@@ -89,7 +84,7 @@ def lars_norms(plan, inv_scale):
     for lp in plan.launches:
         if _on_cuda(lp):  # the launch tables the Triton kernels read, cached (tb.lars_launch)
             launch, keep_alive = tb.lars_launch(plan, lp, False, _C.chunk_elements)
-            sums = _sumsq_cuda(launch, keep_alive, lp, launch.groups if tb.lars_variants(lp) else None)
+            sums = _sumsq_cuda(launch, keep_alive, lp, launch.groups if tb.lars_variants(lp) else None, inv_scale)
             contexts.append(tb.Merged(lp, sums, launch, keep_alive))
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
@@ -97,8 +92,8 @@ def lars_norms(plan, inv_scale):
         if _one_pass(plan):  # the gate's read of the gradients, unless GradScaler decided
             contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads)))
             continue
-        products, bufs = tb.lars_variant_sums(lp) if tb.lars_variants(lp) else ((), ())
-        contexts.append(tb.Merged(lp, _sumsq_cpu(weights, grads, bufs, products)))
+        contexts.append(tb.Merged(lp, _C.sumsq_cpu(weights, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
+                                                   _host_group_table(lp), _scalar(inv_scale))))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_partials(plan, contexts)
     return contexts, [c.partials for c in contexts if c.partials is not None]
@@ -149,7 +144,7 @@ def lamb_norms(plan, inv_scale):
     global_norm = None  # no clipping
     if tb.clipping(plan):
         sums = [(lp, _sumsq_cuda(launch, keep, lp) if launch is not None
-                 else grad_sums[id(lp)] if one_pass else _sumsq_cpu(keep[1], keep[0]))
+                 else grad_sums[id(lp)] if one_pass else _C.sumsq_cpu(keep[1], keep[0], [], [], [], None, 1.0))
                 for lp, launch, keep in prepared]
         global_norm = tb.global_grad_norm(plan, sums, plan.launches[0].device)
     contexts = []

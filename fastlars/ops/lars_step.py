@@ -6,9 +6,9 @@ the number of tensors or param groups.
     launch 2  lars_update_kernel  per chunk: tensor norms -> r, update   reads w, g, buf;
                                                                       writes w, buf      20 B/elem
 
-(A group whose ratio divides by ||g + wd w|| or ||u|| (docs/contract.md, "LARS variants")
-makes launch 1 lars_sums_kernel, which also sums w g, and buf^2, buf g, buf w for
-"momentum_update": +4 B/elem for the buffer, still two passes.)
+(A group whose ratio divides by ||g s + wd w|| or ||u|| (docs/contract.md, "LARS variants")
+makes launch 1 lars_sums_kernel, which also sums the squares of that vector, element by
+element; "momentum_update" reads the buffer for it: +4 B/elem, still two passes.)
 
 28 B per fp32 element against the floor of 20 B (docs/contract.md, "The floors") (the norms pass re-reads w
 and g); see bench/NOTES.md. With one_launch=True, one launch instead (lars_one_launch_kernel:
@@ -39,8 +39,8 @@ class LarsOption(enum.IntFlag):
     element loop with a branch on a group's flag costs the default step too). A launch of
     default groups (momentum, no nesterov, the sum-of-norms ratio) has MOMENTUM only."""
 
-    NORM_OF_SUM = 1     # a ratio divides by ||g + wd w||: the norms pass sums w g
-    AFTER_MOMENTUM = 2  # a ratio divides by ||u|| ("momentum_update"): it also sums the buffer's products
+    NORM_OF_SUM = 1     # a ratio divides by ||g s + wd w||: the norms pass sums its squares
+    AFTER_MOMENTUM = 2  # a ratio divides by ||u|| ("momentum_update"): the norms pass reads the buffer for u
     MOMENTUM = 4        # a group has momentum
     NO_MOMENTUM = 8     # a group has none (with MOMENTUM: the element loop tests the group's momentum)
     NESTEROV = 16       # a group has nesterov (the element loop selects on the group's flag)
@@ -66,115 +66,100 @@ def lars_options(rows) -> int:
 
 
 @triton.jit
-def _lars_sums_block(w_ptr, g_ptr, buf_ptr, idx, numel, acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw,
+def _lars_sums_block(w_ptr, g_ptr, buf_ptr, idx, numel, acc_w, acc_g, acc_x, coef_buf, coef_d, s, wd,
                      ACC: tl.constexpr, WITH_BUF: tl.constexpr, MASKED: tl.constexpr):
     w = mt.load_block(w_ptr, idx, numel, MASKED).to(ACC)
     g = mt.load_block(g_ptr, idx, numel, MASKED).to(ACC)
     acc_w += w * w
     acc_g += g * g
-    acc_wg += w * g
+    x = coef_d * (s * g + wd * w)  # csrc/fastlars_math.h, lars_denominator_element
     if WITH_BUF:
-        buf = mt.load_block(buf_ptr, idx, numel, MASKED).to(ACC)
-        acc_b += buf * buf
-        acc_bg += buf * g
-        acc_bw += buf * w
-    return acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw
+        x = coef_buf * mt.load_block(buf_ptr, idx, numel, MASKED).to(ACC) + x
+    acc_x += x * x
+    return acc_w, acc_g, acc_x
 
 
 @triton.jit
-def _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC: tl.constexpr, WITH_BUF: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """The six sums over one chunk (buf's 0 without WITH_BUF): its whole BLOCKs unmasked,
-    so that aligned pointers give vector loads, as mt.sumsq_chunk; the tail masked."""
+def _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, coef_buf, coef_d, s, wd, ACC: tl.constexpr,
+                     WITH_BUF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The three sums over one chunk: its whole BLOCKs unmasked, so that aligned pointers
+    give vector loads, as mt.sumsq_chunk; the tail masked."""
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
-    acc_wg = tl.zeros([BLOCK], dtype=ACC)
-    acc_b = tl.zeros([BLOCK], dtype=ACC)
-    acc_bg = tl.zeros([BLOCK], dtype=ACC)
-    acc_bw = tl.zeros([BLOCK], dtype=ACC)
+    acc_x = tl.zeros([BLOCK], dtype=ACC)
     full, n = mt.full_blocks(start, numel, CHUNK, BLOCK)
     for offset in range(0, full, BLOCK):
-        acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw = _lars_sums_block(
-            w_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel, acc_w, acc_g, acc_wg, acc_b, acc_bg,
-            acc_bw, ACC, WITH_BUF, False)
+        acc_w, acc_g, acc_x = _lars_sums_block(w_ptr, g_ptr, buf_ptr, start + offset + tl.arange(0, BLOCK), numel,
+                                               acc_w, acc_g, acc_x, coef_buf, coef_d, s, wd, ACC, WITH_BUF, False)
     if full < n:
-        acc_w, acc_g, acc_wg, acc_b, acc_bg, acc_bw = _lars_sums_block(
-            w_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel, acc_w, acc_g, acc_wg, acc_b, acc_bg,
-            acc_bw, ACC, WITH_BUF, True)
-    return (tl.sum(acc_w, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_wg, axis=0), tl.sum(acc_b, axis=0),
-            tl.sum(acc_bg, axis=0), tl.sum(acc_bw, axis=0))
+        acc_w, acc_g, acc_x = _lars_sums_block(w_ptr, g_ptr, buf_ptr, start + full + tl.arange(0, BLOCK), numel,
+                                               acc_w, acc_g, acc_x, coef_buf, coef_d, s, wd, ACC, WITH_BUF, True)
+    return tl.sum(acc_w, axis=0), tl.sum(acc_g, axis=0), tl.sum(acc_x, axis=0)
 
 
 @triton.jit
-def lars_sums_chunk(table, row, start, numel, group, first, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                    ACC: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """The variants' sums over one chunk (see lars_sums_kernel): (w^2, g^2, w g, buf^2, buf g,
-    buf w). Whether the buffer is read is decided once per chunk, outside the element loop."""
+def lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_ptr, W_DTYPE: tl.constexpr,
+                    G_DTYPE: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr,
+                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The variants' sums over one chunk (see lars_sums_kernel): (w^2, g^2, x^2), x the vector
+    the ratio divides by (csrc/fastlars_math.h, lars_denominator; 0 for a group that divides
+    by ||g||). Whether the buffer is read is decided once per chunk, outside the element loop."""
     w_ptr = mt.row_pointer(table, row, mt.COL_W, W_DTYPE, ALIGNED)
     g_ptr = mt.row_pointer(table, row, mt.COL_G, G_DTYPE, ALIGNED)
     buf_ptr = mt.row_pointer(table, row, mt.COL_S0, ACC, ALIGNED)
+    hp = groups + group * NCOL
+    s = 1.0
+    if HAS_SCALE:
+        s = tl.load(inv_scale_ptr).to(ACC)
+    wd = tl.load(hp + WEIGHT_DECAY).to(ACC)
+    measured = (tl.load(hp + NORM_OF_SUM) != 0) | (tl.load(hp + AFTER_MOMENTUM) != 0)
+    coef_d = tl.where(measured, 1.0, 0.0).to(ACC)
+    coef_buf = tl.zeros([], dtype=ACC)
     if OPT_AFTER_MOMENTUM & OPTIONS:
-        hp = groups + group * NCOL
+        momentum = tl.load(hp + MOMENTUM).to(ACC)
+        one_minus_dampening = tl.load(hp + ONE_MINUS_DAMPENING).to(ACC)
+        nesterov = tl.load(hp + NESTEROV) != 0
+        after = (tl.load(hp + AFTER_MOMENTUM) != 0) & (momentum != 0)
+        # buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
+        a = tl.where(first != 0, 0.0, tl.where(nesterov, momentum * momentum, momentum))
+        b = tl.where(nesterov, 1.0 + momentum * tl.where(first != 0, 1.0, one_minus_dampening),
+                     tl.where(first != 0, 1.0, one_minus_dampening))
+        coef_buf = tl.where(after, a, coef_buf).to(ACC)
+        coef_d = tl.where(after, b, coef_d).to(ACC)
         # the buffer exists (FIRST 0; else S0 is W and never read) and the ratio needs it
-        if (tl.load(hp + AFTER_MOMENTUM) != 0) & (tl.load(hp + MOMENTUM) != 0) & (first == 0):
-            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
-                                                                           True, CHUNK, BLOCK)
+        if after & (first == 0):
+            sum_w, sum_g, sum_x = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, coef_buf, coef_d, s, wd, ACC,
+                                                   True, CHUNK, BLOCK)
         else:
-            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
-                                                                           False, CHUNK, BLOCK)
+            sum_w, sum_g, sum_x = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, coef_buf, coef_d, s, wd, ACC,
+                                                   False, CHUNK, BLOCK)
     else:
-        sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, ACC,
-                                                                       False, CHUNK, BLOCK)
-    return sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw
+        sum_w, sum_g, sum_x = _lars_sums_range(w_ptr, g_ptr, buf_ptr, start, numel, coef_buf, coef_d, s, wd, ACC,
+                                               False, CHUNK, BLOCK)
+    return sum_w, sum_g, sum_x
 
 
 @triton.jit
-def store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw):
+def store_lars_sums(partials, chunk, sum_w, sum_g, sum_x):
     out = partials + mt.SUM_NCOL * chunk
     tl.store(out + mt.SUM_W2, sum_w)
     tl.store(out + mt.SUM_G2, sum_g)
-    tl.store(out + mt.SUM_WG, sum_wg)
-    tl.store(out + mt.SUM_B2, sum_b)
-    tl.store(out + mt.SUM_BG, sum_bg)
-    tl.store(out + mt.SUM_BW, sum_bw)
+    tl.store(out + mt.SUM_U2, sum_x)
 
 
 @triton.jit
-def lars_sums_kernel(table, chunks, partials, groups, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                     ACC: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    """The norms pass of a launch where some group uses a LARS variant that needs more than
-    ||w|| and ||g|| (OPT_SUMS), in place of mt.sumsq_kernel: per chunk, sums of w^2,
-    g^2, w g, and of buf^2, buf g, buf w where the tensor's group has "momentum_update" with
-    momentum and its buffer exists (FIRST 0; else 0: S0 is then W, never read). The update
-    forms the ratio's norm from them (csrc/fastlars_math.h, lars_denominator_norm)."""
+def lars_sums_kernel(table, chunks, partials, groups, inv_scale_ptr, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                     ACC: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr,
+                     CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """The norms pass of a launch where some group's ratio divides by ||x|| rather than
+    ||g|| (OPT_SUMS), in place of mt.sumsq_kernel: per chunk, sums of w^2, g^2 and x^2
+    (lars_sums_chunk). The update takes ||x|| from them (csrc/fastlars_math.h,
+    lars_denominator_norm)."""
     chunk = tl.program_id(0)
     row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, False, CHUNK)
-    sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = lars_sums_chunk(table, row, start, numel, group, first, groups,
-                                                                  W_DTYPE, G_DTYPE, ACC, OPTIONS, ALIGNED, CHUNK,
-                                                                  BLOCK)
-    store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw)
-
-
-@triton.jit
-def _denominator_norm(totals, row, g_norm, s, first, weight_decay, momentum, one_minus_dampening, nesterov,
-                      norm_of_sum, after, ACC: tl.constexpr):
-    """The norm the ratio's denominator holds (csrc/fastlars_math.h, lars_denominator_norm):
-    ||g|| s; ||s g + wd w||; or ||u||, u = a buf + b d the update after momentum, as
-    quadratic forms of the norms pass's sums, clamped at 0 against rounding."""
-    sums = totals + mt.SUM_NCOL * row
-    d2 = (s * s * tl.load(sums + mt.SUM_G2).to(ACC) + 2.0 * weight_decay * s * tl.load(sums + mt.SUM_WG).to(ACC)
-          + weight_decay * weight_decay * tl.load(sums + mt.SUM_W2).to(ACC))
-    # buf' = d (first step) or mu buf + (1 - dampening) d; u = buf' or d + mu buf' (nesterov)
-    a = tl.where(first != 0, 0.0, tl.where(nesterov != 0, momentum * momentum, momentum))
-    b = tl.where(nesterov != 0, 1.0 + momentum * tl.where(first != 0, 1.0, one_minus_dampening),
-                 tl.where(first != 0, 1.0, one_minus_dampening))
-    buf_d = s * tl.load(sums + mt.SUM_BG).to(ACC) + weight_decay * tl.load(sums + mt.SUM_BW).to(ACC)
-    u2 = a * a * tl.load(sums + mt.SUM_B2).to(ACC) + 2.0 * a * b * buf_d + b * b * d2
-    x2 = tl.where(after & (momentum != 0), u2, d2)
-    x = mt.sqrt_ieee(tl.where(x2 < 0, 0.0, x2).to(ACC), ACC)
-    return tl.where(norm_of_sum | after, x, g_norm)
+    sum_w, sum_g, sum_x = lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_ptr, W_DTYPE,
+                                          G_DTYPE, ACC, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
+    store_lars_sums(partials, chunk, sum_w, sum_g, sum_x)
 
 
 @triton.jit
@@ -253,9 +238,9 @@ def lars_update_chunk(table, row, start, numel, group, first, totals, groups, in
     w_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_W2), ACC)
     g_norm = mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_G2), ACC) * inv_scale
     x_norm = g_norm  # the norm the ratio's denominator holds
-    if OPT_SUMS & OPTIONS:  # some group of the launch divides by ||g + wd w|| or ||u|| (lars_sums_kernel ran)
-        x_norm = _denominator_norm(totals, row, g_norm, inv_scale, first, weight_decay, momentum,
-                                   one_minus_dampening, nesterov, tl.load(hp + NORM_OF_SUM) != 0, after, ACC)
+    if OPT_SUMS & OPTIONS:  # some group of the launch divides by ||x|| (lars_sums_kernel ran)
+        measured = (tl.load(hp + NORM_OF_SUM) != 0) | after
+        x_norm = tl.where(measured, mt.sqrt_ieee(tl.load(totals + mt.SUM_NCOL * row + mt.SUM_U2), ACC), g_norm)
 
     # trust ratio and factors: fastlars.optim.lars.lars_trust_ratio, csrc/fastlars_math.h lars_factors
     computed = (w_norm > 0) & (x_norm > 0)
@@ -298,8 +283,7 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
 
 # the sums columns each norms pass writes (bit masks of SumColumn, for mt.finalize_row)
 PLAIN_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2))
-SUMS_COLUMNS = tl.constexpr(sum(1 << c for c in (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2,
-                                                  SumColumn.BG, SumColumn.BW)))
+SUMS_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2) | (1 << SumColumn.U2))
 
 
 @triton.jit
@@ -315,10 +299,9 @@ def _lars_item(chunk, is_update, table, chunks, partials, totals, counters, grou
                           P_DTYPE, ACC, WRITE_P, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
     else:
         if OPT_SUMS & OPTIONS:
-            sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw = lars_sums_chunk(table, row, start, numel, group, first,
-                                                                          groups, W_DTYPE, P_DTYPE, ACC, OPTIONS,
-                                                                          ALIGNED, CHUNK, BLOCK)
-            store_lars_sums(partials, chunk, sum_w, sum_g, sum_wg, sum_b, sum_bg, sum_bw)
+            sum_w, sum_g, sum_x = lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_ptr,
+                                                  W_DTYPE, P_DTYPE, ACC, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
+            store_lars_sums(partials, chunk, sum_w, sum_g, sum_x)
             mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, SUMS_COLUMNS, ACC, PARTIAL_BLOCK)
         else:
             sum_w, sum_g = mt.sumsq_chunk(table, row, start, numel, W_DTYPE, P_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
@@ -358,7 +341,7 @@ def lars_norms(plan, inv_scale):
             sums = torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
         else:
             options = lars_options(lp.rows)
-            sums = _variant_sums(launch, options) if options & SUMS else mt.launch_sumsq(launch)
+            sums = _variant_sums(launch, options, inv_scale) if options & SUMS else mt.launch_sumsq(launch)
         contexts.append(tb.Merged(lp, sums, launch, keep_alive))
     if plan.one_launch:
         return contexts, checks
@@ -367,17 +350,19 @@ def lars_norms(plan, inv_scale):
     return contexts, [c.partials for c in contexts]  # the sums (0 in the columns not summed)
 
 
-def _variant_sums(launch, options: int):
-    """Launch 1 where a LARS variant needs more sums than w^2 and g^2 (lars_sums_kernel)."""
-    partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
+def _variant_sums(launch, options: int, inv_scale):
+    """Launch 1 where a LARS variant needs x^2 beside w^2 and g^2 (lars_sums_kernel)."""
+    device = launch.table.device
+    partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=device)
     if launch.n_chunks:
-        with tb.on_device(launch.table.device):
+        with tb.on_device(device):
             lars_sums_kernel[(launch.n_chunks,)](
-                launch.table, launch.chunks, partials, launch.groups, W_DTYPE=mt.TL_DTYPES[launch.weights_dtype],
-                G_DTYPE=mt.TL_DTYPES[launch.param_dtype], ACC=mt.TL_DTYPES[launch.acc_dtype], OPTIONS=options,
+                launch.table, launch.chunks, partials, launch.groups,
+                tb.scalar_on(inv_scale, device) if inv_scale is not None else launch.groups,
+                W_DTYPE=mt.TL_DTYPES[launch.weights_dtype], G_DTYPE=mt.TL_DTYPES[launch.param_dtype],
+                ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_SCALE=inv_scale is not None, OPTIONS=options,
                 ALIGNED=launch.aligned, CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-    columns = (SumColumn.W2, SumColumn.G2, SumColumn.WG, SumColumn.B2, SumColumn.BG, SumColumn.BW)
-    return mt.tensor_totals(launch, partials, columns)
+    return mt.tensor_totals(launch, partials, len(SumColumn))
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:

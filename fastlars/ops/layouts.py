@@ -64,11 +64,12 @@ LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BET
     gradient ("l2"); DIRECT_DECAY, w = w (1 - lr DIRECT_DECAY) ("direct"). TRUST_LOW/HIGH:
     trust_bounds (0, inf without).""")
 
-SumColumn = _layout("SumColumn", "W2 G2 U2 WG B2 BG BW", """
+SumColumn = _layout("SumColumn", "W2 G2 U2", """
     Per-tensor sums of a norms pass: W2 of w^2, G2 of the gradient's squares as stored (a
-    scaled gradient is unscaled after), U2 of LAMB's direction u; LARS (not U2): WG of w g
-    (ratio_denominator "norm_of_sum", "momentum_update"), B2, BG, BW of buf^2, buf g, buf w
-    with buf the momentum buffer ("momentum_update"), 0 where no group needs them.""")
+    scaled gradient is unscaled after), U2 of the squares of the vector the trust ratio
+    measures besides w: LAMB's direction u; for LARS, d = g s + wd w (ratio_denominator
+    "norm_of_sum") or the update after momentum ("momentum_update"), summed element by
+    element (csrc/fastlars_math.h, lars_denominator), 0 where the group divides by ||g||.""")
 
 
 # name -> layout, as the extension exports them (test_layouts.py)

@@ -54,7 +54,6 @@ class BucketRecord:
     ratio: Any = None                # eager backends: the ratio tensor, its slices' list, or None (1)
     sums: Tensor | None = None       # fused backends: the launch's per-tensor sums ...
     rows: slice | None = None        # ... this bucket's rows in them
-    first: list[bool] | None = None  # ... the launch's first-step flags (LARS)
     lr: float | Tensor | None = None  # ... the group's lr at the step (a scheduler may have changed it since)
 
 
@@ -70,7 +69,6 @@ class FusedRecord:
     (the argument of the optimizers' ``_ratio_from_sums``)."""
 
     sums: Tensor
-    first: list[bool]          # the tensor's momentum buffer was created by the step (LARS)
     lr: float | Tensor
 
 
@@ -92,7 +90,7 @@ def record(buckets, inv_scale: Tensor | None, norms, plan=None, ratios=None) -> 
         launch, rows = where[id(b)]
         lr = b.group["lr"]
         records.append(BucketRecord(b.group_index, b.positions, b.group, sums=contexts[launch].partials, rows=rows,
-                                    first=plan.launches[launch].first, lr=lr.clone() if isinstance(lr, Tensor) else lr))
+                                    lr=lr.clone() if isinstance(lr, Tensor) else lr))
     return StepRecord(records, inv_scale)
 
 
@@ -106,7 +104,7 @@ def collect(optimizer, record: StepRecord) -> LayerStats:
                       for pos in b.positions)
         ratio = b.ratio
         if b.sums is not None:
-            fused = FusedRecord(b.sums[b.rows], b.first[b.rows], b.lr)
+            fused = FusedRecord(b.sums[b.rows], b.lr)
             w_norm, g_norm, ratio = optimizer._ratio_from_sums(b.group, fused, record.inv_scale)
         else:
             g_norm = b.norms[0]

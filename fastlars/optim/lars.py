@@ -258,32 +258,14 @@ class LARS(TrustRatioOptimizer):
 
     def _ratio_from_sums(self, group: dict[str, Any], fused, inv_scale: Tensor | None):
         """layer_stats of a fused step: ‖w‖, ‖g‖ and the ratio from the kernels' per-tensor
-        sums; the denominators "norm_of_sum" and "momentum_update" as the quadratic forms the
-        kernels evaluate (csrc/fastlars_math.h, lars_denominator_norm)."""
+        sums; for the denominators "norm_of_sum" and "momentum_update", the kernels' sum of
+        the squares of the vector measured (SumColumn.U2, csrc/fastlars_math.h lars_denominator)."""
         sums = fused.sums
         w_norm, g_norm = _layer_stats.sum_norms(sums, inv_scale)
         if not _tables.adapts(group):
             return w_norm, g_norm, None
         mode, wd = group["ratio_denominator"], group["weight_decay"]
-        x_norm = g_norm
-        if mode != "sum_of_norms":
-            s = 1.0 if inv_scale is None else inv_scale
-            c = SumColumn
-            d2 = sums[:, c.G2] * s * s + 2 * wd * s * sums[:, c.WG] + wd * wd * sums[:, c.W2]
-            x2 = d2
-            if mode == "momentum_update" and group["momentum"] != 0:
-                mu, damp = group["momentum"], 1.0 - group["dampening"]
-                nesterov = group["nesterov"]
-                alpha = [0.0 if f else mu * mu if nesterov else mu for f in fused.first]
-                beta = [(1.0 + mu if nesterov else 1.0) if f else (1.0 + mu * damp if nesterov else damp)
-                        for f in fused.first]
-                if len(set(fused.first)) == 1:  # numbers; per tensor (a host copy) only when some just joined
-                    alpha, beta = alpha[0], beta[0]
-                else:
-                    alpha, beta = (torch.tensor(x, dtype=sums.dtype, device=sums.device) for x in (alpha, beta))
-                bd = s * sums[:, c.BG] + wd * sums[:, c.BW]
-                x2 = alpha * alpha * sums[:, c.B2] + beta * beta * d2 + 2 * alpha * beta * bd
-            x_norm = x2.clamp(min=0).sqrt()
+        x_norm = g_norm if mode == "sum_of_norms" else sums[:, SumColumn.U2].sqrt()
         ratio = lars_trust_ratio(w_norm, x_norm, lr=scalar_lr(fused.lr), trust_coefficient=group["trust_coefficient"],
                                  weight_decay=wd, eps=group["eps"], trust_clip=group["trust_clip"],
                                  ratio_denominator=mode, zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
