@@ -67,6 +67,20 @@ def test_gradient_shape_mismatch(backend):
     assert_nothing_changes(params, opt, r"\[0\]\['params'\]\[0\].*gradient of shape \(4, 3\)")
 
 
+FUSED = [b for b in BACKENDS if b in ("cpu", "triton", "cuda")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_refuse_state_of_another_layout(backend):
+    """A momentum buffer whose strides differ from its parameter's (a checkpoint saved from
+    a transposed layout) is refused, naming the parameter: the kernels would pair the wrong
+    elements."""
+    params, opt = stepped(backend)
+    opt.state[params[0]]["momentum_buffer"] = torch.randn(3, 4).t()
+    assert_nothing_changes(params, opt, r"param_groups\[0\]\['params'\]\[0\]: a gradient or state tensor has "
+                                        r"strides \(1, 4\) but the parameter has \(3, 1\)")
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=-0.1), "Invalid learning rate"),
     (dict(lr=float("nan")), "Invalid learning rate"),
