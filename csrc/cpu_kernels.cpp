@@ -274,10 +274,10 @@ LarsSums<acc_t> lars_sums_of(const LarsHyper<acc_t>& h, bool first, bool has_buf
   return what;
 }
 
-// The sums of a LARS item in one loop over the chunk: w^2 (and g^2) in kLanes float lanes and
-// their tails in double, the order of sum_squares, so the bits are its; x^2 in acc_t lanes.
-// kX, kBuf: x^2 is summed, and reads the buffer (lars_denominator_element).
-template <bool kG2, bool kX, bool kBuf, typename acc_t, typename weight_t, typename param_t>
+// The sums of a LARS item whose ratio reads the buffer, in one loop over the chunk: w^2 (and
+// g^2) in kLanes float lanes and their tails in double, the order of sum_squares, so the bits
+// are its; x^2 (lars_denominator_element) in acc_t lanes.
+template <bool kG2, typename acc_t, typename weight_t, typename param_t>
 FASTLARS_ELEMENT_LOOP void lars_sums_loop(const weight_t* __restrict w, const param_t* __restrict g,
                                           const acc_t* __restrict buf, int64_t n, const LarsDenominator<acc_t> x,
                                           double* sums) {
@@ -289,21 +289,16 @@ FASTLARS_ELEMENT_LOOP void lars_sums_loop(const weight_t* __restrict w, const pa
       const float we = static_cast<float>(w[i + l]), ge = static_cast<float>(g[i + l]);
       w2[l] += we * we;
       if constexpr (kG2) g2[l] += ge * ge;
-      if constexpr (kX) {
-        const acc_t xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i + l]), acc_t(g[i + l]),
-                                                               kBuf ? buf[i + l] : acc_t(0));
-        x2[l] += xe * xe;
-      }
+      const acc_t xe = lars_denominator_element<true, acc_t>(x, acc_t(w[i + l]), acc_t(g[i + l]), buf[i + l]);
+      x2[l] += xe * xe;
     }
   double t[3] = {0, 0, 0};  // w2, g2, x2
   for (; i < n; ++i) {
     const double we = static_cast<float>(w[i]), ge = static_cast<float>(g[i]);
     t[0] += we * we;
     if constexpr (kG2) t[1] += ge * ge;
-    if constexpr (kX) {
-      const double xe = lars_denominator_element<kBuf, acc_t>(x, acc_t(w[i]), acc_t(g[i]), kBuf ? buf[i] : acc_t(0));
-      t[2] += xe * xe;
-    }
+    const double xe = lars_denominator_element<true, acc_t>(x, acc_t(w[i]), acc_t(g[i]), buf[i]);
+    t[2] += xe * xe;
   }
   for (int l = 0; l < kLanes; ++l) {
     t[0] += w2[l];
@@ -312,10 +307,10 @@ FASTLARS_ELEMENT_LOOP void lars_sums_loop(const weight_t* __restrict w, const pa
   }
   sums[S_W2] = t[0];
   if constexpr (kG2) sums[S_G2] = t[1];
-  if constexpr (kX) sums[S_U2] = t[2];
+  sums[S_U2] = t[2];
 }
 
-// sum x^2 alone (an fp64 tensor, whose w^2 and g^2 are sum_squares'), in acc_t lanes.
+// sum x^2 alone (lars_denominator_element), in acc_t lanes, beside sum_squares' w^2 and g^2.
 template <bool kBuf, typename acc_t, typename weight_t, typename param_t>
 FASTLARS_ELEMENT_LOOP double sum_denominator_squares(const weight_t* __restrict w, const param_t* __restrict g,
                                                      const acc_t* __restrict buf, int64_t n,
@@ -341,24 +336,19 @@ template <typename weight_t, typename param_t, typename acc_t>
 void lars_item_sums(const weight_t* w, const param_t* g, const acc_t* buf, int64_t n, const LarsSums<acc_t>& what,
                     double* sums) {
   const auto& x = what.x;
-  // fp64 (sum_squares' double order for w^2 and g^2), or the default ratio (GCC vectorises
-  // the separate loops better than one loop): w^2 and g^2 by sum_squares
-  if (std::is_same_v<weight_t, double> || !what.x2) {
+  // with the buffer (the "momentum_update" ratio after its first step): one loop, which reads
+  // w, g and buf once; else separate loops, which GCC vectorises better than that loop without
+  // the buffer (A/B on ResNet-50's shapes, bench/NOTES.md). fp64: sum_squares' double order.
+  if (std::is_same_v<weight_t, double> || !x.reads_buf) {
     sums[S_W2] = sum_squares(w, n);
     if (what.g2) sums[S_G2] = sum_squares(g, n);
     if (what.x2)
       sums[S_U2] = x.reads_buf ? sum_denominator_squares<true>(w, g, buf, n, x)
                                : sum_denominator_squares<false>(w, g, buf, n, x);
   } else if (what.g2) {
-    if (x.reads_buf)
-      lars_sums_loop<true, true, true>(w, g, buf, n, x, sums);
-    else
-      lars_sums_loop<true, true, false>(w, g, buf, n, x, sums);
+    lars_sums_loop<true>(w, g, buf, n, x, sums);
   } else {
-    if (x.reads_buf)
-      lars_sums_loop<false, true, true>(w, g, buf, n, x, sums);
-    else
-      lars_sums_loop<false, true, false>(w, g, buf, n, x, sums);
+    lars_sums_loop<false>(w, g, buf, n, x, sums);
   }
 }
 
