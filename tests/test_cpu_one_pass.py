@@ -52,12 +52,12 @@ def _grads(params, step):
             p.grad.zero_()  # an exactly zero gradient
 
 
-def _run(name, options, shapes, dtype, steps=3, scaler_like=False, master=False):
+def _run(name, options, shapes, dtype, steps=3, scaler_like=False, master=False, backend="cpu"):
     params = _params(shapes, dtype)
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 1e-2},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     lr = 0.5 if name == "LARS" else 0.02
-    opt = getattr(fastlars, name)(groups, lr=lr, backend="cpu", master_weights=master, **options)
+    opt = getattr(fastlars, name)(groups, lr=lr, backend=backend, master_weights=master, **options)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr * (1.0 - 0.2 * step)
@@ -98,11 +98,33 @@ def two_pass(monkeypatch):
 @pytest.mark.parametrize("name, option", [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS])
 def test_one_pass_equals_two_passes(name, option, batch_bytes, two_pass, monkeypatch):
     options = (LARS_OPTIONS if name == "LARS" else LAMB_OPTIONS)[option]
+    # a ratio dividing by ||x|| takes the one pass only where GradScaler decides (no gate read)
+    scaler_like = option in ("momentum_update", "norm_of_sum")
     two_pass(True)
-    expected = _run(name, options, SHAPES, torch.float32)
+    expected = _run(name, options, SHAPES, torch.float32, scaler_like=scaler_like)
     two_pass(False)
     monkeypatch.setattr(cpp_step, "BATCH_BYTES", batch_bytes)
-    _same(_run(name, options, SHAPES, torch.float32), expected)
+    calls = []
+    real = cpp_step._C.lars_step_cpu
+    monkeypatch.setattr(cpp_step._C, "lars_step_cpu", lambda *a: calls.append(1) or real(*a), raising=False)
+    _same(_run(name, options, SHAPES, torch.float32, scaler_like=scaler_like), expected)
+    assert bool(calls) == (name == "LARS")  # the one pass ran
+
+
+def test_lars_ratio_of_x_takes_two_passes_behind_the_gate_read(monkeypatch):
+    """norm_of_sum / momentum_update with a gate that reads the gradients: that read sums
+    every norm (sumsq_cpu) and no one-pass step runs; the result is the reference's."""
+    calls = []
+    for name in ("lars_step_cpu", "grad_sumsq_cpu"):
+        real = getattr(cpp_step._C, name)
+        monkeypatch.setattr(cpp_step._C, name, lambda *a, real=real, name=name: calls.append(name) or real(*a),
+                            raising=False)
+    for option in ("momentum_update", "norm_of_sum"):
+        params, _, _ = _run("LARS", LARS_OPTIONS[option], SHAPES, torch.float64)
+        assert calls == []
+        reference, _, _ = _run("LARS", LARS_OPTIONS[option], SHAPES, torch.float64, backend="reference")
+        for p, q in zip(params, reference):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
