@@ -53,6 +53,32 @@ def device(request):
     return torch.device(request.param)
 
 
+# ResNet-50's largest weight (layer4's 3x3 conv, 2.4M elements), a 1x1 expansion, the stem and the
+# classifier's bias: on the GPU the variant tests step these beside their awkward small tensors,
+# so that the kernels run hundreds of full chunks per tensor (the small ones fit in one)
+RESNET50_SHAPES = {"conv3x3": (512, 512, 3, 3), "conv1x1": (2048, 512, 1, 1), "stem": (64, 3, 7, 7),
+                   "fc_bias": (1000,)}
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``x``'s floating-point type at each element's magnitude, in float64
+    (subnormals and 0: the smallest normal number's spacing)."""
+    info = torch.finfo(x.dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(x.double().abs().clamp_min(info.tiny))))
+
+
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 2, atol: float = 0.0, msg=""):
+    """Element-wise: ``|actual - expected| <= ulps`` spacings of ``expected``'s dtype at ``expected``,
+    plus ``atol`` (what the values they are rounded from may differ by: near 0 a spacing is far
+    smaller than the rounding error of the tensor's large values)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    error = (actual.detach().double() - expected.detach().double()).abs()
+    bound = ulps * ulp(expected.detach()) + atol
+    bad = ~(error <= bound)  # NaN fails
+    assert not bad.any(), (f"{msg}: {int(bad.sum())} of {bad.numel()} elements off by more than {ulps} ulps "
+                           f"+ {atol:.3g}, worst {float((error / bound)[bad].max()):.3g} x the bound")
+
+
 def small_cnn(seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Module:
     """A small CNN with odd shapes: 1-element, prime-sized and BN parameters.
 
