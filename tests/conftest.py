@@ -26,17 +26,53 @@ def _interpreter_runs_our_kernels() -> bool:
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backend(name): the test case runs backend `name` (an optimizer or Ghost BN "
+                                       "backend) on its tensors; conftest skips it where that backend cannot step them")
+
+
+def backend_marks(*names: str) -> list:
+    """The marks of a test case that runs the backends ``names``: the case is skipped where one
+    cannot step the test's tensors (see _skip_backends_that_cannot_step). A case without them
+    runs as it is (a GPU test's plain ["triton", "cuda"] on CUDA tensors)."""
+    return [pytest.mark.backend(name) for name in names]
+
+
+def backend_params(names) -> list:
+    """``names`` as test parameters (ids: the names), each with its backend_marks."""
+    return [pytest.param(name, marks=backend_marks(name), id=name) for name in names]
+
+
+def why_backend_cannot_step(name: str, device_type: str) -> str:
+    """Why backend ``name`` cannot run on tensors of ``device_type`` here ("" if it can): one that
+    is not made for them ("cpu" on CUDA tensors, "cuda" on CPU tensors), Triton on CPU tensors
+    without its interpreter (on a GPU machine it runs compiled: the interpreter is chosen once,
+    when fastlars.ops is imported), or an interpreter that cannot run our kernels."""
+    from fastlars import backends
+
+    record = backends.BACKENDS.get(name)  # Ghost BN's own backends ("native", "vectorized") step any tensors
+    if record is None or record.steps(device_type):
+        if name == "triton" and device_type == "cpu" and not _interpreter_runs_our_kernels():
+            return "Triton < 3.7's interpreter cannot run loops bounded by loaded values (see conftest)"
+        return ""
+    if name == "triton" and device_type == "cpu":
+        return "Triton on CPU tensors runs only under TRITON_INTERPRET=1"
+    return f"backend {name!r} does not step {device_type} tensors"
+
+
 @pytest.fixture(autouse=True)
-def _triton_needs_cuda_or_interpreter(request):
-    """On a GPU machine Triton runs compiled, so its CPU-tensor cases are skipped (the
-    interpreter cannot be mixed in: it is chosen once, when fastlars.ops is imported)."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    backends = {v for k, v in params.items() if k in ("backend", "source", "target")}
-    device = params.get("device", "cpu")
-    if "triton" in backends and str(device) == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors runs only under TRITON_INTERPRET=1")
-    if "triton" in backends and str(device) == "cpu" and not _interpreter_runs_our_kernels():
-        pytest.skip("Triton < 3.7's interpreter cannot run loops bounded by loaded values (see conftest)")
+def _skip_backends_that_cannot_step(request):
+    """A case whose parameters are marked ``backend(name)`` (backend_params) runs on the tensors
+    of its ``device`` argument (the fixture below, or a parameter of that name), else on CPU
+    tensors; it is skipped where a marked backend cannot step them."""
+    names = [mark.args[0] for mark in request.node.iter_markers("backend")]
+    if not names:
+        return
+    device = request.getfixturevalue("device") if "device" in request.fixturenames else "cpu"
+    for name in names:
+        why = why_backend_cannot_step(name, torch.device(device).type)
+        if why:
+            pytest.skip(why)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastlars
-from conftest import RESNET50_SHAPES, assert_within_ulps
+from conftest import RESNET50_SHAPES, assert_within_ulps, backend_params
 from test_optim_backends import use_chunks
 
 FUSED = [b for b in ("cpu", "triton") if b in fastlars.available_backends()]
@@ -133,7 +133,7 @@ FP64_TOL = {"foreach": 1e-12, "cpu": 1e-12, "triton": 1e-12}
 FP32_TOL = 2e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_backends_match_reference(backend, name, oracles, small_triton_chunks):
     dtypes = [torch.float64, torch.float32]
@@ -178,7 +178,7 @@ def assert_bf16_masters_match(run_of):
         assert (oracle_master - start[n].float()).abs().max() > 1e-3 * scale, f"{n} did not move"
 
 
-@pytest.mark.parametrize("backend", ["foreach", *[b for b in FUSED if b != "triton"]])
+@pytest.mark.parametrize("backend", backend_params(["foreach", *[b for b in FUSED if b != "triton"]]))
 @pytest.mark.parametrize("name", PEERS)
 def test_bf16_master_weights_match_reference(backend, name):
     assert_bf16_masters_match(lambda b: run(b or backend, OPTIONS[name], torch.bfloat16, reload=False,
@@ -213,7 +213,7 @@ def test_defaults_are_the_plain_lamb(oracles):
         assert max_rel_err(oracles(name, torch.float64), plain) > 1e-6, f"{name} changed nothing"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_options_changed_between_steps(backend):
     """Options changed in a group mid-run reach the kernels: the cached launch tables get the
     new group rows (launch.set_group_rows), as the reference reads the group."""
@@ -400,7 +400,7 @@ def _sharded_worker(rank, world, name, backend, init_file, out_file):
     fsdp.worker(rank, world, name, backend, init_file, out_file)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("foreach", "cpu") if b in fastlars.available_backends()])
+@pytest.mark.parametrize("backend", backend_params([b for b in ("foreach", "cpu") if b in fastlars.available_backends()]))
 @pytest.mark.parametrize("name", list(SHARDED))
 def test_sharded_equals_single_process(name, backend, tmp_path):
     fsdp = pytest.importorskip("test_distributed_fsdp")

@@ -18,7 +18,7 @@ import torch
 from numpy.testing import assert_allclose
 
 import fastlars
-from conftest import RESNET50_SHAPES, assert_within_ulps
+from conftest import RESNET50_SHAPES, assert_within_ulps, backend_marks
 from test_optim_backends import rel_err, use_chunks
 
 BASE = dict(lr=0.6, momentum=0.9, weight_decay=0.05, trust_coefficient=0.02)
@@ -51,7 +51,8 @@ def cases(variants, dtypes):
         for variant in variants:
             for dtype in dtypes:
                 slow = backend == "triton" and (variant not in TRITON_DEFAULT or dtype != torch.float64)
-                out.append(pytest.param(backend, variant, dtype, marks=[pytest.mark.slow] if slow else [],
+                out.append(pytest.param(backend, variant, dtype,
+                                        marks=[*backend_marks(backend), *([pytest.mark.slow] if slow else [])],
                                         id=f"{backend}-{variant}-{str(dtype)[6:]}"))
     return out
 

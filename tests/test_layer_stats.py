@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fastlars
+from conftest import backend_params
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
@@ -67,7 +68,7 @@ def assert_same_stats(ours, ref, rtol=1e-12, atol=1e-14):
     assert not torch.equal(ref.trust_ratio[:2].cpu(), torch.ones(2, dtype=ref.trust_ratio.dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS[1:])
+@pytest.mark.parametrize("backend", backend_params(BACKENDS[1:]))
 @pytest.mark.parametrize("cls, case", [(fastlars.LARS, c) for c in LARS_CASES] + [(fastlars.LAMB, c) for c in LAMB_CASES])
 def test_every_backend_reports_the_references_stats(cls, case, backend):
     kwargs = (LARS_CASES if cls is fastlars.LARS else LAMB_CASES)[case]
@@ -134,7 +135,7 @@ def test_gpu_stats_eagerly_and_after_a_graph_replay(cls, case, backend):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_stats_are_what_the_step_did(backend):
     """SGD-form LARS without momentum: w_new = w - lr r (g + wd w), so the reported ratio
     is ‖Δw‖ / (lr ‖g + wd w‖), the reported norms those of w before and of g."""
