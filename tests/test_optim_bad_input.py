@@ -71,7 +71,7 @@ def test_gradient_shape_mismatch(backend):
 FUSED = [b for b in BACKENDS if b in ("cpu", "triton", "cuda")]
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", backend_params(FUSED))
 def test_fused_backends_refuse_state_of_another_layout(backend):
     """A momentum buffer whose strides differ from its parameter's (a checkpoint saved from
     a transposed layout) is refused, naming the parameter: the kernels would pair the wrong
