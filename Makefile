@@ -19,7 +19,7 @@ else
 TORCH_PACKAGES ?= torch==2.9.1 torchvision==0.24.1
 endif
 
-# the CUDA toolkit: fastlars/_extension.py's find_cuda_toolkit (CUDA_HOME, /usr/local/cuda, nvcc on PATH)
+# the CUDA toolkit: fastlars/_cuda_toolkit.py's find_cuda_toolkit (CUDA_HOME, /usr/local/cuda, nvcc on PATH)
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
 # The compatibility job: the oldest stack the README promises (torch 2.11 and its Triton 3.6),
@@ -37,7 +37,7 @@ COMPAT_TESTS  ?= tests/test_torch_conformance.py tests/test_optim_backends.py te
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py $(wildcard csrc/*)
+$(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py fastlars/_cuda_toolkit.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PYTHON) -m pip install --quiet $(TORCH_PACKAGES)

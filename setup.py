@@ -11,7 +11,7 @@ extension is compiled now and the wheel carries it.
 The sources are the one list in csrc/sources.txt and the flags are those of the
 just-in-time build (both read through fastlars/_extension.py; CMakeLists.txt reads
 the same list). FASTLARS_NO_EXTENSION=1 skips the extension, FASTLARS_NO_CUDA=1
-builds the CPU kernels only. The CUDA toolkit is the one fastlars/_extension.py's
+builds the CPU kernels only. The CUDA toolkit is the one fastlars/_cuda_toolkit.py's
 cuda_toolkit() chooses (CUDA_HOME if it is a toolkit, else /usr/local/cuda, else the
 one behind `nvcc` on PATH, asked of nvcc itself: torch's own guess is wrong where that
 nvcc is a wrapper script); the build prints which and why. TORCH_CUDA_ARCH_LIST names
@@ -28,9 +28,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 
 
-def build_config():
-    """fastlars/_extension.py, executed on its own (the package imports torch)."""
-    spec = importlib.util.spec_from_file_location("_fastlars_build", ROOT / "fastlars" / "_extension.py")
+def standalone(name):
+    """fastlars/<name>.py, executed on its own (the package imports torch)."""
+    spec = importlib.util.spec_from_file_location(f"_fastlars_build{name}", ROOT / "fastlars" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -38,7 +38,7 @@ def build_config():
 
 
 def extensions():
-    config = build_config()
+    config = standalone("_extension")
     sources = [f"csrc/{name}" for name in config.source_names(ROOT / "csrc")]
     if not sources or config.flag("FASTLARS_NO_EXTENSION"):
         return {}
@@ -54,7 +54,7 @@ def extensions():
     use_cuda = (torch.version.cuda is not None and not config.flag("FASTLARS_NO_CUDA")
                 and any(s.endswith(".cu") for s in sources))
     if use_cuda:
-        toolkit = config.cuda_toolkit()
+        toolkit = standalone("_cuda_toolkit").cuda_toolkit()
         print(f"fastlars: {toolkit}", file=sys.stderr)
         use_cuda = toolkit.home is not None
         # torch fixed its CUDA_HOME when cpp_extension was imported; BuildExtension reads it later

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The device check: one command for a lent GPU (an H200 with torch 2.11 and Triton 3.6
-# preinstalled, no network), planned to finish in 8 minutes, most valuable results first:
-#   1 facts   device name, SMs, L2, memory, versions, device-to-device copy bandwidth
+# The device check: one command for a lent GPU (an H100 or H200 with torch 2.11 and Triton 3.6
+# preinstalled, no network), planned to finish in 9 minutes, most valuable results first:
+#   1 facts   every import the stages need (present or missing, with versions), device name, SMs,
+#             L2, memory, versions, device-to-device copy bandwidth
 #   2 build   the C++/CUDA extension for sm_90 only, all cores, no pip and no network, with the
 #             CUDA toolkit that `python -m fastlars --cuda-home` names (CUDA_HOME, else /usr/local/cuda,
-#             else the toolkit behind nvcc on PATH, even where that nvcc is a wrapper script)
-#   3 tests   the GPU tests: fused backends, the issue-14 faults, capturable, CUDA graphs, Ghost BN, cast_rne;
-#             every file to the end (no -x: one failure must not hide the others), 120 s a test
+#             else the toolkit behind nvcc on PATH, even where that nvcc is a wrapper script); a build
+#             that fails (or no toolkit, or a build that does not load) sets FASTLARS_NO_EXTENSION=1
+#             for every later stage, so that none compiles it again inside its own limit
+#   3 tests   the GPU tests, one pytest per part, strongest first: tests:fused (large shapes, bf16
+#             masters, CUDA graphs), tests:variants (the LARS/LAMB variants at ResNet-50 sizes, bf16
+#             with masters), tests:layer_stats, tests:backends and tests:nonfinite (every CUDA case of
+#             the optimizer tests), tests:capturable, tests:cast_rne, tests:ghost_bn; the CPU-only
+#             cases left out; every part to the end (no -x), 60 s a test
 #   4 optim   bench/optim_step.py: every backend, torch's fused SGD/AdamW, bf16, CUDA graphs, interleaved,
 #             ResNet-50 and BERT-Large shapes; not the variant rows, whose kernels would not compile in
 #             its limit (python -m bench.optim_step --device cuda --workloads resnet50 times them)
@@ -19,14 +25,18 @@
 # then still writes its summary and JUnit XML), and SIGKILL 20 s later. Results are at
 # most 8 files directly under OUTDIR (JSON, and the one log gpu_check.log), so they come back
 # whole: device.json, tests.json, optim_step-*.json, ghost_bn-*.json, e2e-*.json,
-# gpu_check.json (each stage's status, exit code and seconds), gpu_check.log.
+# gpu_check.json (each stage's status, exit code and seconds, the extension's state, the test
+# selection), gpu_check.log.
 #
 #   bash bench/gpu_check.sh OUTDIR             on the GPU machine
-#   bash bench/gpu_check.sh --dry-run OUTDIR   every stage on the CPU at toy sizes (tests under
-#                                              Triton's interpreter); CI runs it (tests/test_gpu_check.py)
+#   bash bench/gpu_check.sh --dry-run OUTDIR   every stage on the CPU: the same test selection (its GPU
+#                                              cases skip or are not collected there; a part that selects
+#                                              nothing on the CPU passes, saying so), the benchmarks at toy
+#                                              sizes under Triton's interpreter; CI runs it (tests/test_gpu_check.py)
 #   --build                                    with --dry-run: build even when the extension exists
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480; dry run 100, 1200 with --build),
-# GPU_CHECK_STAGES (the stages to run, e.g. "facts tests"; default all).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540; dry run 300, 1500 with --build),
+# GPU_CHECK_STAGES (the stages to run, e.g. "facts tests:fused"; "tests" names every tests:* part;
+# default all).
 set -uo pipefail
 dry=0 build=0
 while [ $# -gt 1 ]; do
@@ -43,13 +53,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-budget=${GPU_CHECK_BUDGET_S:-$([ $dry = 0 ] && echo 480 || { [ $build = 1 ] && echo 1200 || echo 100; })}
+budget=${GPU_CHECK_BUDGET_S:-$([ $dry = 0 ] && echo 540 || { [ $build = 1 ] && echo 1500 || echo 300; })}
 MIN_STAGE_S=20
 log="$out/gpu_check.log"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 : > "$log"
 : > "$scratch/stages.tsv"
+: > "$scratch/selection.txt"
 say() { echo "$*" | tee -a "$log"; }
 
 if [ $dry = 1 ]; then
@@ -60,21 +71,25 @@ else
     device=cuda
 fi
 
-# each stage's limit, most valuable first; on the GPU they add up to the 480 s budget (expected:
-# facts ~15 s, build ~60-90 s, tests ~90 s, optim ~60 s, gbn ~40 s, e2e ~60 s). The dry run's
-# build and tests run on 2 shared cores, interpreted: longer limits, within the caller's budget
-# (the sm_90 build takes 1-2 minutes on 2 idle cores, over 5 on loaded ones).
+# each stage's limit, most valuable first; on the GPU they add up to the 540 s budget (expected:
+# facts ~15 s, build ~60-90 s, the tests ~200 s (mostly Triton compiles, cached on disk from one part
+# to the next), optim ~40 s, gbn ~25 s, e2e ~30 s). The dry run's build and tests run on 2 shared
+# cores, interpreted: longer limits, within the caller's budget (the sm_90 build takes 1-2 minutes
+# on 2 idle cores, over 5 on loaded ones).
 if [ $dry = 1 ]; then
-    limit_facts=60 limit_build=900 limit_tests=240 limit_optim=60 limit_gbn=60 limit_e2e=90
+    limit_facts=60 limit_build=900 limit_optim=60 limit_gbn=60 limit_e2e=90
 else
-    limit_facts=30 limit_build=110 limit_tests=150 limit_optim=70 limit_gbn=50 limit_e2e=70
+    limit_facts=30 limit_build=110 limit_optim=45 limit_gbn=30 limit_e2e=35
 fi
 
-# stage NAME LIMIT_S COMMAND...: run with min(LIMIT_S, budget left) seconds, output to the log
+# stage NAME LIMIT_S COMMAND...: run with min(LIMIT_S, budget left) seconds, output to the log.
+# A tests:* part that selects nothing (pytest's exit 5) passes in the dry run only: the CPU has
+# no CUDA cases to select, a GPU always has.
 stage() {
-    local name=$1 limit=$2 left began rc status
+    local name=$1 limit=$2 left began rc status note=""
     shift 2
-    if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    if [ -n "${GPU_CHECK_STAGES:-}" ] && [[ " $GPU_CHECK_STAGES " != *" $name "* ]] &&
+        [[ " $GPU_CHECK_STAGES " != *" ${name%%:*} "* ]]; then
         say "== $name: skipped, not in GPU_CHECK_STAGES"
         printf '%s\tskipped\t\t0\tnot selected\n' "$name" >> "$scratch/stages.tsv"
         return
@@ -95,23 +110,55 @@ stage() {
         124 | 137) status=timeout ;;
         *) status=failed ;;
     esac
-    say "== $name: $status (exit $rc) in $((SECONDS - began)) s"
-    printf '%s\t%s\t%s\t%s\t\n' "$name" "$status" "$rc" "$((SECONDS - began))" >> "$scratch/stages.tsv"
+    if [ $rc = 5 ] && [ $dry = 1 ] && [[ $name == tests:* ]]; then
+        status=ok note="nothing selected on the CPU"
+    fi
+    say "== $name: $status (exit $rc) in $((SECONDS - began)) s${note:+: $note}"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - began))" "$note" >> "$scratch/stages.tsv"
 }
 
-# 1. device facts
-# the CUDA toolkit, by fastlars's one rule (fastlars/_extension.py: find_cuda_toolkit); the line says why
+# 1. the imports the stages need, then the device facts
+# the CUDA toolkit, by fastlars's one rule (fastlars/_cuda_toolkit.py: find_cuda_toolkit); the line says why
 cuda_home=$("$PY" -m fastlars --cuda-home 2> "$scratch/toolkit")
 say "== toolkit: $(cat "$scratch/toolkit")"
 
 stage facts $limit_facts "$PY" - "$out/device.json" "$device" "$cuda_home" <<'PY'
-import json, platform, subprocess, sys
+import importlib, importlib.metadata, json, platform, shutil, subprocess, sys
 from pathlib import Path
+
+path, device_arg, cuda_home = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+# module -> (distribution, what needs it); imported, not only looked up: a package that is
+# there but does not import (a missing library, another torch's build) is as missing
+NEEDED = {
+    "torch": ("torch", "everything"), "numpy": ("numpy", "the tests, bench"),
+    "pytest": ("pytest", "the tests"), "pytest_timeout": ("pytest-timeout", "the tests' 60 s per test"),
+    "triton": ("triton", "backend='triton', Ghost BN's Triton path"),
+    "torchvision": ("torchvision", "tests:fused (ResNet-50 shapes), e2e"),
+    "tqdm": ("tqdm", "e2e"), "ninja": ("ninja", "the build"), "setuptools": ("setuptools", "the build"),
+    "timm": ("timm", "tests:variants' module (timm Lamb), e2e models"),
+    "hypothesis": ("hypothesis", "the property-based optimizer tests"),
+}
+imports = {}
+for module, (dist, needed_by) in NEEDED.items():
+    try:
+        importlib.import_module(module)
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = getattr(sys.modules[module], "__version__", "unknown")
+        imports[module] = dict(present=True, version=version, needed_by=needed_by)
+    except Exception as e:  # ImportError, or a broken install
+        imports[module] = dict(present=False, error=f"{type(e).__name__}: {e}"[:300], needed_by=needed_by)
+facts = dict(imports=imports, missing=[m for m, r in imports.items() if not r["present"]],
+             executables={tool: shutil.which(tool) for tool in ("ninja", "nvcc", "c++", "nvidia-smi")})
+path.write_text(json.dumps(facts, indent=2) + "\n")  # the preflight lands even if what follows fails
+print("imports:", ", ".join(f"{m} {r['version']}" if r["present"] else f"{m} MISSING" for m, r in imports.items()))
+
 import torch
 from bench.optim_step import _version, copy_bandwidth, device_name
 
-path, device, cuda_home = Path(sys.argv[1]), torch.device(sys.argv[2]), sys.argv[3]
-facts = dict(device=device_name(device), torch=torch.__version__, torch_cuda=torch.version.cuda,
+device = torch.device(device_arg)
+facts.update(device=device_name(device), torch=torch.__version__, torch_cuda=torch.version.cuda,
              triton=_version("triton"), python=platform.python_version(), cpus=torch.get_num_threads())
 if device.type == "cuda":
     props = torch.cuda.get_device_properties(device)
@@ -131,8 +178,18 @@ print(json.dumps(facts, indent=2))
 PY
 
 # 2. the extension, built in place for sm_90 only (no pip, so no network and no build isolation);
-# this Python's own build (another Python's .so beside it does not count)
+# this Python's own build (another Python's .so beside it does not count). Without a build that
+# loads, the later stages run with FASTLARS_NO_EXTENSION=1: fastlars would otherwise compile it on
+# first use, once in every stage and inside that stage's limit. The outcome goes to gpu_check.json.
 so=fastlars/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+extension_check() {  # prints "with_cuda=True|False", or fails
+    "$PY" -c 'import fastlars._C as C; print("with_cuda=%s" % bool(getattr(C, "with_cuda", False)))' 2>> "$log"
+}
+no_extension() {  # WHY: the later stages run without the extension
+    export FASTLARS_NO_EXTENSION=1
+    printf 'absent\t%s\n' "$1" > "$scratch/extension.tsv"
+    say "== extension: absent ($1); the later stages run with FASTLARS_NO_EXTENSION=1 (backends 'cpu' and 'cuda' untested)"
+}
 if [ $dry = 1 ] && [ $build = 0 ] && [ -e "$so" ]; then
     say "== build: skipped in the dry run, the extension is already built ($so; --build builds anyway)"
     printf 'build\tskipped\t\t0\talready built\n' >> "$scratch/stages.tsv"
@@ -146,21 +203,53 @@ else
     stage build $limit_build env MAX_JOBS="$(env -u OMP_NUM_THREADS nproc)" TORCH_CUDA_ARCH_LIST=9.0 "${toolkit_env[@]}" \
         "$PY" setup.py build_ext --inplace
 fi
-
-# 3. the GPU tests (in the dry run: the same files, their GPU tests skipped, a few interpreter tests run)
-timeout_flag=()
-"$PY" -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 120)  # else the stage's own limit
-if [ $dry = 1 ]; then
-    selection=(tests/test_fused_gpu.py tests/test_cast_rne.py tests/test_ghost_bn.py -k "fused or rne or int64 or grid")
+build_status=$(awk -F'\t' '$1 == "build" {print $2 ": " ($5 != "" ? $5 : "exit " $3)}' "$scratch/stages.tsv")
+if [[ $build_status == failed:* ]] || [[ $build_status == timeout:* ]]; then
+    no_extension "the build ${build_status}"
+elif [ ! -e "$so" ]; then
+    no_extension "$so was not built (build ${build_status:-not run})"
+elif [[ $build_status == "skipped: already built" ]]; then  # the dry run's own build, not loaded here (a second)
+    printf 'present\t%s\n' "$so, built before this run" > "$scratch/extension.tsv"
+elif ! loaded=$(extension_check); then
+    no_extension "$so does not load (the log says why)"
 else
-    selection=(tests/test_fused_gpu.py tests/test_gpu_readiness.py tests/test_capturable.py tests/test_ghost_bn.py
-               tests/test_cast_rne.py tests/test_extension.py
-               # last, so that the stage's limit cuts these first: issue 19's variants on cuda and compiled Triton
-               tests/test_lars_variants.py::test_gpu_backend_matches_reference
-               tests/test_lamb_variants.py::test_gpu_backends_match_reference)
+    printf 'present\t%s\n' "$so, $loaded" > "$scratch/extension.tsv"
+    say "== extension: $so loads, $loaded"
 fi
-stage tests $limit_tests "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" --junitxml "$scratch/tests.xml" \
-    "${selection[@]}"
+
+# 3. the GPU tests, one pytest per part with its own limit, strongest first. The same selection
+# in the dry run: there the GPU cases skip (or `-k cuda` selects nothing), which checks that
+# every file imports and every named test exists (a missing one fails the part, exit 4).
+timeout_flag=()
+"$PY" -c "import pytest_timeout" 2> /dev/null && timeout_flag=(--timeout 60)  # else the part's own limit
+# part | GPU limit (s) | -k expression ("" for none) | test paths and node ids
+TEST_PARTS=(
+    "fused|50||tests/test_fused_gpu.py"
+    "variants|70||tests/test_lars_variants.py::test_gpu_backend_matches_reference
+        tests/test_lars_variants.py::test_gpu_bf16_master_weights_match_reference
+        tests/test_lamb_variants.py::test_gpu_backends_match_reference
+        tests/test_lamb_variants.py::test_gpu_bf16_master_weights_match_reference"
+    "layer_stats|25|cuda or gpu|tests/test_layer_stats.py"
+    "backends|35|cuda|tests/test_optim_backends.py"
+    "nonfinite|25|cuda|tests/test_optim_nonfinite.py"
+    "capturable|30|cuda|tests/test_capturable.py tests/test_gpu_readiness.py"
+    "cast_rne|20|cuda|tests/test_cast_rne.py"
+    "ghost_bn|35|(cuda or gpu) and not grid_within_cuda_limits|tests/test_ghost_bn.py"  # that one: CPU tensors
+)
+say "== tests: the selection, in order (part, -k, tests):"
+for part in "${TEST_PARTS[@]}"; do
+    IFS='|' read -r name limit keyword paths <<< "$(tr -s ' \n' ' ' <<< "$part")"
+    [ $dry = 1 ] && limit=90  # interpreted imports on shared cores
+    printf 'tests:%s|%s|%s|%s\n' "$name" "$limit" "$keyword" "${paths% }" >> "$scratch/selection.txt"
+    say "   tests:$name${keyword:+ -k '$keyword'} ${paths% }"
+done
+while IFS='|' read -r name limit keyword paths; do
+    keyword_flag=()
+    [ -n "$keyword" ] && keyword_flag=(-k "$keyword")
+    read -r -a selected <<< "$paths"
+    stage "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" \
+        --junitxml "$scratch/$name.xml" "${keyword_flag[@]}" "${selected[@]}" < /dev/null
+done < "$scratch/selection.txt"
 
 # 4-6. the benchmarks
 if [ $dry = 1 ]; then
@@ -178,33 +267,57 @@ else
         --sgd torch-fused --backends triton --steps 1 --repeats 2 --results "$out" --no-plot
 fi
 
-# the summary: every stage, and the tests' counts and failures
-"$PY" - "$scratch/stages.tsv" "$scratch/tests.xml" "$out" "$budget" "$SECONDS" "$dry" <<'PY' | tee -a "$log"
+# the summary: every stage, the extension, the test selection, and the tests' counts and failures
+"$PY" - "$scratch" "$out" "$budget" "$SECONDS" "$dry" <<'PY' | tee -a "$log"
 import json, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-stages_tsv, tests_xml, out, budget, elapsed, dry = sys.argv[1:]
-stages = []
-for line in Path(stages_tsv).read_text().splitlines():
-    name, status, rc, seconds, note = line.split("\t")
-    stages.append(dict(name=name, status=status, exit_code=int(rc) if rc else None, seconds=int(seconds), note=note))
-tests = dict(ran=False)
-if Path(tests_xml).exists():
-    suites = ET.parse(tests_xml).getroot()
+scratch, out, budget, elapsed, dry = sys.argv[1:]
+scratch = Path(scratch)
+rows = lambda name, sep="\t": [line.split(sep) for line in (scratch / name).read_text().splitlines()] \
+    if (scratch / name).exists() else []
+stages = [dict(name=name, status=status, exit_code=int(rc) if rc else None, seconds=int(seconds), note=note)
+          for name, status, rc, seconds, note in rows("stages.tsv")]
+selection = [dict(part=name, keyword=keyword or None, tests=paths.split())
+             for name, _, keyword, paths in rows("selection.txt", "|")]
+(extension,) = [dict(present=state == "present", note=note) for state, note in rows("extension.tsv")] or [None]
+if extension and not extension["present"]:
+    extension["later_stages"] = "ran without the extension (FASTLARS_NO_EXTENSION=1)"
+parts = []
+for part in selection:
+    xml = scratch / f"{part['part']}.xml"
+    if not xml.exists():
+        continue
+    suites = ET.parse(xml).getroot()
     suites = [suites] if suites.tag == "testsuite" else list(suites)
     count = lambda key: sum(int(s.get(key, 0)) for s in suites)
-    failures = [dict(test=f"{case.get('classname')}::{case.get('name')}", message=(bad.get("message") or "")[:500])
-                for s in suites for case in s.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
-    tests = dict(ran=True, total=count("tests"), failures=count("failures"), errors=count("errors"),
-                 skipped=count("skipped"), failed=failures)
+    failed = [dict(test=f"{case.get('classname')}::{case.get('name')}", message=(bad.get("message") or "")[:500])
+              for s in suites for case in s.iter("testcase") for bad in case if bad.tag in ("failure", "error")]
+    parts.append(dict(part=part["part"], total=count("tests"), failures=count("failures"), errors=count("errors"),
+                      skipped=count("skipped"), failed=failed))
+tests = dict(ran=bool(parts))
+if parts:
+    tests.update({key: sum(p[key] for p in parts) for key in ("total", "failures", "errors", "skipped")},
+                 failed=[f for p in parts for f in p["failed"]],
+                 parts=[{k: v for k, v in p.items() if k != "failed"} for p in parts])
 Path(out, "tests.json").write_text(json.dumps(tests, indent=2) + "\n")
+device = Path(out, "device.json")
+missing = json.loads(device.read_text()).get("missing") if device.exists() else None
 summary = dict(dry_run=dry == "1", budget_s=int(budget), elapsed_s=int(elapsed), stages=stages,
+               extension=extension, missing_imports=missing, test_selection=selection,
                files=sorted(p.name for p in Path(out).iterdir()) + ["gpu_check.json"])
 Path(out, "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(f"{'stage':<7} {'status':<8} {'exit':>4} {'s':>5}  note")
+width = max(len(s["name"]) for s in stages)
+print(f"{'stage':<{width}} {'status':<8} {'exit':>4} {'s':>5}  note")
 for s in stages:
-    print(f"{s['name']:<7} {s['status']:<8} {s['exit_code'] if s['exit_code'] is not None else '':>4} {s['seconds']:>5}  {s['note']}")
+    print(f"{s['name']:<{width}} {s['status']:<8} {s['exit_code'] if s['exit_code'] is not None else '':>4} "
+          f"{s['seconds']:>5}  {s['note']}")
+if extension:
+    print(f"extension: {'present' if extension['present'] else 'absent'}, {extension['note']}"
+          f"{'; ' + extension['later_stages'] if 'later_stages' in extension else ''}")
+if missing:
+    print(f"missing imports: {', '.join(missing)} (device.json says what needs each)")
 if tests["ran"]:
     print(f"tests: {tests['total']} run, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped")
 print(f"{int(elapsed)} s of a {budget} s budget; files: {', '.join(summary['files'])}")

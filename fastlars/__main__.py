@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from ._extension import cuda_toolkit
+from ._cuda_toolkit import cuda_toolkit
 from ._info import info, render
 
 

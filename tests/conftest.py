@@ -26,17 +26,53 @@ def _interpreter_runs_our_kernels() -> bool:
     return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backend(name): the test case runs backend `name` (an optimizer or Ghost BN "
+                                       "backend) on its tensors; conftest skips it where that backend cannot step them")
+
+
+def backend_marks(*names: str) -> list:
+    """The marks of a test case that runs the backends ``names``: the case is skipped where one
+    cannot step the test's tensors (see _skip_backends_that_cannot_step). A case without them
+    runs as it is (a GPU test's plain ["triton", "cuda"] on CUDA tensors)."""
+    return [pytest.mark.backend(name) for name in names]
+
+
+def backend_params(names) -> list:
+    """``names`` as test parameters (ids: the names), each with its backend_marks."""
+    return [pytest.param(name, marks=backend_marks(name), id=name) for name in names]
+
+
+def why_backend_cannot_step(name: str, device_type: str) -> str:
+    """Why backend ``name`` cannot run on tensors of ``device_type`` here ("" if it can): one that
+    is not made for them ("cpu" on CUDA tensors, "cuda" on CPU tensors), Triton on CPU tensors
+    without its interpreter (on a GPU machine it runs compiled: the interpreter is chosen once,
+    when fastlars.ops is imported), or an interpreter that cannot run our kernels."""
+    from fastlars import backends
+
+    record = backends.BACKENDS.get(name)  # Ghost BN's own backends ("native", "vectorized") step any tensors
+    if record is None or record.steps(device_type):
+        if name == "triton" and device_type == "cpu" and not _interpreter_runs_our_kernels():
+            return "Triton < 3.7's interpreter cannot run loops bounded by loaded values (see conftest)"
+        return ""
+    if name == "triton" and device_type == "cpu":
+        return "Triton on CPU tensors runs only under TRITON_INTERPRET=1"
+    return f"backend {name!r} does not step {device_type} tensors"
+
+
 @pytest.fixture(autouse=True)
-def _triton_needs_cuda_or_interpreter(request):
-    """On a GPU machine Triton runs compiled, so its CPU-tensor cases are skipped (the
-    interpreter cannot be mixed in: it is chosen once, when fastlars.ops is imported)."""
-    params = getattr(getattr(request.node, "callspec", None), "params", {})
-    backends = {v for k, v in params.items() if k in ("backend", "source", "target")}
-    device = params.get("device", "cpu")
-    if "triton" in backends and str(device) == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors runs only under TRITON_INTERPRET=1")
-    if "triton" in backends and str(device) == "cpu" and not _interpreter_runs_our_kernels():
-        pytest.skip("Triton < 3.7's interpreter cannot run loops bounded by loaded values (see conftest)")
+def _skip_backends_that_cannot_step(request):
+    """A case whose parameters are marked ``backend(name)`` (backend_params) runs on the tensors
+    of its ``device`` argument (the fixture below, or a parameter of that name), else on CPU
+    tensors; it is skipped where a marked backend cannot step them."""
+    names = [mark.args[0] for mark in request.node.iter_markers("backend")]
+    if not names:
+        return
+    device = request.getfixturevalue("device") if "device" in request.fixturenames else "cpu"
+    for name in names:
+        why = why_backend_cannot_step(name, torch.device(device).type)
+        if why:
+            pytest.skip(why)
 
 
 @pytest.fixture
@@ -51,6 +87,32 @@ def triton_interpreter():
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+# ResNet-50's largest weight (layer4's 3x3 conv, 2.4M elements), a 1x1 expansion, the stem and the
+# classifier's bias: on the GPU the variant tests step these beside their awkward small tensors,
+# so that the kernels run hundreds of full chunks per tensor (the small ones fit in one)
+RESNET50_SHAPES = {"conv3x3": (512, 512, 3, 3), "conv1x1": (2048, 512, 1, 1), "stem": (64, 3, 7, 7),
+                   "fc_bias": (1000,)}
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``x``'s floating-point type at each element's magnitude, in float64
+    (subnormals and 0: the smallest normal number's spacing)."""
+    info = torch.finfo(x.dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(x.double().abs().clamp_min(info.tiny))))
+
+
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 2, atol: float = 0.0, msg=""):
+    """Element-wise: ``|actual - expected| <= ulps`` spacings of ``expected``'s dtype at ``expected``,
+    plus ``atol`` (what the values they are rounded from may differ by: near 0 a spacing is far
+    smaller than the rounding error of the tensor's large values)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, msg
+    error = (actual.detach().double() - expected.detach().double()).abs()
+    bound = ulps * ulp(expected.detach()) + atol
+    bad = ~(error <= bound)  # NaN fails
+    assert not bad.any(), (f"{msg}: {int(bad.sum())} of {bad.numel()} elements off by more than {ulps} ulps "
+                           f"+ {atol:.3g}, worst {float((error / bound)[bad].max()):.3g} x the bound")
 
 
 def small_cnn(seed: int, device="cpu", dtype=torch.float32) -> torch.nn.Module:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import fastlars
+from conftest import backend_params
 
 # shapes: a scalar, prime sizes, a 4-D weight, an empty tensor, and one of more than one
 # 16384-element chunk of the fused kernels (two chunks, the second partial)
@@ -102,7 +103,7 @@ BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_pinned_training(backend, config):
     if backend not in fastlars.available_backends():
         pytest.skip(f"backend {backend!r} is not available here")

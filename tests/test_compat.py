@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import fastlars
+from conftest import backend_params
 from fastlars import compat
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
@@ -113,7 +114,7 @@ TIMM_LAMB = {
 TIMM = {"lars": (0, compat.timm_lars, TIMM_LARS, 1.0, 0.5), "lamb": (1, compat.timm_lamb, TIMM_LAMB, 0.01, 0.02)}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("kind, case", [(k, c) for k in TIMM for c in sorted(TIMM[k][2])])
 def test_timm_equals_timm(kind, case, backend):
     index, make, cases, lr, base_lr = TIMM[kind]
@@ -127,7 +128,7 @@ def test_timm_equals_timm(kind, case, backend):
     _assert_equal_params(model, peer_model)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", backend_params(["reference", "cpu"]))
 def test_timm_checkpoints_resume_on_the_peers_trajectory(backend):
     """Step timm's optimizer, save, load into the compat optimizer, continue: equal to timm
     continuing. Lamb keeps ``step`` per group, which becomes fastlars's per-tensor step."""
@@ -296,7 +297,7 @@ def _peer_step(name):
     return _deepspeed_step if name.startswith("deepspeed") else None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", sorted(PEERS))
 def test_compat_equals_the_peer(name, backend):
     make_peer, make_ours, args, base_lr = PEERS[name]
@@ -308,7 +309,7 @@ def test_compat_equals_the_peer(name, backend):
     _assert_equal_params(model, peer_model)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", backend_params(["reference", "cpu"]))
 @pytest.mark.parametrize("name", ["larc-clip", "barlowtwins", "simclr-classic-nesterov", "mlperf", "apex-lamb",
                                   "deepspeed-lamb-clip-bounds"])
 def test_peer_checkpoints_resume_on_the_peers_trajectory(name, backend):

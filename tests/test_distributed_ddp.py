@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastlars
+from conftest import backend_params
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 16, 5
 
@@ -49,7 +50,7 @@ def worker(rank, name, backend, init_file, out_file):
 
 
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
-@pytest.mark.parametrize("backend", [b for b in ("foreach", "cpu") if b in fastlars.available_backends()])
+@pytest.mark.parametrize("backend", backend_params([b for b in ("foreach", "cpu") if b in fastlars.available_backends()]))
 def test_ddp_equals_single_process(name, backend, tmp_path):
     out = tmp_path / "params.pt"
     mp.spawn(worker, args=(name, backend, str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True)

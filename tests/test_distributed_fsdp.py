@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastlars
+from conftest import backend_params
 
 pytest.importorskip("torch.distributed.fsdp")
 GLOBAL_BATCH, STEPS = 12, 6
@@ -95,7 +96,7 @@ def single_process(cls, kwargs, backend):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fsdp2_equals_single_process(name, world, backend, tmp_path):
     if world == 2 and backend != "foreach":
@@ -197,7 +198,7 @@ def _placement_tensors():
     return full, grads
 
 
-@pytest.mark.parametrize("backend", [b for b in ("foreach", "cpu") if b in BACKENDS])
+@pytest.mark.parametrize("backend", backend_params([b for b in ("foreach", "cpu") if b in BACKENDS]))
 def test_replicated_and_plain_tensors_are_counted_once(backend, tmp_path):
     """Norms of Replicate-placed and plain tensors must not be multiplied by the world size."""
     out = tmp_path / "params"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastlars
-from fastlars import _extension
+from fastlars import _cuda_toolkit, _extension
 from fastlars._info import render
 from fastlars import backends
 
@@ -25,7 +25,7 @@ def test_extension_built():
     from fastlars import _C
 
     assert hasattr(_C, "lars_update_cpu") and "cpu" in fastlars.available_backends()
-    if (torch.version.cuda is not None and _extension.cuda_toolkit().home is not None
+    if (torch.version.cuda is not None and _cuda_toolkit.cuda_toolkit().home is not None
             and os.environ.get("FASTLARS_NO_CUDA") != "1"):
         assert _C.with_cuda, "torch has CUDA and a toolkit is installed, but the CUDA kernels were not built"
         for name in ("sumsq_cuda", "lars_update_cuda", "lamb_norms_cuda", "lamb_update_cuda"):
@@ -154,7 +154,7 @@ def test_info_compiles_nothing(fresh_extension, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# the CUDA toolkit: one rule (fastlars/_extension.py: find_cuda_toolkit), on fake toolkits
+# the CUDA toolkit: one rule (fastlars/_cuda_toolkit.py: find_cuda_toolkit), on fake toolkits
 
 def fake_toolkit(root: Path, layout: str = "lib64", dryrun: str | None = None) -> Path:
     """A folder that looks like a CUDA toolkit: bin/nvcc, include/cuda_runtime.h and libcudart in
@@ -186,29 +186,29 @@ def wrapper_nvcc(folder: Path, real_nvcc: Path) -> Path:
 
 @pytest.fixture
 def no_default_toolkit(monkeypatch, tmp_path):
-    monkeypatch.setattr(_extension, "CUDA_DEFAULT_HOME", str(tmp_path / "no-usr-local-cuda"))
+    monkeypatch.setattr(_cuda_toolkit, "CUDA_DEFAULT_HOME", str(tmp_path / "no-usr-local-cuda"))
 
 
 def test_explicit_cuda_home_is_used(tmp_path, no_default_toolkit):
     home = fake_toolkit(tmp_path / "cuda-12.8", layout="lib")
-    toolkit = _extension.find_cuda_toolkit({"CUDA_HOME": str(home), "PATH": ""})
+    toolkit = _cuda_toolkit.find_cuda_toolkit({"CUDA_HOME": str(home), "PATH": ""})
     assert toolkit.home == str(home) and toolkit.why == "CUDA_HOME is set"
-    toolkit = _extension.find_cuda_toolkit({"CUDA_PATH": str(home), "PATH": ""})
+    toolkit = _cuda_toolkit.find_cuda_toolkit({"CUDA_PATH": str(home), "PATH": ""})
     assert toolkit.home == str(home) and toolkit.why == "CUDA_PATH is set"
 
 
 def test_invalid_cuda_home_is_rejected_with_the_reason(tmp_path, monkeypatch):
     default = fake_toolkit(tmp_path / "usr-local-cuda", layout="targets/x86_64-linux/lib")
-    monkeypatch.setattr(_extension, "CUDA_DEFAULT_HOME", str(default))
+    monkeypatch.setattr(_cuda_toolkit, "CUDA_DEFAULT_HOME", str(default))
     headers_only = tmp_path / "headers-only"
     (headers_only / "include").mkdir(parents=True)
     (headers_only / "include" / "cuda_runtime.h").write_text("")
-    toolkit = _extension.find_cuda_toolkit({"CUDA_HOME": str(headers_only), "PATH": ""})
+    toolkit = _cuda_toolkit.find_cuda_toolkit({"CUDA_HOME": str(headers_only), "PATH": ""})
     assert toolkit.home == str(default)
     assert toolkit.why.startswith("the default location; CUDA_HOME ignored: ")
     assert f"{headers_only} has no bin/nvcc, no libcudart" in toolkit.why
     assert "cuda_runtime.h" not in toolkit.why  # it has that one
-    missing = _extension.find_cuda_toolkit({"CUDA_HOME": str(tmp_path / "nowhere"), "PATH": ""})
+    missing = _cuda_toolkit.find_cuda_toolkit({"CUDA_HOME": str(tmp_path / "nowhere"), "PATH": ""})
     assert missing.home == str(default) and "is not a directory" in missing.why
 
 
@@ -217,11 +217,11 @@ def test_toolkit_behind_a_wrapper_nvcc_is_found(tmp_path, no_default_toolkit):
     dirname(dirname(nvcc)), would be that folder's parent): nvcc's own dry run names the toolkit."""
     real = fake_toolkit(tmp_path / "opt" / "cuda-13.0")
     wrapper = wrapper_nvcc(tmp_path / "usr" / "bin", real / "bin" / "nvcc")
-    toolkit = _extension.find_cuda_toolkit({"PATH": str(wrapper.parent)})
+    toolkit = _cuda_toolkit.find_cuda_toolkit({"PATH": str(wrapper.parent)})
     assert toolkit.home == str(real)
     assert toolkit.why.startswith(f"the toolkit behind {wrapper}, as `nvcc --dryrun` reports it")
-    assert toolkit.why.endswith("not the default: " + _extension.toolkit_problem(_extension.CUDA_DEFAULT_HOME))
-    assert _extension.toolkit_problem(str(wrapper.parent.parent))  # torch's guess is no toolkit
+    assert toolkit.why.endswith("not the default: " + _cuda_toolkit.toolkit_problem(_cuda_toolkit.CUDA_DEFAULT_HOME))
+    assert _cuda_toolkit.toolkit_problem(str(wrapper.parent.parent))  # torch's guess is no toolkit
 
 
 def test_toolkit_from_nvcc_include_folders(tmp_path, no_default_toolkit):
@@ -230,7 +230,7 @@ def test_toolkit_from_nvcc_include_folders(tmp_path, no_default_toolkit):
     fake_toolkit(real, layout="targets/x86_64-linux/lib",
                  dryrun=f'#$ INCLUDES="-I{real}/bin/../targets/x86_64-linux/include"\n')
     wrapper = wrapper_nvcc(tmp_path / "wrap", real / "bin" / "nvcc")
-    assert _extension.find_cuda_toolkit({"PATH": str(wrapper.parent)}).home == str(real)
+    assert _cuda_toolkit.find_cuda_toolkit({"PATH": str(wrapper.parent)}).home == str(real)
 
 
 def test_no_toolkit_says_where_it_looked(tmp_path, no_default_toolkit):
@@ -240,7 +240,7 @@ def test_no_toolkit_says_where_it_looked(tmp_path, no_default_toolkit):
     wrapper = wrapper_nvcc(tmp_path / "wrap", incomplete / "bin" / "nvcc")
     for environ, why in [({"PATH": str(tmp_path)}, "no nvcc on PATH"),
                          ({"PATH": str(wrapper.parent)}, f"behind {wrapper}: {incomplete} has no libcudart")]:
-        toolkit = _extension.find_cuda_toolkit(environ)
+        toolkit = _cuda_toolkit.find_cuda_toolkit(environ)
         assert toolkit.home is None and why in toolkit.why, toolkit
         assert str(toolkit).startswith("no CUDA toolkit: not the default: ") and str(toolkit).endswith(
             "set CUDA_HOME to the toolkit")
@@ -261,7 +261,7 @@ def test_python_m_fastlars_names_the_toolkit(tmp_path):
 def test_jit_build_compiles_with_the_toolkit_found(fresh_extension, monkeypatch, tmp_path):
     """torch.utils.cpp_extension fixed its CUDA_HOME when it was imported; the just-in-time build
     replaces it with fastlars's choice while compiling, and puts it back."""
-    toolkit = _extension.CudaToolkit(str(tmp_path / "cuda"), "a test")
+    toolkit = _cuda_toolkit.CudaToolkit(str(tmp_path / "cuda"), "a test")
     seen = []
 
     def load(name, *args, **kwargs):
@@ -270,7 +270,7 @@ def test_jit_build_compiles_with_the_toolkit_found(fresh_extension, monkeypatch,
 
     fake = types.SimpleNamespace(CUDA_HOME="/usr", get_default_build_root=lambda: str(tmp_path), load=load)
     monkeypatch.setattr(_extension, "_cpp_extension", lambda: fake)
-    monkeypatch.setattr(_extension, "cuda_toolkit", lambda: toolkit)
+    monkeypatch.setattr(_cuda_toolkit, "cuda_toolkit", lambda: toolkit)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
     monkeypatch.setenv("CXX", sys.executable)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlars
+from conftest import backend_params
 from fastlars.nn.ghost_bn import ghost_batch_norm, ghost_sizes
 
 TRITON = "triton" in fastlars.available_backends() and (
@@ -58,7 +59,7 @@ def run(backend, x, weight, bias, vbs, dy):
     return y, mean, var, dx, dw, db
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS))
 @pytest.mark.parametrize("shape, channels_last, vbs", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", DEVICES)
@@ -93,7 +94,7 @@ STRIDED = {  # (a base tensor's shape, the view of it that is the input): neithe
 }
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS))
 @pytest.mark.parametrize("layout", STRIDED)
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_input_matches_reference(backend, layout, device):
@@ -120,7 +121,7 @@ def test_strided_input_matches_reference(backend, layout, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS))
 @pytest.mark.parametrize("shape, vbs", [((7, 2, 3), 3), ((6, 2, 2, 2), 2)])
 def test_gradcheck_float64(backend, shape, vbs, triton_passes):
     if backend != "triton" and triton_passes == "two-pass":
@@ -144,7 +145,7 @@ def modules(vbs, **kwargs):
     return bn, gbn
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS + ["reference"]))
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_equals_batchnorm_when_one_ghost(backend, momentum):
     bn, gbn = modules(vbs=16, momentum=momentum)
@@ -262,7 +263,7 @@ SYNC_INPUTS = [  # (shape, memory format): every dimensionality nn.SyncBatchNorm
 ]
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS + ["reference"]))
 @pytest.mark.parametrize("shape, memory_format", SYNC_INPUTS)
 def test_convert_sync_batchnorm(backend, shape, memory_format):
     """convert_ghost_batchnorm(include_sync=True) of an nn.SyncBatchNorm (here from
@@ -510,7 +511,7 @@ def test_triton_activation_over_2_31_elements_gpu(shape, vbs):
     _check_ghosts(x, vbs, [0, groups // 2, groups - 1])
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", backend_params(FAST_BACKENDS + ["reference"]))
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_forward_has_no_host_device_traffic(backend, momentum, device):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import fastlars
+from conftest import backend_marks, backend_params
 
 AVAILABLE = fastlars.available_backends()
 # (backend, device): triton runs on CPU tensors under the interpreter (see conftest)
-FUSED = [pytest.param(b, d, marks=pytest.mark.skipif(
-             b not in AVAILABLE or (d == "cuda" and not torch.cuda.is_available()), reason=f"needs {b} on {d}"))
+FUSED = [pytest.param(b, d, marks=[*backend_marks(b), pytest.mark.skipif(
+             b not in AVAILABLE or (d == "cuda" and not torch.cuda.is_available()), reason=f"needs {b} on {d}")])
          for b, d in (("triton", "cpu"), ("cpu", "cpu"), ("triton", "cuda"), ("cuda", "cuda"))]
 HYPER = {"LARS": dict(lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02),
          "LAMB": dict(lr=0.02, weight_decay=0.01)}
@@ -171,7 +172,7 @@ def test_cache_hit_during_a_capture_is_pinned(monkeypatch):
     assert any(launch is hit for launch in cache.pinned.values())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "foreach", "triton"])
+@pytest.mark.parametrize("backend", backend_params(["cpu", "foreach", "triton"]))
 def test_skip_counter_is_a_device_tensor_after_the_first_step(backend):
     if backend not in AVAILABLE:
         pytest.skip(f"needs {backend}")

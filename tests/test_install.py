@@ -103,7 +103,7 @@ def test_sdist_holds_sources_docs_and_tests(dist):
              if len(Path(n).parts) > 1}
     expected = {"csrc/sources.txt", *(f"csrc/{s}" for s in SOURCES), "CMakeLists.txt", "README.md", "MANIFEST.in",
                 "bench/NOTES.md", "docs/contract.md", "tests/test_install.py", "tests/conftest.py",
-                "examples/common.py", "fastlars/_extension.py"}
+                "examples/common.py", "fastlars/_extension.py", "fastlars/_cuda_toolkit.py"}
     assert expected <= names, expected - names
     assert not any(n.endswith(".so") or "__pycache__" in n for n in names)
 

@@ -18,6 +18,7 @@ import torch
 from numpy.testing import assert_allclose
 
 import fastlars
+from conftest import RESNET50_SHAPES, assert_within_ulps, backend_marks, backend_params
 from test_optim_backends import rel_err, use_chunks
 
 BASE = dict(lr=0.6, momentum=0.9, weight_decay=0.05, trust_coefficient=0.02)
@@ -50,36 +51,45 @@ def cases(variants, dtypes):
         for variant in variants:
             for dtype in dtypes:
                 slow = backend == "triton" and (variant not in TRITON_DEFAULT or dtype != torch.float64)
-                out.append(pytest.param(backend, variant, dtype, marks=[pytest.mark.slow] if slow else [],
+                out.append(pytest.param(backend, variant, dtype,
+                                        marks=[*backend_marks(backend), *([pytest.mark.slow] if slow else [])],
                                         id=f"{backend}-{variant}-{str(dtype)[6:]}"))
     return out
 
 
-def make_params(dtype, device="cpu"):
+def make_params(dtype, device="cpu", resnet50=False):
     """A prime-sized matrix, 1 element, a prime vector, an all-zero weight, one whose
-    gradient is always exactly zero, one that loses its gradient half way, and one that
-    joins the optimizer late (the last)."""
+    gradient is always exactly zero, one that loses its gradient half way, ``resnet50``:
+    ResNet-50's largest tensors (drawn on the device), and one that joins the optimizer
+    late (the last)."""
     g = torch.Generator().manual_seed(7)
     shapes = [(13, 17), (1,), (31,), (6,), (5, 3), (11,), (7, 2)]
     values = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     values[3].zero_()
+    if resnet50:
+        big = torch.Generator(device).manual_seed(8)
+        values[-1:-1] = [torch.randn(s, generator=big, dtype=torch.float64, device=device) * 0.05
+                         for s in RESNET50_SHAPES.values()]
     return [torch.nn.Parameter(v.to(device=device, dtype=dtype)) for v in values]
 
 
 def grads_for(step, params):
-    g = torch.Generator().manual_seed(1000 + step)
-    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) * (0.5 + i % 3) for i, p in enumerate(params)]
+    """Seeded gradients for ``params`` (on their device, float64): index 4 exactly zero, index 5
+    None from step 12 on."""
+    g = torch.Generator(params[0].device).manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64, device=p.device) * (0.5 + i % 3)
+             for i, p in enumerate(params)]
     grads[4].zero_()  # exactly zero
     if step >= 12:
         grads[5] = None  # lost its gradient
     return grads
 
 
-def run(backend, options, dtype, device="cpu", master_weights=False):
+def run(backend, options, dtype, device="cpu", master_weights=False, resnet50=False):
     """STEPS steps with a changing lr; the 1-element parameter in a group that does not
     adapt (trust_ratio=False: the variants' other parts still apply), the late parameter
     joins at step 5, and the optimizer is rebuilt from its state_dict at step 10."""
-    params = make_params(dtype, device)
+    params = make_params(dtype, device, resnet50)
     kwargs = {**BASE, **options}
 
     def groups():
@@ -120,31 +130,60 @@ def test_backend_matches_reference(backend, variant, dtype, monkeypatch):
             assert rel_err(opt.state[p][key], value) <= 10 * TOLERANCE[dtype], (i, key)
 
 
-@pytest.mark.parametrize("backend, variant, dtype", cases(["norm_of_sum", "momentum_update-nesterov",
-                                                           "lr_in_momentum-nesterov", "plain_sgd-trust_clip"],
-                                                          [torch.bfloat16]))
+BF16_VARIANTS = ["norm_of_sum", "momentum_update-nesterov", "lr_in_momentum-nesterov", "plain_sgd-trust_clip"]
+
+
+def assert_bf16_masters_match(run_of, options):
+    """bf16 parameters with fp32 masters (``run_of(backend)``: run()'s result) against the
+    reference's: the masters to 1e-5 of each tensor's largest value, the parameters within 2
+    bf16 ulps element-wise (plus that 1e-5) and equal to their masters rounded. Every reference master moved
+    far past that tolerance from its first value (but the zero-gradient tensor under
+    plain_sgd, which stays), so a tensor the backend left unchanged fails."""
+    (params, opt), (oracle, oracle_opt) = run_of(None), run_of("reference")
+    start = make_params(torch.bfloat16, params[0].device, resnet50=len(params) > 7)
+    for i, (p, q, first) in enumerate(zip(params, oracle, start)):
+        master, oracle_master = opt.state[p]["master_param"], oracle_opt.state[q]["master_param"]
+        assert rel_err(master, oracle_master) <= 1e-5, (i, rel_err(master, oracle_master))
+        assert_within_ulps(p, q, 2, atol=1e-5 * oracle_master.abs().max().item(), msg=f"parameter {i}")
+        assert torch.equal(master.to(torch.bfloat16), p), i
+        moved = (oracle_master - first.float()).abs().max().item() / oracle_master.abs().max().item()
+        stays = i == 4 and options.get("zero_norm") == "plain_sgd"
+        assert moved == 0 if stays else moved > 1e-3, (i, moved)
+
+
+@pytest.mark.parametrize("backend, variant, dtype", cases(BF16_VARIANTS, [torch.bfloat16]))
 def test_bf16_master_weights_match_reference(backend, variant, dtype, monkeypatch):
     use_chunks(monkeypatch, 64, 16, 2)
-    params, opt = run(backend, VARIANTS[variant], dtype, master_weights=True)
-    oracle, oracle_opt = run("reference", VARIANTS[variant], dtype, master_weights=True)
-    for i, (p, q) in enumerate(zip(params, oracle)):
-        assert rel_err(opt.state[p]["master_param"], oracle_opt.state[q]["master_param"]) <= 2e-5, i
-        torch.testing.assert_close(p, q, rtol=2 * 2**-8, atol=0)
+    options = VARIANTS[variant]
+    assert_bf16_masters_match(lambda b: run(b or backend, options, dtype, master_weights=True), options)
+
+
+GPU_BACKENDS = [b for b in ("triton", "cuda") if b in BACKENDS]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in BACKENDS])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_backend_matches_reference(backend, variant, dtype):
-    """The compiled kernels (IEEE sqrt and division, the device-side flags) on CUDA tensors,
-    against the reference on the same device."""
-    params, opt = run(backend, VARIANTS[variant], dtype, device="cuda")
-    oracle, oracle_opt = run("reference", VARIANTS[variant], dtype, device="cuda")
+    """The compiled kernels (IEEE sqrt and division, the device-side flags, full chunks of
+    ResNet-50's largest tensors) on CUDA tensors, against the reference on the same device."""
+    params, opt = run(backend, VARIANTS[variant], dtype, device="cuda", resnet50=True)
+    oracle, oracle_opt = run("reference", VARIANTS[variant], dtype, device="cuda", resnet50=True)
     for i, (p, q) in enumerate(zip(params, oracle)):
         assert rel_err(p, q) <= TOLERANCE[dtype], (i, rel_err(p, q))
         for key, value in oracle_opt.state[q].items():
             assert rel_err(opt.state[p][key], value) <= 10 * TOLERANCE[dtype], (i, key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("variant", BF16_VARIANTS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_bf16_master_weights_match_reference(backend, variant):
+    """bf16 parameters with fp32 masters at ResNet-50 sizes, compiled, against the reference on the GPU."""
+    options = VARIANTS[variant]
+    assert_bf16_masters_match(lambda b: run(b or backend, options, torch.bfloat16, device="cuda",
+                                            master_weights=True, resnet50=True), options)
 
 
 def test_variants_change_the_steps():
@@ -381,7 +420,7 @@ def _cancelling_steps(backend, denominator, residual, dtype):
 
 @pytest.mark.parametrize("residual", [1e-3, 1e-4])
 @pytest.mark.parametrize("denominator", ["norm_of_sum", "momentum_update"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_denominator_norm_survives_cancellation(backend, denominator, residual, monkeypatch):
     """A ratio dividing by ||g + wd w|| or ||u|| where that vector nearly cancels: formed from
     sums of g^2, w g, w^2 (and buf's products) in fp32 it was 4 % off at a residual of 1e-3

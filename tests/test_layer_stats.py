@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fastlars
+from conftest import backend_params
 
 BACKENDS = ["reference", "foreach", "cpu", "triton"]
 
@@ -56,20 +57,85 @@ def _stats_after(cls, kwargs, backend, steps=3):
     return opt.layer_stats()
 
 
-@pytest.mark.parametrize("backend", BACKENDS[1:])
-@pytest.mark.parametrize("cls, case", [(fastlars.LARS, c) for c in LARS_CASES] + [(fastlars.LAMB, c) for c in LAMB_CASES])
-def test_every_backend_reports_the_references_stats(cls, case, backend):
-    kwargs = (LARS_CASES if cls is fastlars.LARS else LAMB_CASES)[case]
-    ours, ref = _stats_after(cls, kwargs, backend), _stats_after(cls, kwargs, "reference")
+def assert_same_stats(ours, ref, rtol=1e-12, atol=1e-14):
+    """Two LayerStats of the same parameters agree, field by field; the reference's adapted
+    tensors got ratios other than 1 (so that the ratios are compared where they are computed)."""
     for field in ("weight_norm", "grad_norm", "trust_ratio"):
         # the eager backends take no ‖w‖ of a group that does not adapt (read after the step)
         n = 2 if field == "weight_norm" else None
-        torch.testing.assert_close(getattr(ours, field)[:n], getattr(ref, field)[:n], rtol=1e-12, atol=1e-14,
+        torch.testing.assert_close(getattr(ours, field)[:n], getattr(ref, field)[:n], rtol=rtol, atol=atol,
                                    msg=field)
-    assert not torch.equal(ref.trust_ratio[:2], torch.ones(2, dtype=torch.float64))  # the adapted tensors
+    assert not torch.equal(ref.trust_ratio[:2].cpu(), torch.ones(2, dtype=ref.trust_ratio.dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS[1:]))
+@pytest.mark.parametrize("cls, case", [(fastlars.LARS, c) for c in LARS_CASES] + [(fastlars.LAMB, c) for c in LAMB_CASES])
+def test_every_backend_reports_the_references_stats(cls, case, backend):
+    kwargs = (LARS_CASES if cls is fastlars.LARS else LAMB_CASES)[case]
+    assert_same_stats(_stats_after(cls, kwargs, backend), _stats_after(cls, kwargs, "reference"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in fastlars.available_backends()])
+@pytest.mark.parametrize("cls, case", [(fastlars.LARS, c) for c in LARS_CASES] + [(fastlars.LAMB, c) for c in LAMB_CASES])
+def test_gpu_stats_eagerly_and_after_a_graph_replay(cls, case, backend):
+    """On CUDA tensors (capturable=True, a device lr): the stats of eager steps and of CUDA-graph
+    replays with new gradients and a new lr are the reference's for the same steps, and
+    layer_stats() reads nothing on the host (torch's sync debug mode "error" raises on any
+    synchronisation; a tensor lr with trust_clip is the case that read it). Stale stats (the capture's, or the last eager step's) would differ: every
+    replay has new gradients."""
+    kwargs = (LARS_CASES if cls is fastlars.LARS else LAMB_CASES)[case]
+    model, twin = _model().cuda(), _model().cuda()
+    lr = torch.tensor(0.1, dtype=torch.float64, device="cuda")
+    opt = cls(_groups(model), lr=lr, backend=backend, capturable=True, skip_nonfinite=True, **kwargs)
+    ref = cls(_groups(twin), lr=0.1, backend="reference", skip_nonfinite=True, **kwargs)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for p, q in zip(model.parameters(), twin.parameters()):  # static gradients: the graph reads these
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+
+    def new_grads():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            value = torch.randn(p.shape, device="cuda", dtype=p.dtype, generator=g)
+            p.grad.copy_(value)
+            q.grad.copy_(value)
+
+    def stats_without_host_reads():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return opt.layer_stats()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager steps create the state
+        for _ in range(2):  # the first with a zero weight (a zero norm: ratio 1)
+            new_grads()
+            opt.step()
+            ref.step()
+            stats = stats_without_host_reads()
+            assert_same_stats(stats, ref.layer_stats(), rtol=1e-10, atol=1e-12)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step_lr in (0.05, 0.2, 0.1):
+        new_grads()
+        lr.fill_(step_lr)
+        for group in ref.param_groups:
+            group["lr"] = step_lr
+        graph.replay()
+        ref.step()
+        stats = stats_without_host_reads()
+        assert_same_stats(stats, ref.layer_stats(), rtol=1e-10, atol=1e-12)
+        assert stats.trust_ratio.device.type == "cuda"
+    torch.cuda.synchronize()
+    assert opt.skipped_steps == 0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_stats_are_what_the_step_did(backend):
     """SGD-form LARS without momentum: w_new = w - lr r (g + wd w), so the reported ratio
     is ‖Δw‖ / (lr ‖g + wd w‖), the reported norms those of w before and of g."""

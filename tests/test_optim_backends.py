@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlars
-from conftest import model_inputs, small_cnn
+from conftest import backend_params, model_inputs, small_cnn
 
 # (optimizer, constructor kwargs) cases covering every option of docs/contract.md, "LARS" and "LAMB"
 CASES = [
@@ -124,7 +124,7 @@ def assert_weights_close(model, oracle_model, tolerance):
         assert err <= tolerance * scale, (pname, err / scale)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FUSED_BACKENDS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fp32_matches_reference(backend, case, seed, device, cpu_slices, small_chunks):
@@ -138,7 +138,7 @@ def test_fp32_matches_reference(backend, case, seed, device, cpu_slices, small_c
             assert rel_err(opt.state[p][key], value) < 1e-5, key
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", backend_params(["reference", "foreach"]))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_fp32_matches_float64_oracle(backend, case):
     """fp32 arithmetic of each backend stays close to the reference run in float64."""
@@ -147,7 +147,7 @@ def test_fp32_matches_float64_oracle(backend, case):
     assert_weights_close(model, oracle_model, 2e-5)
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FUSED_BACKENDS))
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[6]])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("master_weights", [True, False])
@@ -183,7 +183,7 @@ def odd_parameters(device):
     return params
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(FUSED_BACKENDS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_odd_shapes_and_empty_group(backend, case, device, cpu_slices, tiny_chunks):
     skip_redundant(backend, device, cpu_slices)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastlars
+from conftest import backend_params
 
 BACKENDS = fastlars.available_backends()
 
@@ -40,7 +41,7 @@ def assert_nothing_changes(params, opt, match, error=ValueError):
             assert torch.equal(opt.state[p][k], v)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
 def test_sparse_gradient(backend, name):
     params, opt = stepped(backend, name)
@@ -48,7 +49,7 @@ def test_sparse_gradient(backend, name):
     assert_nothing_changes(params, opt, r"param_groups\[0\]\['params'\]\[1\] \(shape \(5,\).*sparse gradient")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_mixed_devices_in_one_group(backend):
     params, opt = stepped(backend)
     with pytest.raises(ValueError, match="mixes devices"):
@@ -60,7 +61,7 @@ def test_mixed_devices_in_one_group(backend):
     assert_nothing_changes(params, opt, r"param_groups\[0\]\['params'\]\[2\] \(shape \(5,\).*meta.*already has parameters on cpu")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_gradient_shape_mismatch(backend):
     params, opt = stepped(backend)
     params[0].data = torch.randn(3, 4)  # torch checks shapes when .grad is set, not when .data is
@@ -70,7 +71,7 @@ def test_gradient_shape_mismatch(backend):
 FUSED = [b for b in BACKENDS if b in ("cpu", "triton", "cuda")]
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", backend_params(FUSED))
 def test_fused_backends_refuse_state_of_another_layout(backend):
     """A momentum buffer whose strides differ from its parameter's (a checkpoint saved from
     a transposed layout) is refused, naming the parameter: the kernels would pair the wrong
@@ -115,7 +116,7 @@ def test_lamb_invalid_hyperparameters(kwargs, match):
         fastlars.LAMB([torch.nn.Parameter(torch.ones(2))], **kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_invalid_hyperparameter_set_between_steps(backend):
     """A group edited after construction (e.g. by a buggy scheduler) is checked at step()."""
     params, opt = stepped(backend)
@@ -147,7 +148,7 @@ def test_invalid_optimizer_options():
         fastlars.LAMB(p, skip_nonfinite=None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
 def test_grad_none_is_skipped(backend, name):
     params, opt = stepped(backend, name)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlars
-from conftest import model_inputs, small_cnn
+from conftest import backend_params, model_inputs, small_cnn
 
 BACKENDS = fastlars.available_backends()
 OPTIMIZERS = [("LARS", dict(lr=0.5, weight_decay=1e-3)), ("LAMB", dict(lr=0.01))]
@@ -37,7 +37,7 @@ def step_once(model, opt, seed, step, device="cpu"):
     opt.zero_grad()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_nonfinite_gradient_raises_before_any_change(backend, case, bad, device):
@@ -54,7 +54,7 @@ def test_nonfinite_gradient_raises_before_any_change(backend, case, bad, device)
     assert_unchanged(model, opt, snap)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 def test_skip_nonfinite_skips_and_counts(backend, case, device):
     name, kwargs = case
@@ -85,7 +85,7 @@ def test_skip_nonfinite_skips_and_counts(backend, case, device):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 def test_skip_nonfinite_does_not_read_the_device(backend, case, monkeypatch):
     """After state exists, a skip_nonfinite step reads no tensor on the host (foreach, triton)."""
@@ -109,7 +109,7 @@ def test_skip_nonfinite_does_not_read_the_device(backend, case, monkeypatch):
     assert opt.skipped_steps == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 def test_grad_scaler(backend, case):
     """Under GradScaler: scaled gradients give the unscaled step; an Inf skips it and
@@ -139,7 +139,7 @@ def test_grad_scaler(backend, case):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_grad_scaler_after_unscale(backend):
     """scaler.unscale_ (e.g. for clip_grad_norm_) then scaler.step: grads are not unscaled twice."""
     model = small_cnn(4)

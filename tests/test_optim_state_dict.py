@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlars
-from conftest import model_inputs, small_cnn
+from conftest import backend_marks, backend_params, model_inputs, small_cnn
 
 BACKENDS = fastlars.available_backends()
 OPTIMIZERS = [("LARS", dict(lr=0.5, weight_decay=1e-3, nesterov=True)),
@@ -30,7 +30,7 @@ def roundtrip(obj):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resume_is_bitwise(backend, case, dtype):
@@ -57,7 +57,8 @@ def test_resume_is_bitwise(backend, case, dtype):
             assert torch.equal(resumed_opt.state[q][key], value), key
 
 
-@pytest.mark.parametrize("source, target", [(a, b) for a in BACKENDS for b in BACKENDS if a != b])
+@pytest.mark.parametrize("source, target", [pytest.param(a, b, marks=backend_marks(a, b))
+                                            for a in BACKENDS for b in BACKENDS if a != b])
 @pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
 def test_checkpoint_moves_between_backends(source, target, case):
     name, kwargs = case
@@ -74,7 +75,7 @@ def test_checkpoint_moves_between_backends(source, target, case):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_sgd_checkpoint_into_lars_and_back(backend):
     """LARS without trust ratio is SGD with momentum, so an SGD run resumed by LARS
     (trust_ratio=False) must continue as SGD does; the buffer name is shared."""
@@ -101,7 +102,7 @@ def test_sgd_checkpoint_into_lars_and_back(backend):
         assert torch.equal(back.state[p]["momentum_buffer"], lars.state[q]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_adamw_checkpoint_into_lamb(backend):
     """LAMB without trust ratio or clipping is AdamW (decoupled decay folded into u)."""
     kwargs = dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)

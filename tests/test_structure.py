@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fastlars"
 MAX_LINES = 500
 
 LAYERS = [
-    ("neutral", ("fastlars._extension", "fastlars._tensors", "fastlars._sharded")),
+    ("neutral", ("fastlars._extension", "fastlars._cuda_toolkit", "fastlars._tensors", "fastlars._sharded")),
     ("kernels", ("fastlars.ops",)),
     ("registry", ("fastlars.backends",)),
     ("modules", ("fastlars.optim", "fastlars.nn")),

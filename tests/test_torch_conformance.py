@@ -73,6 +73,7 @@ from torch.testing._internal.common_optimizers import (
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import fastlars
+from conftest import backend_marks, backend_params
 
 BACKENDS = fastlars.available_backends()
 FUSED_CPU = [b for b in ("cpu",) if b in BACKENDS]
@@ -83,7 +84,8 @@ def name_backend(triton_for=("LARS",)):
     """(optimizer, backend) pairs: both optimizers on every backend but Triton, which runs
     slowly under its interpreter: there only the optimizers named (small cases)."""
     pairs = [(name, b) for name in ("LARS", "LAMB") for b in HOST]
-    return pairs + [(name, "triton") for name in triton_for if "triton" in BACKENDS]
+    pairs += [(name, "triton") for name in triton_for if "triton" in BACKENDS]
+    return [pytest.param(name, b, marks=backend_marks(b)) for name, b in pairs]
 SHAPES = [(4, 3), (5,), (1,), (2, 3, 2)]
 
 
@@ -487,7 +489,7 @@ def test_foreach_and_fused_match_the_for_loop(info, inp):
 
 
 @pytest.mark.parametrize("info, inp, backend", [
-    pytest.param(*case.values, b, id=f"{case.id}-{b}") for case in MAXIMIZE_CASES
+    pytest.param(*case.values, b, id=f"{case.id}-{b}", marks=backend_marks(b)) for case in MAXIMIZE_CASES
     for b in (BACKENDS if case.values[0].name == "LARS" else HOST)])
 def test_maximize_against_the_reference(info, inp, backend):
     """maximize=True on every backend: as the reference, and as minimizing -f (negated
@@ -506,7 +508,7 @@ def test_maximize_against_the_reference(info, inp, backend):
     assert_same(params, negated, exact=False)
 
 
-@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("backend", backend_params(HOST))
 @pytest.mark.parametrize("maximize", [False, True])
 def test_lars_without_trust_ratio_is_sgd(backend, maximize):
     params, twins = make_params(), make_params()
@@ -518,7 +520,7 @@ def test_lars_without_trust_ratio_is_sgd(backend, maximize):
     assert_same(twins, params, sgd.state, lars.state, exact=False)
 
 
-@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("backend", backend_params(HOST))
 @pytest.mark.parametrize("maximize", [False, True])
 def test_lamb_without_trust_ratio_is_adamw(backend, maximize):
     params, twins = make_params(), make_params()
@@ -548,7 +550,7 @@ def test_zero_gradients_are_a_no_op(name, backend):
             torch.testing.assert_close(p.detach(), b * factor, rtol=0 if kwargs else 1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_no_state_without_momentum(backend):
     """LARS with momentum=0 keeps nothing per parameter: state stays empty, as SGD's."""
     params = make_params()
@@ -560,7 +562,7 @@ def test_no_state_without_momentum(backend):
     assert opt.state_dict()["state"] == {}
 
 
-@pytest.mark.parametrize("backend", HOST)
+@pytest.mark.parametrize("backend", backend_params(HOST))
 def test_lamb_loads_a_plain_number_step(backend):
     """Older torch checkpoints store AdamW's step as a number; LAMB loads and continues."""
     params, twins = make_params(), make_params()
@@ -678,7 +680,8 @@ def test_strided_parameter_with_capturable_is_refused(triton_interpreter):
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("name, backend", [("LARS", b) for b in BACKENDS] + [("LAMB", fastlars.LAMB(make_params()).backend), ("LAMB", "reference")])
+@pytest.mark.parametrize("name, backend", [pytest.param(name, b, marks=backend_marks(b)) for name, b in [
+    *(("LARS", b) for b in BACKENDS), ("LAMB", fastlars.LAMB(make_params()).backend), ("LAMB", "reference")]])
 def test_compiled_step_matches_eager(name, backend):
     """torch.compile(opt.step) on every CPU backend (dynamo traces the step; the fused
     drivers run eagerly): the same parameters and state as eager steps, including the
@@ -724,7 +727,7 @@ def test_compiled_step_in_skipping_mode(name):
     assert_same(ref, got, ref_state, got_state)
 
 
-@pytest.mark.parametrize("backend", [next(b for b in ("cpu", "foreach") if b in BACKENDS)])
+@pytest.mark.parametrize("backend", backend_params([next(b for b in ("cpu", "foreach") if b in BACKENDS)]))
 def test_compiled_step_with_inductor(backend):
     """The default torch.compile backend (inductor generates C++ for the traced part), on
     the default CPU backend (the others are traced alike above; inductor's code generation
