@@ -625,24 +625,32 @@ std::tuple<at::Tensor, int64_t> lamb_step_cpu(const TensorList& weights, const T
     const int64_t budget = batch_budget(batch_bytes);
     const auto batches = cache_batches(items, n, element_bytes, budget);
     // u of the batch's items, kept for the update while in cache; a batch larger than the
-    // budget (one large tensor) recomputes u from the new moments instead
+    // budget (one large tensor) recomputes u from the new moments instead. Two regions, taken
+    // by alternate batches: a thread done with batch b's update (nowait) sums batch b + 1's
+    // while others still read b's u, but none reaches b + 2 before all have left b's update
+    // (the barrier after each batch's sums).
+    auto batch_elements = [&](const Batch& b) {
+      int64_t count = 0;
+      for (int64_t k = b.begin; k < b.end; ++k) count += items[k].end - items[k].begin;
+      return count;
+    };
+    int64_t u_elements = 0;  // the largest batch that keeps u
+    for (const Batch& b : batches)
+      if (batch_elements(b) * element_bytes <= budget) u_elements = std::max(u_elements, batch_elements(b));
     std::vector<int64_t> u_offset(items.size(), -1);
-    int64_t u_elements = 0;
-    for (const Batch& b : batches) {
-      int64_t offset = 0;
-      for (int64_t k = b.begin; k < b.end; ++k) offset += items[k].end - items[k].begin;
-      if (offset * element_bytes > budget) continue;
-      offset = 0;
+    for (size_t j = 0; j < batches.size(); ++j) {
+      const Batch& b = batches[j];
+      if (batch_elements(b) * element_bytes > budget) continue;
+      int64_t offset = static_cast<int64_t>(j % 2) * u_elements;
       for (int64_t k = b.begin; k < b.end; ++k) {
         u_offset[k] = offset;
         offset += items[k].end - items[k].begin;
       }
-      u_elements = std::max(u_elements, offset);
     }
     // kept across steps (a new allocation of this size is fresh pages, faulted in at every
     // step), one per calling thread; the parallel region's threads use it through u_kept
     static thread_local std::vector<acc_t> u_buffer;
-    if (static_cast<int64_t>(u_buffer.size()) < u_elements) u_buffer.resize(u_elements);
+    if (static_cast<int64_t>(u_buffer.size()) < 2 * u_elements) u_buffer.resize(2 * u_elements);
     acc_t* const u_kept = u_buffer.data();
     std::vector<LambHyper<acc_t>> hyper(n);
     std::vector<acc_t> factor(n), ratio(n);
