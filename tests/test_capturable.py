@@ -1,8 +1,10 @@
 """The triton backend's step without host reads: a tensor lr that a scheduler updates in
 place, launch tables reused from step to step (what lets a CUDA graph capture the step),
 and the checks of ``capturable=True``. Runs under the Triton interpreter on the CPU and
-compiled on a GPU; the capture and replay itself is in test_fused_gpu.py."""
+compiled on a GPU; the capture and replay itself is in test_fused_gpu.py (load_state_dict's
+after a capture is here)."""
 
+import copy
 import os
 
 import pytest
@@ -138,3 +140,102 @@ def test_bad_tensor_lr_is_named(device):
         fastlars.LARS(params, lr=torch.tensor([0.1, 0.2], device=device), backend="triton")
     with pytest.raises(ValueError, match="Invalid learning rate"):
         fastlars.LARS(params, lr=torch.tensor(-1.0, device=device), backend="triton")
+
+
+# ----------------------------------------------------------------------------
+# load_state_dict keeps the tensors a captured graph points at
+
+def loaded_twin(name, device):
+    """A reference optimizer on twin parameters stepped along another path (gradients of
+    steps 10 and 11): its state dict differs from a fresh optimizer's in every value."""
+    params, opt = twin(name, LR[name], device, backend="reference")
+    for step in (10, 11):
+        fill_grads(params, step)
+        opt.step()
+    return params, opt
+
+
+def state_pointers(opt, params):
+    return {(i, key): t.data_ptr() for i, p in enumerate(params) for key, t in opt.state[p].items()}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_load_state_dict_copies_into_the_state_tensors(name, device):
+    """capturable=True: load_state_dict copies the loaded values into the state tensors that
+    exist and into the tensor lr (a captured graph points at them), so the launch tables
+    keyed on their pointers stay valid, and the steps after it continue the loaded run."""
+    lr = torch.tensor(LR[name] * 2, device=device)
+    params, opt = twin(name, lr, device, backend="triton", capturable=True, skip_nonfinite=True)
+    fill_grads(params, 0)
+    opt.step()
+    pointers, builds = state_pointers(opt, params), opt._launch_cache.builds
+    source_params, source = loaded_twin(name, device)
+    opt.load_state_dict(copy.deepcopy(source.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(params, source_params):
+            p.copy_(q)
+    assert state_pointers(opt, params) == pointers
+    assert all(g["lr"] is lr for g in opt.param_groups) and lr.item() == torch.tensor(LR[name]).item()
+    for p, q in zip(params, source_params):
+        for key, value in source.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value.to(opt.state[p][key].dtype), rtol=0, atol=0)
+    for step in (2, 3):
+        fill_grads(params, step)
+        fill_grads(source_params, step)
+        opt.step()
+        source.step()
+    assert opt._launch_cache.builds == builds, "the tables built before the load point at the same state"
+    for p, q in zip(params, source_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_load_state_dict_after_a_cuda_graph_capture(name, backend):
+    """A graph captured before load_state_dict replays on the loaded state: the freed memory
+    of a replaced state tensor would be handed to new tensors (canaries here) and written at
+    every replay. A state dict that would free a tensor the graph points at is refused."""
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs CUDA and compiled kernels")
+    if backend not in fastlars.available_backends():
+        pytest.skip(f"needs {backend}")
+    device = torch.device("cuda")
+    lr = torch.tensor(LR[name], device=device)
+    params, opt = twin(name, lr, device, backend=backend, capturable=True, skip_nonfinite=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fill_grads(params, 0)  # the .grad tensors the graph reads
+        opt.step()  # the eager step that creates the state
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    shapes = [t.shape for p in params for t in opt.state[p].values()]
+    source_params, source = loaded_twin(name, device)
+    checkpoint = copy.deepcopy(source.state_dict())
+    opt.load_state_dict(checkpoint)
+    with torch.cuda.stream(side):  # the allocator reuses a freed block on the stream that allocated it
+        canaries = [torch.zeros(s, device=device) for s in shapes for _ in range(4)]
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for p, q in zip(params, source_params):
+            p.copy_(q)
+    for step in (2, 3, 4):
+        fill_grads(params, step)
+        fill_grads(source_params, step)
+        graph.replay()
+        source.step()
+    torch.cuda.synchronize()
+    assert all(not c.any() for c in canaries), "a replay wrote into memory the load freed"
+    for p, q in zip(params, source_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in source.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value.float(), rtol=1e-5, atol=1e-6)
+    without = copy.deepcopy(checkpoint)
+    del without["state"][0]
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*CUDA graph captured"):
+        opt.load_state_dict(without)
+    for key, value in before.items():
+        assert torch.equal(opt.state[params[0]][key], value)
