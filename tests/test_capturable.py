@@ -124,6 +124,63 @@ def test_launch_cache_is_bounded_and_keyed_by_content():
     assert built == ["A", "B", "C", "A3"] and cache.builds == 4
 
 
+def test_a_step_from_another_stream_waits_for_the_last_one():
+    """The ordering rule of launch tables across CUDA streams (launch.readers_to_wait_for;
+    used_on_current_stream makes the wait, see test_a_step_from_another_cuda_stream_...):
+    a step rewrites the group table its launch's kernels read, so a step from another
+    stream than the last one's waits for that stream, and a step from the same stream
+    waits for nothing (the stream orders it). Any values stand for streams here."""
+    from fastlars.ops.launch import Launch, readers_to_wait_for
+
+    empty = torch.empty(0, 1)
+    launch = Launch(empty, empty, 0, empty, torch.float32, torch.float32, torch.float32, False)
+    order = ["default", "default", "side", "side", "default", "third"]
+    assert [readers_to_wait_for(launch, s) for s in order] == [None, None, "default", None, "side", "default"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_from_another_cuda_stream_waits_for_the_last_one(name, backend):
+    """A step queued on stream A behind a long kernel, then a step with a new lr on stream B,
+    which the caller does not order after A: B rewrites the group table A's kernels read, so
+    it waits for A's queued work first. Without that, B's upload and kernels ran while A
+    slept and A's step read B's lr. The same gradients for both steps (new gradient tensors
+    would be new tables, and rewriting them in place a race of the test's own)."""
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs CUDA and compiled kernels")
+    if backend not in fastlars.available_backends():
+        pytest.skip(f"needs {backend}")
+    device = torch.device("cuda")
+    params, opt = twin(name, LR[name], device, backend=backend, skip_nonfinite=True)
+    ref_params, ref = twin(name, LR[name], device, backend="reference")
+    fill_grads(params, 0)
+    fill_grads(ref_params, 0)
+    opt.step()  # creates the state and the tables
+    ref.step()
+    fill_grads(params, 1)
+    fill_grads(ref_params, 1)
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    for s in (a, b):
+        s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(a):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s: B is queued long before A's step runs
+        opt.step()
+        after_a = [p.detach().clone() for p in params]
+    for group in opt.param_groups:
+        group["lr"] = LR[name] / 2
+    with torch.cuda.stream(b):
+        opt.step()
+    torch.cuda.synchronize()
+    ref.step()
+    expected_after_a = [p.detach().clone() for p in ref_params]
+    for group in ref.param_groups:
+        group["lr"] = LR[name] / 2
+    ref.step()
+    for got, expected in ((after_a, expected_after_a), (params, ref_params)):
+        for p, q in zip(got, expected):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_capturable_needs_triton_and_device_side_skipping(device):
     params = make_params(device)
     with pytest.raises(ValueError, match="capturable=True needs backend='triton'"):
