@@ -1,7 +1,9 @@
 """Every backend against the `reference` oracle: same gradients in, same weights out."""
 
+import contextlib
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -222,3 +224,100 @@ def test_auto_backend_and_errors():
     for missing in {"triton", "cuda", "cpu"} - set(fastlars.available_backends()):
         with pytest.raises(ValueError, match="not available"):
             fastlars.LAMB([p], backend=missing)
+
+
+# ----------------------------------------------------------------------------
+# a tensor lr is never read on the host by a step or by layer_stats()
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each read of tensor data on the host (``item()``, ``bool()``, ``float()``, a
+    tensor given where torch takes a number: all ``aten._local_scalar_dense``) with the
+    fastlars function that made it. On the CPU a read costs nothing, but the same line
+    on CUDA tensors is a synchronisation: this finds it without a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frame = sys._getframe(1)
+            while frame is not None and "/fastlars/" not in frame.f_code.co_filename.replace("\\", "/"):
+                frame = frame.f_back
+            self.reads.append("<not fastlars>" if frame is None else frame.f_code.co_name)
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_lr_run(name, backend, lr, device="cpu", steps=4, watch_step=None, watch_stats=None):
+    """A trust-clipped LARS or LAMB in skipping mode on odd parameters, with ``lr`` halved after
+    every step (in place for a tensor). The steps after the first (which creates state and reads
+    the skip flag) run inside ``watch_step()``, and a layer_stats() after each step inside
+    ``watch_stats()``, when given. Returns the parameters and the last stats."""
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in odd_parameters("cpu")[:4]]
+    kwargs = dict(momentum=0.9, trust_coefficient=0.02, weight_decay=1e-2) if name == "LARS" else {}
+    opt = getattr(fastlars, name)(params, lr=lr, backend=backend, trust_clip=True, skip_nonfinite=True, **kwargs)
+    g = torch.Generator().manual_seed(8)
+    stats = None
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+        with watch_step() if step and watch_step else contextlib.nullcontext():
+            opt.step()
+        with watch_stats() if watch_stats else contextlib.nullcontext():
+            stats = opt.layer_stats()
+        if isinstance(lr, torch.Tensor):
+            lr.mul_(0.5)
+        else:
+            opt.param_groups[0]["lr"] *= 0.5
+    return params, stats
+
+
+TENSOR_LR = {"LARS": 0.4, "LAMB": 0.02}
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("backend", [b for b in ("foreach", "cpu") if b in fastlars.available_backends()])
+def test_a_tensor_lr_is_not_read_on_the_host(name, backend):
+    """With skip_nonfinite the steps after the first read nothing on the host (docs/contract.md,
+    "Non-finite gradients"), nor does layer_stats() ("Per-layer telemetry"): a tensor lr with
+    trust_clip is tested for lr > 0 on its device, and the foreach update scales by it on the
+    device (torch's ``alpha=`` takes a number: a tensor given there is read). Observed on the
+    CPU, where the same line on CUDA tensors would synchronise. The C++ CPU kernels take a
+    host group table, read by design: only their layer_stats() is observed. The values are
+    the reference's with the same lrs given as numbers."""
+    mode = HostReads()
+    watch = lambda: mode  # noqa: E731
+    params, stats = tensor_lr_run(name, backend, torch.tensor(TENSOR_LR[name]), watch_stats=watch,
+                                  watch_step=watch if backend == "foreach" else None)
+    # a CPU tensor lr is range-checked at every step (host memory; a device lr is not, _check_lr)
+    assert [r for r in mode.reads if r != "check_number"] == []
+    expected, expected_stats = tensor_lr_run(name, "reference", TENSOR_LR[name])
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.trust_ratio, expected_stats.trust_ratio, rtol=1e-5, atol=1e-6,
+                               check_dtype=False)  # the C++ kernels' sums are float64
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """torch's sync debug mode "error": any host synchronisation inside raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("backend", [b for b in ("foreach", "triton", "cuda") if b in fastlars.available_backends()])
+def test_a_cuda_tensor_lr_with_trust_clip_syncs_nothing(name, backend):
+    """test_a_tensor_lr_is_not_read_on_the_host on CUDA tensors, under the sync debug mode:
+    the skipping-mode steps after the first and every layer_stats() synchronise nothing."""
+    params, stats = tensor_lr_run(name, backend, torch.tensor(TENSOR_LR[name], device="cuda"), device="cuda",
+                                  watch_step=no_host_sync, watch_stats=no_host_sync)
+    expected, expected_stats = tensor_lr_run(name, "reference", TENSOR_LR[name], device="cuda")
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.trust_ratio, expected_stats.trust_ratio, rtol=1e-5, atol=1e-6,
+                               check_dtype=False)

@@ -156,3 +156,60 @@ def test_grad_scaler_after_unscale(backend):
         step_once(twin, twin_opt, 4, step)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# a fused backend steps one device type: a group on another is refused
+
+def test_a_fused_backend_refuses_a_group_of_another_device_type():
+    """The rule on CPU tensors (the whole optimizer needs a GPU, see
+    test_cuda_backends_refuse_a_group_of_another_device_type): backend="cuda" steps CUDA
+    tensors only, and a CPU parameter beside them is named; meta tensors (a deferred init,
+    no device yet) and the unfused backends, which step any device, pass."""
+    from fastlars.optim._checks import check_backend_devices
+
+    groups = [(0, {"params": [torch.nn.Parameter(torch.ones(2, device="meta"))]}),
+              (1, {"params": [torch.nn.Parameter(torch.ones(3, device="meta")), torch.nn.Parameter(torch.ones(3))]})]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] \(shape \(3,\).*is on cpu, but "
+                                         r"backend='cuda' steps cuda tensors"):
+        check_backend_devices("cuda", groups)
+    check_backend_devices("cuda", groups[:1])
+    for unfused in ("foreach", "reference"):
+        check_backend_devices(unfused, groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda", "cpu") if b in BACKENDS])
+@pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
+def test_cuda_backends_refuse_a_group_of_another_device_type(backend, case):
+    """CPU parameters beside CUDA ones on backend="cuda" were stepped by the CPU kernels, which
+    do not see the device-side skip flag: a non-finite step was applied to them. A group of
+    another device type than the backend's is refused, naming its first parameter, at
+    construction, at add_param_group, and at the step after a group's parameters moved (before
+    anything changes)."""
+    name, kwargs = case
+    own, other = ("cpu", "cuda") if backend == "cpu" else ("cuda", "cpu")
+    g = torch.Generator().manual_seed(3)
+    make = lambda device: [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in ((5, 3), (4,))]  # noqa: E731
+    mine, theirs = make(own), make(other)
+    cls = getattr(fastlars, name)
+    named = rf"param_groups\[1\]\['params'\]\[0\] \(shape \(5, 3\).*is on {other}, but backend='{backend}'"
+    with pytest.raises(ValueError, match=named):
+        cls([{"params": mine}, {"params": theirs}], backend=backend, skip_nonfinite=True, **kwargs)
+    opt = cls(mine, backend=backend, skip_nonfinite=True, **kwargs)
+    with pytest.raises(ValueError, match=named):
+        opt.add_param_group({"params": theirs})
+    assert len(opt.param_groups) == 1
+    moved = make(own)
+    opt.add_param_group({"params": moved})
+    for p in mine + moved:
+        p.grad = torch.randn(p.shape, generator=g).to(p.device)
+    opt.step()
+    for p in moved:  # the whole group moves (a group mixing devices is refused by another check)
+        p.data = p.data.to(other)
+        p.grad = torch.full(p.shape, float("nan"), device=other)
+    before = [p.detach().clone() for p in mine + moved]
+    with pytest.raises(ValueError, match=named):
+        opt.step()
+    for p, b in zip(mine + moved, before):
+        assert torch.equal(p, b)

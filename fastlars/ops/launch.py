@@ -36,6 +36,16 @@ class Launch:
     aligned: bool = False  # every pointer of the table is 16-B aligned (kernels hint it: vector loads)
     group_values: tuple | None = None  # the float rows `groups` holds (host copy of the last upload)
     streams: set = field(default_factory=set)  # CUDA streams the tables are recorded on (used_on_current_stream)
+    last_stream: object = None  # the stream of the last step that used the tables (readers_to_wait_for)
+
+
+def readers_to_wait_for(launch: Launch, stream):
+    """The stream a step on ``stream`` must wait for before it rewrites the launch's group
+    table (set_group_rows; at every step for a tensor lr): the stream of the last step that
+    used the launch, if another one, whose kernels may still be queued and read the table.
+    Records ``stream`` as the last user."""
+    previous, launch.last_stream = launch.last_stream, stream
+    return previous if previous is not None and previous != stream else None
 
 
 def used_on_current_stream(launch: Launch, device: torch.device) -> None:
@@ -46,9 +56,14 @@ def used_on_current_stream(launch: Launch, device: torch.device) -> None:
     there. Without record_stream, freeing them (evicted from the cache) would let the
     allocator hand their memory to the building stream while those kernels are still
     queued. Recorded once per stream; not during a capture (a launch a graph reads is
-    pinned, never freed).
+    pinned, never freed). A step from another stream than the last one first waits for
+    that stream's queued work (readers_to_wait_for; one event, on the device), since it
+    rewrites the group table those kernels read.
     """
     stream = torch.cuda.current_stream(device)
+    previous = readers_to_wait_for(launch, stream)
+    if previous is not None:
+        stream.wait_stream(previous)
     if stream not in launch.streams:
         if launch.streams:  # the building stream needs no record: the tables were allocated there
             for t in (launch.table, launch.chunks, launch.groups):

@@ -78,6 +78,29 @@ def where_(ok: Tensor, new: list[Tensor], dst: list[Tensor]) -> None:
         torch.where(ok, n, t, out=t)
 
 
+def descend(base: list[Tensor], updates: list[Tensor], lr: float | Tensor, *, in_place: bool) -> list[Tensor]:
+    """base - lr·u for each pair: written into ``base`` (in_place), or as new tensors; returned.
+
+    A number is torch's ``alpha=`` (one multiply-add per element). A tensor lr on the
+    tensors' device multiplies the updates there: ``alpha=`` takes a number, and a tensor
+    given there is read on the host, which on CUDA synchronises (torch.optim's capturable
+    Adam multiplies too; the product is rounded once more than alpha's multiply-add). A
+    tensor lr on another device (a CPU lr with CUDA parameters) is host memory, read for free.
+    """
+    if isinstance(lr, Tensor) and base and lr.device != base[0].device:
+        lr = lr.item()
+    if isinstance(lr, Tensor):
+        steps = torch._foreach_mul(updates, lr)
+        if not in_place:
+            return torch._foreach_sub(base, steps)
+        torch._foreach_sub_(base, steps)
+    elif not in_place:
+        return torch._foreach_add(base, updates, alpha=-lr)
+    else:
+        torch._foreach_add_(base, updates, alpha=-lr)
+    return base
+
+
 def launch_groups(buckets: list[Bucket]) -> list[list[Bucket]]:
     """The buckets one fused launch takes each: merged per (device, dtype) across param
     groups, in the order the step meets them."""

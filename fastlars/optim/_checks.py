@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import backends
+
 
 def describe(group_index: int, position: int, p: Tensor) -> str:
     return f"param_groups[{group_index}]['params'][{position}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
@@ -62,3 +64,20 @@ def check_trust_bounds(value: Any, where: str = "") -> None:
             raise ValueError(f"trust_bounds[{i}]{where} must be a number >= 0, got {x!r}")
     if not math.isfinite(low) or low > high:
         raise ValueError(f"trust_bounds{where} must have a finite low <= high, got {value!r}")
+
+
+def check_backend_devices(backend: str, groups) -> None:
+    """A fused backend steps the device type it was chosen for (docs/contract.md, "Bad input"):
+    refuse a parameter of ``groups`` ((index, group) pairs) on another, before anything changes.
+    CPU parameters beside CUDA ones on backend="cuda" would be stepped by the CPU kernels,
+    which do not see the step's device-side skip flag. Meta tensors (a deferred init) have
+    no device yet."""
+    record = backends.get(backend)
+    if not record.fused:
+        return
+    for index, group in groups:
+        for position, p in enumerate(group["params"]):
+            if p.device.type != "meta" and not record.steps(p.device.type):
+                raise ValueError(f"{describe(index, position, p)} is on {p.device.type}, but backend={backend!r} "
+                                 f"steps {' or '.join(record.devices)} tensors (the other parameters' device "
+                                 "type): give the parameters of each device type their own optimizer")

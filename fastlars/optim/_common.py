@@ -21,7 +21,7 @@ from ..ops import _tables  # no Triton, no extension: safe to import early
 from ..ops.launch import LaunchCache
 from ..ops.plan import LaunchPlan, StepPlan
 from ._buckets import Bucket, cache_sized_slices, launch_groups, where_  # noqa: F401 (lars.py, lamb.py)
-from ._checks import check_flag, check_number, describe, scalar_lr  # noqa: F401 (lars.py, lamb.py)
+from ._checks import check_backend_devices, check_flag, check_number, describe, scalar_lr  # noqa: F401
 from . import _layer_stats
 from ._groups import param_groups
 from ._state_dict import StateDictMixin
@@ -82,6 +82,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         backend, foreach, fused = self._backend_request
         self.backend = resolve_backend(backend_from_flags(backend, foreach, fused, device), device)
         self._backend_device = None if device is None else device.type
+        check_backend_devices(self.backend, enumerate(self.param_groups))  # device None: meta tensors only
         if self.capturable and self.backend not in ("triton", "cuda"):
             raise ValueError(f"capturable=True needs backend='triton' or 'cuda' (got {self.backend!r}): their steps "
                              "read nothing on the host once their tables are built")
@@ -124,6 +125,8 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
             raise ValueError(f"param_groups[{index}] mixes devices {sorted(map(str, devices))}; "
                              "put parameters of each device in their own group")
         self._validate_group({**self.defaults, **param_group, "params": tensors}, f" in param_groups[{index}]")
+        if getattr(self, "_backend_device", None) is not None:  # else chosen with the first parameters' device
+            check_backend_devices(self.backend, [(index, {"params": tensors})])
         param_group["params"] = params  # torch's add_param_group splits off the names and fills in the defaults
         super().add_param_group(param_group)
 
@@ -264,7 +267,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         buckets = self._buckets()
         if not buckets:
             return loss
-        if buckets[0].device.type != self._backend_device:  # first step after a deferred init, or moved
+        if any(b.device.type != self._backend_device for b in buckets):  # after a deferred init, or moved
             self._use_device(buckets[0].device)
 
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)

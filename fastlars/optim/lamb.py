@@ -29,7 +29,7 @@ from torch import Tensor
 from ..ops import _tables
 from ..ops.layouts import SumColumn
 from . import _layer_stats
-from ._buckets import Bucket, cache_sized_slices, where_
+from ._buckets import Bucket, cache_sized_slices, descend, where_
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
 
@@ -392,11 +392,12 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     if ok is None:
         if direct_decay != 0:
             torch._foreach_mul_(weights, decay)
-        torch._foreach_add_(weights, u, alpha=-lr)
+        descend(weights, u, lr, in_place=True)
     else:
-        torch._foreach_add_(steps, ok.to(torch.float32))
+        # one 0-d addend per step tensor: torch's CPU path reads a single tensor addend on the host
+        torch._foreach_add_(steps, [ok.to(torch.float32)] * len(steps))
         where_(ok, m, exp_avgs)
         where_(ok, v, exp_avg_sqs)
         decayed = torch._foreach_mul(weights, decay) if direct_decay != 0 else weights
-        where_(ok, torch._foreach_add(decayed, u, alpha=-lr), weights)
+        where_(ok, descend(decayed, u, lr, in_place=False), weights)
     return trust if norms is not None else None  # the trust ratios, for layer_stats

@@ -24,7 +24,7 @@ from .. import backends
 from ..ops import _tables
 from ..ops.layouts import SumColumn
 from . import _layer_stats
-from ._buckets import Bucket, cache_sized_slices, where_
+from ._buckets import Bucket, cache_sized_slices, descend, where_
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
 
@@ -56,8 +56,13 @@ def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float, trust_coeffic
     computed = lars_ratio_computed(w_norm, g_norm)
     r = torch.where(computed, r, torch.ones_like(r))
     if trust_clip:
-        # min(r / lr, 1); as lr -> 0 the limit is 1, which also avoids 0/0.
-        r = torch.clamp(r / lr, max=1.0) if lr > 0 else torch.ones_like(r)
+        # min(r / lr, 1); as lr -> 0 the limit is 1, which also avoids 0/0. A tensor lr is
+        # tested on its device: reading it would synchronise (the step and layer_stats() read nothing)
+        clipped = torch.clamp(r / lr, max=1.0)
+        if isinstance(lr, Tensor) and lr.device == r.device:
+            r = torch.where(lr > 0, clipped, 1.0)
+        else:  # a number, or a CPU tensor lr with CUDA norms (host memory: read for free)
+            r = clipped if lr > 0 else torch.ones_like(r)
     if trust_bounds is not None:
         r = torch.where(computed, torch.clamp(r, *trust_bounds), r)
     if zero_norm == "plain_sgd" and trust_clip:
@@ -374,7 +379,7 @@ def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor 
 
     step_lr = 1.0 if lr_in_momentum else lr  # lr_in_momentum: w -= buf, which holds lr
     if ok is None:
-        torch._foreach_add_(weights, d, alpha=-step_lr)
+        descend(weights, d, step_lr, in_place=True)
     else:
-        where_(ok, torch._foreach_add(weights, d, alpha=-step_lr), weights)
+        where_(ok, descend(weights, d, step_lr, in_place=False), weights)
 
