@@ -185,7 +185,9 @@ def build_launch(weights: list[Tensor], params: list[Tensor], grads: list[Tensor
         table = _on_device(rows, torch.int64, device).reshape(-1, len(TensorColumn))
         chunks = _on_device(chunk_rows, torch.int64, device).reshape(-1, len(ChunkColumn))
         groups = torch.empty(shape, dtype=torch.float64, device=device)
-        write_param = entries[0][0] != entries[0][1]  # master weights: w is not p
+        # master weights (fp32 masters of low-precision parameters): the launch's dtypes say
+        # it; the first tensor's pointers do not (an empty master and parameter both point at 0)
+        write_param = weights[0].dtype != params[0].dtype
         # torch allocations start 16-B aligned, but a view's data_ptr need not be (a gradient
         # in a flat bucket): the hint is given only when every pointer is
         aligned = all(ptr % 16 == 0 for entry in entries for ptr in entry[:6])
