@@ -8,7 +8,7 @@ import torch
 
 import fastlars
 from fastlars.optim import _hyper
-from conftest import model_inputs, small_cnn
+from conftest import backend_params, model_inputs, small_cnn
 
 CPU_BACKENDS = fastlars.backends.usable_on("cpu")
 
@@ -112,7 +112,7 @@ def test_a_loaded_state_dict_makes_new_records():
 
 
 @pytest.mark.parametrize("name", ["LARS", "LAMB"])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(CPU_BACKENDS))
 def test_steps_with_edits_match_a_decode_at_every_step(name, backend, monkeypatch):
     """A run whose groups are edited between steps (a float lr schedule, options, a list
     edited in place, a tensor lr changed in place) steps bit for bit as a run that decodes

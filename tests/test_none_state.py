@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastlars
-from conftest import model_inputs, small_cnn
+from conftest import backend_params, model_inputs, small_cnn
 
 BACKENDS = fastlars.available_backends()
 
@@ -35,13 +35,10 @@ def _steps(backend, device, none_buffer, steps=4, skip_first=False, **kwargs):
     return model, opt
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_none_buffer_steps_as_no_state(backend, device):
     """4 steps from a None buffer give what 4 steps from no state give on the reference
-    (on main, cpu and triton stepped without momentum: 6.8e-4 off)."""
-    if backend not in fastlars.backends.usable_on(device.type) and not (
-            backend == "triton" and fastlars.backends.triton_runs_on(device.type)):
-        pytest.skip(f"{backend} does not step {device.type} tensors")
+    (before the fix, cpu and triton stepped without momentum: 0.0135 off here)."""
     oracle, oracle_opt = _steps("reference", device, none_buffer=False)
     model, opt = _steps(backend, device, none_buffer=True)
     exact = backend == "reference"
@@ -55,13 +52,10 @@ def test_none_buffer_steps_as_no_state(backend, device):
         torch.testing.assert_close(buf, oracle_opt.state[q]["momentum_buffer"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_none_buffer_with_a_skipped_first_step(backend, device):
     """skip_nonfinite: a step that would create the buffer of a None entry reads the skip
     flag as a first step does; the skipped step leaves the entry None and changes nothing."""
-    if backend not in fastlars.backends.usable_on(device.type) and not (
-            backend == "triton" and fastlars.backends.triton_runs_on(device.type)):
-        pytest.skip(f"{backend} does not step {device.type} tensors")
     model, opt = _steps(backend, device, none_buffer=True, steps=1, skip_first=True, skip_nonfinite=True)
     assert opt.skipped_steps == 1
     assert all(opt.state[p].get("momentum_buffer") is None for p in model.parameters())
