@@ -391,6 +391,5 @@ def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor 
         where_(ok, descend(weights, d, step_lr, in_place=False), weights)
 
 
-
 _EAGER_PATHS = {"reference": EagerPath(one_at_a_time_norms, whole_bucket, _lars_reference),
                 "foreach": EagerPath(foreach_norms, cache_sized_slices, _lars_foreach)}
