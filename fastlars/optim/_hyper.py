@@ -155,19 +155,18 @@ def record_fields(record_type) -> list[str]:
 # -- which groups changed ------------------------------------------------------
 
 class _Tensor:
-    """A tensor in a group's snapshot: equal to another while it is the same tensor, and,
-    on the CPU (host memory, read for free), holds the same value (an lr a scheduler
-    changed in place is checked again). A device tensor's value is never read: the record
-    holds the tensor, whose value the kernels read on the device at every step."""
+    """A tensor in a group's snapshot: equal to another while it is the same tensor. Its
+    value is never read (on CUDA a read would synchronise): the record holds the tensor,
+    whose value the kernels read on the device at every step, so a scheduler may change it
+    in place; it was checked when it was put in the group."""
 
-    __slots__ = ("tensor", "value")
+    __slots__ = ("tensor",)
 
     def __init__(self, t: Tensor) -> None:
         self.tensor = t
-        self.value = t.item() if t.device.type == "cpu" and t.numel() == 1 else None
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, _Tensor) and other.tensor is self.tensor and other.value == self.value
+        return isinstance(other, _Tensor) and other.tensor is self.tensor
 
     __hash__ = None
 
