@@ -5,7 +5,7 @@ works on the local shards (``to_local()`` views, so in-place updates land in the
 DTensor), and the per-layer squared norms of every layer are summed across the mesh
 in **one** all-reduce of a flat vector, between the norms phase and the update (LAMB
 with ``max_grad_norm > 0``: two, see ``LAMB._norms_phase``). Every backend does this:
-the fused kernels' partial sums are reduced by ``fastlars.ops._tables.reduce_partials``.
+the fused kernels' partial sums are reduced by ``fastlars.ops._tables.reduce_tensor_sums``.
 Replicated tensors (and plain tensors, identical on every rank) are counted once:
 their sums are divided by the world size before the all-reduce adds them up again.
 

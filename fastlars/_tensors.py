@@ -47,3 +47,10 @@ def weights_for_norm(params: list[Tensor], states: list[Mapping], compute_dtype:
         masters = (st.get("master_param") for st in states)
         return [p.to(compute_dtype) if m is None else m for p, m in zip(params, masters)]
     return params
+
+
+def has_state(state: Mapping, key: str) -> bool:
+    """Whether a parameter's ``state`` holds ``key``: an entry of None is absent (torch.optim.SGD
+    checkpoints with momentum=0 store ``momentum_buffer=None``, and users set it to reset
+    momentum). The one test of a state entry's existence, for every backend."""
+    return state.get(key) is not None

@@ -43,6 +43,7 @@ class Backend:
     probe: Callable[[], bool]         # available in this installation (may compile the C++ extension)
     summary: str                      # what it is, one line
     drivers: Callable[[], dict[str, Driver]] | None = None  # "lars"/"lamb" -> Driver; fused backends
+    capturable: bool = False          # its step reads nothing on the host once its tables are built
 
     def available(self) -> bool:
         return self.probe()
@@ -92,10 +93,10 @@ def _cpp_drivers() -> dict[str, Driver]:
 # fastest first: the order "auto" tries them for a device type
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("triton", ("cuda",), fused=True, auto=True, probe=has_triton,
-            summary="fused multi-tensor Triton kernels", drivers=_triton_drivers),
+            summary="fused multi-tensor Triton kernels", drivers=_triton_drivers, capturable=True),
     Backend("cuda", ("cuda",), fused=True, auto=True,
             probe=lambda: torch.cuda.is_available() and _extension_has("with_cuda"),
-            summary="fused multi-tensor CUDA C++ kernels", drivers=_cpp_drivers),
+            summary="fused multi-tensor CUDA C++ kernels", drivers=_cpp_drivers, capturable=True),
     Backend("cpu", ("cpu",), fused=True, auto=True, probe=lambda: _extension_has("lars_update_cpu"),
             summary="fused C++ kernels (OpenMP)", drivers=_cpp_drivers),
     Backend("foreach", None, fused=False, auto=True, probe=lambda: True,

@@ -292,13 +292,14 @@ def test_a_tensor_lr_on_another_device_is_read_on_the_host():
     copy a CUDA graph refuses). No CUDA tensor is needed to check the rule."""
     from fastlars.ops import _tables as tb
     from fastlars.ops.layouts import LarsColumn
+    from fastlars.optim._hyper import lars_hyper
 
     lr = torch.tensor(0.25)
     defaults = fastlars.LARS([torch.nn.Parameter(torch.ones(1))]).defaults  # every option the row reads
     group = dict(defaults, lr=lr, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, trust_clip=False,
                  trust_ratio=True, momentum=0.9, dampening=0.0, nesterov=False)
-    [on_cpu] = tb.group_rows([group], torch.device("cpu"), tb.lars_group_row)
-    [on_cuda] = tb.group_rows([group], torch.device("cuda", 0), tb.lars_group_row)
+    [on_cpu] = tb.group_rows([lars_hyper(group).row()], torch.device("cpu"))
+    [on_cuda] = tb.group_rows([lars_hyper(group).row()], torch.device("cuda", 0))
     assert on_cpu[LarsColumn.LR] is lr
     assert type(on_cuda[LarsColumn.LR]) is float and on_cuda[LarsColumn.LR] == 0.25
 

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from fastlars import _extension
-from fastlars.ops import _tables, layouts
+from fastlars.ops import layouts
+from fastlars.optim import _hyper
 
 
 @pytest.mark.parametrize("name", list(layouts.LAYOUTS))
@@ -25,12 +26,28 @@ def test_columns_number_a_dense_row(layout):
     assert sorted(int(c) for c in layout) == list(range(len(layout)))
 
 
+def lars_row(group):
+    return _hyper.lars_hyper(group).row()
+
+
+def lamb_row(group):
+    return _hyper.lamb_hyper(group).row()
+
+
+@pytest.mark.parametrize("record, layout", [(_hyper.LarsHyper, layouts.LarsColumn),
+                                            (_hyper.LambHyper, layouts.LambColumn)])
+def test_records_are_the_group_table_columns(record, layout):
+    """A group's record (what the Python backends read) has a field per column of the
+    kernels' group table, named as the column, in its order: row() is the record."""
+    assert _hyper.record_fields(record) == [column.name.lower() for column in layout]
+
+
 def test_group_rows_put_each_value_in_its_named_column():
     lars = {"lr": 0.1, "weight_decay": 0.2, "trust_coefficient": 0.3, "eps": 0.4, "trust_clip": True,
             "trust_ratio": False, "momentum": 0.7, "dampening": 0.25, "nesterov": True,
             "adapt_only_decayed": False, "ratio_denominator": "norm_of_sum", "zero_norm": "plain_sgd",
             "trust_bounds": (0.5, 2.0), "lr_in_momentum": True}
-    row = _tables.lars_group_row(lars)
+    row = lars_row(lars)
     L = layouts.LarsColumn
     assert len(row) == len(L)
     assert (row[L.LR], row[L.WEIGHT_DECAY], row[L.TRUST_COEFFICIENT], row[L.EPS]) == (0.1, 0.2, 0.3, 0.4)
@@ -39,19 +56,19 @@ def test_group_rows_put_each_value_in_its_named_column():
     # the variants' effective values: the mode flags only where the group adapts (it does not here)
     assert (row[L.DENOMINATOR_DECAY], row[L.RATIO_MIN], row[L.RATIO_MAX], row[L.LR_IN_MOMENTUM]) == (0.0, 0.5, 2.0, True)
     assert (row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM], row[L.PLAIN_SGD]) == (False, False, False)
-    row = _tables.lars_group_row({**lars, "trust_ratio": True, "trust_bounds": None})
+    row = lars_row({**lars, "trust_ratio": True, "trust_bounds": None})
     assert (row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM], row[L.PLAIN_SGD]) == (True, False, True)
     assert (row[L.RATIO_MIN], row[L.RATIO_MAX]) == (0.0, math.inf)
-    row = _tables.lars_group_row({**lars, "trust_ratio": True, "ratio_denominator": "sum_of_norms"})
+    row = lars_row({**lars, "trust_ratio": True, "ratio_denominator": "sum_of_norms"})
     assert (row[L.DENOMINATOR_DECAY], row[L.NORM_OF_SUM], row[L.AFTER_MOMENTUM]) == (0.2, False, False)
-    assert _tables.lars_group_row({**lars, "trust_ratio": True, "ratio_denominator": "momentum_update"})[
+    assert lars_row({**lars, "trust_ratio": True, "ratio_denominator": "momentum_update"})[
         L.AFTER_MOMENTUM] is True
 
     lamb = {"lr": 0.1, "betas": (0.5, 0.25), "eps": 0.3, "weight_decay": 0.4, "bias_correction": True,
             "grad_averaging": False, "max_grad_norm": 0.6, "trust_clip": False, "trust_ratio": True,
             "adapt_only_decayed": True, "decay_mode": "update", "eps_inside_sqrt": True, "trust_bounds": (0.01, 10.0),
             "bias_correction_in_lr": True, "grad_norm_eps": 1e-6}
-    row = _tables.lamb_group_row(lamb)
+    row = lamb_row(lamb)
     B = layouts.LambColumn
     assert len(row) == len(B)
     assert (row[B.LR], row[B.BETA1], row[B.BETA2], row[B.ONE_MINUS_BETA2], row[B.BETA3]) == (0.1, 0.5, 0.25, 0.75, 1.0)
@@ -59,15 +76,15 @@ def test_group_rows_put_each_value_in_its_named_column():
     assert (row[B.EPS], row[B.WEIGHT_DECAY], row[B.MAX_GRAD_NORM]) == (0.3, 0.4, 0.6)
     assert (row[B.BIAS_CORRECTION], row[B.TRUST_CLIP], row[B.ADAPT]) == (True, False, True)
     # adapt_only_decayed: the ADAPT column follows the group's weight decay at every step
-    assert _tables.lamb_group_row({**lamb, "weight_decay": 0.0})[B.ADAPT] is False
+    assert lamb_row({**lamb, "weight_decay": 0.0})[B.ADAPT] is False
     assert (row[B.EPS_INSIDE_SQRT], row[B.BIAS_CORRECTION_IN_LR]) == (True, True)
     assert (row[B.TRUST_LOW], row[B.TRUST_HIGH], row[B.GRAD_NORM_EPS]) == (0.01, 10.0, 1e-6)
     # the group's weight decay sits in the column of its decay_mode, 0 in the others
     for mode, column in (("update", B.WEIGHT_DECAY), ("l2", B.GRAD_DECAY), ("direct", B.DIRECT_DECAY)):
-        moded = _tables.lamb_group_row({**lamb, "decay_mode": mode})
+        moded = lamb_row({**lamb, "decay_mode": mode})
         assert [moded[c] for c in (B.WEIGHT_DECAY, B.GRAD_DECAY, B.DIRECT_DECAY)] == [
             0.4 if c == column else 0.0 for c in (B.WEIGHT_DECAY, B.GRAD_DECAY, B.DIRECT_DECAY)]
-    assert _tables.lamb_group_row({**lamb, "trust_bounds": None})[B.TRUST_HIGH] == math.inf
+    assert lamb_row({**lamb, "trust_bounds": None})[B.TRUST_HIGH] == math.inf
 
 
 def test_triton_constants_are_the_layouts():

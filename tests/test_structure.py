@@ -110,3 +110,14 @@ def test_no_importlib_on_our_own_modules():
     """Our modules are imported by name (a search for a function finds its callers)."""
     offenders = [name for name, path in modules().items() if "import_module(f" in path.read_text()]
     assert not offenders, offenders
+
+
+def test_ops_read_no_param_group():
+    """The kernels' drivers get each group as its record's row (fastlars/optim/_hyper.py): an
+    option's meaning is decoded once, in the optimizers, never again from the group dict."""
+    import re
+
+    reads = re.compile(r"\bgroup\[|\bgroup\.get\(|\.group\b|\.param_groups\b")
+    offenders = [f"{name}:{number}: {line.strip()}" for name, path in modules().items() if name.startswith("fastlars.ops")
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if reads.search(line)]
+    assert not offenders, "\n".join(offenders)

@@ -1,35 +1,47 @@
-"""Bookkeeping shared by the fused optimizer backends (Triton, C++): per-group
-hyper-parameter rows, the operands and state of a launch (from the step's plan,
-plan.py), layout checks, the cross-rank reduction of the norms. Imports neither Triton
-nor the C++ extension."""
+"""Bookkeeping shared by the fused optimizer backends (Triton, C++): the per-group
+hyper-parameter rows on a launch's device, the operands and state of a launch (from the
+step's plan, plan.py), layout checks, the cross-rank reduction of the norms. Imports
+neither Triton nor the C++ extension, and reads no param group: the optimizers hand
+their groups over as rows (fastlars/optim/_hyper.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import _sharded, _tensors
 from .launch import build_launch
-from .layouts import LambColumn, LarsColumn, SumColumn, row_of
+from .layouts import LambColumn, LarsColumn, SumColumn
 from .plan import LaunchPlan, StepPlan
+
+
+class Operands(NamedTuple):
+    """What a launch's tables point to besides the parameters and the state the optimizer
+    holds: the gradients in the parameters' layout (copies where they differ), the weights
+    (fp32 masters, copies made before a master exists, or the parameters) and LAMB's
+    moments (exp_avg, exp_avg_sq, step lists). Kept alive until the kernels ran."""
+
+    grads: list[Tensor]
+    weights: list[Tensor]
+    moments: tuple | None = None
 
 
 @dataclass
 class Merged:
     """One launch's plan (one (device, dtype) across param groups) and its norms pass's
-    sums, one row per tensor. Triton: also the norms pass's launch tables, which the
-    update reuses when the step creates no state, and the tensors they point to (a
-    gradient copied to the parameter's layout)."""
+    per-tensor sums (``sums``, one row per tensor in the layout SumColumn). GPU: also the
+    norms pass's launch tables, which the update reuses when the step creates no state,
+    and the operands they point to."""
 
     plan: LaunchPlan
-    partials: Tensor
+    sums: Tensor | None
     launch: object = None
-    keep_alive: object = None
+    operands: Operands | None = None
 
 
 def on_device(device: torch.device):
@@ -46,16 +58,15 @@ def scalar_on(t: Tensor | None, device: torch.device, dtype: torch.dtype | None 
     return None if t is None else t.to(device=device, dtype=dtype)
 
 
-def group_rows(groups: list[dict], device: torch.device, row_of) -> list[list]:
-    """One row of hyper-parameters (``row_of(group)``) per param group of a launch on
-    ``device``: floats, except a tensor (a tensor lr) on that device, which is left as it
-    is for the drivers to copy on the device (set_group_rows): reading it as a float
-    would synchronise with the device at every step. A tensor on another device (a CPU
-    tensor lr with CUDA parameters) is read on the host instead: copying it to the device
-    would be a copy from pageable memory, which blocks, and which a CUDA graph cannot
-    capture (capturable=True refuses such an lr when the group is added)."""
-    return [[x if isinstance(x, Tensor) and x.device == device else float(x) for x in row_of(group)]
-            for group in groups]
+def group_rows(rows: list[list], device: torch.device) -> list[list]:
+    """The hyper-parameter rows of a launch's groups on ``device``: floats, except a tensor
+    (a tensor lr) on that device, which is left as it is for the drivers to copy on the
+    device (set_group_rows): reading it as a float would synchronise with the device at
+    every step. A tensor on another device (a CPU tensor lr with CUDA parameters) is read
+    on the host instead: copying it to the device would be a copy from pageable memory,
+    which blocks, and which a CUDA graph cannot capture (capturable=True refuses such an
+    lr when the group is added)."""
+    return [[x if isinstance(x, Tensor) and x.device == device else float(x) for x in row] for row in rows]
 
 
 def check_layouts(named) -> None:
@@ -82,73 +93,6 @@ def same_layout(g: Tensor, p: Tensor) -> Tensor:
     return out
 
 
-def adapts(group) -> bool:
-    """Whether a param group's tensors get a trust ratio (docs/contract.md, "Which parameters
-    adapt"): its ``trust_ratio`` flag, and with ``adapt_only_decayed`` only where its
-    weight decay is not 0 (timm ``Lars``/``Lamb``, apex ``FusedLAMB``, lightly). Read at
-    every step, so a group whose decay is changed later follows."""
-    return bool(group["trust_ratio"]) and (not group["adapt_only_decayed"] or group["weight_decay"] != 0)
-
-
-# Group-table rows, one per param group, in the layouts of layouts.py (LarsColumn,
-# LambColumn), which the Triton and C++ kernels read. Differences such as
-# 1 - dampening are formed here in double: 1 - float32(0.999) is 1.3e-5 off.
-def lars_group_row(group) -> list:
-    return row_of(LarsColumn, {
-        LarsColumn.LR: group["lr"], LarsColumn.WEIGHT_DECAY: group["weight_decay"],
-        LarsColumn.TRUST_COEFFICIENT: group["trust_coefficient"], LarsColumn.EPS: group["eps"],
-        LarsColumn.TRUST_CLIP: group["trust_clip"], LarsColumn.ADAPT: adapts(group),
-        LarsColumn.MOMENTUM: group["momentum"], LarsColumn.ONE_MINUS_DAMPENING: 1.0 - group["dampening"],
-        LarsColumn.NESTEROV: group["nesterov"], **lars_variant_columns(group)})
-
-
-def lars_variant_columns(group) -> dict:
-    """The LARS variants' columns (docs/contract.md, "LARS variants") as the kernels use
-    them: the denominator's decay and the mode flags of a group that adapts (one that does
-    not steps as the default, r = 1), the bounds as numbers."""
-    adapt = adapts(group)
-    denominator = group["ratio_denominator"]
-    low, high = trust_bounds(group)
-    return {LarsColumn.DENOMINATOR_DECAY: group["weight_decay"] if denominator == "sum_of_norms" else 0.0,
-            LarsColumn.NORM_OF_SUM: adapt and denominator == "norm_of_sum",
-            LarsColumn.AFTER_MOMENTUM: adapt and denominator == "momentum_update",
-            LarsColumn.PLAIN_SGD: adapt and group["zero_norm"] == "plain_sgd",
-            LarsColumn.RATIO_MIN: low, LarsColumn.RATIO_MAX: high, LarsColumn.LR_IN_MOMENTUM: group["lr_in_momentum"]}
-
-
-def lamb_decays(group) -> tuple[float, float, float]:
-    """(added to u, added to the gradient, applied to w directly): the group's weight decay
-    in the place its ``decay_mode`` puts it, 0 in the others (docs/contract.md, "LAMB"). The
-    one reading of decay_mode, for the Python backends and the kernels' group table alike."""
-    decay, mode = group["weight_decay"], group["decay_mode"]
-    return (decay if mode == "update" else 0.0, decay if mode == "l2" else 0.0, decay if mode == "direct" else 0.0)
-
-
-def trust_bounds(group) -> tuple[float, float]:
-    """``trust_bounds`` as (low, high); (0, inf), which bound no ratio, without."""
-    bounds = group["trust_bounds"]
-    return (0.0, math.inf) if bounds is None else (float(bounds[0]), float(bounds[1]))
-
-
-def lamb_group_row(group) -> list:
-    beta1, beta2 = group["betas"]
-    update_decay, grad_decay, direct_decay = lamb_decays(group)
-    trust_low, trust_high = trust_bounds(group)
-    return row_of(LambColumn, {
-        LambColumn.LR: group["lr"], LambColumn.BETA1: beta1, LambColumn.BETA2: beta2,
-        LambColumn.ONE_MINUS_BETA2: 1.0 - beta2, LambColumn.BETA3: 1.0 - beta1 if group["grad_averaging"] else 1.0,
-        LambColumn.LOG_BETA1: math.log(beta1) if beta1 > 0 else -math.inf,
-        LambColumn.LOG_BETA2: math.log(beta2) if beta2 > 0 else -math.inf,
-        LambColumn.BIAS_CORRECTION: group["bias_correction"], LambColumn.EPS: group["eps"],
-        LambColumn.WEIGHT_DECAY: update_decay, LambColumn.MAX_GRAD_NORM: group["max_grad_norm"],
-        LambColumn.TRUST_CLIP: group["trust_clip"], LambColumn.ADAPT: adapts(group),
-        LambColumn.GRAD_DECAY: grad_decay, LambColumn.DIRECT_DECAY: direct_decay,
-        LambColumn.EPS_INSIDE_SQRT: group["eps_inside_sqrt"],
-        LambColumn.BIAS_CORRECTION_IN_LR: group["bias_correction_in_lr"],
-        LambColumn.TRUST_LOW: trust_low, LambColumn.TRUST_HIGH: trust_high,
-        LambColumn.GRAD_NORM_EPS: group["grad_norm_eps"]})
-
-
 def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """(params, grads in the params' layout, weights) of one launch. The weights are the
     fp32 masters where they exist, else the params; before the gate (``for_update``
@@ -156,7 +100,8 @@ def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tenso
     params = lp.params
     grads = [same_layout(g, p) for g, p in zip(lp.grads, params)]
     if for_update:
-        weights = [st.get("master_param", p) for p, st in zip(params, lp.states)]
+        weights = [st["master_param"] if _tensors.has_state(st, "master_param") else p
+                   for p, st in zip(params, lp.states)]
     else:
         weights = _tensors.weights_for_norm(params, lp.states, lp.compute_dtype, lp.master_weights)
     return params, grads, weights
@@ -165,8 +110,13 @@ def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tenso
 def momentum_buffers(lp: LaunchPlan) -> list[Tensor | None]:
     """Each parameter's LARS momentum buffer, None without momentum or before the
     optimizer created it (its first step; the kernels then write d into it: ``lp.first``)."""
-    return [st.get("momentum_buffer") if lp.rows[gi][LarsColumn.MOMENTUM] != 0 else None
-            for st, gi in zip(lp.states, lp.group_of)]
+    return [_buffer(st) if lp.rows[gi][LarsColumn.MOMENTUM] != 0 else None for st, gi in zip(lp.states, lp.group_of)]
+
+
+def _buffer(state) -> Tensor | None:
+    """The state's momentum buffer; None where it has none (_tensors.has_state: an entry
+    of None included)."""
+    return state["momentum_buffer"] if _tensors.has_state(state, "momentum_buffer") else None
 
 
 def lars_variants(lp: LaunchPlan) -> bool:
@@ -225,7 +175,7 @@ def lars_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, chunk_size: in
         first = [buf is None and lp.rows[gi][LarsColumn.MOMENTUM] != 0 for buf, gi in zip(bufs, lp.group_of)]
     launch = build_launch(weights, params, grads, bufs, [None] * n, [None] * n, lp.group_of,
                           first, lp.rows, lp.compute_dtype, plan.cache, chunk_size, validate)
-    return launch, (grads, weights)
+    return launch, Operands(grads, weights)
 
 
 def lamb_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, states: list, chunk_size: int):
@@ -238,7 +188,7 @@ def lamb_launch(plan: StepPlan, lp: LaunchPlan, for_update: bool, states: list, 
         validate = lambda: check_state_layouts(lp, params, weights, ("master_param",), moments[:2])
     launch = build_launch(weights, params, grads, *moments, lp.group_of, [False] * len(params), lp.rows,
                           lp.compute_dtype, plan.cache, chunk_size, validate)
-    return launch, (grads, weights, moments)
+    return launch, Operands(grads, weights, moments)
 
 
 def update_launch(plan: StepPlan, ctx: Merged, chunk_size: int, tables):
@@ -247,7 +197,7 @@ def update_launch(plan: StepPlan, ctx: Merged, chunk_size: int, tables):
     capturable, a state-creating step also builds the next step's norms tables, so that
     "one eager step, then capture" finds every table it needs."""
     if not plan.creating_state:
-        return ctx.launch, ctx.keep_alive
+        return ctx.launch, ctx.operands
     states = () if tables is lars_launch else (ctx.plan.states,)
     built = tables(plan, ctx.plan, True, *states, chunk_size)
     if plan.capturable:
@@ -270,14 +220,14 @@ def _sharded_flags(launches, device: torch.device) -> Tensor:
     return _flags_on(tuple(s for lp in launches for s in lp.sharded), device)
 
 
-def reduce_partials(plan: StepPlan, contexts: list[Merged]) -> None:
+def reduce_tensor_sums(plan: StepPlan, contexts: list[Merged]) -> None:
     """Sharded parameters (FSDP2): make every launch's per-tensor sums global, in place,
     in one all-reduce for all launches."""
-    device = contexts[0].partials.device
-    total = _sharded.reduce_sums(torch.cat([c.partials for c in contexts]),
+    device = contexts[0].sums.device
+    total = _sharded.reduce_sums(torch.cat([c.sums for c in contexts]),
                                  _sharded_flags((c.plan for c in contexts), device), plan.mesh)
-    for c, part in zip(contexts, total.split([c.partials.shape[0] for c in contexts])):
-        c.partials.copy_(part)
+    for c, part in zip(contexts, total.split([c.sums.shape[0] for c in contexts])):
+        c.sums.copy_(part)
 
 
 def one_launch_checks(plan: StepPlan) -> list[Tensor]:

@@ -29,18 +29,9 @@ from .. import _extension
 # prebuilt, cached or compiled now; None: the backends report themselves unavailable
 _C = _extension.load()
 
-
-def available() -> bool:
-    return _C is not None
-
-
 # Bytes of one cache-sized batch of the CPU step (0: the kernels' default, from the cache sizes;
 # FASTLARS_CPU_BATCH_BYTES also sets it): a tensor larger than a batch is read twice
 BATCH_BYTES = 0
-
-
-def _scalar(t) -> float:
-    return 1.0 if t is None else float(t)
 
 
 def _one_pass(plan) -> bool:
@@ -70,6 +61,8 @@ def _check_stopped(lp, stopped: int) -> None:
 
 
 def _scalar_or(t, default: float) -> float:
+    """A step scalar (the inverse grad scale, the global norm) for the CPU kernels: host
+    memory, read for free; ``default`` where the step has none."""
     return default if t is None else float(t)
 
 
@@ -83,19 +76,20 @@ def _host_group_table(lp):
     return torch.tensor([[float(x) for x in row] for row in lp.rows], dtype=torch.float64)
 
 
-def _sumsq_cuda(launch, keep_alive, lp, lars_groups=None, inv_scale=None):
-    """(n, SumColumn) per-tensor sums of w^2 and g^2 over a launch's tables (weights: keep_alive[1]);
-    given the LARS group table, the sums of x^2 where a group's ratio divides by ||x||."""
-    return _C.sumsq_cuda(launch.table, launch.chunks, keep_alive[1][0], lp.params[0], lars_groups, inv_scale)
+def _sumsq_cuda(launch, operands, lp, lars_groups=None, inv_scale=None):
+    """(n, SumColumn) per-tensor sums of w^2 and g^2 over a launch's tables; given the LARS
+    group table, the sums of x^2 where a group's ratio divides by ||x||. The first weight
+    and the first parameter give the entry point the tables' dtypes and device."""
+    return _C.sumsq_cuda(launch.table, launch.chunks, operands.weights[0], lp.params[0], lars_groups, inv_scale)
 
 
 def lars_norms(plan, inv_scale):
     contexts = []
     for lp in plan.launches:
         if _on_cuda(lp):  # the launch tables the Triton kernels read, cached (tb.lars_launch)
-            launch, keep_alive = tb.lars_launch(plan, lp, False, _C.chunk_elements)
-            sums = _sumsq_cuda(launch, keep_alive, lp, launch.groups if tb.lars_variants(lp) else None, inv_scale)
-            contexts.append(tb.Merged(lp, sums, launch, keep_alive))
+            launch, operands = tb.lars_launch(plan, lp, False, _C.chunk_elements)
+            sums = _sumsq_cuda(launch, operands, lp, launch.groups if tb.lars_variants(lp) else None, inv_scale)
+            contexts.append(tb.Merged(lp, sums, launch, operands))
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
@@ -103,10 +97,10 @@ def lars_norms(plan, inv_scale):
             contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads)))
             continue
         contexts.append(tb.Merged(lp, _C.sumsq_cpu(weights, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
-                                                   _host_group_table(lp), _scalar(inv_scale))))
+                                                   _host_group_table(lp), _scalar_or(inv_scale, 1.0))))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(plan, contexts)
-    return contexts, [c.partials for c in contexts if c.partials is not None]
+        tb.reduce_tensor_sums(plan, contexts)
+    return contexts, [c.sums for c in contexts if c.sums is not None]
 
 
 def lars_update(plan, contexts, inv_scale, ok) -> None:
@@ -115,19 +109,19 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
     for ctx in contexts:
         lp = ctx.plan
         if _on_cuda(lp):  # the entry point moves the device scalars to the parameters' device
-            launch, keep_alive = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lars_launch)
-            _C.lars_update_cuda(launch.table, launch.chunks, launch.groups, ctx.partials, keep_alive[1][0],
+            launch, operands = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lars_launch)
+            _C.lars_update_cuda(launch.table, launch.chunks, launch.groups, ctx.sums, operands.weights[0],
                                 lp.params[0], inv_scale, ok)
             continue
         params, grads, weights = tb.operands(lp, for_update=True)
         if _lars_one_pass(plan, lp):
-            ctx.partials, stopped = _C.lars_step_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first,
-                                                     lp.group_of, _host_group_table(lp), ctx.partials,
-                                                     _scalar(inv_scale), BATCH_BYTES)
+            ctx.sums, stopped = _C.lars_step_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first,
+                                                 lp.group_of, _host_group_table(lp), ctx.sums,
+                                                 _scalar_or(inv_scale, 1.0), BATCH_BYTES)
             _check_stopped(lp, stopped)
             continue
         _C.lars_update_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
-                           _host_group_table(lp), ctx.partials, _scalar(inv_scale))
+                           _host_group_table(lp), ctx.sums, _scalar_or(inv_scale, 1.0))
 
 
 def _cpu_moments(states):
@@ -140,40 +134,40 @@ def lamb_norms(plan, inv_scale):
     prepared = []
     for lp in plan.launches:
         if _on_cuda(lp):  # the launch tables the Triton kernels read, cached (tb.lamb_launch)
-            launch, keep_alive = tb.lamb_launch(plan, lp, False, lp.norm_states, _C.chunk_elements)
-            prepared.append((lp, launch, keep_alive))
+            launch, operands = tb.lamb_launch(plan, lp, False, lp.norm_states, _C.chunk_elements)
+            prepared.append((lp, launch, operands))
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.norm_states)
         tb.check_state_layouts(lp, params, weights, ("master_param",), (exp_avgs, exp_avg_sqs))
-        prepared.append((lp, None, (grads, weights, (exp_avgs, exp_avg_sqs, steps))))
+        prepared.append((lp, None, tb.Operands(grads, weights, (exp_avgs, exp_avg_sqs, steps))))
     one_pass = _one_pass(plan)
     # the one-pass CPU step's gate reads the gradients' sums, which clipping needs too
-    grad_sums = {id(lp): _C.grad_sumsq_cpu(keep[0]) for lp, launch, keep in prepared
+    grad_sums = {id(lp): _C.grad_sumsq_cpu(operands.grads) for lp, launch, operands in prepared
                  if launch is None and one_pass and (tb.clipping(plan) or not plan.gate_known)}
     global_norm = None  # no clipping
     if tb.clipping(plan):
-        sums = [(lp, _sumsq_cuda(launch, keep, lp) if launch is not None
-                 else grad_sums[id(lp)] if one_pass else _C.sumsq_cpu(keep[1], keep[0], [], [], [], None, 1.0))
-                for lp, launch, keep in prepared]
+        sums = [(lp, _sumsq_cuda(launch, operands, lp) if launch is not None else grad_sums[id(lp)] if one_pass
+                 else _C.sumsq_cpu(operands.weights, operands.grads, [], [], [], None, 1.0))
+                for lp, launch, operands in prepared]
         global_norm = tb.global_grad_norm(plan, sums, plan.launches[0].device)
     contexts = []
-    for lp, launch, keep_alive in prepared:
+    for lp, launch, operands in prepared:
         if launch is None and one_pass:  # the update sums the norms, batch by batch
             contexts.append(tb.Merged(lp, grad_sums.get(id(lp))))
             continue
         if launch is not None:  # the entry point moves the device scalars to the parameters' device
-            sums = _C.lamb_norms_cuda(launch.table, launch.chunks, launch.groups, keep_alive[1][0], lp.params[0],
-                                      inv_scale, global_norm)
-            contexts.append(tb.Merged(lp, sums, launch, keep_alive))
+            sums = _C.lamb_norms_cuda(launch.table, launch.chunks, launch.groups, operands.weights[0],
+                                      lp.params[0], inv_scale, global_norm)
+            contexts.append(tb.Merged(lp, sums, launch, operands))
             continue
-        grads, weights, (exp_avgs, exp_avg_sqs, steps) = keep_alive
+        grads, weights, (exp_avgs, exp_avg_sqs, steps) = operands
         sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, lp.group_of, _host_group_table(lp),
-                                 _scalar(inv_scale), _scalar_or(global_norm, -1.0))
+                                 _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0))
         contexts.append(tb.Merged(lp, sums))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(plan, contexts)
-    return (contexts, global_norm), [c.partials for c in contexts if c.partials is not None]
+        tb.reduce_tensor_sums(plan, contexts)
+    return (contexts, global_norm), [c.sums for c in contexts if c.sums is not None]
 
 
 def lamb_update(plan, norms, inv_scale, ok) -> None:
@@ -183,21 +177,21 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
     for ctx in contexts:
         lp = ctx.plan
         if _on_cuda(lp):  # the entry point moves the device scalars to the parameters' device
-            launch, keep_alive = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lamb_launch)
-            _C.lamb_update_cuda(launch.table, launch.chunks, launch.groups, ctx.partials, keep_alive[1][0],
+            launch, operands = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lamb_launch)
+            _C.lamb_update_cuda(launch.table, launch.chunks, launch.groups, ctx.sums, operands.weights[0],
                                 lp.params[0], inv_scale, global_norm, ok)
         elif _one_pass(plan):
             params, grads, weights = tb.operands(lp, for_update=True)
             exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
-            ctx.partials, stopped = _C.lamb_step_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps,
-                                                     lp.group_of, _host_group_table(lp), ctx.partials,
-                                                     _scalar(inv_scale), _scalar_or(global_norm, -1.0), BATCH_BYTES)
+            ctx.sums, stopped = _C.lamb_step_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                                     lp.group_of, _host_group_table(lp), ctx.sums,
+                                                     _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0), BATCH_BYTES)
             _check_stopped(lp, stopped)
         else:
             params, grads, weights = tb.operands(lp, for_update=True)
             exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
             _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, lp.group_of,
-                               _host_group_table(lp), ctx.partials, _scalar(inv_scale), _scalar_or(global_norm, -1.0))
+                               _host_group_table(lp), ctx.sums, _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0))
         # after the kernel, which used step + 1 as this update's t
         step_tensors = [st["step"] for st in lp.states]
         torch._foreach_add_(step_tensors,

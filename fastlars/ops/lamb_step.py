@@ -320,15 +320,15 @@ def lamb_norms(plan, inv_scale):
     prepared = [(lp, *tb.lamb_launch(plan, lp, False, lp.norm_states, mt.chunk_size(plan))) for lp in plan.launches]
     if plan.one_launch:  # the sums are formed by the update's launch (lamb_one_launch_kernel)
         contexts = [tb.Merged(lp, torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype,
-                                              device=launch.table.device), launch, keep_alive)
-                    for lp, launch, keep_alive in prepared]
+                                              device=launch.table.device), launch, operands)
+                    for lp, launch, operands in prepared]
         return (contexts, None), checks
     global_norm = None
     if tb.clipping(plan):
         global_norm = tb.global_grad_norm(plan, [(lp, mt.launch_sumsq(launch)) for lp, launch, _ in prepared],
                                           plan.launches[0].device)
     contexts = []
-    for lp, launch, keep_alive in prepared:
+    for lp, launch, operands in prepared:
         partials = torch.empty(launch.n_chunks, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
         if launch.n_chunks:
             with tb.on_device(launch.table.device):
@@ -338,10 +338,10 @@ def lamb_norms(plan, inv_scale):
                     ACC=mt.TL_DTYPES[launch.acc_dtype], HAS_CLIP=global_norm is not None,
                     HAS_SCALE=inv_scale is not None, OPTIONS=lamb_options(lp.rows), ALIGNED=launch.aligned,
                     CHUNK=mt.CHUNK, BLOCK=mt.BLOCK)
-        contexts.append(tb.Merged(lp, mt.tensor_totals(launch, partials, SumColumn.U2 + 1), launch, keep_alive))
+        contexts.append(tb.Merged(lp, mt.tensor_totals(launch, partials, SumColumn.U2 + 1), launch, operands))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
-        tb.reduce_partials(plan, contexts)
-    return (contexts, global_norm), [c.partials for c in contexts]
+        tb.reduce_tensor_sums(plan, contexts)
+    return (contexts, global_norm), [c.sums for c in contexts]
 
 
 def lamb_update(plan, norms, inv_scale, ok) -> None:
@@ -350,9 +350,9 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
     contexts, global_norm = norms
     for ctx in contexts:
         # the norms pass's tables, unless this step created the moments or master weights;
-        # `keep_alive` holds what new tables point to until the kernel has run
+        # `operands` holds what new tables point to until the kernel has run
         chunk = mt.chunk_size(plan)
-        launch, keep_alive = tb.update_launch(plan, ctx, chunk, tb.lamb_launch)
+        launch, operands = tb.update_launch(plan, ctx, chunk, tb.lamb_launch)
         device = launch.table.device
         if launch.n_chunks:
             global_norm_arg, inv_scale_arg = _scalar_args(launch, global_norm, inv_scale)
@@ -365,11 +365,11 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
                 if plan.one_launch:
                     partials, counters = mt.item_buffers(launch)
                     lamb_one_launch_kernel[(mt.one_launch_grid(launch),)](
-                        launch.table, launch.chunks, partials, ctx.partials, counters, launch.groups, inv_scale_arg,
+                        launch.table, launch.chunks, partials, ctx.sums, counters, launch.groups, inv_scale_arg,
                         ok_arg, 2 * launch.n_chunks, **flags, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
                 else:
                     lamb_update_kernel[(launch.n_chunks,)](
-                        launch.table, launch.chunks, ctx.partials, launch.groups, global_norm_arg, inv_scale_arg,
+                        launch.table, launch.chunks, ctx.sums, launch.groups, global_norm_arg, inv_scale_arg,
                         ok_arg, **flags, HAS_CLIP=global_norm is not None)
         # after the kernel, which read step + 1 as this update's t
         steps = [st["step"] for st in ctx.plan.states]

@@ -54,7 +54,7 @@ OPT_SUMS = tl.constexpr(int(SUMS))
 
 def lars_options(rows) -> int:
     """The LarsOption union of a launch's group rows (LarsColumn; the mode flags hold only
-    where the group adapts, see _tables.lars_variant_columns)."""
+    where the group adapts, see fastlars/optim/_hyper.py, LarsHyper)."""
     options = 0
     for row in rows:
         momentum = row[LarsColumn.MOMENTUM] != 0
@@ -336,18 +336,18 @@ def lars_norms(plan, inv_scale):
     checks = tb.one_launch_checks(plan) if plan.one_launch else None
     contexts = []
     for lp in plan.launches:
-        launch, keep_alive = tb.lars_launch(plan, lp, False, mt.chunk_size(plan))
+        launch, operands = tb.lars_launch(plan, lp, False, mt.chunk_size(plan))
         if plan.one_launch:  # the sums are formed by the update's launch (lars_one_launch_kernel)
             sums = torch.zeros(launch.n_tensors, len(SumColumn), dtype=launch.acc_dtype, device=launch.table.device)
         else:
             options = lars_options(lp.rows)
             sums = _variant_sums(launch, options, inv_scale) if options & SUMS else mt.launch_sumsq(launch)
-        contexts.append(tb.Merged(lp, sums, launch, keep_alive))
+        contexts.append(tb.Merged(lp, sums, launch, operands))
     if plan.one_launch:
         return contexts, checks
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
-        tb.reduce_partials(plan, contexts)
-    return contexts, [c.partials for c in contexts]  # the sums (0 in the columns not summed)
+        tb.reduce_tensor_sums(plan, contexts)
+    return contexts, [c.sums for c in contexts]  # the sums (0 in the columns not summed)
 
 
 def _variant_sums(launch, options: int, inv_scale):
@@ -369,7 +369,7 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
     """Launch 2 for every (device, dtype); with one_launch, the whole step's one launch."""
     for ctx in contexts:
         chunk = mt.chunk_size(plan)
-        launch, keep_alive = tb.update_launch(plan, ctx, chunk, tb.lars_launch)  # alive until the kernel ran
+        launch, operands = tb.update_launch(plan, ctx, chunk, tb.lars_launch)  # alive until the kernel ran
         if not launch.n_chunks:
             continue
         device = launch.table.device
@@ -383,8 +383,8 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
             if plan.one_launch:
                 partials, counters = mt.item_buffers(launch)
                 lars_one_launch_kernel[(mt.one_launch_grid(launch),)](
-                    launch.table, launch.chunks, partials, ctx.partials, counters, launch.groups, *scalars,
+                    launch.table, launch.chunks, partials, ctx.sums, counters, launch.groups, *scalars,
                     2 * launch.n_chunks, **flags, PARTIAL_BLOCK=mt.PARTIAL_BLOCK)
             else:
-                lars_update_kernel[(launch.n_chunks,)](launch.table, launch.chunks, ctx.partials, launch.groups,
+                lars_update_kernel[(launch.n_chunks,)](launch.table, launch.chunks, ctx.sums, launch.groups,
                                                        *scalars, **flags)

@@ -48,7 +48,7 @@ LarsColumn = _layout("LarsColumn", "LR WEIGHT_DECAY TRUST_COEFFICIENT EPS TRUST_
                      "RATIO_MIN RATIO_MAX LR_IN_MOMENTUM", """
     LARS group table (docs/contract.md, "LARS" and "LARS variants"), float64. ADAPT: the
     group's trust_ratio; ONE_MINUS_DAMPENING is formed in double on the host; flags are
-    0.0 / 1.0. The variants' effective values, formed on the host (_tables.lars_group_row):
+    0.0 / 1.0. The variants' effective values, formed on the host (fastlars/optim/_hyper.py, LarsHyper):
     DENOMINATOR_DECAY, the wd of the ratio's denominator (0 unless "sum_of_norms");
     NORM_OF_SUM, AFTER_MOMENTUM ("momentum_update"), PLAIN_SGD (zero_norm): only where the
     group adapts; RATIO_MIN, RATIO_MAX: trust_bounds (0, inf without); LR_IN_MOMENTUM.""")
@@ -60,7 +60,7 @@ LambColumn = _layout("LambColumn", "LR BETA1 BETA2 ONE_MINUS_BETA2 BETA3 LOG_BET
     grad_averaging; LOG_BETA1/2: ln beta (-inf for 0), the kernels form 1 - beta^t as
     1 - exp(t ln beta); ADAPT: the group's trust_ratio; flags are 0.0 / 1.0. The group's
     weight decay sits in one of three columns by its decay_mode (the others 0;
-    _tables.lamb_decays): WEIGHT_DECAY, added to u ("update"); GRAD_DECAY, added to the
+    fastlars/optim/_hyper.py, LambHyper): WEIGHT_DECAY, added to u ("update"); GRAD_DECAY, added to the
     gradient ("l2"); DIRECT_DECAY, w = w (1 - lr DIRECT_DECAY) ("direct"). TRUST_LOW/HIGH:
     trust_bounds (0, inf without).""")
 

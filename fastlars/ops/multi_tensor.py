@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _tables as tb
-from .launch import Launch, LaunchCache, build_launch, set_group_rows  # noqa: F401 (the Triton drivers' API)
+from .launch import Launch, LaunchCache  # noqa: F401 (LaunchCache: where the tests reach the drivers' cache)
 from .layouts import ChunkColumn, SumColumn, TensorColumn, constexprs
 
 

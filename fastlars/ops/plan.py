@@ -27,7 +27,7 @@ class LaunchPlan:
     states: list[Mapping]        # each parameter's state, as the update will find it
     norm_states: list[Mapping]   # what the norms pass reads before the gate (LAMB: fresh zeros before state)
     group_of: list[int]          # per tensor: its row in ``rows``
-    rows: list[list[Any]]        # hyper-parameter rows (layouts.py), one per param group of the launch
+    rows: list[list[Any]]        # per param group of the launch: its record's row (layouts.py; fastlars/optim/_hyper.py)
     where: list[tuple[int, int]]  # per tensor: (param group index, position in it), for error messages
     sharded: list[bool]          # per tensor: Shard-placed, its sums add up across ranks
     compute_dtype: torch.dtype   # state and arithmetic dtype

@@ -1,6 +1,7 @@
 """Large-batch optimizers: LARS and LAMB with reference and multi-tensor backends."""
 
-from ._common import available_backends, param_groups
+from ..backends import available_backends
+from ._groups import param_groups
 from .factory import make_optimizer
 from .lamb import LAMB
 from .lars import LARS

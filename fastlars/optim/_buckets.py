@@ -1,10 +1,10 @@
 """The unit of work of the non-fused backends: a param group's parameters of one dtype
-(Bucket), cut into cache-sized slices on the CPU, and the device-side select that
-applies a skip flag without reading it."""
+(Bucket), cut into cache-sized slices on the CPU, the device-side select that applies a
+skip flag without reading it, and the functions of each non-fused backend (EagerPath)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,13 +16,14 @@ from torch import Tensor
 class Bucket:
     """Parameters of one param group that share a dtype (a group has one device).
 
-    ``positions`` index ``group['params']`` so that errors can name a parameter.
-    ``compute_dtype`` is the dtype of the state and of the arithmetic: float32,
-    or float64 for float64 parameters.
+    ``hyper`` is the group's record (fastlars/optim/_hyper.py: LarsHyper, LambHyper).
+    ``positions`` index ``param_groups[group_index]['params']`` so that errors can name
+    a parameter. ``compute_dtype`` is the dtype of the state and of the arithmetic:
+    float32, or float64 for float64 parameters.
     """
 
     group_index: int
-    group: dict[str, Any]
+    hyper: Any
     params: list[Tensor]
     grads: list[Tensor]
     positions: list[int]
@@ -108,3 +109,26 @@ def launch_groups(buckets: list[Bucket]) -> list[list[Bucket]]:
     for b in buckets:
         merged.setdefault((b.device, b.params[0].dtype), []).append(b)
     return list(merged.values())
+
+
+@dataclass(frozen=True)
+class EagerPath:
+    """One non-fused backend of an optimizer, as torch.optim's ``_single_tensor_*`` and
+    ``_multi_tensor_*`` functions: how it takes per-tensor norms, how it cuts a bucket
+    (cache-sized slices on the CPU, or the whole bucket), and its step on one piece."""
+
+    norms: Callable[[list[Tensor], torch.dtype], Tensor]  # (tensors, dtype) -> 1-D tensor of their norms
+    pieces: Callable[[Bucket, Tensor | None], Any]         # (bucket, per-tensor vector) -> [(bucket, vector)]
+    step: Callable[..., Any]
+
+
+def one_at_a_time_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
+
+
+def foreach_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
+def whole_bucket(b: Bucket, per_tensor: Tensor | None) -> list[tuple[Bucket, Tensor | None]]:
+    return [(b, per_tensor)]

@@ -16,25 +16,24 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _sharded, _tensors, backends
-from ..backends import available_backends, backend_from_flags, resolve_backend
+from ..backends import backend_from_flags, resolve_backend
 from ..ops import _tables  # no Triton, no extension: safe to import early
 from ..ops.launch import LaunchCache
 from ..ops.plan import LaunchPlan, StepPlan
-from ._buckets import Bucket, cache_sized_slices, launch_groups, where_  # noqa: F401 (lars.py, lamb.py)
-from ._checks import check_backend_devices, check_flag, check_number, describe, scalar_lr  # noqa: F401
 from . import _layer_stats
-from ._groups import param_groups
+from ._buckets import Bucket, launch_groups
+from ._checks import check_backend_devices, check_flag, check_number, describe
+from ._hyper import GroupRecords
 from ._state_dict import StateDictMixin
-
-__all__ = ["available_backends", "param_groups"]
 
 
 class TrustRatioOptimizer(StateDictMixin, Optimizer):
     """Base of LARS and LAMB: everything but the maths.
 
-    Subclasses define ``_validate_group(group, where, in_step)`` and
-    ``_update(buckets, norms, inv_scale, ok)`` (the step itself), ``_state_keys_for(group)``
-    and ``_new_state``.
+    Subclasses define ``_validate_group(group, where, in_step)``, ``_hyper_of(group)`` (the
+    group's record, fastlars/optim/_hyper.py), ``_eager()`` (their one dispatch point to the
+    non-fused backends: an EagerPath), ``_update(buckets, norms, inv_scale, ok)`` (the step
+    itself), ``_state_keys_for(hyper)`` and ``_new_state``.
     """
 
     _kernel_prefix = ""  # "lars" / "lamb": names the fused drivers' functions
@@ -42,8 +41,8 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     # on found_inf itself (the contract torch's fused Adam uses); see `step`.
     _step_supports_amp_scaling = True
 
-    # Class-level defaults. Under torch.compile, a fused driver that ran after a graph break
-    # found no `_mesh` when step() had created it (issue 14, fault 7); step() now assigns
+    # Class-level defaults. Under torch.compile, a fused driver that runs after a graph break
+    # would find no attribute that the traced part of step() had created: step() assigns
     # no attribute on a plain step, and these exist before any step does.
     _mesh = None  # the device mesh of sharded parameters (see _sharded.py); None: none
 
@@ -83,8 +82,9 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         self.backend = resolve_backend(backend_from_flags(backend, foreach, fused, device), device)
         self._backend_device = None if device is None else device.type
         check_backend_devices(self.backend, enumerate(self.param_groups))  # device None: meta tensors only
-        if self.capturable and self.backend not in ("triton", "cuda"):
-            raise ValueError(f"capturable=True needs backend='triton' or 'cuda' (got {self.backend!r}): their steps "
+        if self.capturable and not backends.get(self.backend).capturable:
+            names = " or ".join(repr(name) for name, b in backends.BACKENDS.items() if b.capturable)
+            raise ValueError(f"capturable=True needs backend={names} (got {self.backend!r}): their steps "
                              "read nothing on the host once their tables are built")
         if self.one_launch and self.backend != "triton":
             raise ValueError(f"one_launch=True needs backend='triton' (got {self.backend!r}): only its kernels "
@@ -181,13 +181,12 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         buckets: list[Bucket] = []
         mesh = None  # the device mesh of sharded parameters, if any (see _sharded.py)
         low_precision_masters = self.master_weights
-        for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f" in param_groups[{gi}]", in_step=True)
+        for gi, (group, hyper) in enumerate(zip(self.param_groups, self._hypers())):
             by_dtype: dict[torch.dtype, Bucket] = {}
             device = None
             # parameters of a group that keeps no state (LARS without momentum) get no
             # entry in self.state, as torch.optim.SGD
-            keeps_state = bool(self._state_keys_for(group))
+            keeps_state = bool(self._state_keys_for(hyper))
             # per-parameter checks run at every step: kept to plain attribute reads (host time)
             for pos, p in enumerate(group["params"]):
                 g = p.grad
@@ -207,7 +206,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
                     device = p_device
                 b = by_dtype.get(p.dtype)
                 if b is None:
-                    b = by_dtype[p.dtype] = Bucket(gi, group, [], [], [], [], _tensors.state_dtype(p))
+                    b = by_dtype[p.dtype] = Bucket(gi, hyper, [], [], [], [], _tensors.state_dtype(p))
                 if keeps_state or (low_precision_masters and p.dtype != b.compute_dtype):
                     state = self.state[p]
                 else:
@@ -231,6 +230,17 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         if mesh is not self._mesh:  # set when the groups were added; changes only if they were edited since
             self._mesh = mesh
         return buckets
+
+    # run eagerly under torch.compile: it may assign the records' cache (see _count_skip)
+    @torch._disable_dynamo
+    def _hypers(self) -> list:
+        """Each param group's record, checked and decoded again only where the group changed
+        since the last step (a scheduler's new lr, an edited option; fastlars/optim/_hyper.py)."""
+        records = self.__dict__.get("_group_records")
+        if records is None:  # a new optimizer, or one unpickled or deep-copied (the cache is not carried)
+            records = self._group_records = GroupRecords()
+        return records.of(self.param_groups, self._hyper_of,
+                          lambda gi, group: self._validate_group(group, f" in param_groups[{gi}]", in_step=True))
 
     def _dense_copies(self, buckets: list[Bucket]) -> list[tuple[Tensor, Tensor]]:
         """The fused kernels walk storage linearly. A parameter that is a strided view
@@ -327,7 +337,7 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
                 states=[st for b in group for st in b.states],
                 norm_states=[st for b in group for st in self._states_before_gate(b)],
                 group_of=[i for i, b in enumerate(group) for _ in b.params],
-                rows=_tables.group_rows([b.group for b in group], group[0].device, self._group_row),
+                rows=_tables.group_rows([b.hyper.row() for b in group], group[0].device),
                 where=[(b.group_index, pos) for b in group for pos in b.positions],
                 sharded=[s for b in group for s in b.sharded], compute_dtype=group[0].compute_dtype,
                 master_weights=self.master_weights, first=[f for b in group for f in self._first_steps(b)]))
@@ -356,18 +366,13 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
         """Read-only first phase: [||g||] per parameter of the bucket, plus [||w||] where
         the group is adapted, in the state dtype. The gate checks these for finiteness."""
-        if self.backend == "reference":
-            def norms(tensors):
-                return torch.stack([torch.linalg.vector_norm(t, dtype=b.compute_dtype) for t in tensors])
-        else:
-            def norms(tensors):
-                return torch.stack(torch._foreach_norm(tensors, 2, dtype=b.compute_dtype))
-        g_norm = norms(b.grads)
+        norms = self._eager().norms
+        g_norm = norms(b.grads, b.compute_dtype)
         if inv_scale is not None:
             g_norm = g_norm * inv_scale
-        if not _tables.adapts(b.group):
+        if not b.hyper.adapt:
             return [g_norm]
-        return [g_norm, norms(self._weights_for_norm(b))]
+        return [g_norm, norms(self._weights_for_norm(b), b.compute_dtype)]
 
     def _gate(self, buckets: list[Bucket], checks: list[Tensor], found_inf: Tensor | None,
               creating_state: bool) -> Tensor | bool | None:
@@ -445,25 +450,26 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
     def _init_state(self, buckets: list[Bucket]) -> None:
         for b in buckets:
             for p, st in zip(b.params, b.states):
-                self._new_state(p, st, b.group, b.compute_dtype)
-                if self.master_weights and b.low_precision and "master_param" not in st:
+                self._new_state(p, st, b.hyper, b.compute_dtype)
+                if self.master_weights and b.low_precision and not _tensors.has_state(st, "master_param"):
                     st["master_param"] = p.detach().to(b.compute_dtype, memory_format=torch.preserve_format)
 
     def _creates_state(self, buckets: list[Bucket]) -> bool:
-        """True when this step would create state for some parameter."""
+        """True when this step would create state for some parameter (a key absent or None)."""
         for b in buckets:
-            keys = self._state_keys_for(b.group)
+            keys = self._state_keys_for(b.hyper)
             if self.master_weights and b.low_precision:
                 keys = (*keys, "master_param")
-            if any(key not in state for state in b.states for key in keys):
+            if any(not _tensors.has_state(state, key) for state in b.states for key in keys):
                 return True
         return False
 
-    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
+    def _state_keys_for(self, hyper) -> tuple[str, ...]:
+        """The state a group with the record ``hyper`` keeps per parameter."""
         raise NotImplementedError
 
-    def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
-        """Create the state this group's step needs and ``state`` lacks."""
+    def _new_state(self, p: Tensor, state: dict[str, Any], hyper, dtype: torch.dtype) -> None:
+        """Create the state the step of a group with the record ``hyper`` needs and ``state`` lacks."""
         raise NotImplementedError
 
     def _compute_weights(self, b: Bucket) -> list[Tensor]:
@@ -484,11 +490,6 @@ class TrustRatioOptimizer(StateDictMixin, Optimizer):
         return _tensors.weights_for_norm(b.params, b.states, b.compute_dtype, self.master_weights)
 
     # -- what subclasses tell the fused drivers (see _plan) --------------------
-
-    @staticmethod
-    def _group_row(group: dict[str, Any]) -> list:
-        """A param group as a row of the fused kernels' group table (fastlars/ops/layouts.py)."""
-        raise NotImplementedError
 
     def _states_before_gate(self, b: Bucket) -> list:
         """The state the norms phase reads, before the gate (default: as stored)."""

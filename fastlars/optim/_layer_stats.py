@@ -49,7 +49,7 @@ class BucketRecord:
 
     group_index: int
     positions: list[int]             # the bucket's tensors in param_groups[group_index]["params"]
-    group: dict
+    hyper: Any                       # the group's record at the step (fastlars/optim/_hyper.py)
     norms: list[Tensor] | None = None  # eager backends: [‖g‖, ‖w‖ (adapted groups), ...]
     ratio: Any = None                # eager backends: the ratio tensor, its slices' list, or None (1)
     sums: Tensor | None = None       # fused backends: the launch's per-tensor sums ...
@@ -76,7 +76,7 @@ def record(buckets, inv_scale: Tensor | None, norms, plan=None, ratios=None) -> 
     """What a step keeps: the eager backends' norms and ratios per bucket, or the fused
     launches' sums with each bucket's rows in them (the plan's merge, launch_groups)."""
     if plan is None:
-        return StepRecord([BucketRecord(b.group_index, b.positions, b.group, norms=n, ratio=r)
+        return StepRecord([BucketRecord(b.group_index, b.positions, b.hyper, norms=n, ratio=r)
                            for b, n, r in zip(buckets, norms, ratios)], inv_scale)
     contexts = norms[0] if isinstance(norms, tuple) else norms  # LAMB: (contexts, global norm)
     where = {}
@@ -88,8 +88,8 @@ def record(buckets, inv_scale: Tensor | None, norms, plan=None, ratios=None) -> 
     records = []
     for b in buckets:
         launch, rows = where[id(b)]
-        lr = b.group["lr"]
-        records.append(BucketRecord(b.group_index, b.positions, b.group, sums=contexts[launch].partials, rows=rows,
+        lr = b.hyper.lr
+        records.append(BucketRecord(b.group_index, b.positions, b.hyper, sums=contexts[launch].sums, rows=rows,
                                     lr=lr.clone() if isinstance(lr, Tensor) else lr))
     return StepRecord(records, inv_scale)
 
@@ -105,7 +105,7 @@ def collect(optimizer, record: StepRecord) -> LayerStats:
         ratio = b.ratio
         if b.sums is not None:
             fused = FusedRecord(b.sums[b.rows], b.lr)
-            w_norm, g_norm, ratio = optimizer._ratio_from_sums(b.group, fused, record.inv_scale)
+            w_norm, g_norm, ratio = optimizer._ratio_from_sums(b.hyper, fused, record.inv_scale)
         else:
             g_norm = b.norms[0]
             w_norm = b.norms[1] if len(b.norms) > 1 else torch.stack(

@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops import _tables
+from .._tensors import has_state
 from ..ops.layouts import SumColumn
 from . import _layer_stats
-from ._buckets import Bucket, cache_sized_slices, descend, where_
+from ._buckets import (Bucket, EagerPath, cache_sized_slices, descend, foreach_norms, one_at_a_time_norms, where_,
+                       whole_bucket)
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
+from ._hyper import LambHyper, lamb_hyper
 
 __all__ = ["LAMB", "lamb_trust_ratio"]
 
@@ -140,14 +142,19 @@ class LAMB(TrustRatioOptimizer):
             raise ValueError(f"bias_correction_in_lr=True{where} needs bias_correction=True: it moves the "
                              "bias corrections from the moments into the step size")
 
-    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("step", "exp_avg", "exp_avg_sq")
+    _hyper_of = staticmethod(lamb_hyper)
 
-    def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
-        if "step" not in state:
+    def _eager(self) -> EagerPath:
+        return _EAGER_PATHS[self.backend]
+
+    def _state_keys_for(self, hyper: LambHyper) -> tuple[str, ...]:
+        return _STATE_KEYS
+
+    def _new_state(self, p: Tensor, state: dict[str, Any], hyper: LambHyper, dtype: torch.dtype) -> None:
+        if not has_state(state, "step"):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in ("exp_avg", "exp_avg_sq"):
-            if key not in state:
+            if not has_state(state, key):
                 state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _norms_phase(self, buckets: list[Bucket], inv_scale: Tensor | None):
@@ -165,59 +172,59 @@ class LAMB(TrustRatioOptimizer):
         if clipping:
             norms = self._global_norms(buckets, norms)
         global_norm = _global_grad_norm(buckets, norms) if clipping else None
-        step = _lamb_reference if self.backend == "reference" else _lamb_foreach
+        path = self._eager()
         for b, bucket_norms in zip(buckets, norms):
-            if _tables.adapts(b.group):
+            if b.hyper.adapt:
                 fresh = replace(b, weights=[w.to(b.compute_dtype) for w in self._weights_for_norm(b)],
                                 states=[self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)])
-                slices = [(fresh, None)] if self.backend == "reference" else cache_sized_slices(fresh, None)
-                bucket_norms.append(torch.cat([step(part, None, _grad_factor(b, global_norm, inv_scale), None,
-                                                    u_norm_only=True, **_hyper(b.group)) for part, _ in slices]))
+                bucket_norms.append(torch.cat([path.step(part, None, _grad_factor(b, global_norm, inv_scale), None,
+                                                         b.hyper, u_norm_only=True)
+                                               for part, _ in path.pieces(fresh, None)]))
         norms = self._global_norms(buckets, norms, start=2 if clipping else 0)
         return norms, [n for bucket_norms in norms for n in bucket_norms]
-
-    _group_row = staticmethod(_tables.lamb_group_row)
 
     def _states_before_gate(self, b: Bucket) -> list:
         return [self._state_or_fresh(p, st, b) for p, st in zip(b.params, b.states)]
 
     def _state_or_fresh(self, p: Tensor, state, b: Bucket):
-        """The parameter's state, or before its first step the fresh state (not stored)."""
-        if "exp_avg" in state:
+        """The parameter's state, or where some of it is not created yet, the state the
+        update will find (not stored): what exists, and fresh zeros for the rest."""
+        if all(has_state(state, key) for key in _STATE_KEYS):
             return state
-        fresh: dict[str, Any] = {}
-        self._new_state(p, fresh, b.group, b.compute_dtype)
+        fresh: dict[str, Any] = {key: value for key, value in state.items() if value is not None}
+        self._new_state(p, fresh, b.hyper, b.compute_dtype)
         return fresh
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
         global_norm = _global_grad_norm(buckets, norms) if _clipping(buckets) else None
-        step = _lamb_reference if self.backend == "reference" else _lamb_foreach
+        path = self._eager()
         ratios = []  # per bucket, for layer_stats
         for b, bucket_norms in zip(buckets, norms):
             # per adapted tensor: ||w||, and the global ||u|| when sharded (else computed in the step)
-            per_tensor = torch.stack(bucket_norms[1:], dim=1) if _tables.adapts(b.group) else None
-            slices = [(b, per_tensor)] if self.backend == "reference" else cache_sized_slices(b, per_tensor)
-            parts = [step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, **_hyper(b.group))
-                     for part, part_norms in slices]
+            per_tensor = torch.stack(bucket_norms[1:], dim=1) if b.hyper.adapt else None
+            parts = [path.step(part, part_norms, _grad_factor(b, global_norm, inv_scale), ok, b.hyper)
+                     for part, part_norms in path.pieces(b, per_tensor)]
             ratios.append(None if per_tensor is None or parts[0] is None else parts)  # concatenated by layer_stats
         return ratios
 
-
-    def _ratio_from_sums(self, group: dict[str, Any], fused, inv_scale: Tensor | None):
+    def _ratio_from_sums(self, h: LambHyper, fused, inv_scale: Tensor | None):
         """layer_stats of a fused step: ‖w‖, ‖g‖ and the trust ratio from the kernels' sums
         (W2, G2, U2), by lamb_trust_ratio as the kernels apply it."""
         w_norm, g_norm = _layer_stats.sum_norms(fused.sums, inv_scale)
-        if not _tables.adapts(group):
+        if not h.adapt:
             return w_norm, g_norm, None
-        direct_decay = _tables.lamb_decays(group)[2]
+        direct_decay = h.direct_decay
         w_ratio_norm = w_norm * abs(1 - scalar_lr(fused.lr) * direct_decay) if direct_decay != 0 else w_norm
-        ratio = lamb_trust_ratio(w_ratio_norm, fused.sums[:, SumColumn.U2].sqrt(), trust_clip=group["trust_clip"],
-                                 trust_bounds=group["trust_bounds"])
+        ratio = lamb_trust_ratio(w_ratio_norm, fused.sums[:, SumColumn.U2].sqrt(), trust_clip=h.trust_clip,
+                                 trust_bounds=h.bounds)
         return w_norm, g_norm, ratio
 
 
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
 def _clipping(buckets: list[Bucket]) -> bool:
-    return any(b.group["max_grad_norm"] > 0 for b in buckets)
+    return any(b.hyper.max_grad_norm > 0 for b in buckets)
 
 
 def _global_grad_norm(buckets: list[Bucket], norms) -> Tensor:
@@ -228,44 +235,32 @@ def _global_grad_norm(buckets: list[Bucket], norms) -> Tensor:
 
 def _grad_factor(b: Bucket, global_norm: Tensor | None, inv_scale: Tensor | None) -> Tensor | None:
     """What the bucket's gradients are multiplied by: unscaling and global-norm clipping."""
-    if b.group["max_grad_norm"] <= 0:
+    if b.hyper.max_grad_norm <= 0:
         return inv_scale
     # g / max(1, (G + grad_norm_eps) / max): apex csrc/multi_tensor_lamb.cu, LAMBStage1Functor divides g by
     # G / max when G > max (the same, to rounding); DeepSpeed deepspeed/ops/lamb/fused_lamb.py, FusedLamb.step
     # adds 1e-6 to G before dividing by max_grad_norm
-    norm = global_norm.to(b.device) + b.group["grad_norm_eps"]
-    clip = torch.clamp(norm / b.group["max_grad_norm"], min=1.0).reciprocal().to(b.compute_dtype)
+    norm = global_norm.to(b.device) + b.hyper.grad_norm_eps
+    clip = torch.clamp(norm / b.hyper.max_grad_norm, min=1.0).reciprocal().to(b.compute_dtype)
     return clip if inv_scale is None else clip * inv_scale
-
-
-def _hyper(group: dict[str, Any]) -> dict[str, Any]:
-    beta1, beta2 = group["betas"]
-    update_decay, grad_decay, direct_decay = _tables.lamb_decays(group)  # the kernels' columns, formed once
-    return dict(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=update_decay,
-                grad_decay=grad_decay, direct_decay=direct_decay, bias_correction=group["bias_correction"],
-                bias_correction_in_lr=group["bias_correction_in_lr"], eps_inside_sqrt=group["eps_inside_sqrt"],
-                grad_averaging=group["grad_averaging"], trust_clip=group["trust_clip"],
-                trust_bounds=group["trust_bounds"])
 
 
 # the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
 # rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
 @torch._disable_dynamo
-def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
-                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_decay: float,
-                    direct_decay: float, bias_correction: bool, bias_correction_in_lr: bool, eps_inside_sqrt: bool,
-                    grad_averaging: bool, trust_clip: bool, trust_bounds: tuple[float, float] | None,
+def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, h: LambHyper,
                     u_norm_only: bool = False) -> Tensor | None:
     """One parameter at a time, line by line as docs/contract.md, "LAMB". The oracle of every other backend.
 
     ``norms`` (adapted groups): column 0 ||w||, and column 1 the global ||u|| of sharded
     parameters. ``u_norm_only``: return the local ||u|| per tensor and change nothing.
-    ``weight_decay``, ``grad_decay``, ``direct_decay``: the group's decay where its decay_mode
-    puts it (_tables.lamb_decays).
+    ``h.weight_decay``, ``h.grad_decay``, ``h.direct_decay``: the group's decay where its
+    decay_mode puts it.
     """
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return None
-    beta3 = 1 - beta1 if grad_averaging else 1.0
+    lr, beta1, beta2, beta3, eps = h.lr, h.beta1, h.beta2, h.beta3, h.eps
+    weight_decay, grad_decay, direct_decay = h.weight_decay, h.grad_decay, h.direct_decay
     moments, directions, step_scales = [], [], []
     for w, g, state in zip(b.weights, b.grads, b.states):
         g = g.to(b.compute_dtype)
@@ -275,15 +270,15 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
             g = g + grad_decay * w  # LAMBStage1Functor, MOMENT_MODE_0: scaled_grad + decay * p)
         t = state["step"].item() + 1  # reference only
         m = state["exp_avg"].mul(beta1).add_(g, alpha=beta3)
-        v = state["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
-        if bias_correction_in_lr:  # DeepSpeed csrc/lamb/fused_lamb_cuda_kernel.cu, fused_lamb_cuda: step_size =
+        v = state["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=h.one_minus_beta2)
+        if h.bias_correction_in_lr:  # DeepSpeed csrc/lamb/fused_lamb_cuda_kernel.cu, fused_lamb_cuda: step_size =
             m_hat, v_hat = m, v  # lr sqrt(bc2) / bc1, and lamb_cuda_kernel_part1/3 use m, v uncorrected
             step_scales.append(math.sqrt(1 - beta2**t) / (1 - beta1**t))
         else:
-            m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if bias_correction else (m, v)
+            m_hat, v_hat = (m / (1 - beta1**t), v / (1 - beta2**t)) if h.bias_correction else (m, v)
         moments.append((m, v))
         # eps_inside_sqrt: DeepSpeed lamb_cuda_kernel_part1/3, ADAM_MODE_0: sqrtf(v + eps)
-        denom = (v_hat + eps).sqrt() if eps_inside_sqrt else v_hat.sqrt() + eps
+        denom = (v_hat + eps).sqrt() if h.eps_inside_sqrt else v_hat.sqrt() + eps
         directions.append(m_hat / denom + weight_decay * w)
     if u_norm_only:
         return _stacked_norms(directions)
@@ -294,7 +289,7 @@ def _lamb_reference(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None,
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else _stacked_norms(directions)
         w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
-        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds)
+        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=h.trust_clip, trust_bounds=h.bounds)
         ratios = trust.unbind()
     if step_scales:
         ratios = [r * s for r, s in zip(ratios, step_scales)]
@@ -312,15 +307,15 @@ def _stacked_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.linalg.vector_norm(t) for t in tensors])
 
 
-def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, *,
-                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, grad_decay: float,
-                  direct_decay: float, bias_correction: bool, bias_correction_in_lr: bool, eps_inside_sqrt: bool,
-                  grad_averaging: bool, trust_clip: bool, trust_bounds: tuple[float, float] | None,
+def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, ok: Tensor | None, h: LambHyper,
                   u_norm_only: bool = False) -> Tensor | None:
     """Multi-tensor LAMB on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
     no host reads (the bias corrections are computed from the device ``step``s).
     ``ok`` (a 0-d bool tensor) makes the writes conditional; ``norms`` and
     ``u_norm_only`` as in ``_lamb_reference``."""
+    lr, beta1, beta2, beta3, eps = h.lr, h.beta1, h.beta2, h.beta3, h.eps
+    weight_decay, grad_decay, direct_decay = h.weight_decay, h.grad_decay, h.direct_decay
+    bias_correction, bias_correction_in_lr = h.bias_correction, h.bias_correction_in_lr
     weights = b.weights
     grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
     if grad_factor is not None:
@@ -330,7 +325,6 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     steps = [st["step"] for st in b.states]
     exp_avgs = [st["exp_avg"] for st in b.states]
     exp_avg_sqs = [st["exp_avg_sq"] for st in b.states]
-    beta3 = 1 - beta1 if grad_averaging else 1.0
 
     in_place = ok is None and not u_norm_only
     if in_place:
@@ -343,7 +337,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         v = torch._foreach_mul(exp_avg_sqs, 1.0)
     torch._foreach_add_(m, grads, alpha=beta3)
     torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+    torch._foreach_addcmul_(v, grads, grads, value=h.one_minus_beta2)
 
     # u = (m / bc1) / (sqrt(v / bc2) + eps) + wd * w, in the reference's order of operations
     step_scales = None
@@ -351,8 +345,8 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         # 1 - beta^t as -expm1(t * ln beta): pow in fp32 loses ~1e-4 of 1 - 0.999^t to cancellation
         # in the compute dtype: t * ln(beta) rounded to fp32 would leave fp64 parameters 1e-8 off
         t_acc = [x.to(b.compute_dtype) for x in t]
-        bc1 = torch._foreach_mul(t_acc, math.log(beta1) if beta1 > 0 else -math.inf)
-        bc2 = torch._foreach_mul(t_acc, math.log(beta2) if beta2 > 0 else -math.inf)
+        bc1 = torch._foreach_mul(t_acc, h.log_beta1)
+        bc2 = torch._foreach_mul(t_acc, h.log_beta2)
         for bc in (bc1, bc2):
             torch._foreach_expm1_(bc)
             torch._foreach_neg_(bc)
@@ -365,7 +359,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         if bias_correction:  # bias_correction_in_lr: sqrt(bc2) / bc1 scales the step
             step_scales = torch._foreach_sqrt(bc2)
             torch._foreach_div_(step_scales, bc1)
-    if eps_inside_sqrt:
+    if h.eps_inside_sqrt:
         denom = torch._foreach_add(v_hat, eps)
         torch._foreach_sqrt_(denom)
     else:
@@ -382,7 +376,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
     if norms is not None:
         u_norm = norms[:, 1] if norms.shape[1] > 1 else torch.stack(torch._foreach_norm(u, 2))
         w_norm = norms[:, 0] * abs(decay) if direct_decay != 0 else norms[:, 0]
-        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=trust_clip, trust_bounds=trust_bounds)
+        trust = lamb_trust_ratio(w_norm, u_norm, trust_clip=h.trust_clip, trust_bounds=h.bounds)
         ratios = trust.unbind()
         if step_scales is not None:
             ratios = torch._foreach_mul(ratios, step_scales)
@@ -401,3 +395,7 @@ def _lamb_foreach(b: Bucket, norms: Tensor | None, grad_factor: Tensor | None, o
         decayed = torch._foreach_mul(weights, decay) if direct_decay != 0 else weights
         where_(ok, descend(decayed, u, lr, in_place=False), weights)
     return trust if norms is not None else None  # the trust ratios, for layer_stats
+
+
+_EAGER_PATHS = {"reference": EagerPath(one_at_a_time_norms, whole_bucket, _lamb_reference),
+                "foreach": EagerPath(foreach_norms, cache_sized_slices, _lamb_foreach)}

@@ -21,12 +21,14 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..ops import _tables
+from .._tensors import has_state
 from ..ops.layouts import SumColumn
 from . import _layer_stats
-from ._buckets import Bucket, cache_sized_slices, descend, where_
+from ._buckets import (Bucket, EagerPath, cache_sized_slices, descend, foreach_norms, one_at_a_time_norms, where_,
+                       whole_bucket)
 from ._checks import check_choice, check_flag, check_number, check_trust_bounds, scalar_lr
 from ._common import TrustRatioOptimizer
+from ._hyper import LarsHyper, lars_hyper
 
 __all__ = ["LARS", "lars_trust_ratio"]
 
@@ -51,9 +53,22 @@ def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float, trust_coeffic
     is 1 ("ratio_one": still clipped by trust_clip; "plain_sgd": exactly 1, the caller
     also drops the decay, see lars_decay). trust_bounds clamps a computed ratio only.
     """
-    denominator_decay = weight_decay if ratio_denominator == "sum_of_norms" else 0.0
-    r = trust_coefficient * w_norm / (g_norm + denominator_decay * w_norm + eps)
-    computed = lars_ratio_computed(w_norm, g_norm)
+    return _trust_ratio(w_norm, g_norm, lr, trust_coefficient=trust_coefficient,
+                        denominator_decay=weight_decay if ratio_denominator == "sum_of_norms" else 0.0, eps=eps,
+                        trust_clip=trust_clip, plain_sgd=zero_norm == "plain_sgd", bounds=trust_bounds)
+
+
+def group_trust_ratio(h: LarsHyper, w_norm: Tensor, x_norm: Tensor, lr: float | Tensor) -> Tensor:
+    """lars_trust_ratio of a group from its record (x_norm: the norm its denominator holds)."""
+    return _trust_ratio(w_norm, x_norm, lr, trust_coefficient=h.trust_coefficient,
+                        denominator_decay=h.denominator_decay, eps=h.eps, trust_clip=h.trust_clip,
+                        plain_sgd=h.plain_sgd, bounds=h.bounds)
+
+
+def _trust_ratio(w_norm: Tensor, x_norm: Tensor, lr, *, trust_coefficient: float, denominator_decay: float,
+                 eps: float, trust_clip: bool, plain_sgd: bool, bounds: tuple[float, float] | None) -> Tensor:
+    r = trust_coefficient * w_norm / (x_norm + denominator_decay * w_norm + eps)
+    computed = lars_ratio_computed(w_norm, x_norm)
     r = torch.where(computed, r, torch.ones_like(r))
     if trust_clip:
         # min(r / lr, 1); as lr -> 0 the limit is 1, which also avoids 0/0. A tensor lr is
@@ -63,20 +78,25 @@ def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr: float, trust_coeffic
             r = torch.where(lr > 0, clipped, 1.0)
         else:  # a number, or a CPU tensor lr with CUDA norms (host memory: read for free)
             r = clipped if lr > 0 else torch.ones_like(r)
-    if trust_bounds is not None:
-        r = torch.where(computed, torch.clamp(r, *trust_bounds), r)
-    if zero_norm == "plain_sgd" and trust_clip:
+    if bounds is not None:
+        r = torch.where(computed, torch.clamp(r, *bounds), r)
+    if plain_sgd and trust_clip:
         r = torch.where(computed, r, torch.ones_like(r))
     return r
 
 
-def lars_decay(group: dict[str, Any], w_norm: Tensor | None, x_norm: Tensor | None) -> float | Tensor:
+def lars_decay(h: LarsHyper, w_norm: Tensor | None, x_norm: Tensor | None) -> float | Tensor:
     """The weight decay added to the gradient: the group's, or per tensor 0 where
     zero_norm="plain_sgd" finds a zero norm (that tensor steps as plain SGD on g)."""
-    weight_decay = group["weight_decay"]
-    if w_norm is None or group["zero_norm"] != "plain_sgd":
-        return weight_decay
-    return lars_ratio_computed(w_norm, x_norm).to(w_norm.dtype) * weight_decay  # wd or 0, exactly
+    if w_norm is None or not h.plain_sgd:
+        return h.weight_decay
+    return lars_ratio_computed(w_norm, x_norm).to(w_norm.dtype) * h.weight_decay  # wd or 0, exactly
+
+
+def creates_buffer(h: LarsHyper, state) -> bool:
+    """Whether this step creates the parameter's momentum buffer (its group has momentum and
+    its state no buffer, a None entry included): every backend's one test."""
+    return h.momentum != 0 and not has_state(state, "momentum_buffer")
 
 
 class LARS(TrustRatioOptimizer):
@@ -191,90 +211,75 @@ class LARS(TrustRatioOptimizer):
             raise ValueError(f"lr_in_momentum=True{where} cannot be combined with ratio_denominator="
                              "'momentum_update' (the ratio of the update would scale a buffer holding lr)")
 
-    def _state_keys_for(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    _hyper_of = staticmethod(lars_hyper)
 
-    def _new_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype) -> None:
+    def _eager(self) -> EagerPath:
+        return _EAGER_PATHS[self.backend]
+
+    def _state_keys_for(self, hyper: LarsHyper) -> tuple[str, ...]:
+        return ("momentum_buffer",) if hyper.momentum != 0 else ()
+
+    def _new_state(self, p: Tensor, state: dict[str, Any], hyper: LarsHyper, dtype: torch.dtype) -> None:
         """The momentum buffer starts as the first update direction (SGD's rule): the
         reference and foreach updates make it from d; the fused kernels write d into a
         buffer that exists, made here (the plan's ``first`` flags that step)."""
-        if group["momentum"] != 0 and "momentum_buffer" not in state and backends.get(self.backend).fused:
+        if creates_buffer(hyper, state) and backends.get(self.backend).fused:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
-    _group_row = staticmethod(_tables.lars_group_row)
-
     def _first_steps(self, b: Bucket) -> list[bool]:
-        momentum = b.group["momentum"] != 0
-        return [momentum and "momentum_buffer" not in st for st in b.states]
+        return [creates_buffer(b.hyper, st) for st in b.states]
 
     def _norms(self, b: Bucket, inv_scale: Tensor | None) -> list[Tensor]:
         """[||g||, ||w||] (see TrustRatioOptimizer._norms), and for an adapted group whose
         ratio_denominator is not "sum_of_norms" the norm its ratio divides by: ||g + wd w||
         or ||u||, the update after momentum (read-only: the buffers are not written)."""
         norms = super()._norms(b, inv_scale)
-        group = b.group
-        if len(norms) == 1 or group["ratio_denominator"] == "sum_of_norms":
+        h = b.hyper
+        if len(norms) == 1 or not (h.norm_of_sum or h.after_momentum):
             return norms
         grads = [g.to(b.compute_dtype) for g in b.grads]
         if inv_scale is not None:
             grads = torch._foreach_mul(grads, inv_scale)
-        d = torch._foreach_add(grads, self._weights_for_norm(b), alpha=group["weight_decay"])
-        if group["ratio_denominator"] == "momentum_update" and group["momentum"] != 0:
-            d = _momentum_direction(d, [st.get("momentum_buffer") for st in b.states], group)
-        if self.backend == "reference":
-            x_norm = torch.stack([torch.linalg.vector_norm(t, dtype=b.compute_dtype) for t in d])
-        else:
-            x_norm = torch.stack(torch._foreach_norm(d, 2, dtype=b.compute_dtype))
-        return [*norms, x_norm]
+        d = torch._foreach_add(grads, self._weights_for_norm(b), alpha=h.weight_decay)
+        if h.after_momentum and h.momentum != 0:
+            d = _momentum_direction(d, [st.get("momentum_buffer") for st in b.states], h)
+        return [*norms, self._eager().norms(d, b.compute_dtype)]
 
     def _update(self, buckets: list[Bucket], norms, inv_scale: Tensor | None, ok: Tensor | None) -> None:
-        step = _lars_reference if self.backend == "reference" else _lars_foreach
+        path = self._eager()
         ratios = []  # per bucket, for layer_stats
         for b, bucket_norms in zip(buckets, norms):
-            group = b.group
-            lr = scalar_lr(group["lr"])
+            h = b.hyper
             r = w_norm = x_norm = None
-            if _tables.adapts(group):
+            if h.adapt:
                 g_norm, w_norm = bucket_norms[:2]
                 x_norm = bucket_norms[2] if len(bucket_norms) > 2 else g_norm  # the denominator's norm
-                r = lars_trust_ratio(w_norm, x_norm, lr=lr, trust_coefficient=group["trust_coefficient"],
-                                     weight_decay=group["weight_decay"], eps=group["eps"],
-                                     trust_clip=group["trust_clip"], ratio_denominator=group["ratio_denominator"],
-                                     zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
+                r = group_trust_ratio(h, w_norm, x_norm, h.lr)
             ratios.append(r)
-            decay = lars_decay(group, w_norm, x_norm)
+            decay = lars_decay(h, w_norm, x_norm)
             # the ratio scales d before momentum, or the update after it ("momentum_update")
-            after = group["ratio_denominator"] == "momentum_update"
-            pre, post = (None, r) if after else (r, None)
-            if group["lr_in_momentum"]:  # d = (lr r) (g + wd w), w -= buf
-                pre = lr if pre is None else lr * pre
+            pre, post = (None, r) if h.after_momentum else (r, None)
+            if h.lr_in_momentum:  # d = (lr r) (g + wd w), w -= buf
+                pre = h.lr if pre is None else h.lr * pre
             factors = (pre, post, decay)
             vectors = [x for x in factors if _per_tensor(x)]  # sliced with the bucket
             packed = None if not vectors else vectors[0] if len(vectors) == 1 else torch.stack(vectors, 1)
-            slices = [(b, packed)] if self.backend == "reference" else cache_sized_slices(b, packed)
-            for part, packed_part in slices:
+            for part, packed_part in path.pieces(b, packed):
                 parts = iter([packed_part] if len(vectors) == 1 else packed_part.unbind(1) if vectors else ())
                 pre_p, post_p, decay_p = (next(parts) if _per_tensor(x) else x for x in factors)
-                step(part, pre_p, post_p, decay_p, inv_scale, ok, lr=lr, momentum=group["momentum"],
-                     dampening=group["dampening"], nesterov=group["nesterov"],
-                     lr_in_momentum=group["lr_in_momentum"])
+                path.step(part, pre_p, post_p, decay_p, inv_scale, ok, h)
         return ratios
 
-
-    def _ratio_from_sums(self, group: dict[str, Any], fused, inv_scale: Tensor | None):
+    def _ratio_from_sums(self, h: LarsHyper, fused, inv_scale: Tensor | None):
         """layer_stats of a fused step: ‖w‖, ‖g‖ and the ratio from the kernels' per-tensor
         sums; for the denominators "norm_of_sum" and "momentum_update", the kernels' sum of
         the squares of the vector measured (SumColumn.U2, csrc/fastlars_math.h lars_denominator)."""
         sums = fused.sums
         w_norm, g_norm = _layer_stats.sum_norms(sums, inv_scale)
-        if not _tables.adapts(group):
+        if not h.adapt:
             return w_norm, g_norm, None
-        mode, wd = group["ratio_denominator"], group["weight_decay"]
-        x_norm = g_norm if mode == "sum_of_norms" else sums[:, SumColumn.U2].sqrt()
-        ratio = lars_trust_ratio(w_norm, x_norm, lr=scalar_lr(fused.lr), trust_coefficient=group["trust_coefficient"],
-                                 weight_decay=wd, eps=group["eps"], trust_clip=group["trust_clip"],
-                                 ratio_denominator=mode, zero_norm=group["zero_norm"], trust_bounds=group["trust_bounds"])
-        return w_norm, g_norm, ratio
+        x_norm = sums[:, SumColumn.U2].sqrt() if h.norm_of_sum or h.after_momentum else g_norm
+        return w_norm, g_norm, group_trust_ratio(h, w_norm, x_norm, scalar_lr(fused.lr))
 
 
 def _per_tensor(x) -> bool:
@@ -282,20 +287,20 @@ def _per_tensor(x) -> bool:
     return isinstance(x, Tensor) and x.dim() == 1
 
 
-def _momentum_direction(d: list[Tensor], bufs: list[Tensor | None], group: dict[str, Any]) -> list[Tensor]:
+def _momentum_direction(d: list[Tensor], bufs: list[Tensor | None], h: LarsHyper) -> list[Tensor]:
     """The update after momentum, u, as the step will form it from d, without writing the
     buffers (the norms phase of ratio_denominator="momentum_update"): buf' = d on the
     first step, else mu buf + (1 - dampening) d; u = d + mu buf' (nesterov) or buf'."""
-    momentum = group["momentum"]
-    new = [di if buf is None else buf * momentum + (1 - group["dampening"]) * di for di, buf in zip(d, bufs)]
-    return torch._foreach_add(d, new, alpha=momentum) if group["nesterov"] else new
+    momentum = h.momentum
+    new = [di if buf is None else buf * momentum + h.one_minus_dampening * di for di, buf in zip(d, bufs)]
+    return torch._foreach_add(d, new, alpha=momentum) if h.nesterov else new
 
 
 # the oracle runs as eager torch computes it, under torch.compile too: torch 2.11's dynamo
 # rewrites t.add_(x, alpha=a) as t.add_(x * a), one more rounding than eager's fused kernel
 @torch._disable_dynamo
-def _lars_reference(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None, *,
-                    lr: float, momentum: float, dampening: float, nesterov: bool, lr_in_momentum: bool) -> None:
+def _lars_reference(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None,
+                    h: LarsHyper) -> None:
     """One parameter at a time, line by line as docs/contract.md, "LARS". The oracle of every other backend.
 
     ``pre``: the ratio applied to d (lr r with lr_in_momentum), per tensor, one number or
@@ -303,6 +308,7 @@ def _lars_reference(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tenso
     ``decay``: the weight decay, one number or per tensor (zero_norm="plain_sgd")."""
     if ok is not None and not bool(ok):  # the oracle may read the flag on the host
         return
+    lr, momentum, nesterov = h.lr, h.momentum, h.nesterov
     for i, (w, g, state) in enumerate(zip(b.weights, b.grads, b.states)):
         g = g.to(b.compute_dtype)
         if inv_scale is not None:
@@ -314,21 +320,22 @@ def _lars_reference(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tenso
             if buf is None:
                 buf = state["momentum_buffer"] = d.clone(memory_format=torch.preserve_format)
             else:
-                buf.mul_(momentum).add_(d, alpha=1 - dampening)
+                buf.mul_(momentum).add_(d, alpha=h.one_minus_dampening)
             d = d + momentum * buf if nesterov else buf
         if post is not None:
             d = post[i] * d
-        if lr_in_momentum:
+        if h.lr_in_momentum:
             w.sub_(d)
         else:
             w.add_(d, alpha=-lr)
 
 
-def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None, *,
-                  lr: float, momentum: float, dampening: float, nesterov: bool, lr_in_momentum: bool) -> None:
+def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor | None, ok: Tensor | None,
+                  h: LarsHyper) -> None:
     """Multi-tensor LARS on one bucket: a fixed sequence of ``torch._foreach_*`` ops,
     no host reads. ``ok`` (a 0-d bool tensor) makes the writes conditional. ``pre``,
     ``post``, ``decay``: as _lars_reference."""
+    lr, momentum, nesterov, lr_in_momentum = h.lr, h.momentum, h.nesterov, h.lr_in_momentum
     weights = b.weights
     grads = b.grads if not b.low_precision else [g.to(b.compute_dtype) for g in b.grads]
     if inv_scale is not None:
@@ -358,16 +365,16 @@ def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor 
             if old:
                 old_bufs = [bufs[i] for i in old]
                 torch._foreach_mul_(old_bufs, momentum)
-                torch._foreach_add_(old_bufs, [d[i] for i in old], alpha=1 - dampening)
+                torch._foreach_add_(old_bufs, [d[i] for i in old], alpha=h.one_minus_dampening)
             for i, st in enumerate(b.states):
                 if bufs[i] is None:
                     bufs[i] = st["momentum_buffer"] = d[i].clone(memory_format=torch.preserve_format)
         elif ok is None:
             torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, d, alpha=1 - dampening)
+            torch._foreach_add_(bufs, d, alpha=h.one_minus_dampening)
         else:
             new_bufs = torch._foreach_mul(bufs, momentum)
-            torch._foreach_add_(new_bufs, d, alpha=1 - dampening)
+            torch._foreach_add_(new_bufs, d, alpha=h.one_minus_dampening)
             where_(ok, new_bufs, bufs)
             bufs = new_bufs
         if nesterov:
@@ -383,3 +390,6 @@ def _lars_foreach(b: Bucket, pre, post: Tensor | None, decay, inv_scale: Tensor 
     else:
         where_(ok, descend(weights, d, step_lr, in_place=False), weights)
 
+
+_EAGER_PATHS = {"reference": EagerPath(one_at_a_time_norms, whole_bucket, _lars_reference),
+                "foreach": EagerPath(foreach_norms, cache_sized_slices, _lars_foreach)}
