@@ -19,7 +19,7 @@ namespace fastlars {
 // Hyper-parameters of one param group, as the kernels use them. Differences such as
 // 1 - dampening are formed in double on the host: 1 - float(0.999) is 1e-5 off.
 // The variants' values (docs/contract.md, "LARS variants") are the effective ones formed on
-// the host (fastlars/ops/_tables.py, lars_variant_columns): denominator_decay is wd for
+// the host (fastlars/optim/_hyper.py, LarsHyper): denominator_decay is wd for
 // "sum_of_norms" and 0 otherwise; the mode flags are set only where the group adapts.
 template <typename acc_t>
 struct LarsHyper {

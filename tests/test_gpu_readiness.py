@@ -340,22 +340,28 @@ def test_launch_tables_are_recorded_on_each_stream_that_uses_them(monkeypatch):
     from fastlars.ops import multi_tensor as mt
     from fastlars import _tensors
 
-    recorded = []
-    table = lambda name: SimpleNamespace(record_stream=lambda stream: recorded.append((name, stream)))
+    recorded, waits = [], []
+
+    class Stream(str):  # a stand-in stream: its name, and the waits it queues
+        def wait_stream(self, other):
+            waits.append((str(self), str(other)))
+
+    table = lambda name: SimpleNamespace(record_stream=lambda stream: recorded.append((name, str(stream))))
     launch = mt.Launch(table("table"), table("chunks"), 1, table("groups"), torch.float32, torch.float32,
                        torch.float32, False)
-    stream = ["default"]
+    stream = [Stream("default")]
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream[0])
     monkeypatch.setattr(_tensors, "is_capturing", lambda device: capturing[0])
     cache, cuda = mt.LaunchCache(), torch.device("cuda", 0)
     assert cache.get("key", lambda: launch, cuda) is launch  # built on "default"
     cache.get("key", lambda: None, cuda)
-    assert recorded == []
-    stream[0] = "side"
+    assert recorded == [] and waits == []
+    stream[0] = Stream("side")
     cache.get("key", lambda: None, cuda)
     cache.get("key", lambda: None, cuda)
     assert sorted(recorded) == [("chunks", "side"), ("groups", "side"), ("table", "side")]
-    stream[0], capturing[0] = "capture", True
+    assert waits == [("side", "default")]  # once: then "side" was the last to use the tables
+    stream[0], capturing[0] = Stream("capture"), True
     cache.get("key", lambda: None, cuda)
     assert len(recorded) == 3 and id(launch) in cache.pinned
