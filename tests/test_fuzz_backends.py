@@ -60,7 +60,7 @@ from fastlars.optim import _buckets
 
 # -- settings -----------------------------------------------------------------------------
 
-EXAMPLES = {"foreach": 30, "cpu": 30, "triton": 4}
+EXAMPLES = {"foreach": 50, "cpu": 50, "triton": 10}
 FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "20"))
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -88,13 +88,14 @@ KNOWN_WRONG = {
     "fp32_range_norms": {"cpu", "triton"},
     "direct_decay_fp32_lr": {"cpu", "triton"},
     "lamb_cpu_batches": {"cpu"},
+    "none_buffer_skipped_step": {"foreach"},
 }
 
 # -- the cases ------------------------------------------------------------------------------
 
 SHAPES = [(1,), (2,), (7,), (13,), (0,), (31,), (3, 1, 2), (5, 3), (13, 17), (2, 3, 3, 3)]
 WEIGHT_SCALES = {"normal": 1.0, "zero": 0.0, "tiny": 1e-30, "huge": 1e30}
-GRAD_MODES = ("normal", "zero", "cancel", "tiny", "huge")
+GRAD_MODES = ("normal", "zero", "cancel", "cancel", "tiny", "huge")  # cancel twice: the rarest inputs to meet
 LOW_BOUNDS = [0.0, 1e-3, 0.05, 0.5]
 HIGH_BOUNDS = [0.05, 0.5, 2.0, math.inf]
 
@@ -131,8 +132,9 @@ class Case:
 
 
 def _bounds():
-    """None or (low, high) with 0 <= low <= high, high > 0 (a high of 0 would stop every step)."""
-    return st.one_of(st.none(), st.tuples(st.sampled_from(LOW_BOUNDS), st.sampled_from(HIGH_BOUNDS)).map(
+    """None (2 in 3: bounds and trust_clip hide most of a ratio's errors) or (low, high) with
+    0 <= low <= high, high > 0 (a high of 0 would stop every step)."""
+    return st.one_of(st.none(), st.none(), st.tuples(st.sampled_from(LOW_BOUNDS), st.sampled_from(HIGH_BOUNDS)).map(
         lambda b: (min(b), max(b))))
 
 
@@ -147,7 +149,7 @@ def lars_group(draw) -> dict:
         weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.05, 0.5])),
         trust_coefficient=draw(st.sampled_from([0.002, 0.02, 1.0])),
         eps=draw(st.sampled_from([0.0, 1e-8, 1e-3])),
-        trust_clip=draw(st.booleans()), trust_ratio=draw(st.sampled_from([True, True, False])),
+        trust_clip=draw(st.sampled_from([False, False, True])), trust_ratio=draw(st.sampled_from([True, True, False])),
         adapt_only_decayed=draw(st.booleans()), ratio_denominator=ratio_denominator,
         zero_norm=draw(st.sampled_from(["ratio_one", "plain_sgd"])), trust_bounds=draw(_bounds()),
         lr_in_momentum=ratio_denominator != "momentum_update" and draw(st.booleans()),
@@ -179,10 +181,12 @@ def param_spec(draw, dtype, n_groups: int, steps: int, normal: bool = False) -> 
         ["channels_last"] if len(shape) == 4 else [])
     # fp32/bf16: a 1e30 weight overflows its sum of squares at every step (a non-finite norm
     # raises, and the cpu kernel documents keeping the updates made before it); 1e30 gradients
-    # come as a one-step spike there instead (see Case.spike)
+    # come as a one-step spike there instead (see Case.spike). Cancelling gradients in fp64
+    # only: in fp32 two correct roundings of g + wd*w (one fused multiply-add or not) already
+    # differ by 6e-8 / noise of the direction, beyond fp32's 1e-6 once noise < 0.1
     wide = dtype == torch.float64
     weights = [k for k in WEIGHT_SCALES if wide or k != "huge"]
-    grads = [m for m in GRAD_MODES if wide or m != "huge"]
+    grads = [m for m in GRAD_MODES if wide or m not in ("huge", "cancel")]
     return ParamSpec(
         shape=shape, layout=draw(st.sampled_from(layouts)),
         weight="normal" if normal else draw(st.sampled_from(weights)),
@@ -206,7 +210,7 @@ def cases(draw, optimizer: str, max_steps: int = 4) -> Case:
     none_buffers = ()
     if optimizer == "LARS" and checkpoint_at is not None:
         none_buffers = tuple(sorted(draw(st.sets(st.integers(0, len(params) - 1), max_size=2))))
-    lr = draw(st.sampled_from([0.5, 2.0] if optimizer == "LARS" else [1e-3, 0.01, 0.1]))
+    lr = draw(st.sampled_from([0.5, 2.0] if optimizer == "LARS" else [0.01, 0.1]))
     return Case(
         optimizer=optimizer, dtype=dtype, groups=groups, params=params, steps=steps, lr=lr,
         lr_schedule=tuple(draw(st.sampled_from([1.0, 0.5, 1.5])) for _ in range(steps)),
@@ -216,8 +220,10 @@ def cases(draw, optimizer: str, max_steps: int = 4) -> Case:
         late=late, late_group=draw(group) if late is not None else None,
         join_at=draw(st.integers(1, steps - 1)) if late is not None else 0,
         checkpoint_at=checkpoint_at, none_buffers=none_buffers,
-        spike=draw(st.none() | st.tuples(st.integers(0, steps - 1), st.integers(0, len(params) - 1))),
-        cancel_noise=draw(st.sampled_from([0.0, 1e-5, 1e-3, 0.1])),
+        spike=draw(st.none() | st.tuples(st.integers(0, steps - 1), st.integers(1, len(params) - 1)))
+        if len(params) > 1 else None,  # not params[0], which moves the weights at every step
+        # not 0: an exact cancellation leaves g + wd*w to rounding, which no two implementations share
+        cancel_noise=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
         seed=draw(st.integers(0, 2**16)))
 
 
@@ -231,7 +237,8 @@ def hits_known_cancellation(case: Case) -> bool:
 def steer_clear_of_known_wrong(case: Case, backend: str) -> Case:
     """The case without the inputs of the KNOWN_WRONG results of `backend` (a map, not a
     filter: hypothesis wastes no example on it)."""
-    if backend in KNOWN_WRONG.get("none_buffer", ()):
+    if backend in KNOWN_WRONG.get("none_buffer", ()) or (
+            backend in KNOWN_WRONG.get("none_buffer_skipped_step", ()) and case.constructor["skip_nonfinite"]):
         case = replace(case, none_buffers=())
     if backend in KNOWN_WRONG.get("cancellation", ()) and hits_known_cancellation(case):
         case = _replace_specs(case, lambda s: replace(s, grad="normal") if s.grad == "cancel" else s)
@@ -374,11 +381,17 @@ def _weight(opt, p: torch.Tensor) -> torch.Tensor:
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    """max |a - b|, where equal values (the same infinity, or NaN in both) differ by 0."""
+    if not a.numel():
+        return 0.0
+    a, b = a.double(), b.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, 0.0, (a - b).abs()).max().item()
 
 
 def _scale(t: torch.Tensor) -> float:
-    return t.double().abs().max().item() if t.numel() else 0.0
+    """max |t|, NaN left out (where both runs hold NaN, _err counts no difference)."""
+    return t.double().nan_to_num(nan=0.0).abs().max().item() if t.numel() else 0.0
 
 
 def check_step(case: Case, opts, runs, before, step: int) -> float:
@@ -441,7 +454,7 @@ def _small_triton_chunks(mp: pytest.MonkeyPatch, backend: str) -> None:
 
 
 def _check(optimizer: str, backend: str, data) -> None:
-    max_steps = 2 if backend == "triton" else 4
+    max_steps = 3 if backend == "triton" else 4
     case = steer_clear_of_known_wrong(data.draw(cases(optimizer, max_steps), label="case"), backend)
     mp = knobs(optimizer, backend, data)
     try:
@@ -478,10 +491,11 @@ LARS_PLAIN = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.05
                   zero_norm="ratio_one", trust_bounds=None, lr_in_momentum=False, maximize=False, lr_scale=1.0)
 
 
-def _lars_case(dtype=torch.float32, group=None, params=(ParamSpec((13, 17)), ParamSpec((31,))), **changes) -> Case:
-    """Three steps of plain LARS (changed by `group` and `changes`) on a 13x17 and a 31-element tensor."""
-    return Case(optimizer="LARS", dtype=dtype, groups=({**LARS_PLAIN, **(group or {})},), params=params, steps=3,
-                lr=0.5, lr_schedule=(1.0, 0.5, 1.5), **changes)
+def _lars_case(dtype=torch.float32, group=None, params=(ParamSpec((13, 17)), ParamSpec((31,))), steps=3,
+               **changes) -> Case:
+    """Plain LARS (changed by `group` and `changes`), by default on a 13x17 and a 31-element tensor."""
+    return Case(optimizer="LARS", dtype=dtype, groups=({**LARS_PLAIN, **(group or {})},), params=params, steps=steps,
+                lr=0.5, lr_schedule=(1.0, 0.5, 1.5)[:steps], **changes)
 
 
 def _known(name: str, backend: str):
@@ -504,11 +518,106 @@ def test_known_none_momentum_buffer(backend):
 @pytest.mark.parametrize("backend", [_known("cancellation", b) for b in FUSED_BACKENDS])
 @pytest.mark.parametrize("ratio_denominator", ["norm_of_sum", "momentum_update"])
 def test_known_cancellation(backend, ratio_denominator):
-    """g = -wd*w + noise with ||noise|| = 1e-5 ||wd*w||, in fp64: the denominator ||g + wd*w||
-    formed as ||g||^2 + 2 wd <w, g> + wd^2 ||w||^2 keeps about 1e-16 / 1e-10 of its digits,
-    far outside 1e-10; summed per element, the rounding of g + wd*w leaves it at ~1e-13."""
+    """g = -wd*w + noise with ||noise|| = 1e-6 ||wd*w||, in fp64: the denominator ||g + wd*w||
+    formed as ||g||^2 + 2 wd <w, g> + wd^2 ||w||^2 loses about 1e-16 / 1e-12 of the ratio
+    (weights 1e-8 off, against 1e-10); summed per element, the rounding of g + wd*w costs ~1e-10
+    of the ratio (weights ~1e-12 off)."""
     case = _lars_case(torch.float64, group=dict(ratio_denominator=ratio_denominator),
-                      params=(ParamSpec((13, 17), grad="cancel"), ParamSpec((31,))), cancel_noise=1e-5)
+                      params=(ParamSpec((13, 17), grad="cancel"), ParamSpec((31,))), cancel_noise=1e-6)
     with pytest.MonkeyPatch.context() as mp:
         _small_triton_chunks(mp, backend)
         run_lockstep(case, backend)
+
+
+# -- wrong results these tests found (failing until fixed; see KNOWN_WRONG) --------------------
+
+LAMB_PLAIN = dict(betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True, grad_averaging=True,
+                  max_grad_norm=0.0, trust_clip=False, trust_ratio=True, adapt_only_decayed=False, decay_mode="update",
+                  eps_inside_sqrt=False, trust_bounds=None, bias_correction_in_lr=False, grad_norm_eps=0.0,
+                  maximize=False, lr_scale=1.0)
+
+FP32_RANGE = {
+    # |w| = 1e-30: ||w||^2 underflows in fp32 (the reference's norm is 0: ratio 1), not in double
+    "tiny_weight": dict(params=(ParamSpec((13, 17)), ParamSpec((31,), weight="tiny")), steps=1),
+    # |g| = 1e30 at one step: ||g||^2 overflows in fp32 (the reference raises FloatingPointError;
+    # the cpu backend steps: so on this 2-element tensor; it raises on a 31-element one)
+    "gradient_1e30": dict(params=(ParamSpec((13, 17)), ParamSpec((2,))), spike=(1, 1), steps=2),
+    # the same on one element, whose torch norm is |g| (finite: the reference steps)
+    "one_element_gradient_1e30": dict(params=(ParamSpec((13, 17)), ParamSpec((1,))), spike=(1, 1), steps=2),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # Triton's interpreter, in numpy
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("inputs", list(FP32_RANGE))
+def test_found_fp32_norms_beyond_range(backend, inputs):
+    """fp32 tensors whose sums of squares leave fp32's range: the reference and foreach take
+    torch's fp32 norms (0 below about 1e-23, inf above about 2e19, except |g| for one
+    element); the cpu kernels sum squares in double (a ratio where the reference has a zero
+    norm, a step where it raises) and triton's fp32 sums overflow for one element too."""
+    changes = dict(FP32_RANGE[inputs])
+    case = _lars_case(torch.float32, params=changes.pop("params"), **changes)
+    with pytest.MonkeyPatch.context() as mp:
+        _small_triton_chunks(mp, backend)
+        run_lockstep(case, backend)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_found_lamb_direct_decay_with_fp32_tensor_lr(backend):
+    """decay_mode="direct", fp64 parameters, lr an fp32 tensor: cpu and triton scale the
+    weights by 1 - lr*wd rounded to fp32 (about 1e-8 of each weight off; fp64 allows 1e-10)."""
+    case = Case(optimizer="LAMB", dtype=torch.float64, groups=({**LAMB_PLAIN, "decay_mode": "direct"},),
+                params=(ParamSpec((13, 17)), ParamSpec((31,))), steps=2, lr=0.01, lr_schedule=(1.0, 0.5),
+                tensor_lr=torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        _small_triton_chunks(mp, backend)
+        run_lockstep(case, backend)
+
+
+@pytest.mark.skipif("cpu" not in FUSED_BACKENDS, reason="the C++ extension is not built")
+def test_found_lamb_cpu_one_pass_over_several_batches():
+    """LAMB on backend="cpu" with batches of a few tensors (BATCH_BYTES=600): some runs move
+    an element the wrong way (about 7 % of runs on this machine, depending on where the
+    tensors were allocated; fp32, and bf16 with master weights). 200 runs of one case."""
+    from fastlars.ops import cpp_step
+
+    case = Case(optimizer="LAMB", dtype=torch.float32, groups=(LAMB_PLAIN,), steps=1, lr=1e-3, lr_schedule=(1.0,),
+                params=tuple(ParamSpec(s) for s in [(7,), (13,), (1,), (13,), (1,)]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpp_step, "BATCH_BYTES", 600)
+        for _ in range(200):
+            run_lockstep(case, "cpu")
+
+
+@pytest.mark.parametrize("backend", [_known("none_buffer", b) for b in FUSED_BACKENDS])
+def test_found_none_momentum_buffer_on_a_skipped_step(backend):
+    """skip_nonfinite=True, a momentum_buffer loaded as None, then a step skipped for a 1e30
+    gradient (an Inf norm in fp32): the reference leaves the state as it was; foreach takes its
+    first-step path, which updates the group's other momentum buffers in place (with the
+    skipped step's d) and stores a buffer for this one, though the step is skipped."""
+    case = _lars_case(checkpoint_at=1, none_buffers=(1,), spike=(1, 1), constructor=dict(skip_nonfinite=True))
+    with pytest.MonkeyPatch.context() as mp:
+        _small_triton_chunks(mp, backend)
+        run_lockstep(case, backend)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # Triton's interpreter, in numpy
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+def test_found_lamb_moment_overflow_is_silent(backend):
+    """fp32 LAMB, a one-element gradient of 1e30: its norm passes the non-finite check (torch's
+    norm of one element is |g|; the cpu kernels sum in double), exp_avg_sq = g^2 overflows to
+    inf in the state, and with betas=(0, 0) the next, finite step makes 0 * inf = NaN weights
+    without an error on the reference and foreach (the cpu backend raises then; triton raises
+    at the first step). The contract: a non-finite value raises before anything changes."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1))
+    opt = fastlars.LAMB([p], lr=1e-3, betas=(0.0, 0.0), weight_decay=0.0, backend=backend)
+    with pytest.MonkeyPatch.context() as mp:
+        _small_triton_chunks(mp, backend)
+        for scale in (1e30, 1.0):
+            p.grad = torch.randn(1) * scale
+            try:
+                opt.step()
+            except FloatingPointError:
+                return
+            assert p.isfinite().all(), f"a step with a finite gradient of {scale:g} made the weight {p.item()}"
