@@ -154,7 +154,9 @@ def lars_group(draw) -> dict:
         momentum=momentum, dampening=dampening,
         nesterov=momentum > 0 and dampening == 0 and draw(st.booleans()),
         weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.05, 0.5])),
-        trust_coefficient=draw(st.sampled_from([0.002, 0.02, 1.0])),
+        # not 1: a one-element tensor then steps to w (1 - lr) or, with trust_clip, to exactly 0
+        # up to rounding, where the zero-norm rule (a discontinuity) sends backends different ways
+        trust_coefficient=draw(st.sampled_from([0.002, 0.02, 0.3])),
         eps=draw(st.sampled_from([0.0, 1e-8, 1e-3])),
         trust_clip=draw(st.sampled_from([False, False, True])), trust_ratio=draw(st.sampled_from([True, True, False])),
         adapt_only_decayed=draw(st.booleans()), ratio_denominator=ratio_denominator,
