@@ -19,10 +19,10 @@ Triton chunks of 64 elements (tensors span several).
 
 Both optimizers step in lockstep on the same gradients. Checked after every step: the same
 steps raise (or are skipped); every weight within TOLERANCE of the reference's, relative to
-the tensor's largest value (fp64 1e-10; fp32 1e-6, the README's "Mixed precision"; bf16:
-fp32 masters to 1e-5, each parameter the rounding of its master and within 2 ulps of the
-reference's parameter); the optimizer state within 10x that; the same state keys and
-strides. Some step of each case must move a weight by more than twice its tolerance, so a
+the largest value the tensor has had in the run (fp64 1e-10; fp32 1e-6, the README's "Mixed
+precision"; bf16: fp32 masters to 1e-5, each parameter the rounding of its master and within
+2 ulps of the reference's parameter); the optimizer state within 10x that; the same state
+keys and strides. Some step of each case must move a weight by more than twice its tolerance, so a
 backend that left the weights unchanged would fail.
 
 Examples per `make test` run (derandomized: every run draws the same ones): EXAMPLES = 50
@@ -43,7 +43,9 @@ Wrong results (KNOWN_WRONG: the broad tests steer clear of each until its entry 
   without momentum) and "cancellation" (LARS ratio_denominator "norm_of_sum" and
   "momentum_update" lose the denominator's precision on cpu and triton when g ~ -wd*w);
 - found by these tests, each a failing test_found_* below: "fp32_range_norms",
-  "direct_decay_fp32_lr", "lamb_cpu_batches", "none_buffer_skipped_step".
+  "direct_decay_fp32_lr", "lamb_cpu_batches", "none_buffer_skipped_step",
+  "empty_first_tensor_masters" (and a LAMB moment that overflows silently, which every
+  backend's broad test passes alike).
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ KNOWN_WRONG = {
     "direct_decay_fp32_lr": {"cpu", "triton"},
     "lamb_cpu_batches": {"cpu"},
     "none_buffer_skipped_step": {"foreach"},
+    "empty_first_tensor_masters": {"triton"},
 }
 
 # -- the cases ------------------------------------------------------------------------------
@@ -239,6 +242,13 @@ def cases(draw, optimizer: str, max_steps: int = 4) -> Case:
         seed=draw(st.integers(0, 2**16)))
 
 
+def may_freeze(case: Case) -> bool:
+    """LAMB's clipping by the global gradient norm, with a gradient of 1e30 somewhere, scales
+    every other gradient to ~1e-31: the weights rightly stay where they are."""
+    return case.optimizer == "LAMB" and any(g["max_grad_norm"] > 0 for _, g in _specs_and_groups(case)) and (
+        case.spike is not None or any(spec.grad == "huge" for spec, _ in _specs_and_groups(case)))
+
+
 def hits_known_cancellation(case: Case) -> bool:
     """A LARS group whose ratio divides by a norm of g + wd*w holds a near-cancelling gradient."""
     return case.optimizer == "LARS" and any(
@@ -257,6 +267,8 @@ def steer_clear_of_known_wrong(case: Case, backend: str) -> Case:
     if backend in KNOWN_WRONG.get("fp32_range_norms", ()) and case.dtype != torch.float64:
         case = _replace_specs(replace(case, spike=None), lambda s: replace(
             s, weight="normal" if s.weight == "tiny" else s.weight, grad="normal" if s.grad == "tiny" else s.grad))
+    if backend in KNOWN_WRONG.get("empty_first_tensor_masters", ()) and case.dtype == torch.bfloat16:
+        case = _replace_specs(case, lambda s: replace(s, shape=(1,)) if math.prod(s.shape) == 0 else s)
     if (backend in KNOWN_WRONG.get("direct_decay_fp32_lr", ()) and case.optimizer == "LAMB"
             and case.dtype == torch.float64 and case.tensor_lr == torch.float32):
         case = replace(case, tensor_lr=torch.float64)
@@ -381,7 +393,7 @@ def run_lockstep(case: Case, backend: str) -> None:
         assert outcomes[1] == outcomes[0], f"step {step}: {backend} {outcomes[1]}, reference {outcomes[0]}"
         moved = max(moved, check_step(case, opts, runs, before, step, scales))
         stepped = stepped or (outcomes[0] == "stepped" and opts[0].skipped_steps == skipped)
-    if stepped:
+    if stepped and not may_freeze(case):
         assert moved > 2, f"no weight moved by more than twice its tolerance ({moved:.3g}x): the check is vacuous"
 
 
@@ -634,3 +646,15 @@ def test_found_lamb_moment_overflow_is_silent(backend):
             except FloatingPointError:
                 return
             assert p.isfinite().all(), f"a step with a finite gradient of {scale:g} made the weight {p.item()}"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_found_master_weights_with_an_empty_first_tensor(backend):
+    """bf16 parameters with master weights, the first of the launch empty: triton updates the
+    masters but never writes the parameters (its launch decides whether to write them from
+    the first tensor, whose master and parameter pointers are both 0 when it is empty)."""
+    case = Case(optimizer="LARS", dtype=torch.bfloat16, groups=(LARS_PLAIN,), steps=2, lr=0.5, lr_schedule=(1.0, 1.0),
+                params=(ParamSpec((0,)), ParamSpec((7,)), ParamSpec((13,))), constructor=dict(master_weights=True))
+    with pytest.MonkeyPatch.context() as mp:
+        _small_triton_chunks(mp, backend)
+        run_lockstep(case, backend)
