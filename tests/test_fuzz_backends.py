@@ -18,8 +18,8 @@ Backend internals are drawn too: foreach's cache slices, the cpu kernel's batch 
 Triton chunks of 64 elements (tensors span several).
 
 Both optimizers step in lockstep on the same gradients. Checked after every step: the same
-steps raise (or are skipped); every weight within TOLERANCE of the reference's, relative to
-the largest value the tensor has had in the run (fp64 1e-10; fp32 1e-6, the README's "Mixed
+steps raise (or are skipped); every weight within TOLERANCE (times the steps taken) of the
+reference's, relative to the largest value the tensor has had in the run (fp64 1e-10; fp32 1e-6, the README's "Mixed
 precision"; bf16: fp32 masters to 1e-5, each parameter the rounding of its master and within
 2 ulps of the reference's parameter); the optimizer state within 10x that; the same state
 keys and strides. Some step of each case must move a weight by more than twice its tolerance, so a
@@ -27,8 +27,8 @@ backend that left the weights unchanged would fail.
 
 Examples per `make test` run (derandomized: every run draws the same ones): EXAMPLES = 50
 per optimizer for foreach and cpu, 10 per optimizer for triton under the interpreter (100-500x
-slower than torch): 220 cases, about 25 s of the module's 31 s under `nice` on this 2-core
-machine shared with other jobs. `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs FUZZ_SCALE (default
+slower than torch): 220 cases; the whole module took 21 s wall on this 2-core machine (under
+the timing lock). `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs FUZZ_SCALE (default
 20) times as many from a fresh seed, which it prints with each test's count and time.
 
 Determinism: derandomize=True with database=None rather than a committed example database.
@@ -426,7 +426,7 @@ def check_step(case: Case, opts, runs, before, step: int, scales: dict) -> float
     updated here): a value that ends near 0 after large moves carries their rounding. Returns
     the largest move of a reference tensor in this step, in units of its tolerance."""
     (ref_opt, opt), ((ref_params, _), (params, backend)) = opts, runs
-    tol = TOLERANCE[case.dtype]
+    tol = TOLERANCE[case.dtype] * (step + 1)  # rounding adds up: LAMB may step by |w| (lr s r = 1)
     assert opt.skipped_steps == ref_opt.skipped_steps, (step, opt.skipped_steps, ref_opt.skipped_steps)
     moved = 0.0
     for i, (p, q, w0) in enumerate(zip(params, ref_params, before)):
@@ -443,6 +443,13 @@ def check_step(case: Case, opts, runs, before, step: int, scales: dict) -> float
         assert err <= tol * scale, (where, "weights", err / max(scale, 1e-300))
         if scale > 0 and w_ref.shape == w0.shape:
             moved = max(moved, _err(w_ref, w0) / (tol * scale))
+        if 0 < _scale(w_ref) <= tol * scale:
+            # a step took the tensor to 0 up to rounding (a one-element tensor steps by
+            # lr r |w|, all of it where lr r = 1): the runs agree, but the next step's zero-norm
+            # test (a discontinuity) would read their rounding. Continue both from the reference's.
+            with torch.no_grad():
+                w.copy_(w_ref)
+                p.copy_(q)
         for key, value in ref_state.items():
             if value is None or state[key] is None:  # a momentum_buffer saved as None, kept by a group without momentum
                 assert value is None and state[key] is None, (where, key)
