@@ -6,7 +6,8 @@
 # make bench-check (the optimizer step's ratios to torch's fused step against bench/baseline-cpu.json;
 # run it before submitting a change to csrc/, fastlars/ops/ or an optimizer's step),
 # make bench-ghost-bn (microbenchmarks), make bench-distributed (optimizer step under FSDP2 on
-# 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D).
+# 2 gloo ranks), make demo (digits convergence demo), make study (the large-batch study on MNIST-1D),
+# make fuzz (the property tests of every backend against the reference, with many more examples).
 
 VENV   ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -33,7 +34,7 @@ COMPAT_TORCH  ?= torch==2.11.0 torchvision==0.26.0
 COMPAT_TESTS  ?= tests/test_torch_conformance.py tests/test_optim_backends.py tests/test_ghost_bn.py \
                  tests/test_capturable.py tests/test_gpu_readiness.py tests/test_triton_compile.py
 
-.PHONY: setup setup-compat test test-compat bench bench-optim bench-check bench-ghost-bn bench-distributed demo study clean
+.PHONY: setup setup-compat test test-compat fuzz bench bench-optim bench-check bench-ghost-bn bench-distributed demo study clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +47,18 @@ $(VENV)/.installed: pyproject.toml setup.py fastlars/_extension.py fastlars/_cud
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# not part of `make test`: tests/test_fuzz_backends.py's property tests (every fused backend
+# against the reference) with FUZZ_SCALE times the examples `make test` draws, from a fresh
+# seed (SEED=n repeats a run); prints the seed, each test's examples and times, and a failure's
+# example. The tests of known wrong results are left out (-k matches_reference).
+FUZZ_SCALE ?= 20
+fuzz: setup
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; start=$$(date +%s); \
+	echo "make fuzz: hypothesis seed $$seed, FUZZ_SCALE=$(FUZZ_SCALE) (make fuzz SEED=$$seed repeats it)"; \
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SCALE=$(FUZZ_SCALE) $(PYTHON) -m pytest -q tests/test_fuzz_backends.py \
+		-k matches_reference -p no:cacheprovider --hypothesis-seed=$$seed --hypothesis-show-statistics; \
+	rc=$$?; echo "make fuzz: seed $$seed, exit $$rc after $$(( $$(date +%s) - start )) s"; exit $$rc
 
 # fastlars is installed without compiling (FASTLARS_NO_EXTENSION=1): the device check's dry run
 # builds the extension in place for this Python and torch (sm_90, as on the GPU machine, with the
