@@ -172,9 +172,7 @@ def lamb_norms_kernel(table, chunks, partials, groups, global_norm_ptr, inv_scal
     row, start, numel, group, _, _, _ = mt.this_chunk(table, chunks, False, CHUNK)
     sum_w, sum_g, sum_u = lamb_norms_chunk(table, row, start, numel, group, groups, global_norm_ptr, inv_scale_ptr,
                                            W_DTYPE, P_DTYPE, ACC, HAS_CLIP, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
-    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
-    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
-    tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_U2, sum_u)
+    mt.store_sums(partials, chunk, sum_w, sum_g, sum_u)
 
 
 @triton.jit
@@ -261,9 +259,6 @@ def lamb_update_kernel(table, chunks, totals, groups, global_norm_ptr, inv_scale
                       ALIGNED, CHUNK, BLOCK)
 
 
-LAMB_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2) | (1 << SumColumn.U2))
-
-
 @triton.jit
 def _lamb_item(chunk, is_update, table, chunks, partials, totals, counters, groups, inv_scale_ptr, ok_ptr,
                W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
@@ -279,10 +274,8 @@ def _lamb_item(chunk, is_update, table, chunks, partials, totals, counters, grou
         sum_w, sum_g, sum_u = lamb_norms_chunk(table, row, start, numel, group, groups, groups, inv_scale_ptr,
                                                W_DTYPE, P_DTYPE, ACC, False, HAS_SCALE, OPTIONS, ALIGNED, CHUNK,
                                                BLOCK)
-        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
-        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
-        tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_U2, sum_u)
-        mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, LAMB_COLUMNS, ACC, PARTIAL_BLOCK)
+        mt.store_sums(partials, chunk, sum_w, sum_g, sum_u)
+        mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, mt.ALL_SUM_COLUMNS, ACC, PARTIAL_BLOCK)
 
 
 @triton.jit(do_not_specialize=["n_items"])  # one binary whatever the item count's divisibility

@@ -140,14 +140,6 @@ def lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_pt
 
 
 @triton.jit
-def store_lars_sums(partials, chunk, sum_w, sum_g, sum_x):
-    out = partials + mt.SUM_NCOL * chunk
-    tl.store(out + mt.SUM_W2, sum_w)
-    tl.store(out + mt.SUM_G2, sum_g)
-    tl.store(out + mt.SUM_U2, sum_x)
-
-
-@triton.jit
 def lars_sums_kernel(table, chunks, partials, groups, inv_scale_ptr, W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                      ACC: tl.constexpr, HAS_SCALE: tl.constexpr, OPTIONS: tl.constexpr, ALIGNED: tl.constexpr,
                      CHUNK: tl.constexpr, BLOCK: tl.constexpr):
@@ -159,7 +151,7 @@ def lars_sums_kernel(table, chunks, partials, groups, inv_scale_ptr, W_DTYPE: tl
     row, start, numel, group, _, _, first = mt.this_chunk(table, chunks, False, CHUNK)
     sum_w, sum_g, sum_x = lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_ptr, W_DTYPE,
                                           G_DTYPE, ACC, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
-    store_lars_sums(partials, chunk, sum_w, sum_g, sum_x)
+    mt.store_sums(partials, chunk, sum_w, sum_g, sum_x)
 
 
 @triton.jit
@@ -281,11 +273,6 @@ def lars_update_kernel(table, chunks, totals, groups, ok_ptr, inv_scale_ptr,
                       CHUNK, BLOCK)
 
 
-# the sums columns each norms pass writes (bit masks of SumColumn, for mt.finalize_row)
-PLAIN_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2))
-SUMS_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2) | (1 << SumColumn.U2))
-
-
 @triton.jit
 def _lars_item(chunk, is_update, table, chunks, partials, totals, counters, groups, ok_ptr, inv_scale_ptr,
                W_DTYPE: tl.constexpr, P_DTYPE: tl.constexpr, ACC: tl.constexpr, WRITE_P: tl.constexpr,
@@ -301,13 +288,13 @@ def _lars_item(chunk, is_update, table, chunks, partials, totals, counters, grou
         if OPT_SUMS & OPTIONS:
             sum_w, sum_g, sum_x = lars_sums_chunk(table, row, start, numel, group, first, groups, inv_scale_ptr,
                                                   W_DTYPE, P_DTYPE, ACC, HAS_SCALE, OPTIONS, ALIGNED, CHUNK, BLOCK)
-            store_lars_sums(partials, chunk, sum_w, sum_g, sum_x)
-            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, SUMS_COLUMNS, ACC, PARTIAL_BLOCK)
+            mt.store_sums(partials, chunk, sum_w, sum_g, sum_x)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, mt.ALL_SUM_COLUMNS, ACC, PARTIAL_BLOCK)
         else:
             sum_w, sum_g = mt.sumsq_chunk(table, row, start, numel, W_DTYPE, P_DTYPE, ACC, ALIGNED, CHUNK, BLOCK)
             tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_W2, sum_w)
             tl.store(partials + mt.SUM_NCOL * chunk + mt.SUM_G2, sum_g)
-            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, PLAIN_COLUMNS, ACC, PARTIAL_BLOCK)
+            mt.norm_item_done(partials, totals, counters, row, chunk0, n_chunks, mt.W2_G2_COLUMNS, ACC, PARTIAL_BLOCK)
 
 
 @triton.jit(do_not_specialize=["n_items"])  # one binary whatever the item count's divisibility

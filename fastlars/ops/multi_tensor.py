@@ -205,6 +205,21 @@ def sumsq_kernel(table, chunks, partials, W_DTYPE: tl.constexpr, G_DTYPE: tl.con
     tl.store(partials + SUM_NCOL * chunk + SUM_G2, sum_g)
 
 
+# the sums columns a norms pass writes (bit masks of SumColumn, for finalize_row): w^2 and
+# g^2 (sumsq_kernel); and the third, LAMB's u^2 or the square of the vector a LARS ratio measures
+W2_G2_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2))
+ALL_SUM_COLUMNS = tl.constexpr((1 << SumColumn.W2) | (1 << SumColumn.G2) | (1 << SumColumn.U2))
+
+
+@triton.jit
+def store_sums(partials, chunk, sum_w, sum_g, sum_u):
+    """A chunk's partials of a norms pass that writes every column (ALL_SUM_COLUMNS)."""
+    out = partials + SUM_NCOL * chunk
+    tl.store(out + SUM_W2, sum_w)
+    tl.store(out + SUM_G2, sum_g)
+    tl.store(out + SUM_U2, sum_u)
+
+
 @triton.jit
 def tensor_sumsq(partials, chunk0, n_chunks, column: tl.constexpr, ACC: tl.constexpr,
                  PARTIAL_BLOCK: tl.constexpr):
