@@ -77,6 +77,22 @@ __device__ T* column_ptr(const int64_t* row, int column) {
   return reinterpret_cast<T*>(row[column]);
 }
 
+// One thread's sums of w^2, g^2 and (kX) x^2 over its elements of a chunk, the loop compiled
+// per case (kBuf: x reads the buffer) so that it tests nothing per element.
+template <bool kX, bool kBuf, typename param_t, typename weight_t, typename acc_t>
+__device__ __forceinline__ void thread_sums(const weight_t* w, const param_t* g, const acc_t* buf, const Chunk& ch,
+                                            const LarsDenominator<acc_t>& x, acc_t& sw, acc_t& sg, acc_t& sx) {
+  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
+    sw += we * we;
+    sg += ge * ge;
+    if constexpr (kX) {
+      const acc_t xe = lars_denominator_element<kBuf, acc_t>(x, we, ge, kBuf ? buf[e] : acc_t(0));
+      sx += xe * xe;
+    }
+  }
+}
+
 // Every column of a chunk's partials is written (0 for the sums not asked for): the
 // finalize sums them all. With the LARS group table (lars_groups, else nullptr), sum x^2 of a
 // tensor whose group's ratio divides by ||x|| (fastlars_math.h, lars_denominator), which reads
@@ -89,7 +105,7 @@ __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t*
   const weight_t* w = column_ptr<const weight_t>(ch.row, C_W);
   const param_t* g = column_ptr<const param_t>(ch.row, C_G);
   const acc_t* buf = column_ptr<const acc_t>(ch.row, C_S0);
-  // the same for the whole block (one tensor): a uniform branch
+  // the same for the whole block (one tensor): chosen once, outside the element loop
   bool with_x = false;
   LarsDenominator<acc_t> x{};
   if (lars_groups != nullptr) {
@@ -99,16 +115,12 @@ __global__ void sumsq_kernel(const int64_t* table, const int64_t* chunks, acc_t*
     x = lars_denominator<acc_t>(h, s, ch.row[C_FIRST] != 0);
   }
   acc_t sw = 0, sg = 0, sx = 0;
-  for (int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
-    const acc_t we = static_cast<acc_t>(w[e]), ge = static_cast<acc_t>(g[e]);
-    sw += we * we;
-    sg += ge * ge;
-    if (with_x) {
-      const acc_t xe = x.reads_buf ? lars_denominator_element<true, acc_t>(x, we, ge, buf[e])
-                                   : lars_denominator_element<false, acc_t>(x, we, ge, acc_t(0));
-      sx += xe * xe;
-    }
-  }
+  if (!with_x)
+    thread_sums<false, false>(w, g, buf, ch, x, sw, sg, sx);
+  else if (x.reads_buf)
+    thread_sums<true, true>(w, g, buf, ch, x, sw, sg, sx);
+  else
+    thread_sums<true, false>(w, g, buf, ch, x, sw, sg, sx);
   sw = block_sum(sw);
   sg = block_sum(sg);
   if (with_x) sx = block_sum(sx);
