@@ -35,7 +35,11 @@ ratios and their spread; two rows are compared by their samples of the same roun
 Bandwidth: ``copy_`` (read + write, 8 B per fp32 element) and ``sum`` (read, 4 B) of at
 least 64 MiB, timed as two more rows of the same rounds, on the threads the steps use. The
 fraction of the floor (docs/contract.md, "The floors") is printed beside each row, but the
-headline is the ratio to torch's fused step.
+headline is the ratio to torch's fused step. The ``sum`` samples also give, per round, the
+time of one read of the fp32 gradients (``gradient_read_ms``): the gate of a step that
+GradScaler does not decide reads them before anything is written, and the update then moves
+at least the bytes of torch's fused step, so floor + that read bounds such a step from
+below (bench/check.py prints the bound beside the 1.3x targets).
 
 Parameters and gradients are shared by the rows of a dtype (the values stay finite at these
 learning rates); state is per optimizer. The JSON (<results>/optim_step-<device>-<date>.json)
@@ -539,7 +543,7 @@ def run_workload(workload: str, device: torch.device, *, rounds: int, min_run_ti
     for family in ("LARS", "LAMB"):  # what "auto" picks here, for the check against the measured rows
         auto[family] = getattr(fastlars, family)(groups_of(params[torch.float32]), backend="auto").backend
     record = dict(workload=workload, tensors=len(shapes), numel=numel, rounds_done=0, auto=auto,
-                  left_out=left_out, errors=[], rows=[], copy_GBps=None, read_GBps=None)
+                  left_out=left_out, errors=[], rows=[], copy_GBps=None, read_GBps=None, gradient_read_ms=[])
     sample_time = min_run_time / max(rounds, 1)
 
     timed: list[Timed] = []
@@ -574,6 +578,8 @@ def run_workload(workload: str, device: torch.device, *, rounds: int, min_run_ti
         for t in timed[steps:]:
             if t.samples and min(t.samples) > 0:
                 record[{"copy_": "copy_GBps", "sum": "read_GBps"}[t.key]] = t.bytes_per_sample / min(t.samples) / 1e9
+            if t.key == "sum":  # per round: one read of the fp32 gradients at this round's read bandwidth
+                record["gradient_read_ms"] = [s * 1e3 * 4 * numel / t.bytes_per_sample for s in t.samples]
         record["rows"] = [_row_record(by_label[t.key], t, numel, record["copy_GBps"], workload,
                                       plants_key(plants, workload, t.key)) for t in timed[:steps] if t.samples]
         if on_progress:

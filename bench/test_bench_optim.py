@@ -258,6 +258,28 @@ def test_targets_are_reported_pass_fail_or_missing():
     assert verdicts["LAMB[cpu,decay_mode=l2] <= 1.15x LAMB[cpu]"] == "PASS"  # 1.07x
 
 
+def test_the_fused_step_targets_carry_the_bound_of_a_gated_step():
+    result = result_of({"LARS[cpu]": [1.5, 1.6, 1.5], "LAMB[cpu]": [1.25, 1.25, 1.25]})
+    lines = {line["target"]: line for line in check.targets(result)}
+    assert lines["LARS[cpu] <= 1.3x torch's fused SGD"]["bound"] is None  # no read samples: no bound
+    result["workloads"]["resnet50"]["gradient_read_ms"] = [0.4, 0.5, 0.45]  # floors take 1.0 each round
+    lines = {line["target"]: line for line in check.targets(result)}
+    lars, lamb = lines["LARS[cpu] <= 1.3x torch's fused SGD"], lines["LAMB[cpu] <= 1.3x torch's fused AdamW"]
+    assert lars["bound"] == pytest.approx(1.45) and lars["verdict"] == "FAIL, below this run's bound 1.45x"
+    assert lamb["verdict"] == "PASS"
+    result["workloads"]["resnet50"]["gradient_read_ms"] = [0.1, 0.1, 0.1]
+    lars = {line["target"]: line for line in check.targets(result)}["LARS[cpu] <= 1.3x torch's fused SGD"]
+    assert lars["verdict"] == "FAIL"  # the bound 1.1x is under the target: a plain miss
+    result["workloads"]["resnet50"].update(copy_GBps=None, read_GBps=None)
+    assert "bound of a gated step" in check.report(result, None)[0]
+
+
+def test_a_run_records_one_gradient_read_per_round(clock):
+    result = optim_step.run(CPU, ["toy"], rounds=2, min_run_time=0.0, table=fake_table(clock, COSTS))
+    w = result["workloads"]["toy"]
+    assert len(w["gradient_read_ms"]) == 2 and all(t >= 0 for t in w["gradient_read_ms"])
+
+
 def test_baseline_round_trip(clock, tmp_path):
     result = run_fake(clock)
     baseline = check.make_baseline(result)
