@@ -94,17 +94,20 @@ std::vector<Batch> cache_batches(const std::vector<WorkItem>& items, int64_t n_t
   return batches;
 }
 
-// Bytes of a batch: the caller's, else FASTLARS_CPU_BATCH_BYTES, else the L2 caches of the
-// threads plus half the L3 (what stays between the two phases of a batch).
+// Bytes of a batch: the caller's, else FASTLARS_CPU_BATCH_BYTES, else twice the L2 caches of
+// the threads (each thread's items in its L2, and as much again in the L3, which on AMD holds
+// what the L2s evict). The L3's size is not used: it is shared with other cores (in a VM, with
+// other tenants), and sysconf may misreport it: 320 MB on the 2-core VM of bench/NOTES.md (32
+// MB in sysfs), where half of it made the whole ResNet-50 step one batch that no cache holds.
+// Measured there: batches of 1-8 MB alike, 12-24 MB slower, 160 MB slowest.
 int64_t batch_budget(int64_t requested) {
   if (requested > 0) return requested;
   if (const char* env = std::getenv("FASTLARS_CPU_BATCH_BYTES")) {
     const long long value = std::atoll(env);
     if (value > 0) return value;
   }
-  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  const int64_t budget = (l2 > 0 ? l2 : (1 << 20)) * at::get_num_threads() + (l3 > 0 ? l3 / 2 : 0);
-  return std::max<int64_t>(budget, 1 << 20);
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return std::max<int64_t>(2 * (l2 > 0 ? l2 : (1 << 20)) * at::get_num_threads(), 1 << 20);
 }
 
 // Runs a step batch by batch in one parallel region: sums(k) for the batch's items, then
