@@ -98,8 +98,8 @@ def two_pass(monkeypatch):
 @pytest.mark.parametrize("name, option", [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS])
 def test_one_pass_equals_two_passes(name, option, batch_bytes, two_pass, monkeypatch):
     options = (LARS_OPTIONS if name == "LARS" else LAMB_OPTIONS)[option]
-    # a ratio dividing by ||x|| takes the one pass only where GradScaler decides (no gate read)
-    scaler_like = option in ("momentum_update", "norm_of_sum")
+    # a ratio dividing by ||x|| both ways: the gate's read of the gradients, and GradScaler's found_inf
+    scaler_like = option in ("momentum_update", "norm_of_sum") and batch_bytes == BATCH_BYTES[-1]
     two_pass(True)
     expected = _run(name, options, SHAPES, torch.float32, scaler_like=scaler_like)
     two_pass(False)
@@ -111,17 +111,19 @@ def test_one_pass_equals_two_passes(name, option, batch_bytes, two_pass, monkeyp
     assert bool(calls) == (name == "LARS")  # the one pass ran
 
 
-def test_lars_ratio_of_x_takes_two_passes_behind_the_gate_read(monkeypatch):
-    """norm_of_sum / momentum_update with a gate that reads the gradients: that read sums
-    every norm (sumsq_cpu) and no one-pass step runs; the result is the reference's."""
+def test_lars_ratio_of_x_takes_the_one_pass_behind_the_gate_read(monkeypatch):
+    """norm_of_sum / momentum_update with a gate that reads the gradients: the gate reads
+    only the gradients and the one pass sums w^2 and x^2 per batch; the result is the
+    reference's."""
     calls = []
-    for name in ("lars_step_cpu", "grad_sumsq_cpu"):
+    for name in ("lars_step_cpu", "grad_sumsq_cpu", "sumsq_cpu"):
         real = getattr(cpp_step._C, name)
         monkeypatch.setattr(cpp_step._C, name, lambda *a, real=real, name=name: calls.append(name) or real(*a),
                             raising=False)
     for option in ("momentum_update", "norm_of_sum"):
+        calls.clear()
         params, _, _ = _run("LARS", LARS_OPTIONS[option], SHAPES, torch.float64)
-        assert calls == []
+        assert calls == ["grad_sumsq_cpu", "lars_step_cpu"] * 3
         reference, _, _ = _run("LARS", LARS_OPTIONS[option], SHAPES, torch.float64, backend="reference")
         for p, q in zip(params, reference):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

@@ -9,8 +9,7 @@ lars_step_cpu / lamb_step_cpu): the norms phase is then only the gate's read of 
 gradients (their sums of squares, which the ratios and LAMB's clipping use too), or
 nothing when GradScaler has decided; the update phase sums each cache-sized batch's
 norms and updates it while it is in cache. Sharded parameters keep the two passes,
-since their norms are reduced across ranks between them, and so do LARS groups whose
-ratio divides by ||x|| when the gate reads the gradients (_lars_one_pass). On CUDA
+since their norms are reduced across ranks between them. On CUDA
 the kernels read the launch tables the Triton kernels read (tb.lars_launch /
 tb.lamb_launch: built once per layout, cached in the plan's LaunchCache, changed
 hyper-parameters uploaded from pinned memory), and the scalars (inverse grad scale,
@@ -37,15 +36,6 @@ BATCH_BYTES = 0
 def _one_pass(plan) -> bool:
     """Whether the CPU launches step in one pass: not where norms are reduced across ranks."""
     return plan.mesh is None
-
-
-def _lars_one_pass(plan, lp) -> bool:
-    """_one_pass for a LARS launch, except where a group's ratio divides by ||x|| (its norms
-    sum x^2 from w, g and the buffer) and the gate reads the gradients anyway: that read then
-    sums every norm (sumsq_cpu) and the update reads each tensor once more, 28 B per element
-    (32 with the buffer) as the default's one pass where a batch has left the cache by its
-    update, instead of the gate's 4 B plus the batch's re-read of w, g and buf."""
-    return _one_pass(plan) and (plan.gate_known or not tb.lars_variants(lp))
 
 
 def _check_stopped(lp, stopped: int) -> None:
@@ -93,7 +83,7 @@ def lars_norms(plan, inv_scale):
             continue
         params, grads, weights = tb.operands(lp, for_update=False)
         tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
-        if _lars_one_pass(plan, lp):  # the gate's read of the gradients, unless GradScaler decided
+        if _one_pass(plan):  # the gate's read of the gradients, unless GradScaler decided
             contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads)))
             continue
         contexts.append(tb.Merged(lp, _C.sumsq_cpu(weights, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
@@ -114,7 +104,7 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
                                 lp.params[0], inv_scale, ok)
             continue
         params, grads, weights = tb.operands(lp, for_update=True)
-        if _lars_one_pass(plan, lp):
+        if _one_pass(plan):
             ctx.sums, stopped = _C.lars_step_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first,
                                                  lp.group_of, _host_group_table(lp), ctx.sums,
                                                  _scalar_or(inv_scale, 1.0), BATCH_BYTES)
