@@ -26,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("lars_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LARS_COLUMNS, L);
   m.attr("lamb_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LAMB_COLUMNS, B);
   m.attr("sum_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_SUM_COLUMNS, S);
+  m.def("first_layout_mismatch", &fastlars::first_layout_mismatch,
+        "index of the first parameter whose tensors the CPU kernels cannot walk linearly, or -1");
   m.def("sumsq_cpu", &fastlars::sumsq_cpu, "per-tensor sums of squares of weights and gradients");
   m.def("lars_update_cpu", &fastlars::lars_update_cpu, "fused LARS update");
   m.def("lamb_norms_cpu", &fastlars::lamb_norms_cpu, "per-tensor sums of squares of w, g and the LAMB direction u");

@@ -428,6 +428,20 @@ acc_t lamb_tensor_ratio(const double* sums, const LambHyper<acc_t>& h) {
 // ---------------------------------------------------------------------------------------
 // entry points
 
+int64_t first_layout_mismatch(const TensorList& params, const std::vector<OptionalTensorList>& others) {
+  for (const auto& list : others)
+    TORCH_CHECK(list.size() == params.size(), "fastlars: first_layout_mismatch needs one entry per parameter");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() > 1 && !p.is_non_overlapping_and_dense()) return static_cast<int64_t>(i);
+    for (const auto& list : others) {
+      const auto& t = list[i];
+      if (t && t->numel() > 0 && t->strides() != p.strides()) return static_cast<int64_t>(i);
+    }
+  }
+  return -1;
+}
+
 at::Tensor grad_sumsq_cpu(const TensorList& grads) {
   const auto items = chunk_items(grads);
   std::vector<double> partials(items.size() * S_NCOL);

@@ -22,6 +22,10 @@ using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 // Norms come back as one row of sums per tensor on both.
 constexpr int64_t kChunk = 16384;
 
+// The first parameter whose tensors the CPU kernels cannot walk linearly: the parameter not
+// dense, or a tensor of `others` (lists beside `params`: weights, state; None skipped) with
+// other strides than the parameter's and some elements; -1 if none. Python names it.
+int64_t first_layout_mismatch(const TensorList& params, const std::vector<OptionalTensorList>& others);
 // (n, SumColumn) per tensor: sum w^2, sum g^2; given the LARS group table (and per tensor its
 // buffer or None, whether this step creates the buffer, its group), sum x^2 of the vector its
 // ratio divides by where its group needs it (fastlars_math.h, lars_denominator; inv_scale: the

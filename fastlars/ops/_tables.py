@@ -23,8 +23,9 @@ from .plan import LaunchPlan, StepPlan
 class Operands(NamedTuple):
     """What a launch's tables point to besides the parameters and the state the optimizer
     holds: the gradients in the parameters' layout (copies where they differ), the weights
-    (fp32 masters, copies made before a master exists, or the parameters) and LAMB's
-    moments (exp_avg, exp_avg_sq, step lists). Kept alive until the kernels ran."""
+    (fp32 masters, copies made before a master exists, or the parameters) and the state
+    lists the kernels read (LAMB: exp_avg, exp_avg_sq, step lists; the CPU LARS kernels:
+    the momentum buffers). Kept alive until the kernels ran."""
 
     grads: list[Tensor]
     weights: list[Tensor]
@@ -98,13 +99,16 @@ def operands(lp: LaunchPlan, for_update: bool) -> tuple[list[Tensor], list[Tenso
     fp32 masters where they exist, else the params; before the gate (``for_update``
     False) a master not created yet reads as an fp32 copy of the param (weights_for_norm)."""
     params = lp.params
-    grads = [same_layout(g, p) for g, p in zip(lp.grads, params)]
+    return params, [same_layout(g, p) for g, p in zip(lp.grads, params)], weights_of(lp, for_update)
+
+
+def weights_of(lp: LaunchPlan, for_update: bool) -> list[Tensor]:
+    """The weights of operands(): the fp32 masters where they exist, else the params;
+    before the gate a master not created yet reads as an fp32 copy of the param."""
     if for_update:
-        weights = [st["master_param"] if _tensors.has_state(st, "master_param") else p
-                   for p, st in zip(params, lp.states)]
-    else:
-        weights = _tensors.weights_for_norm(params, lp.states, lp.compute_dtype, lp.master_weights)
-    return params, grads, weights
+        return [st["master_param"] if _tensors.has_state(st, "master_param") else p
+                for p, st in zip(lp.params, lp.states)]
+    return _tensors.weights_for_norm(lp.params, lp.states, lp.compute_dtype, lp.master_weights)
 
 
 def momentum_buffers(lp: LaunchPlan) -> list[Tensor | None]:

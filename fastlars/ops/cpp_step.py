@@ -56,6 +56,34 @@ def _scalar_or(t, default: float) -> float:
     return default if t is None else float(t)
 
 
+def _check_layouts(lp, params, weights, keys, lists) -> None:
+    """tb.check_state_layouts for the CPU kernels, in C++ over the lists they are handed
+    (``lists``: the weights and the state the kernels read, one entry per parameter): the
+    per-parameter Python check costs more host time than the kernels of small tensors. Where
+    C++ finds a mismatch, the Python check names it."""
+    bad = _C.first_layout_mismatch(params, lists)
+    if bad < 0:
+        return
+    tb.check_state_layouts(lp, params, weights, keys, [lst for lst in lists if lst is not weights])
+    raise ValueError(f"{tb.name_of(lp, bad)}: a weight or state tensor is not laid out as the parameter "
+                     f"(strides {tuple(params[bad].stride())}); the fused backends walk storage linearly")
+
+
+def _operands(lp, for_update: bool):
+    """tb.operands with the gradients' layouts compared in C++: the gradient list as it is
+    where every gradient has its parameter's strides (one call instead of a Python loop,
+    the larger part of the step's host time on many small tensors), else tb.operands."""
+    if _C.first_layout_mismatch(lp.params, [lp.grads]) >= 0:
+        return tb.operands(lp, for_update)
+    return lp.params, lp.grads, tb.weights_of(lp, for_update)
+
+
+def _reused(plan, ctx) -> tb.Operands | None:
+    """The norms phase's operands for the update, where this step created no state (new
+    buffers, moments or masters change them), as the GPU drivers reuse their tables."""
+    return None if plan.creating_state else ctx.operands
+
+
 def _on_cuda(lp) -> bool:
     return lp.device.type == "cuda"
 
@@ -81,13 +109,16 @@ def lars_norms(plan, inv_scale):
             sums = _sumsq_cuda(launch, operands, lp, launch.groups if tb.lars_variants(lp) else None, inv_scale)
             contexts.append(tb.Merged(lp, sums, launch, operands))
             continue
-        params, grads, weights = tb.operands(lp, for_update=False)
-        tb.check_state_layouts(lp, params, weights, ("master_param", "momentum_buffer"))
+        params, grads, weights = _operands(lp, for_update=False)
+        buffers = tb.momentum_buffers(lp)
+        _check_layouts(lp, params, weights, ("master_param",), [weights, buffers])
+        operands = tb.Operands(grads, weights, buffers)
         if _one_pass(plan):  # the gate's read of the gradients, unless GradScaler decided
-            contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads)))
+            contexts.append(tb.Merged(lp, None if plan.gate_known else _C.grad_sumsq_cpu(grads), operands=operands))
             continue
-        contexts.append(tb.Merged(lp, _C.sumsq_cpu(weights, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
-                                                   _host_group_table(lp), _scalar_or(inv_scale, 1.0))))
+        contexts.append(tb.Merged(lp, _C.sumsq_cpu(weights, grads, buffers, lp.first, lp.group_of,
+                                                   _host_group_table(lp), _scalar_or(inv_scale, 1.0)),
+                                  operands=operands))
     if plan.mesh is not None:  # sharded parameters: global sums, one all-reduce
         tb.reduce_tensor_sums(plan, contexts)
     return contexts, [c.sums for c in contexts if c.sums is not None]
@@ -103,15 +134,21 @@ def lars_update(plan, contexts, inv_scale, ok) -> None:
             _C.lars_update_cuda(launch.table, launch.chunks, launch.groups, ctx.sums, operands.weights[0],
                                 lp.params[0], inv_scale, ok)
             continue
-        params, grads, weights = tb.operands(lp, for_update=True)
+        params, reused = lp.params, _reused(plan, ctx)
+        if reused is not None:
+            grads, weights, buffers = reused
+        else:  # new state: buffers (or masters) made since the norms phase
+            params, grads, weights = _operands(lp, for_update=True)
+            buffers = tb.momentum_buffers(lp)
+            _check_layouts(lp, params, weights, ("master_param",), [weights, buffers])
         if _one_pass(plan):
-            ctx.sums, stopped = _C.lars_step_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first,
-                                                 lp.group_of, _host_group_table(lp), ctx.sums,
-                                                 _scalar_or(inv_scale, 1.0), BATCH_BYTES)
+            ctx.sums, stopped = _C.lars_step_cpu(weights, params, grads, buffers, lp.first, lp.group_of,
+                                                 _host_group_table(lp), ctx.sums, _scalar_or(inv_scale, 1.0),
+                                                 BATCH_BYTES)
             _check_stopped(lp, stopped)
             continue
-        _C.lars_update_cpu(weights, params, grads, tb.momentum_buffers(lp), lp.first, lp.group_of,
-                           _host_group_table(lp), ctx.sums, _scalar_or(inv_scale, 1.0))
+        _C.lars_update_cpu(weights, params, grads, buffers, lp.first, lp.group_of, _host_group_table(lp), ctx.sums,
+                           _scalar_or(inv_scale, 1.0))
 
 
 def _cpu_moments(states):
@@ -127,9 +164,9 @@ def lamb_norms(plan, inv_scale):
             launch, operands = tb.lamb_launch(plan, lp, False, lp.norm_states, _C.chunk_elements)
             prepared.append((lp, launch, operands))
             continue
-        params, grads, weights = tb.operands(lp, for_update=False)
+        params, grads, weights = _operands(lp, for_update=False)
         exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.norm_states)
-        tb.check_state_layouts(lp, params, weights, ("master_param",), (exp_avgs, exp_avg_sqs))
+        _check_layouts(lp, params, weights, ("master_param",), [weights, exp_avgs, exp_avg_sqs])
         prepared.append((lp, None, tb.Operands(grads, weights, (exp_avgs, exp_avg_sqs, steps))))
     one_pass = _one_pass(plan)
     # the one-pass CPU step's gate reads the gradients' sums, which clipping needs too
@@ -144,7 +181,7 @@ def lamb_norms(plan, inv_scale):
     contexts = []
     for lp, launch, operands in prepared:
         if launch is None and one_pass:  # the update sums the norms, batch by batch
-            contexts.append(tb.Merged(lp, grad_sums.get(id(lp))))
+            contexts.append(tb.Merged(lp, grad_sums.get(id(lp)), operands=operands))
             continue
         if launch is not None:  # the entry point moves the device scalars to the parameters' device
             sums = _C.lamb_norms_cuda(launch.table, launch.chunks, launch.groups, operands.weights[0],
@@ -154,7 +191,7 @@ def lamb_norms(plan, inv_scale):
         grads, weights, (exp_avgs, exp_avg_sqs, steps) = operands
         sums = _C.lamb_norms_cpu(weights, grads, exp_avgs, exp_avg_sqs, steps, lp.group_of, _host_group_table(lp),
                                  _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0))
-        contexts.append(tb.Merged(lp, sums))
+        contexts.append(tb.Merged(lp, sums, operands=operands))
     if plan.mesh is not None:  # sharded parameters: global ||w||, ||g||, ||u||, one all-reduce
         tb.reduce_tensor_sums(plan, contexts)
     return (contexts, global_norm), [c.sums for c in contexts if c.sums is not None]
@@ -170,18 +207,23 @@ def lamb_update(plan, norms, inv_scale, ok) -> None:
             launch, operands = tb.update_launch(plan, ctx, _C.chunk_elements, tb.lamb_launch)
             _C.lamb_update_cuda(launch.table, launch.chunks, launch.groups, ctx.sums, operands.weights[0],
                                 lp.params[0], inv_scale, global_norm, ok)
-        elif _one_pass(plan):
-            params, grads, weights = tb.operands(lp, for_update=True)
-            exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
-            ctx.sums, stopped = _C.lamb_step_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps,
-                                                     lp.group_of, _host_group_table(lp), ctx.sums,
-                                                     _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0), BATCH_BYTES)
-            _check_stopped(lp, stopped)
         else:
-            params, grads, weights = tb.operands(lp, for_update=True)
-            exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
-            _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, lp.group_of,
-                               _host_group_table(lp), ctx.sums, _scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0))
+            params, reused = lp.params, _reused(plan, ctx)
+            if reused is not None:
+                grads, weights, (exp_avgs, exp_avg_sqs, steps) = reused
+            else:  # new state: moments (or masters) made since the norms phase
+                params, grads, weights = _operands(lp, for_update=True)
+                exp_avgs, exp_avg_sqs, steps = _cpu_moments(lp.states)
+                _check_layouts(lp, params, weights, ("master_param",), [weights, exp_avgs, exp_avg_sqs])
+            scalars = (_scalar_or(inv_scale, 1.0), _scalar_or(global_norm, -1.0))
+            if _one_pass(plan):
+                ctx.sums, stopped = _C.lamb_step_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps,
+                                                     lp.group_of, _host_group_table(lp), ctx.sums, *scalars,
+                                                     BATCH_BYTES)
+                _check_stopped(lp, stopped)
+            else:
+                _C.lamb_update_cpu(weights, params, grads, exp_avgs, exp_avg_sqs, steps, lp.group_of,
+                                   _host_group_table(lp), ctx.sums, *scalars)
         # after the kernel, which used step + 1 as this update's t
         step_tensors = [st["step"] for st in lp.states]
         torch._foreach_add_(step_tensors,
