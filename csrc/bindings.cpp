@@ -26,6 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("lars_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LARS_COLUMNS, L);
   m.attr("lamb_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_LAMB_COLUMNS, B);
   m.attr("sum_columns") = FASTLARS_COLUMNS_DICT(FASTLARS_SUM_COLUMNS, S);
+  m.def("add_one_cpu", &fastlars::add_one_cpu, "adds 1 to each tensor (LAMB's step counters), one call");
   m.def("first_layout_mismatch", &fastlars::first_layout_mismatch,
         "index of the first parameter whose tensors the CPU kernels cannot walk linearly, or -1");
   m.def("sumsq_cpu", &fastlars::sumsq_cpu, "per-tensor sums of squares of weights and gradients");

@@ -428,6 +428,17 @@ acc_t lamb_tensor_ratio(const double* sums, const LambHyper<acc_t>& h) {
 // ---------------------------------------------------------------------------------------
 // entry points
 
+void add_one_cpu(const TensorList& tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1 && !t.is_inference()) {
+      *t.data_ptr<float>() += 1.0f;
+      t.unsafeGetTensorImpl()->bump_version();
+    } else {
+      t.add_(1);
+    }
+  }
+}
+
 int64_t first_layout_mismatch(const TensorList& params, const std::vector<OptionalTensorList>& others) {
   for (const auto& list : others)
     TORCH_CHECK(list.size() == params.size(), "fastlars: first_layout_mismatch needs one entry per parameter");

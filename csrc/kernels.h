@@ -22,6 +22,10 @@ using OptionalTensorList = std::vector<std::optional<at::Tensor>>;
 // Norms come back as one row of sums per tensor on both.
 constexpr int64_t kChunk = 16384;
 
+// Adds 1 to each tensor (LAMB's step counters after a CPU step), in one call: torch's foreach
+// add dispatches one add per tensor on the CPU. A one-element fp32 CPU tensor is written in
+// place (its version bumped, as an in-place op does); any other goes through add_.
+void add_one_cpu(const TensorList& tensors);
 // The first parameter whose tensors the CPU kernels cannot walk linearly: the parameter not
 // dense, or a tensor of `others` (lists beside `params`: weights, state; None skipped) with
 // other strides than the parameter's and some elements; -1 if none. Python names it.

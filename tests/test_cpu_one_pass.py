@@ -181,3 +181,25 @@ def test_nonfinite_weight_stops_at_its_tensor(name, monkeypatch):
         opt.step()
     assert not torch.equal(params[0], before[0])  # stepped before the stop, as the message says
     assert torch.equal(params[2], before[2])  # not reached
+
+
+def test_lamb_counts_its_steps_in_one_call():
+    """The CPU LAMB step adds 1 to every step counter after its kernel (_C.add_one_cpu, not one
+    add per tensor): in place, with the version bumped as an in-place op does, and a counter of
+    another dtype (set by hand) counted too; a skipped step counts nothing."""
+    params = _params(SHAPES, torch.float32)
+    opt = fastlars.LAMB(params, lr=0.01, backend="cpu", skip_nonfinite=True)
+    _grads(params, 0)
+    opt.step()
+    counters = {id(p): opt.state[p]["step"] for p in params}
+    versions = {id(p): counters[id(p)]._version for p in params}
+    opt.state[params[0]]["step"] = torch.tensor(1.0, dtype=torch.float64)
+    _grads(params, 1)
+    opt.step()
+    for p in params:
+        assert float(opt.state[p]["step"]) == 2.0
+        if p is not params[0]:
+            assert opt.state[p]["step"] is counters[id(p)] and counters[id(p)]._version > versions[id(p)]
+    params[1].grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and all(float(opt.state[p]["step"]) == 2.0 for p in params)
