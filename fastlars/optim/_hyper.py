@@ -43,6 +43,12 @@ def _row(record, layout) -> list:
     return [getattr(record, column.name.lower()) for column in layout]
 
 
+def _bounds(low: float, high: float) -> tuple[float, float] | None:
+    """A record's trust-ratio bounds (low, high) for the eager paths, None where they bound
+    nothing (the defaults 0 and inf)."""
+    return None if (low, high) == (0.0, math.inf) else (low, high)
+
+
 @dataclass(frozen=True)
 class LarsHyper:
     """A LARS param group (docs/contract.md, "LARS" and "LARS variants"); the fields are
@@ -74,8 +80,7 @@ class LarsHyper:
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        """(ratio_min, ratio_max), None where they bound nothing."""
-        return None if (self.ratio_min, self.ratio_max) == (0.0, math.inf) else (self.ratio_min, self.ratio_max)
+        return _bounds(self.ratio_min, self.ratio_max)
 
 
 def lars_hyper(group: dict[str, Any]) -> LarsHyper:
@@ -127,8 +132,7 @@ class LambHyper:
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        """(trust_low, trust_high), None where they bound nothing."""
-        return None if (self.trust_low, self.trust_high) == (0.0, math.inf) else (self.trust_low, self.trust_high)
+        return _bounds(self.trust_low, self.trust_high)
 
 
 def lamb_hyper(group: dict[str, Any]) -> LambHyper:
